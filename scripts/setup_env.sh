@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates (or reuses) a virtual environment with sharded_shampoo and its test extra.
+# Sourced by scripts/run_demo.sh and scripts/run_tests.sh; prints the venv's python on stdout.
+#
+#   VENV         where the environment lives          (default: .venv in the repo)
+#   TORCH_SPEC   what to install when torch is absent (default: torch==2.13.0, the local CPU build;
+#                an unpinned "torch" would download a multi-GB CUDA build)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VENV:-$repo/.venv}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" >&2
+fi
+py=$venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+  # torch before the package: tensordict needs torch>=2.11, and letting pip resolve torch itself
+  # pulls a CUDA build.
+  "$py" -m pip install -q "$torch_spec" >&2
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=$venv/.sharded_shampoo-installed
+if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || ! "$py" -c "import sharded_shampoo" >/dev/null 2>&1; then
+  "$py" -m pip install -q -e "$repo[test]" >&2
+  touch "$stamp"
+fi
+echo "$py"

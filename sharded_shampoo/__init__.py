@@ -1,0 +1,6 @@
+"""sharded_shampoo: the Distributed Shampoo optimizer, built on DTensor, FSDP2 and DCP."""
+
+from .optimizer import NonFiniteGradientWarning, RootFailureWarning, ShardedShampoo
+
+__all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""The functional core: one Shampoo step for a stack of same-shape blocks.
+
+Everything here is batched over the leading (block) dim and knows nothing about parameters,
+param groups or processes: the same stack gives the same result wherever it is computed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDict
+
+from .options import GroupOptions
+from .roots import inverse_roots
+
+__all__ = ["stack_step", "factor_gram_inputs", "precondition", "refresh_roots"]
+
+
+def factor_gram_inputs(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``A @ B`` the Gram matrix of the mode-``dim`` unfolding of each block.
+
+    ``g`` is (n, *block_shape). The first and last dims need no copy.
+    """
+    n, shape = g.shape[0], g.shape[1:]
+    m = shape[dim]
+    before = math.prod(shape[:dim])
+    after = math.prod(shape[dim + 1 :])
+    if before == 1:
+        a = g.reshape(n, m, after)
+        return a, a.mT
+    if after == 1:
+        a = g.reshape(n, before, m)
+        return a.mT, a
+    a = g.reshape(n, before, m, after).transpose(1, 2).reshape(n, m, before * after)
+    return a, a.mT
+
+
+def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float) -> None:
+    a, b = factor_gram_inputs(g, dim)
+    decay, weight = (1.0, 1.0) if beta2 == 1.0 else (beta2, 1.0 - beta2)
+    if f.dtype == g.dtype:
+        f.baddbmm_(a, b, beta=decay, alpha=weight)
+    else:
+        gram = torch.bmm(a, b).to(f.dtype)
+        if decay != 1.0:
+            f.mul_(decay)
+        f.add_(gram, alpha=weight)
+
+
+def precondition(m: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
+    """``m x_1 P_1 x_2 P_2 ... x_k P_k`` for each block of the stack ``m`` (n, *shape).
+
+    Each mode product contracts the leading block dim and moves the result to the back, so after
+    k products the dims are in their original order again; every product is one ``bmm`` with no
+    copy of its input.
+    """
+    n, shape = m.shape[0], m.shape[1:]
+    x = m
+    for p, d in zip(roots, shape):
+        # x as (n, d, rest): (P @ x)^T = x^T @ P^T, laid out (n, rest, d).
+        x = torch.bmm(x.reshape(n, d, -1).mT, p.mT.to(m.dtype))
+    return x.reshape(m.shape)
+
+
+def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> torch.Tensor:
+    """Recomputes every root of the stack; returns which blocks succeeded (n,) bool.
+
+    A block for which any factor's root fails keeps all its previous roots, and its
+    ``root_failures`` count goes up; a success resets the count.
+    """
+    if opts.use_bias_correction and opts.beta2 < 1.0:
+        scale = 1.0 / (1.0 - opts.beta2**t)
+    else:
+        scale = 1.0
+    exponent = opts.exponent(order)
+    new_roots, ok = [], None
+    for i in range(order):
+        old = state[f"root_{i}"]
+        r, good = inverse_roots(
+            state[f"factor_{i}"],
+            scale=scale,
+            epsilon=opts.epsilon,
+            exponent=exponent,
+            out_dtype=old.dtype,
+        )
+        new_roots.append(r)
+        ok = good if ok is None else ok & good
+    assert ok is not None
+    for i, r in enumerate(new_roots):
+        old = state[f"root_{i}"]
+        old.copy_(torch.where(ok.view(-1, 1, 1), r, old))
+    failures = state["root_failures"]
+    failures.copy_(torch.where(ok, torch.zeros_like(failures), failures + 1))
+    return ok
+
+
+def _grafting_direction(
+    m: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int
+) -> torch.Tensor:
+    if opts.grafting == "sgd":
+        return m
+    assert v is not None
+    if opts.grafting == "adam":
+        denom = (v / (1.0 - opts.grafting_beta2**t)).sqrt_()
+    else:  # rmsprop, adagrad
+        denom = v.sqrt()
+    return m / denom.add_(opts.grafting_epsilon)
+
+
+def _block_norms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+
+
+def stack_step(
+    state: TensorDict,
+    grad: torch.Tensor,
+    param: torch.Tensor | None,
+    opts: GroupOptions,
+    t: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 3 to 9 of the algorithm for one stack; returns ``(direction, roots_ok)``.
+
+    ``grad`` (n, *shape) is consumed (it may be modified in place). ``param`` holds the blocks of
+    the parameters, needed only with weight decay. ``state`` is updated in place. ``roots_ok`` is
+    None unless this was an amortized step. The direction may share memory with the state.
+    """
+    order = grad.dim() - 1
+    wd = opts.weight_decay
+    if wd > 0 and not opts.decoupled_weight_decay:
+        assert param is not None
+        grad.add_(param, alpha=wd)
+
+    for i in range(order):
+        _update_factor(state[f"factor_{i}"], grad, i, opts.beta2)
+    v = state.get("graft_v", None)
+    if opts.grafting in ("adam", "rmsprop"):
+        v.mul_(opts.grafting_beta2).addcmul_(grad, grad, value=1.0 - opts.grafting_beta2)
+    elif opts.grafting == "adagrad":
+        v.addcmul_(grad, grad)
+
+    roots_ok = refresh_roots(state, opts, t, order) if opts.is_amortized_step(t) else None
+
+    filtered = state.get("filtered_grad", None)
+    if filtered is not None:
+        filtered.lerp_(grad, 1.0 - opts.beta1)
+        m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
+    else:
+        m = grad
+
+    if t < opts.start_preconditioning_step:
+        # Roots are still the identity: the Shampoo direction would be m itself.
+        d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
+    else:
+        roots = [state[f"root_{i}"] for i in range(order)]
+        d = precondition(m, roots)
+        if opts.grafting is not None:
+            graft = _grafting_direction(m, v, opts, t)
+            scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
+            d.mul_(scale.view(-1, *([1] * order)))
+    if d is filtered:
+        # Weight decay and momentum below write into d: keep the state out of it.
+        d = d.clone()
+
+    if wd > 0 and opts.decoupled_weight_decay:
+        assert param is not None
+        d.add_(param, alpha=wd)
+    if opts.momentum > 0:
+        buf = state["momentum"]
+        buf.mul_(opts.momentum).add_(d, alpha=1.0 - opts.dampening)
+        d = d.add_(buf, alpha=opts.momentum) if opts.nesterov else buf
+    return d, roots_ok

@@ -1,0 +1,214 @@
+"""Per-param-group options, validated once into a frozen dataclass.
+
+Everything is checked before any state exists; each message names the option, the value given
+and what is allowed. Options that decide which state a block has or how blocks are cut
+(``STRUCTURAL``) cannot change after the optimizer is built; the others (lr, betas, ...) may be
+changed between steps, by hand or by a scheduler, and are re-validated at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["GraftingType", "GroupOptions", "DEFAULTS", "STRUCTURAL"]
+
+GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
+GraftingType = str | None
+
+DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    betas=(0.9, 1.0),
+    epsilon=1e-12,
+    weight_decay=0.0,
+    decoupled_weight_decay=True,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    max_preconditioner_dim=1024,
+    merge_dims=True,
+    precondition_frequency=100,
+    start_preconditioning_step=None,
+    grafting="adam",
+    grafting_beta2=0.999,
+    grafting_epsilon=1e-8,
+    use_bias_correction=True,
+    inverse_exponent_override=None,
+    factor_dtype=torch.float32,
+    max_consecutive_root_failures=3,
+)
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    lr: float
+    beta1: float
+    beta2: float
+    epsilon: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    momentum: float
+    dampening: float
+    nesterov: bool
+    max_preconditioner_dim: int
+    merge_dims: bool
+    precondition_frequency: int
+    start_preconditioning_step: int
+    grafting: GraftingType
+    grafting_beta2: float
+    grafting_epsilon: float
+    use_bias_correction: bool
+    inverse_exponent_override: Mapping[int, float]
+    factor_dtype: torch.dtype
+    max_consecutive_root_failures: int
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> "GroupOptions":
+        """Validates a param group's options; raises ValueError naming the first bad one."""
+        g = group
+        lr = _real(g, "lr", lo=0.0)
+        betas = g["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        beta1 = _real_value("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
+        beta2 = _real_value("betas[1]", betas[1], lo=0.0, hi=1.0, lo_open=True)
+        epsilon = _real(g, "epsilon", lo=0.0, lo_open=True)
+        weight_decay = _real(g, "weight_decay", lo=0.0)
+        momentum = _real(g, "momentum", lo=0.0, hi=1.0, hi_open=True)
+        dampening = _real(g, "dampening", lo=0.0, hi=1.0)
+        nesterov = _bool(g, "nesterov")
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):
+            raise ValueError(
+                f"nesterov=True requires momentum > 0 and dampening == 0, "
+                f"got momentum={momentum!r}, dampening={dampening!r}"
+            )
+        max_dim = _int(g, "max_preconditioner_dim", lo=1)
+        freq = _int(g, "precondition_frequency", lo=1)
+        start = g["start_preconditioning_step"]
+        start = freq if start is None else _int_value("start_preconditioning_step", start, lo=1)
+        grafting = g["grafting"]
+        if grafting is not None and grafting not in GRAFTING_TYPES:
+            raise ValueError(
+                f"grafting must be one of {GRAFTING_TYPES} or None, got {grafting!r}"
+            )
+        grafting_beta2 = _real(g, "grafting_beta2", lo=0.0, hi=1.0, hi_open=True)
+        grafting_epsilon = _real(g, "grafting_epsilon", lo=0.0, lo_open=True)
+        override = g["inverse_exponent_override"] or {}
+        if not isinstance(override, Mapping):
+            raise ValueError(
+                "inverse_exponent_override must be a dict {tensor order: exponent} or None, "
+                f"got {override!r}"
+            )
+        for k, e in override.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(
+                    f"inverse_exponent_override keys are tensor orders (ints >= 1), got {k!r}"
+                )
+            _real_value(f"inverse_exponent_override[{k}]", e, lo=0.0, lo_open=True)
+        factor_dtype = g["factor_dtype"]
+        if factor_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(
+                "factor_dtype must be one of torch.float32, torch.float64, torch.bfloat16, "
+                f"torch.float16, got {factor_dtype!r}"
+            )
+        return cls(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            epsilon=epsilon,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=_bool(g, "decoupled_weight_decay"),
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            max_preconditioner_dim=max_dim,
+            merge_dims=_bool(g, "merge_dims"),
+            precondition_frequency=freq,
+            start_preconditioning_step=start,
+            grafting=grafting,
+            grafting_beta2=grafting_beta2,
+            grafting_epsilon=grafting_epsilon,
+            use_bias_correction=_bool(g, "use_bias_correction"),
+            inverse_exponent_override={int(k): float(v) for k, v in override.items()},
+            factor_dtype=factor_dtype,
+            max_consecutive_root_failures=_int(g, "max_consecutive_root_failures", lo=1),
+        )
+
+    def exponent(self, order: int) -> float:
+        """The inverse-root exponent for a block with ``order`` dims."""
+        return self.inverse_exponent_override.get(order, 1.0 / (2 * order))
+
+    def is_amortized_step(self, t: int) -> bool:
+        start = self.start_preconditioning_step
+        return t == start or (t > start and t % self.precondition_frequency == 0)
+
+    def structure(self) -> tuple:
+        """What decides the blocks and which state they carry: fixed once state exists."""
+        return tuple(
+            f(self) for f in STRUCTURAL.values()
+        )
+
+
+# Each entry maps an option name to what of it shapes the state.
+STRUCTURAL: dict[str, Any] = {
+    "max_preconditioner_dim": lambda o: o.max_preconditioner_dim,
+    "merge_dims": lambda o: o.merge_dims,
+    "factor_dtype": lambda o: o.factor_dtype,
+    "grafting": lambda o: o.grafting,
+    "betas[0] > 0": lambda o: o.beta1 > 0,
+    "momentum > 0": lambda o: o.momentum > 0,
+}
+
+OPTION_NAMES = tuple(DEFAULTS)
+assert {f.name for f in fields(GroupOptions)} == (set(OPTION_NAMES) - {"betas"}) | {"beta1", "beta2"}
+
+
+def _real_value(
+    name: str,
+    v: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, torch.Tensor):
+        raise ValueError(f"{name} must be a real number, got {v!r}")
+    v = float(v)
+    ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else repr(lo)
+        hi_s = "inf" if hi is None else repr(hi)
+        raise ValueError(f"{name} must be in {left}{lo_s}, {hi_s}{right}, got {v!r}")
+    return v
+
+
+def _real(g: Mapping[str, Any], name: str, **kw: Any) -> float:
+    return _real_value(name, g[name], **kw)
+
+
+def _int_value(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _int(g: Mapping[str, Any], name: str, lo: int) -> int:
+    return _int_value(name, g[name], lo)
+
+
+def _bool(g: Mapping[str, Any], name: str) -> bool:
+    v = g[name]
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
