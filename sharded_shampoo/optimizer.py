@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,6 +23,17 @@ class NonFiniteGradientWarning(UserWarning):
 
 class RootFailureWarning(UserWarning):
     """A block's inverse roots could not be computed; it kept its previous roots."""
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """Warns at the user's call to ``step()``, past this package's and torch's wrappers."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
+
+
+_INTERNAL_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
 
 
 class ShardedShampoo(torch.optim.Optimizer):
@@ -229,11 +242,10 @@ class ShardedShampoo(torch.optim.Optimizer):
                 bad = ~finite.cpu() if rows is None else (~finite.cpu() & rows)
                 for r in bad.nonzero().flatten().tolist():
                     pi, bid = stack.row_owner[r]
-                    warnings.warn(
+                    _warn(
                         f"non-finite gradient in {self._block_name(gi, pi, bid)} at step "
                         f"{self.param_groups[gi]['step'] + 1}: the block is skipped",
                         NonFiniteGradientWarning,
-                        stacklevel=2,
                     )
                 if bad.any():
                     base = torch.ones(stack.num_rows, dtype=torch.bool) if rows is None else rows
@@ -287,11 +299,10 @@ class ShardedShampoo(torch.optim.Optimizer):
                     "float64); its factors are likely non-finite or badly scaled. Parameters "
                     "were not updated in this step."
                 )
-            warnings.warn(
+            _warn(
                 f"inverse roots of {name} could not be computed (failure {count} of "
                 f"{opts.max_consecutive_root_failures} allowed); keeping its previous roots",
                 RootFailureWarning,
-                stacklevel=3,
             )
 
     # ---------------------------------------------------------------- state

@@ -1,0 +1,164 @@
+"""A plain Shampoo written straight from the algorithm's ten steps: per-block loops, float64.
+
+It shares no code with the package, on purpose: it is what the package is checked against.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+DEFAULTS = dict(
+    lr=1e-3,
+    betas=(0.9, 1.0),
+    epsilon=1e-12,
+    weight_decay=0.0,
+    decoupled_weight_decay=True,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    max_preconditioner_dim=1024,
+    merge_dims=True,
+    precondition_frequency=100,
+    start_preconditioning_step=None,
+    grafting="adam",
+    grafting_beta2=0.999,
+    grafting_epsilon=1e-8,
+    use_bias_correction=True,
+    inverse_exponent_override=None,
+)
+
+
+def ref_merged_shape(shape, max_dim, merge):
+    dims = list(shape) or [1]
+    if not merge:
+        return dims
+    dims = [d for d in dims if d != 1] or [1]
+    out = []
+    current = dims[-1]
+    for d in reversed(dims[:-1]):
+        if current * d <= max_dim:
+            current *= d
+        else:
+            out.append(current)
+            current = d
+    out.append(current)
+    return out[::-1]
+
+
+def ref_blocks(shape, max_dim, merge):
+    """The block slices of a tensor of the merged shape, row-major over the chunk grid."""
+    merged = ref_merged_shape(shape, max_dim, merge)
+    per_dim = []
+    for size in merged:
+        cuts, lo = [], 0
+        while lo < size:
+            hi = min(lo + max_dim, size)
+            cuts.append(slice(lo, hi))
+            lo = hi
+        per_dim.append(cuts)
+    return merged, list(itertools.product(*per_dim))
+
+
+class ReferenceShampoo:
+    """Holds float64 copies of the parameters and updates them with per-block loops."""
+
+    def __init__(self, groups):
+        # groups: list of dicts with "params" (tensors, copied to float64) and options.
+        self.groups = []
+        for g in groups:
+            opts = {**DEFAULTS, **{k: v for k, v in g.items() if k != "params"}}
+            if opts["start_preconditioning_step"] is None:
+                opts["start_preconditioning_step"] = opts["precondition_frequency"]
+            params = [p.detach().to(torch.float64).clone() for p in g["params"]]
+            self.groups.append({"opts": opts, "params": params, "t": 0, "state": {}})
+
+    def step(self, grads):
+        """grads: per group, a list with a tensor or None per parameter."""
+        for group, group_grads in zip(self.groups, grads):
+            if all(g is None for g in group_grads):
+                continue
+            group["t"] += 1
+            for pi, (w, g) in enumerate(zip(group["params"], group_grads)):
+                if g is not None:
+                    self._step_param(group, pi, w, g.to(torch.float64))
+
+    def _step_param(self, group, pi, w, g):
+        o = group["opts"]
+        t = group["t"]
+        beta1, beta2 = o["betas"]
+        merged, blocks = ref_blocks(w.shape, o["max_preconditioner_dim"], o["merge_dims"])
+        wm = w.view(merged)
+        gm = g.reshape(merged)
+        for bid, sl in enumerate(blocks):
+            G = gm[sl].clone()
+            W = wm[sl].clone()
+            k = G.dim()
+            st = group["state"].setdefault((pi, bid), {})
+            if not st:
+                st["F"] = [torch.zeros(d, d, dtype=torch.float64) for d in G.shape]
+                st["P"] = [torch.eye(d, dtype=torch.float64) for d in G.shape]
+                st["v"] = torch.zeros_like(G)
+                st["M"] = torch.zeros_like(G)
+                st["B"] = torch.zeros_like(G)
+            # 3. L2 weight decay
+            if o["weight_decay"] > 0 and not o["decoupled_weight_decay"]:
+                G = G + o["weight_decay"] * W
+            # 4. factors and grafting state
+            for i in range(k):
+                Gi = G.movedim(i, 0).reshape(G.shape[i], -1)
+                gram = Gi @ Gi.T
+                if beta2 == 1.0:
+                    st["F"][i] = st["F"][i] + gram
+                else:
+                    st["F"][i] = beta2 * st["F"][i] + (1 - beta2) * gram
+            g2 = o["grafting_beta2"]
+            if o["grafting"] in ("adam", "rmsprop"):
+                st["v"] = g2 * st["v"] + (1 - g2) * G * G
+            elif o["grafting"] == "adagrad":
+                st["v"] = st["v"] + G * G
+            # 5. amortized roots
+            start = o["start_preconditioning_step"]
+            if t == start or (t > start and t % o["precondition_frequency"] == 0):
+                c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
+                e = (o["inverse_exponent_override"] or {}).get(k, 1.0 / (2 * k))
+                for i in range(k):
+                    L, Q = torch.linalg.eigh(st["F"][i] / c)
+                    # F is PSD: clamp rounding below zero, then add epsilon.
+                    L = L.clamp_min(0) + o["epsilon"]
+                    st["P"][i] = Q @ torch.diag(L ** (-e)) @ Q.T
+            # 6. filtered gradient
+            if beta1 > 0:
+                st["M"] = beta1 * st["M"] + (1 - beta1) * G
+                M = st["M"] / (1 - beta1**t) if o["use_bias_correction"] else st["M"]
+            else:
+                M = G
+            # 7. direction
+
+            def graft(M):
+                eps = o["grafting_epsilon"]
+                if o["grafting"] == "adam":
+                    return M / (torch.sqrt(st["v"] / (1 - g2**t)) + eps)
+                if o["grafting"] in ("rmsprop", "adagrad"):
+                    return M / (torch.sqrt(st["v"]) + eps)
+                return M
+
+            if t < start and o["grafting"] is not None:
+                D = graft(M)
+            else:
+                D = M
+                for i in range(k):
+                    D = torch.tensordot(st["P"][i], D, dims=([1], [i])).movedim(0, i)
+                if o["grafting"] is not None:
+                    D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
+            # 8. decoupled weight decay
+            if o["weight_decay"] > 0 and o["decoupled_weight_decay"]:
+                D = D + o["weight_decay"] * W
+            # 9. momentum
+            mom = o["momentum"]
+            if mom > 0:
+                st["B"] = mom * st["B"] + (1 - o["dampening"]) * D
+                D = D + mom * st["B"] if o["nesterov"] else st["B"]
+            # 10. update
+            wm[sl] -= o["lr"] * D

@@ -1,0 +1,115 @@
+"""Option validation: every bad value raises ValueError naming the option, before any state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharded_shampoo import ShardedShampoo
+
+BAD = [
+    ("lr", -1e-3),
+    ("lr", float("nan")),
+    ("lr", "0.1"),
+    ("betas", (0.9,)),
+    ("betas", (1.0, 0.99)),
+    ("betas", (-0.1, 0.99)),
+    ("betas", (0.9, 0.0)),
+    ("betas", (0.9, 1.5)),
+    ("epsilon", 0.0),
+    ("epsilon", -1e-12),
+    ("weight_decay", -0.1),
+    ("decoupled_weight_decay", 1),
+    ("momentum", -0.5),
+    ("momentum", 1.0),
+    ("dampening", 1.5),
+    ("nesterov", "yes"),
+    ("max_preconditioner_dim", 0),
+    ("max_preconditioner_dim", 8.0),
+    ("merge_dims", None),
+    ("precondition_frequency", 0),
+    ("start_preconditioning_step", 0),
+    ("start_preconditioning_step", 2.5),
+    ("grafting", "adamw"),
+    ("grafting_beta2", 1.0),
+    ("grafting_epsilon", 0.0),
+    ("use_bias_correction", "true"),
+    ("inverse_exponent_override", {0: 0.5}),
+    ("inverse_exponent_override", {2: -0.5}),
+    ("inverse_exponent_override", [0.5]),
+    ("factor_dtype", torch.int32),
+    ("factor_dtype", "float32"),
+    ("max_consecutive_root_failures", 0),
+]
+
+
+def option_label(name):
+    return "betas" if name == "betas" else name
+
+
+@pytest.mark.parametrize("name, value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_bad_option_raises_naming_it(name, value):
+    p = torch.zeros(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=option_label(name).split("[")[0]):
+        ShardedShampoo([p], **{name: value})
+
+
+@pytest.mark.parametrize("name, value", BAD[:6], ids=[f"{n}={v!r}" for n, v in BAD[:6]])
+def test_bad_option_in_a_group_names_the_group(name, value):
+    p = torch.zeros(3, requires_grad=True)
+    q = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param group 1: .*" + name.split("[")[0]):
+        ShardedShampoo([{"params": [p]}, {"params": [q], name: value}])
+
+
+def test_nesterov_needs_momentum():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        ShardedShampoo([p], nesterov=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        ShardedShampoo([p], nesterov=True, momentum=0.9, dampening=0.1)
+
+
+def test_message_gives_the_allowed_range():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0.0, 1.0\), got -0.5"):
+        ShardedShampoo([p], momentum=-0.5)
+
+
+def test_integer_parameters_are_refused():
+    with pytest.raises(ValueError, match="floating-point"):
+        ShardedShampoo([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_failed_add_param_group_leaves_the_optimizer_unchanged():
+    p = torch.zeros(3, requires_grad=True)
+    q = torch.zeros(4, requires_grad=True)
+    opt = ShardedShampoo([p])
+    with pytest.raises(ValueError, match="grafting"):
+        opt.add_param_group({"params": [q], "grafting": "bogus"})
+    assert len(opt.param_groups) == 1 and q not in opt.state
+    opt.add_param_group({"params": [q], "lr": 0.5})
+    q.grad = torch.ones(4)
+    opt.step()
+    assert not torch.equal(q, torch.zeros(4))
+    assert opt.param_groups[1]["step"] == 1
+
+
+def test_options_may_change_between_steps_but_structure_may_not():
+    p = torch.randn(4, 4, requires_grad=True)
+    opt = ShardedShampoo([p], lr=0.1)
+    p.grad = torch.randn(4, 4)
+    opt.param_groups[0]["betas"] = (0.5, 0.99)
+    opt.param_groups[0]["weight_decay"] = 0.1
+    opt.step()
+    opt.param_groups[0]["max_preconditioner_dim"] = 2
+    with pytest.raises(ValueError, match="max_preconditioner_dim cannot change"):
+        opt.step()
+    opt.param_groups[0]["max_preconditioner_dim"] = 1024
+    opt.param_groups[0]["betas"] = (0.0, 0.99)
+    with pytest.raises(ValueError, match=r"betas\[0\] > 0 cannot change"):
+        opt.step()
+    opt.param_groups[0]["betas"] = (0.9, 0.99)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
