@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job, from a fresh machine: sets up .venv (see setup_env.sh), then trains a small
+# byte-level GPT with ShardedShampoo and AdamW. Extra arguments go to scripts/train.py.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=$(bash scripts/setup_env.sh)
+exec "$py" scripts/train.py "$@"

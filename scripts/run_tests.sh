@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: sets up .venv (see setup_env.sh), then runs pytest.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=$(bash scripts/setup_env.sh)
+exec "$py" -m pytest -q "$@"

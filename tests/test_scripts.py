@@ -1,0 +1,37 @@
+"""The scripts a newcomer runs keep working (tiny sizes; their figures are not checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, *args], cwd=SCRIPTS, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_train_demo_runs_both_optimizers():
+    out = run("train.py", "--steps", "4", "--width", "32", "--layers", "1", "--context", "16",
+              "--batch", "4", "--precondition-frequency", "2", "--log-every", "2", "--threads", "1")
+    lines = [line.split() for line in out.splitlines() if line.startswith(("shampoo ", "adamw "))]
+    assert [l[0] for l in lines] == ["shampoo", "adamw"]
+    for l in lines:
+        train_loss, val_loss = float(l[2]), float(l[3])
+        assert 0 < train_loss < 6 and 0 < val_loss < 6  # byte-level: ln(256) = 5.5 at the start
+
+
+def test_bench_step_reports_its_figures(tmp_path):
+    path = tmp_path / "bench.json"
+    run("bench_step.py", "--steps", "2", "--warmup", "1", "--width", "32", "--layers", "1",
+        "--context", "16", "--batch", "2", "--json", str(path))
+    r = json.loads(path.read_text())
+    for key in ("adamw_opt_ms", "shampoo_opt_ms", "shampoo_floor_ms", "whole_step_ratio"):
+        assert r[key] > 0, key
