@@ -6,13 +6,14 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .functional import stack_step
 from .options import DEFAULTS, STRUCTURAL, GroupOptions
-from .state import GroupBlocks, state_bytes
+from .state import BlockStack, GroupBlocks, state_bytes
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
@@ -34,6 +35,21 @@ def _warn(message: str, category: type[Warning]) -> None:
 
 
 _INTERNAL_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+@dataclass
+class _StackWork:
+    """One stack's part in one step."""
+
+    group: int
+    opts: GroupOptions
+    stack: BlockStack
+    grad: torch.Tensor
+    param: torch.Tensor | None
+    rows: torch.Tensor | None  # bool mask of the rows to update; None: all
+    finite: torch.Tensor
+    active: list[bool]  # per parameter of the group: has a gradient
+    direction: torch.Tensor | None = None
 
 
 class ShardedShampoo(torch.optim.Optimizer):
@@ -195,7 +211,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 loss = closure()
 
         # Phase 1: validate options, gather gradients into stacks, flag non-finite blocks.
-        work = []
+        work: list[_StackWork] = []
         for gi, group in enumerate(self.param_groups):
             opts = self._options(gi)
             blocks = self._blocks[gi]
@@ -210,80 +226,81 @@ class ShardedShampoo(torch.optim.Optimizer):
             active = [g is not None for g in grads]
             if not any(active):
                 continue
-            active_set = {i for i, a in enumerate(active) if a}
-            need_w = opts.weight_decay > 0
             for si, stack in enumerate(blocks.stacks):
-                rows = None
-                if any(not active[p] for p, _ in stack.row_owner):
-                    rows = torch.zeros(stack.num_rows, dtype=torch.bool)
-                    rows[stack.rows_of(active_set)] = True
-                    if not rows.any():
-                        continue
+                rows = stack.row_mask(active)
+                if rows is not None and not rows.any():
+                    continue
                 shape = (stack.num_rows, *stack.block_shape)
                 device = stack.state.device
                 g = self._buffer((gi, si, "grad"), shape, stack.dtype, device)
                 stack.gather(grads, blocks.blockings, g)
                 w = None
-                if need_w:
+                if opts.weight_decay > 0:
                     w = self._buffer((gi, si, "param"), shape, stack.dtype, device)
                     stack.gather(list(params), blocks.blockings, w)
                 finite = torch.isfinite(torch.linalg.vector_norm(g.flatten(1), dim=1))
-                work.append([gi, opts, si, stack, g, w, rows, finite])
+                work.append(_StackWork(gi, opts, stack, g, w, rows, finite, active))
         if not work:
             return loss
 
         # One host sync per step, to learn whether any block must be skipped.
         all_finite = torch.stack(
-            [(f if r is None else f | ~r.to(f.device)).all() for *_, r, f in work]
+            [(w.finite if w.rows is None else w.finite | ~w.rows.to(w.finite.device)).all() for w in work]
         ).all()
         if not bool(all_finite):
-            for item in work:
-                gi, _, _, stack, _, _, rows, finite = item
-                bad = ~finite.cpu() if rows is None else (~finite.cpu() & rows)
-                for r in bad.nonzero().flatten().tolist():
-                    pi, bid = stack.row_owner[r]
-                    _warn(
-                        f"non-finite gradient in {self._block_name(gi, pi, bid)} at step "
-                        f"{self.param_groups[gi]['step'] + 1}: the block is skipped",
-                        NonFiniteGradientWarning,
-                    )
-                if bad.any():
-                    base = torch.ones(stack.num_rows, dtype=torch.bool) if rows is None else rows
-                    item[6] = base & ~bad
+            for w in work:
+                self._skip_nonfinite(w)
 
         # Phase 2: the math, stack by stack. Parameters are not touched until it all succeeded.
-        updates = []
-        for gi, opts, si, stack, g, w, rows, _ in work:
-            t = self.param_groups[gi]["step"] + 1
-            if rows is None:
-                d, ok = stack_step(stack.state, g, w, opts, t)
-                ok_rows = None if ok is None else torch.arange(stack.num_rows)
+        for w in work:
+            t = self.param_groups[w.group]["step"] + 1
+            if w.rows is None:
+                w.direction, ok = stack_step(w.stack.state, w.grad, w.param, w.opts, t)
+                ok_rows = None if ok is None else torch.arange(w.stack.num_rows)
             else:
-                idx = rows.nonzero().flatten().to(g.device)
+                idx = w.rows.nonzero().flatten().to(w.grad.device)
                 if idx.numel() == 0:
                     continue
-                sub = stack.state[idx]
-                d_sub, ok = stack_step(sub, g[idx], None if w is None else w[idx], opts, t)
-                stack.state[idx] = sub
-                d = torch.zeros_like(g)
-                d[idx] = d_sub
+                sub = w.stack.state[idx]
+                d_sub, ok = stack_step(
+                    sub, w.grad[idx], None if w.param is None else w.param[idx], w.opts, t
+                )
+                w.stack.state[idx] = sub
+                w.direction = torch.zeros_like(w.grad)
+                w.direction[idx] = d_sub
                 ok_rows = idx.cpu()
             if ok is not None:
-                self._check_roots(gi, opts, stack, ok, ok_rows)
-            updates.append((gi, opts, stack, d))
+                self._check_roots(w.group, w.opts, w.stack, ok, ok_rows)
 
         # Phase 3: apply the directions.
-        for gi, opts, stack, d in updates:
-            group = self.param_groups[gi]
-            active = [p.grad is not None for p in group["params"]]
-            stack.scatter_add_(group["params"], active, self._blocks[gi].blockings, d, -opts.lr)
-        for gi, group in enumerate(self.param_groups):
-            if any(p.grad is not None for p in group["params"]):
-                group["step"] += 1
+        for w in work:
+            if w.direction is not None:
+                group = self.param_groups[w.group]
+                w.stack.scatter_add_(
+                    group["params"], w.active, self._blocks[w.group].blockings, w.direction, -w.opts.lr
+                )
+        for gi in sorted({w.group for w in work}):
+            self.param_groups[gi]["step"] += 1
         return loss
 
+    def _skip_nonfinite(self, w: "_StackWork") -> None:
+        """Warns about, and drops from ``w.rows``, the blocks whose gradient is not finite."""
+        bad = ~w.finite.cpu()
+        if w.rows is not None:
+            bad &= w.rows
+        for r in bad.nonzero().flatten().tolist():
+            pi, bid = w.stack.row_owner[r]
+            _warn(
+                f"non-finite gradient in {self._block_name(w.group, pi, bid)} at step "
+                f"{self.param_groups[w.group]['step'] + 1}: the block is skipped",
+                NonFiniteGradientWarning,
+            )
+        if bad.any():
+            base = torch.ones(w.stack.num_rows, dtype=torch.bool) if w.rows is None else w.rows
+            w.rows = base & ~bad
+
     def _check_roots(
-        self, gi: int, opts: GroupOptions, stack, ok: torch.Tensor, rows: torch.Tensor
+        self, gi: int, opts: GroupOptions, stack: BlockStack, ok: torch.Tensor, rows: torch.Tensor
     ) -> None:
         if bool(ok.all()):
             return

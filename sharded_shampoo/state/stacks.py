@@ -66,8 +66,20 @@ class BlockStack:
     def dtype(self) -> torch.dtype:
         return math_dtype(self.param_dtype)
 
-    def rows_of(self, params: set[int]) -> list[int]:
-        return [r for r, (p, _) in enumerate(self.row_owner) if p in params]
+    @property
+    def params(self) -> tuple[int, ...]:
+        """Indices (in the group) of the parameters with blocks in this stack."""
+        return tuple(dict.fromkeys(m.param for m in self.members))
+
+    def row_mask(self, active: list[bool]) -> torch.Tensor | None:
+        """Rows of the active parameters as a bool mask; None when every row is active."""
+        if all(active[p] for p in self.params):
+            return None
+        mask = torch.zeros(self.num_rows, dtype=torch.bool)
+        for m in self.members:
+            if active[m.param]:
+                mask[m.row : m.row + m.region.num_blocks] = True
+        return mask
 
     def gather(
         self, tensors: list[torch.Tensor | None], blockings: list[ParamBlocking], out: torch.Tensor
