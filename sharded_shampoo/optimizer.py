@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .functional import stack_step
 from .options import DEFAULTS, STRUCTURAL, GroupOptions
-from .state import BlockStack, GroupBlocks, state_bytes
+from .communication import DirectionExchange, check_plan_agreement
+from .placement import GroupSpec, Plan
+from .state import BlockStack, GroupBlocks, StatePool, pool_lengths
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
@@ -42,6 +45,7 @@ class _StackWork:
     """One stack's part in one step."""
 
     group: int
+    stack_index: int
     opts: GroupOptions
     stack: BlockStack
     grad: torch.Tensor
@@ -82,7 +86,15 @@ class ShardedShampoo(torch.optim.Optimizer):
     parameter is changed.
 
     Blocks of the same dtype and shape are stacked and computed together (see
-    :mod:`sharded_shampoo.state.stacks`). Every option may differ per param group; options that
+    :mod:`sharded_shampoo.state.stacks`).
+
+    Data parallelism: with a process group of more than one rank (or ``mesh``, a 1-D
+    DeviceMesh), every block gets one owner rank (:mod:`sharded_shampoo.placement`); only the
+    owner keeps its state and computes its direction, and one AllGather per step (in
+    ``communication_dtype``) gives every rank all directions (:mod:`sharded_shampoo.communication`).
+    ``num_trainers_per_group=k`` shards within groups of k consecutive ranks instead, replicated
+    across groups. Gradients must already be averaged (DDP) and identical on every rank; the
+    result is the single-process one, whatever the world size. Every option may differ per param group; options that
     shape the state (block size, merging, factor dtype, grafting type, whether beta1 and momentum
     are on) cannot change once the optimizer is built.
     """
@@ -109,6 +121,10 @@ class ShardedShampoo(torch.optim.Optimizer):
         inverse_exponent_override: dict[int, float] | None = DEFAULTS["inverse_exponent_override"],
         factor_dtype: torch.dtype = DEFAULTS["factor_dtype"],
         max_consecutive_root_failures: int = DEFAULTS["max_consecutive_root_failures"],
+        *,
+        mesh: Any = None,
+        communication_dtype: torch.dtype = torch.float32,
+        num_trainers_per_group: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -133,32 +149,79 @@ class ShardedShampoo(torch.optim.Optimizer):
         )
         # Fail on bad defaults even when every group overrides them.
         GroupOptions.from_group(defaults)
+        if communication_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(
+                "communication_dtype must be one of torch.float32, torch.bfloat16, "
+                f"torch.float16, torch.float64, got {communication_dtype!r}"
+            )
+        params = list(params)
+        self._mesh = _shard_mesh(mesh, num_trainers_per_group, _device_type(params))
+        self._rank = self._mesh.get_local_rank() if self._mesh is not None else 0
+        self._plan = Plan(self._mesh.size() if self._mesh is not None else 1)
+        self._communication_dtype = communication_dtype
+        self._exchange: DirectionExchange | None = None
         self._blocks: list[GroupBlocks] = []
+        self._pools: list[StatePool] = []
         self._structure: list[tuple] = []
-        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self._buffers: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._built = False
         super().__init__(params, defaults)
+        self._built = True
+        self._after_plan_change()
 
     # ---------------------------------------------------------------- param groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group; with a process group, every rank must add the same one."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             opts = GroupOptions.from_group(group)
+            devices = {p.device for p in group["params"]}
             for p in group["params"]:
                 if not p.is_floating_point() or p.is_complex():
                     raise ValueError(
                         f"ShardedShampoo supports real floating-point parameters, got {p.dtype}"
                     )
+                if _is_dtensor(p):
+                    raise ValueError(
+                        "DTensor parameters (FSDP2, HSDP) are not supported yet: pass plain "
+                        "parameters (e.g. a DDP model)"
+                    )
+            if len(devices) > 1:
+                raise ValueError(f"all parameters of a group must be on one device, got {devices}")
         except ValueError as e:
             self.param_groups.pop()
             raise ValueError(f"param group {len(self.param_groups)}: {e}") from None
         group["step"] = 0
-        blocks = GroupBlocks(group["params"], opts)
+        params = group["params"]
+        spec = GroupSpec(tuple(tuple(p.shape) for p in params), tuple(p.dtype for p in params), opts)
+        plan = self._plan.add_group(spec)
+        device = params[0].device if params else torch.device("cpu")
+        pool = StatePool(pool_lengths(plan.layouts, opts), device, self._mesh)
+        blocks = GroupBlocks(plan.blockings, plan.layouts[self._rank], opts, pool)
+        self._pools.append(pool)
         self._blocks.append(blocks)
         self._structure.append(opts.structure())
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(params):
             self.state[p] = blocks.block_views(i)
+        if self._built:
+            self._after_plan_change()
+
+    def _after_plan_change(self) -> None:
+        """Checks that every rank has the same plan (one collective) and sizes the exchange."""
+        if self._mesh is None:
+            return
+        fingerprints, descriptions = [], []
+        for gi, g in enumerate(self._plan.groups):
+            fingerprints += g.spec.param_fingerprints(gi)
+            descriptions += [self._param_name(gi, pi) for pi in range(len(g.spec.shapes))]
+        check_plan_agreement(self._mesh, fingerprints, descriptions, self._plan.owners_fingerprint())
+        device = self._pools[0].buffers and next(iter(self._pools[0].buffers.values())).device
+        self._exchange = DirectionExchange(
+            self._plan, self._rank, self._mesh, self._communication_dtype,
+            device or torch.device("cpu"),
+        )
 
     def _options(self, gi: int) -> GroupOptions:
         group = self.param_groups[gi]
@@ -197,6 +260,8 @@ class ShardedShampoo(torch.optim.Optimizer):
     # ---------------------------------------------------------------- step
 
     def _buffer(self, key: tuple[int, int, str], like: tuple[int, ...], dtype, device):
+        # Gradients and weights are gathered into persistent buffers: a fresh allocation of this
+        # size each step costs page faults on CPU and allocator churn on GPU.
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = torch.empty(like, dtype=dtype, device=device)
@@ -210,8 +275,11 @@ class ShardedShampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Phase 1: validate options, gather gradients into stacks, flag non-finite blocks.
+        # Phase 1: validate options, gather the owned blocks' gradients, flag non-finite ones.
+        # Which parameters have gradients is the same on every rank (DDP), so every rank takes
+        # the same path through the collective below.
         work: list[_StackWork] = []
+        stepping: dict[int, list[bool]] = {}
         for gi, group in enumerate(self.param_groups):
             opts = self._options(gi)
             blocks = self._blocks[gi]
@@ -226,32 +294,36 @@ class ShardedShampoo(torch.optim.Optimizer):
             active = [g is not None for g in grads]
             if not any(active):
                 continue
+            stepping[gi] = active
             for si, stack in enumerate(blocks.stacks):
-                rows = stack.row_mask(active)
+                rows = stack.layout.row_mask(active)
                 if rows is not None and not rows.any():
                     continue
                 shape = (stack.num_rows, *stack.block_shape)
                 device = stack.state.device
                 g = self._buffer((gi, si, "grad"), shape, stack.dtype, device)
-                stack.gather(grads, blocks.blockings, g)
+                stack.layout.gather(grads, blocks.blockings, g)
                 w = None
                 if opts.weight_decay > 0:
                     w = self._buffer((gi, si, "param"), shape, stack.dtype, device)
-                    stack.gather(list(params), blocks.blockings, w)
+                    stack.layout.gather(list(params), blocks.blockings, w)
                 finite = torch.isfinite(torch.linalg.vector_norm(g.flatten(1), dim=1))
-                work.append(_StackWork(gi, opts, stack, g, w, rows, finite, active))
-        if not work:
+                work.append(_StackWork(gi, si, opts, stack, g, w, rows, finite, active))
+        if not stepping:
             return loss
 
         # One host sync per step, to learn whether any block must be skipped.
-        all_finite = torch.stack(
-            [(w.finite if w.rows is None else w.finite | ~w.rows.to(w.finite.device)).all() for w in work]
-        ).all()
-        if not bool(all_finite):
-            for w in work:
-                self._skip_nonfinite(w)
+        if work:
+            all_finite = torch.stack(
+                [(w.finite if w.rows is None else w.finite | ~w.rows.to(w.finite.device)).all()
+                 for w in work]
+            ).all()
+            if not bool(all_finite):
+                for w in work:
+                    self._skip_nonfinite(w)
 
         # Phase 2: the math, stack by stack. Parameters are not touched until it all succeeded.
+        error = None
         for w in work:
             t = self.param_groups[w.group]["step"] + 1
             if w.rows is None:
@@ -259,6 +331,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 ok_rows = None if ok is None else torch.arange(w.stack.num_rows)
             else:
                 idx = w.rows.nonzero().flatten().to(w.grad.device)
+                w.direction = torch.zeros_like(w.grad)
                 if idx.numel() == 0:
                     continue
                 sub = w.stack.state[idx]
@@ -266,20 +339,42 @@ class ShardedShampoo(torch.optim.Optimizer):
                     sub, w.grad[idx], None if w.param is None else w.param[idx], w.opts, t
                 )
                 w.stack.state[idx] = sub
-                w.direction = torch.zeros_like(w.grad)
                 w.direction[idx] = d_sub
                 ok_rows = idx.cpu()
             if ok is not None:
-                self._check_roots(w.group, w.opts, w.stack, ok, ok_rows)
+                error = self._check_roots(w.group, w.opts, w.stack, ok, ok_rows) or error
 
-        # Phase 3: apply the directions.
-        for w in work:
-            if w.direction is not None:
-                group = self.param_groups[w.group]
-                w.stack.scatter_add_(
-                    group["params"], w.active, self._blocks[w.group].blockings, w.direction, -w.opts.lr
+        # Phase 3: share the directions (one AllGather) and apply them.
+        if self._exchange is None:
+            if error is not None:
+                raise RuntimeError(error)
+            for w in work:
+                w.stack.layout.scatter_add_(
+                    self.param_groups[w.group]["params"], w.active,
+                    self._blocks[w.group].blockings, w.direction, -w.opts.lr,
                 )
-        for gi in sorted({w.group for w in work}):
+        else:
+            for w in work:
+                self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
+            gathered = self._exchange.exchange(failed=error is not None)
+            failed = self._exchange.failed_ranks(gathered)
+            if failed:
+                raise RuntimeError(
+                    error
+                    if error is not None
+                    else f"rank(s) {failed} of the optimizer's mesh could not compute the inverse "
+                    "roots of a block several times in a row (their error names the block); "
+                    "parameters were not updated in this step"
+                )
+            for r in range(len(self._exchange.segments)):
+                for gi, layout, rows in self._exchange.rows_of(gathered, r):
+                    if gi in stepping:
+                        group = self.param_groups[gi]
+                        layout.scatter_add_(
+                            group["params"], stepping[gi], self._blocks[gi].blockings, rows,
+                            -group["lr"],
+                        )
+        for gi in stepping:
             self.param_groups[gi]["step"] += 1
         return loss
 
@@ -301,32 +396,45 @@ class ShardedShampoo(torch.optim.Optimizer):
 
     def _check_roots(
         self, gi: int, opts: GroupOptions, stack: BlockStack, ok: torch.Tensor, rows: torch.Tensor
-    ) -> None:
+    ) -> str | None:
+        """Warns about blocks whose roots failed; returns the error to raise, if any."""
         if bool(ok.all()):
-            return
+            return None
         failures = stack.state["root_failures"]
+        error = None
         for j in (~ok).nonzero().flatten().tolist():
             r = int(rows[j])
             pi, bid = stack.row_owner[r]
             count = int(failures[r])
             name = self._block_name(gi, pi, bid)
             if count >= opts.max_consecutive_root_failures:
-                raise RuntimeError(
+                error = error or (
                     f"the inverse roots of {name} failed {count} times in a row (also in "
                     "float64); its factors are likely non-finite or badly scaled. Parameters "
                     "were not updated in this step."
                 )
+                continue
             _warn(
                 f"inverse roots of {name} could not be computed (failure {count} of "
                 f"{opts.max_consecutive_root_failures} allowed); keeping its previous roots",
                 RootFailureWarning,
             )
+        return error
 
     # ---------------------------------------------------------------- state
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held by this process."""
-        return state_bytes(self._blocks)
+        """Bytes of optimizer state held by this process (padding included)."""
+        return sum(pool.nbytes() for pool in self._pools)
+
+    @property
+    def plan(self) -> Plan:
+        """The block placement (read-only)."""
+        return self._plan
+
+    @property
+    def direction_exchange(self) -> DirectionExchange | None:
+        return self._exchange
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads state saved by :meth:`state_dict`.
@@ -398,3 +506,50 @@ class ShardedShampoo(torch.optim.Optimizer):
             group.update(options)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _device_type(params: list) -> str:
+    for item in params:
+        tensors = item["params"] if isinstance(item, dict) else [item]
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        for t in tensors:
+            if isinstance(t, tuple):  # named parameters
+                t = t[1]
+            if isinstance(t, torch.Tensor):
+                return t.device.type
+    return "cpu"
+
+
+def _shard_mesh(mesh: Any, num_trainers_per_group: int | None, device_type: str):
+    """The 1-D DeviceMesh blocks are sharded over, or None to compute everything locally."""
+    if mesh is not None:
+        if num_trainers_per_group is not None:
+            raise ValueError("pass either mesh or num_trainers_per_group, not both")
+        if mesh.ndim != 1:
+            raise ValueError(f"mesh must be a 1-D DeviceMesh, got {mesh.ndim} dims")
+        return mesh if mesh.size() > 1 else None
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    k = world if num_trainers_per_group is None else num_trainers_per_group
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= world or world % k:
+        raise ValueError(
+            f"num_trainers_per_group must be an int dividing the world size {world}, got "
+            f"{num_trainers_per_group!r}"
+        )
+    if k == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if k == world:
+        return init_device_mesh(device_type, (world,))
+    mesh2d = init_device_mesh(
+        device_type, (world // k, k), mesh_dim_names=("replicate", "shard")
+    )
+    return mesh2d["shard"]

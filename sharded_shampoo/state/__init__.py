@@ -1,3 +1,4 @@
-from .stacks import BlockStack, GroupBlocks, math_dtype, state_bytes
+from .pool import StatePool
+from .stacks import BlockStack, GroupBlocks, math_dtype, pool_lengths, state_spec
 
-__all__ = ["BlockStack", "GroupBlocks", "math_dtype", "state_bytes"]
+__all__ = ["BlockStack", "GroupBlocks", "StatePool", "math_dtype", "pool_lengths", "state_spec"]

@@ -1,11 +1,12 @@
 """Where state lives: per-block optimizer state, stacked by (parameter dtype, block shape).
 
-All blocks of a param group that share a parameter dtype and a block shape form one *stack*: a
-``TensorDict`` whose batch dimension runs over those blocks. The math then runs once per stack
-(batched matrix products, one batched ``eigh``), so kernel launches grow with the number of
-distinct block shapes, not with the number of blocks.
+All blocks a rank owns in a param group that share a parameter dtype and a block shape form one
+*stack*: a ``TensorDict`` whose batch dimension runs over those blocks (see
+``placement.layout.StackLayout`` for which blocks and in which order). The math then runs once
+per stack (batched matrix products, one batched ``eigh``), so kernel launches grow with the
+number of distinct block shapes, not with the number of blocks.
 
-Keys of a stack's TensorDict, for a block of order k with shape (m_1, ..., m_k):
+Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
     factor_i       (n, m_i, m_i)  Kronecker factor of dim i, in ``factor_dtype``
     root_i         (n, m_i, m_i)  its inverse root, in the math dtype (identity until computed)
     graft_v        (n, *shape)    grafting second moment (adam, rmsprop, adagrad grafting only)
@@ -13,191 +14,123 @@ Keys of a stack's TensorDict, for a block of order k with shape (m_1, ..., m_k):
     momentum       (n, *shape)    momentum buffer (momentum > 0 only)
     root_failures  (n,)           consecutive failed root computations (int32)
 
-The math dtype is the parameter dtype promoted to at least float32.
-
-State is only ever updated in place, so per-block views into the stacks (``block_views``) stay
-valid for the optimizer's lifetime; that is what ``Optimizer.state`` and ``state_dict`` expose.
+The math dtype is the parameter dtype promoted to at least float32. The tensors are views into
+the rank's ``StatePool``; state is only ever updated in place, so per-block views
+(``block_views``) stay valid for the optimizer's lifetime: that is what ``Optimizer.state`` and
+``state_dict`` expose.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict
 
-from ..blocking import ParamBlocking, Region, make_blocking
+from ..blocking import ParamBlocking
 from ..options import GroupOptions
+from ..placement.layout import StackLayout
+from .pool import StatePool, pooled_sizes
 
-__all__ = ["BlockStack", "GroupBlocks", "math_dtype", "state_bytes"]
+__all__ = ["BlockStack", "GroupBlocks", "math_dtype", "state_spec"]
 
 
 def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
-@dataclass(frozen=True)
-class Member:
-    """A region of one parameter, laid out in rows ``[row, row + region.num_blocks)``."""
-
-    param: int
-    region: Region
-    row: int
+def state_spec(
+    layout: StackLayout, opts: GroupOptions
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(key, shape, dtype) of every state tensor of a stack."""
+    n, shape = layout.num_rows, layout.block_shape
+    dtype = math_dtype(layout.param_dtype)
+    spec = []
+    for i, m in enumerate(shape):
+        spec.append((f"factor_{i}", (n, m, m), opts.factor_dtype))
+        spec.append((f"root_{i}", (n, m, m), dtype))
+    if opts.grafting in ("adam", "rmsprop", "adagrad"):
+        spec.append(("graft_v", (n, *shape), dtype))
+    if opts.beta1 > 0:
+        spec.append(("filtered_grad", (n, *shape), dtype))
+    if opts.momentum > 0:
+        spec.append(("momentum", (n, *shape), dtype))
+    spec.append(("root_failures", (n,), torch.int32))
+    return spec
 
 
 @dataclass
 class BlockStack:
-    param_dtype: torch.dtype
-    block_shape: tuple[int, ...]
-    members: list[Member]
+    layout: StackLayout
     state: TensorDict
-    # Per row: (index of the parameter in its group, block id within the parameter).
-    row_owner: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
-        return len(self.row_owner)
+        return self.layout.num_rows
 
     @property
-    def order(self) -> int:
-        return len(self.block_shape)
+    def block_shape(self) -> tuple[int, ...]:
+        return self.layout.block_shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return math_dtype(self.param_dtype)
+        return math_dtype(self.layout.param_dtype)
 
     @property
-    def params(self) -> tuple[int, ...]:
-        """Indices (in the group) of the parameters with blocks in this stack."""
-        return tuple(dict.fromkeys(m.param for m in self.members))
-
-    def row_mask(self, active: list[bool]) -> torch.Tensor | None:
-        """Rows of the active parameters as a bool mask; None when every row is active."""
-        if all(active[p] for p in self.params):
-            return None
-        mask = torch.zeros(self.num_rows, dtype=torch.bool)
-        for m in self.members:
-            if active[m.param]:
-                mask[m.row : m.row + m.region.num_blocks] = True
-        return mask
-
-    def gather(
-        self, tensors: list[torch.Tensor | None], blockings: list[ParamBlocking], out: torch.Tensor
-    ) -> torch.Tensor:
-        """Copies the blocks of ``tensors`` (indexed like the group's params) into ``out``.
-
-        ``out`` is (num_rows, *block_shape); rows of parameters whose tensor is None are left
-        as they are. One copy per region.
-        """
-        for m in self.members:
-            t = tensors[m.param]
-            if t is None:
-                continue
-            merged = t.reshape(blockings[m.param].merged)
-            src = m.region.view_of(merged)
-            out[m.row : m.row + m.region.num_blocks].view(src.shape).copy_(src)
-        return out
-
-    def scatter_add_(
-        self,
-        params: list[torch.Tensor],
-        active: list[bool],
-        blockings: list[ParamBlocking],
-        rows: torch.Tensor,
-        alpha: float,
-    ) -> None:
-        """``param += alpha * rows`` block by block, for the parameters marked active."""
-        for m in self.members:
-            if not active[m.param]:
-                continue
-            p = params[m.param]
-            src = rows[m.row : m.row + m.region.num_blocks]
-            merged = _merged_view(p, blockings[m.param])
-            if merged is not None:
-                dst = m.region.view_of(merged)
-                dst.add_(src.view(dst.shape).to(p.dtype), alpha=alpha)
-            else:
-                # A parameter whose strides do not allow a merged view (e.g. channels_last):
-                # build its update region in a dense buffer and add that.
-                buf = torch.zeros(blockings[m.param].merged, dtype=p.dtype, device=p.device)
-                dst = m.region.view_of(buf)
-                dst.copy_(src.view(dst.shape))
-                p.add_(buf.view(p.shape), alpha=alpha)
-
-
-def _merged_view(p: torch.Tensor, blocking: ParamBlocking) -> torch.Tensor | None:
-    try:
-        return p.view(blocking.merged)
-    except RuntimeError:
-        return None
-
-
-def _new_state(
-    n: int, block_shape: tuple[int, ...], dtype: torch.dtype, opts: GroupOptions, device: torch.device
-) -> TensorDict:
-    tensors: dict[str, torch.Tensor] = {}
-    for i, m in enumerate(block_shape):
-        tensors[f"factor_{i}"] = torch.zeros(n, m, m, dtype=opts.factor_dtype, device=device)
-        eye = torch.eye(m, dtype=dtype, device=device)
-        tensors[f"root_{i}"] = eye.expand(n, m, m).contiguous()
-    if opts.grafting in ("adam", "rmsprop", "adagrad"):
-        tensors["graft_v"] = torch.zeros(n, *block_shape, dtype=dtype, device=device)
-    if opts.beta1 > 0:
-        tensors["filtered_grad"] = torch.zeros(n, *block_shape, dtype=dtype, device=device)
-    if opts.momentum > 0:
-        tensors["momentum"] = torch.zeros(n, *block_shape, dtype=dtype, device=device)
-    tensors["root_failures"] = torch.zeros(n, dtype=torch.int32, device=device)
-    return TensorDict(tensors, batch_size=[n], device=device)
+    def row_owner(self) -> list[tuple[int, int]]:
+        return self.layout.row_owner
 
 
 class GroupBlocks:
-    """The blocks of one param group, their stacks, and where each block's row is."""
+    """The blocks of one param group this rank owns: their stacks and where each row is."""
 
-    def __init__(self, params: list[torch.Tensor], opts: GroupOptions) -> None:
-        self.blockings = [
-            make_blocking(p.shape, opts.max_preconditioner_dim, opts.merge_dims) for p in params
-        ]
-        # Stack order is deterministic: first appearance in parameter order.
-        by_key: dict[tuple, list[Member]] = {}
-        rows: dict[tuple, list[tuple[int, int]]] = {}
-        for pi, (p, b) in enumerate(zip(params, self.blockings)):
-            for region in b.regions:
-                key = (p.dtype, region.block_shape, p.device)
-                members = by_key.setdefault(key, [])
-                owners = rows.setdefault(key, [])
-                members.append(Member(pi, region, len(owners)))
-                owners.extend((pi, bid) for bid in region.block_ids)
+    def __init__(
+        self,
+        blockings: tuple[ParamBlocking, ...],
+        layouts: tuple[StackLayout, ...],
+        opts: GroupOptions,
+        pool: StatePool,
+    ) -> None:
+        self.blockings = blockings
         self.stacks: list[BlockStack] = []
-        # (param, block id) -> (stack index, row)
+        # (param, block id) -> (stack index, row), for the blocks this rank owns.
         self.where: dict[tuple[int, int], tuple[int, int]] = {}
-        for (dtype, shape, device), members in by_key.items():
-            owners = rows[(dtype, shape, device)]
-            state = _new_state(len(owners), shape, math_dtype(dtype), opts, device)
+        for layout in layouts:
+            tensors = {
+                key: pool.take(shape, dtype) for key, shape, dtype in state_spec(layout, opts)
+            }
+            for i, m in enumerate(layout.block_shape):
+                tensors[f"root_{i}"].copy_(torch.eye(m, dtype=tensors[f"root_{i}"].dtype))
+            device = next(iter(tensors.values())).device
+            td = TensorDict(tensors, batch_size=[layout.num_rows], device=device)
             si = len(self.stacks)
-            self.stacks.append(BlockStack(dtype, shape, members, state, owners))
-            for r, owner in enumerate(owners):
+            self.stacks.append(BlockStack(layout, td))
+            for r, owner in enumerate(layout.row_owner):
                 self.where[owner] = (si, r)
 
     def block_views(self, param: int) -> dict[str, torch.Tensor]:
-        """The state of one parameter's blocks, as views into the stacks.
+        """The state of the parameter's blocks that this rank owns, as views into the stacks.
 
         Keys are ``blocks.<block id>.<state name>``: they name the block of the full parameter,
-        so they do not depend on how blocks are stacked.
+        so they do not depend on how blocks are stacked or who owns them.
         """
         out: dict[str, torch.Tensor] = {}
         for bid in range(self.blockings[param].num_blocks):
+            if (param, bid) not in self.where:
+                continue
             si, r = self.where[(param, bid)]
             for name, t in self.stacks[si].state.items():
                 out[f"blocks.{bid}.{name}"] = t[r]
         return out
 
 
-def state_bytes(groups: list[GroupBlocks]) -> int:
-    """Bytes of optimizer state held by this process."""
-    return sum(
-        t.numel() * t.element_size()
-        for g in groups
-        for s in g.stacks
-        for t in s.state.values()
-    )
-
+def pool_lengths(
+    layouts_per_rank: tuple[tuple[StackLayout, ...], ...], opts: GroupOptions
+) -> dict[torch.dtype, int]:
+    """Per dtype, the longest rank's need: the padded local length of a group's pool."""
+    lengths: dict[torch.dtype, int] = {}
+    for layouts in layouts_per_rank:
+        specs = [(shape, dtype) for lay in layouts for _, shape, dtype in state_spec(lay, opts)]
+        for dtype, n in pooled_sizes(specs).items():
+            lengths[dtype] = max(lengths.get(dtype, 0), n)
+    return lengths

@@ -1,0 +1,17 @@
+from .cost import block_cost, block_state_elements
+from .layout import Part, StackLayout, group_stacks
+from .plan import GroupPlan, GroupSpec, Plan
+from .planner import Assignment, assign_blocks
+
+__all__ = [
+    "Assignment",
+    "GroupPlan",
+    "GroupSpec",
+    "Part",
+    "Plan",
+    "StackLayout",
+    "assign_blocks",
+    "block_cost",
+    "block_state_elements",
+    "group_stacks",
+]

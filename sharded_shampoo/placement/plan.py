@@ -1,0 +1,105 @@
+"""The frozen plan: blocks of every parameter, their owners, and each rank's stacks."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from ..blocking import ParamBlocking, make_blocking
+from ..options import GroupOptions
+from .cost import block_cost
+from .layout import StackLayout, group_stacks
+from .planner import assign_blocks
+
+__all__ = ["GroupSpec", "GroupPlan", "Plan"]
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What the plan needs to know of a param group."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+    opts: GroupOptions
+
+    def param_fingerprints(self, group_index: int) -> list[str]:
+        """One short digest per parameter of everything that decides its blocks and cost."""
+        out = []
+        for pi, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes)):
+            text = (
+                f"{group_index}/{pi}:{shape}:{dtype}:{self.opts.structure()}:"
+                f"{self.opts.precondition_frequency}"
+            )
+            out.append(hashlib.sha1(text.encode()).hexdigest()[:16])
+        return out
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    spec: GroupSpec
+    blockings: tuple[ParamBlocking, ...]
+    # owners[p][b]: the rank that owns block b of parameter p.
+    owners: tuple[tuple[int, ...], ...]
+    # layouts[r]: the stacks of rank r for this group.
+    layouts: tuple[tuple[StackLayout, ...], ...]
+
+
+class Plan:
+    """Blocks of every parameter (from their full shapes), an owner for each, and the stacks
+    each rank keeps. Computed identically on every rank from the same inputs; param groups
+    added later are placed on top of the existing plan without moving earlier blocks."""
+
+    def __init__(self, world_size: int) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.groups: list[GroupPlan] = []
+        self.loads = [0.0] * world_size
+        self.costs: list[float] = []
+
+    def add_group(self, spec: GroupSpec) -> GroupPlan:
+        opts = spec.opts
+        blockings = tuple(
+            make_blocking(s, opts.max_preconditioner_dim, opts.merge_dims) for s in spec.shapes
+        )
+        costs = [
+            block_cost(b.block_shape(bid), opts.precondition_frequency)
+            for b in blockings
+            for bid in range(b.num_blocks)
+        ]
+        assignment = assign_blocks(costs, self.world_size, self.loads)
+        owners, i = [], 0
+        for b in blockings:
+            owners.append(tuple(assignment.owner[i : i + b.num_blocks]))
+            i += b.num_blocks
+        layouts = tuple(
+            tuple(
+                group_stacks(
+                    list(blockings),
+                    list(spec.dtypes),
+                    [[o == r for o in per_param] for per_param in owners],
+                )
+            )
+            for r in range(self.world_size)
+        )
+        plan = GroupPlan(spec, blockings, tuple(owners), layouts)
+        self.groups.append(plan)
+        self.loads = list(assignment.loads)
+        self.costs.extend(costs)
+        return plan
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.costs)
+
+    def direction_numel(self, rank: int) -> int:
+        """Elements of search direction ``rank`` computes per step."""
+        return sum(
+            s.num_rows * s.row_numel for g in self.groups for s in g.layouts[rank]
+        )
+
+    def owners_fingerprint(self) -> str:
+        owners = [g.owners for g in self.groups]
+        return hashlib.sha1(repr((self.world_size, owners)).encode()).hexdigest()[:16]

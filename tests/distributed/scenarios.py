@@ -1,0 +1,83 @@
+"""Training scenarios run both in one process (the reference) and on every rank of a group."""
+
+from __future__ import annotations
+
+import torch
+
+from sharded_shampoo import ShardedShampoo
+
+# Many blocks of several shapes (max_preconditioner_dim 8 in group 0, 6 in group 1), a 0-d and
+# 1-d parameters, a 4-d one, and parameters that get no gradient on some steps.
+GROUP_SHAPES = [
+    [(40, 24), (24,), (16, 8, 3), (70,), (), (12, 12), (9, 5, 2, 2)],
+    [(30, 20), (20,), (33,), (6, 6)],
+]
+GROUP_OPTIONS = [
+    dict(
+        lr=0.02, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=8,
+        precondition_frequency=5, epsilon=1e-4, grafting="adam", weight_decay=0.01,
+    ),
+    dict(
+        lr=0.01, betas=(0.0, 1.0), max_preconditioner_dim=6, precondition_frequency=4,
+        epsilon=1e-3, grafting="adagrad", weight_decay=0.05, decoupled_weight_decay=False,
+        nesterov=True, momentum=0.8,
+    ),
+]
+TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
+TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4)]
+
+
+def make_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen).requires_grad_() for s in group] for group in shapes]
+
+
+def set_grads(groups, step):
+    """The same gradients on every rank; parameter i of a group skips steps (step + i) % 5 == 0."""
+    gen = torch.Generator().manual_seed(10_000 + step)
+    for group in groups:
+        for i, p in enumerate(group):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = None if (step + i) % 5 == 0 else g
+
+
+def train_with_same_grads(steps=32, shapes=GROUP_SHAPES, options=GROUP_OPTIONS, **optimizer_kwargs):
+    """Returns (parameters after ``steps``, the optimizer)."""
+    groups = make_params(shapes)
+    opt = ShardedShampoo(
+        [{"params": ps, **o} for ps, o in zip(groups, options)], **optimizer_kwargs
+    )
+    for step in range(steps):
+        set_grads(groups, step)
+        opt.step()
+    return [[p.detach().clone() for p in g] for g in groups], opt
+
+
+def max_rel_err(a, b):
+    worst = 0.0
+    for ga, gb in zip(a, b):
+        for x, y in zip(ga, gb):
+            worst = max(worst, ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item())
+    return worst
+
+
+# ---------------------------------------------------------------- a model for DDP
+
+
+def make_mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24), torch.nn.Tanh(),
+        torch.nn.Linear(24, 3),
+    )
+
+
+def global_batch(step, size=32):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(size, 12, generator=gen), torch.randint(0, 3, (size,), generator=gen)
+
+
+DDP_OPTIONS = dict(
+    lr=0.01, betas=(0.9, 0.999), max_preconditioner_dim=16, precondition_frequency=5,
+    epsilon=1e-4, momentum=0.5,
+)

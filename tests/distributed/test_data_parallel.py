@@ -1,0 +1,160 @@
+"""Data-parallel ShardedShampoo on 2, 3 and 4 gloo ranks against the single-process optimizer.
+
+Each world size runs all its cases in one spawned group (see harness.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dp_cases
+import scenarios
+from harness import run_cases
+
+WORLD_SIZES = [2, 3, 4]
+CASES = {
+    "fp32": (dp_cases.same_grads, {}),
+    "bf16": (dp_cases.same_grads, {"communication_dtype": torch.bfloat16}),
+    "tiny": (dp_cases.same_grads, {"tiny": True}),
+    "ddp": (dp_cases.ddp, {}),
+    "mismatch": (dp_cases.plan_mismatch, {}),
+    "root_failure": (dp_cases.root_failure, {}),
+}
+TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
+
+# bfloat16 keeps 8 bits of each direction: 0.4% relative rounding per step, on every block.
+BF16_TOLERANCE = 2e-2
+# DDP sums per-rank gradients in another order than one process summing the whole batch: the
+# gradients differ by float32 rounding (1e-7), which Shampoo's inverse roots amplify by up to
+# 1/sqrt(epsilon). Measured after 30 steps at 2-4 ranks: 2e-6 to 5e-6 with epsilon 1e-4 (the
+# setting here), 3e-5 to 1.2e-4 with epsilon 1e-6.
+DDP_TOLERANCE = 5e-5
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"world{w}")
+def group(request):
+    world = request.param
+    names = list(CASES)
+    cases = [CASES[n] for n in names]
+    if world == 4:
+        names.append("trainer_groups")
+        cases.append(TRAINER_GROUP_CASE)
+    results = run_cases(world, cases)
+    return world, dict(zip(names, results))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params, opt = scenarios.train_with_same_grads()
+    tiny, _ = scenarios.train_with_same_grads(
+        shapes=scenarios.TINY_SHAPES, options=scenarios.TINY_OPTIONS
+    )
+    return {"params": params, "state_bytes": opt.state_bytes(), "tiny": tiny}
+
+
+def assert_replicas_identical(values):
+    first = values[0]["params"] if isinstance(values[0], dict) else values[0]
+    for r, v in enumerate(values[1:], start=1):
+        other = v["params"] if isinstance(v, dict) else v
+        flat_a = [p for g in first for p in (g if isinstance(g, list) else [g])]
+        flat_b = [p for g in other for p in (g if isinstance(g, list) else [g])]
+        for a, b in zip(flat_a, flat_b):
+            assert torch.equal(a, b), f"rank {r} differs from rank 0"
+
+
+def test_fp32_matches_single_process(group, reference):
+    world, results = group
+    values = results["fp32"].ok()
+    assert_replicas_identical(values)
+    err = scenarios.max_rel_err(values[0]["params"], reference["params"])
+    assert err <= 1e-6, f"world {world}: relative error {err:.2e}"
+    # Every block owned once: owned blocks add up to the single-process count.
+    assert sum(v["owned_blocks"] for v in values) == sum(
+        s.num_rows for g in scenarios.train_with_same_grads(steps=0)[1]._blocks for s in g.stacks
+    )
+
+
+def test_bf16_communication_keeps_replicas_identical(group, reference):
+    world, results = group
+    values = results["bf16"].ok()
+    assert_replicas_identical(values)
+    err = scenarios.max_rel_err(values[0]["params"], reference["params"])
+    assert err <= BF16_TOLERANCE, f"world {world}: relative error {err:.2e}"
+    fp32 = results["fp32"].ok()
+    assert values[0]["bytes_sent"] * 2 == fp32[0]["bytes_sent"]
+
+
+def test_more_ranks_than_blocks(group, reference):
+    world, results = group
+    values = results["tiny"].ok()
+    assert_replicas_identical(values)
+    owned = [v["owned_blocks"] for v in values]
+    assert sum(owned) == 2
+    if world > 2:
+        assert 0 in owned  # some rank owns nothing and still took part
+    assert scenarios.max_rel_err(values[0]["params"], reference["tiny"]) <= 1e-6
+
+
+def test_ddp_with_different_batches_matches_single_process(group):
+    world, results = group
+    values = results["ddp"].ok()
+    assert_replicas_identical(values)
+    model = scenarios.make_mlp()
+    opt = __import__("sharded_shampoo").ShardedShampoo(model.parameters(), **scenarios.DDP_OPTIONS)
+    for step in range(30):
+        x, y = scenarios.global_batch(step, 24)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    ref = [[p.detach() for p in model.parameters()]]
+    err = scenarios.max_rel_err([values[0]], ref)
+    assert err <= DDP_TOLERANCE, f"world {world}: relative error {err:.2e}"
+
+
+def test_plan_mismatch_raises_on_every_rank(group):
+    world, results = group
+    messages = results["mismatch"].ok()
+    for m in messages:
+        assert m.startswith("PlanMismatchError"), m
+        assert "parameter #9 differs" in m, m
+        assert "rank 0: param_groups[1]['params'][2] (33,)" in m, m
+        assert "rank 1: param_groups[1]['params'][2] (34,)" in m, m
+
+
+def test_root_failure_on_one_rank_raises_on_every_rank(group):
+    world, results = group
+    values = results["root_failure"].ok()
+    for r, (outcome, total) in enumerate(values):
+        assert total == world  # the group still works after the error
+        assert "unchanged=True" in outcome, outcome
+        if r == 0:
+            assert "failed 2 times in a row" in outcome, outcome
+        else:
+            assert "rank(s) [0]" in outcome, outcome
+    steps = {o.split(":")[0] for o, _ in values}
+    assert len(steps) == 1, steps  # all ranks raised in the same step
+
+
+def test_trainer_groups_shard_within_groups(group, reference):
+    world, results = group
+    if world != 4:
+        pytest.skip("num_trainers_per_group=2 is run at world size 4")
+    values = results["trainer_groups"].ok()
+    assert_replicas_identical(values)
+    assert scenarios.max_rel_err(values[0]["params"], reference["params"]) <= 1e-6
+    # Ranks 0 and 2 (same position in their groups of 2) own the same blocks.
+    assert values[0]["owned_blocks"] == values[2]["owned_blocks"]
+    assert values[0]["owned_blocks"] + values[1]["owned_blocks"] == sum(
+        v["owned_blocks"] for v in results["fp32"].ok()
+    )
+    fp32 = results["fp32"].ok()
+    assert values[0]["bytes_sent"] < fp32[0]["bytes_sent"]
+
+
+def test_state_bytes_fall_with_world_size(group, reference):
+    world, results = group
+    values = results["fp32"].ok()
+    worst = max(v["state_bytes"] for v in values)
+    ratio = worst / reference["state_bytes"]
+    assert ratio <= {2: 0.6, 3: 0.42, 4: 0.3}[world], f"world {world}: {ratio:.3f}"
