@@ -64,6 +64,9 @@ def assert_replicas_identical(values):
 
 
 def test_fp32_matches_single_process(group, reference):
+    """Not bitwise: MKL's batched products and LAPACK's eigh round differently depending on a
+    matrix's byte alignment, i.e. on its position in a stack, which changes with the number of
+    blocks a rank owns. Measured after 32 steps: 8e-8 relative at 2 and 4 ranks."""
     world, results = group
     values = results["fp32"].ok()
     assert_replicas_identical(values)
