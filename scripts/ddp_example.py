@@ -38,9 +38,12 @@ def train(args: argparse.Namespace) -> None:
         precondition_frequency=args.precondition_frequency,
         communication_dtype=torch.bfloat16 if args.bf16_communication else torch.float32,
     )
-    owned = sum(s.num_rows for g in opt._blocks for s in g.stacks)
-    print(f"rank {rank}/{world}: owns {owned} of {opt.plan.num_blocks} blocks, "
-          f"optimizer state {opt.state_bytes() / 2**20:.1f} MiB", flush=True)
+    owned = [None] * world
+    dist.all_gather_object(owned, (opt.owned_blocks(), opt.state_bytes() / 2**20))
+    if rank == 0:  # one process prints: lines of several processes would interleave
+        print(f"{world} ranks; blocks owned per rank: {[o[0] for o in owned]} of "
+              f"{opt.plan.num_blocks}; optimizer state per rank: "
+              f"{', '.join(f'{o[1]:.1f}' for o in owned)} MiB", flush=True)
     train_data, _ = stdlib_text(2_000_000)
     gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # a different batch on each rank
     start = time.perf_counter()

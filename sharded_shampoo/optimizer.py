@@ -427,6 +427,10 @@ class ShardedShampoo(torch.optim.Optimizer):
         """Bytes of optimizer state held by this process (padding included)."""
         return sum(pool.nbytes() for pool in self._pools)
 
+    def owned_blocks(self) -> int:
+        """Number of blocks whose state this process keeps and whose direction it computes."""
+        return sum(s.num_rows for blocks in self._blocks for s in blocks.stacks)
+
     @property
     def plan(self) -> Plan:
         """The block placement (read-only)."""

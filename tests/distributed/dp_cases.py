@@ -23,7 +23,7 @@ def same_grads(rank, world, tiny=False, **kwargs):
     return {
         "params": params,
         "state_bytes": opt.state_bytes(),
-        "owned_blocks": sum(s.num_rows for g in opt._blocks for s in g.stacks),
+        "owned_blocks": opt.owned_blocks(),
         "bytes_sent": ex.bytes_sent_per_step if ex is not None else 0,
     }
 

@@ -73,9 +73,7 @@ def test_fp32_matches_single_process(group, reference):
     err = scenarios.max_rel_err(values[0]["params"], reference["params"])
     assert err <= 1e-6, f"world {world}: relative error {err:.2e}"
     # Every block owned once: owned blocks add up to the single-process count.
-    assert sum(v["owned_blocks"] for v in values) == sum(
-        s.num_rows for g in scenarios.train_with_same_grads(steps=0)[1]._blocks for s in g.stacks
-    )
+    assert sum(v["owned_blocks"] for v in values) == scenarios.train_with_same_grads(steps=0)[1].owned_blocks()
 
 
 def test_bf16_communication_keeps_replicas_identical(group, reference):
