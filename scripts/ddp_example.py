@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import tempfile
 import time
 
@@ -67,16 +68,28 @@ def train(args: argparse.Namespace) -> None:
         print(f"replicas identical: {same}", flush=True)
 
 
+def _finish() -> None:
+    """Tears down the process group and leaves without the interpreter's own teardown.
+
+    With torch 2.13 on CPU/gloo, about 1 run in 10 of two ranks (torchrun, even with plain DDP
+    and AdamW) aborts in the C++ static destructors at interpreter exit ("terminate called
+    without an active exception", SIGABRT), after all work is done. Exiting with os._exit once
+    everything is flushed skips those destructors: 0 aborts in 30 runs, against 8 in 60 without.
+    """
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawned(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
-    try:
-        train(args)
-    finally:
-        dist.destroy_process_group()
+    train(args)
+    _finish()
 
 
 def main() -> None:
@@ -96,11 +109,8 @@ def main() -> None:
     if "RANK" in os.environ:  # torchrun
         torch.set_num_threads(1)
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-        try:
-            train(args)
-        finally:
-            dist.destroy_process_group()
-        return
+        train(args)
+        _finish()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(
             _spawned, args=(args.nproc, os.path.join(tmp, "store"), args), nprocs=args.nproc,

@@ -58,6 +58,10 @@ def _worker(rank: int, world: int, store_path: str, cases, out_dir: str) -> None
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
             pickle.dump(results, fh)
     dist.destroy_process_group()
+    # torch 2.13 on gloo sometimes aborts in C++ static destructors at interpreter exit
+    # (SIGABRT, "terminate called without an active exception"); the results are written, so
+    # leave without that teardown.
+    os._exit(0)
 
 
 def run_cases(
