@@ -5,24 +5,28 @@ step (all roots recomputed) apart from the ordinary one, and Shampoo's matrix-FL
 factor Grams and preconditioning (4 * d_i * numel per block dim) at this machine's matrix-product
 rate, measured in the same run.
 
-    python scripts/bench_step.py [--steps 30] [--threads 1] [--json out.json]
+    python scripts/bench_step.py [--world-sizes 1,2] [--steps 30] [--json out.json]
+
+With world size 2 and more, ranks are spawned (gloo, CPU), the model is wrapped in DDP, and the
+bytes each rank sends in the optimizer step are measured on the loopback interface.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import time
 
 import torch
 
 from sharded_shampoo import ShardedShampoo
-from sharded_shampoo.blocking import make_blocking
 from workloads import GPT, GPTConfig, lm_batch, param_count
 
 
-def matmul_rate(threads: int) -> float:
+def matmul_rate() -> float:
     """Float32 GFLOP/s of batched 256x256 products (the size of typical blocks' work)."""
     a = torch.randn(8, 256, 1024)
     b = torch.randn(8, 1024, 256)
@@ -36,20 +40,17 @@ def matmul_rate(threads: int) -> float:
     return 2 * 8 * 256 * 1024 * 256 / dt / 1e9
 
 
-def shampoo_flops(model: torch.nn.Module, max_dim: int) -> float:
+def shampoo_flops(opt: ShardedShampoo) -> float:
+    """Matrix FLOPs of this rank's blocks per step: Grams and preconditioning."""
     flops = 0
-    for p in model.parameters():
-        b = make_blocking(p.shape, max_dim, True)
-        for bid in range(b.num_blocks):
-            shape = b.block_shape(bid)
-            numel = 1
-            for d in shape:
-                numel *= d
-            flops += sum(4 * d * numel for d in shape)
+    for blocks in opt._blocks:
+        for stack in blocks.stacks:
+            numel = math.prod(stack.block_shape)
+            flops += stack.num_rows * sum(4 * d * numel for d in stack.block_shape)
     return flops
 
 
-def time_steps(name, model, opt, data, args, gen):
+def time_steps(model, opt, data, args, gen):
     fwd_bwd, opt_times = [], []
     for step in range(args.warmup + args.steps):
         x, y = lm_batch(data, args.batch, args.context, gen)
@@ -65,54 +66,85 @@ def time_steps(name, model, opt, data, args, gen):
     return fwd_bwd, opt_times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
-    ap.add_argument("--precondition-frequency", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default="")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def loopback_tx_bytes() -> int | None:
+    """Bytes sent so far on the loopback interface (gloo on one machine talks over it)."""
+    try:
+        with open("/proc/net/dev") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name.strip() == "lo":
+                    return int(rest.split()[8])
+    except OSError:
+        pass
+    return None
 
+
+def optimizer_bytes_per_step(model, opt, data, args, gen, world) -> float | None:
+    """Loopback bytes the optimizer step sends, per rank and step (barriers fence it off from
+    the gradient all-reduce; their own few bytes are included)."""
+    import torch.distributed as dist
+
+    total, steps = 0, 5
+    for _ in range(steps):
+        x, y = lm_batch(data, args.batch, args.context, gen)
+        opt.zero_grad(set_to_none=True)
+        model(x, y).backward()
+        dist.barrier()
+        before = loopback_tx_bytes()
+        opt.step()
+        dist.barrier()
+        after = loopback_tx_bytes()
+        if before is None or after is None:
+            return None
+        total += after - before
+    return total / steps / world
+
+
+def measure(rank: int, world: int, args) -> dict:
+    """Runs AdamW and ShardedShampoo on this rank (DDP when world > 1); rank 0's figures."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(args.threads)
     data = torch.randint(0, 256, (1_000_000,))  # timing only: content does not matter
     cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers)
-    results = {"threads": args.threads, "batch": args.batch, "context": args.context}
+    wrap = (lambda m: DistributedDataParallel(m)) if world > 1 else (lambda m: m)
+    r = {"world": world, "threads": args.threads, "batch": args.batch, "context": args.context}
 
+    torch.manual_seed(0)
     model = GPT(cfg)
-    results["params"] = param_count(model)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fb_a, opt_a = time_steps("adamw", model, adamw, data, args, torch.Generator().manual_seed(0))
+    r["params"] = param_count(model)
+    ddp = wrap(model)
+    adamw = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+    fb_a, opt_a = time_steps(ddp, adamw, data, args, torch.Generator().manual_seed(rank))
 
+    torch.manual_seed(0)
     model = GPT(cfg)
-    # start far away, so the timed steps are ordinary ones; the amortized step is timed apart.
+    ddp = wrap(model)
+    # Preconditioning starts at step 1, so the timed steps are ordinary ones; the amortized
+    # step (every root computed) is timed apart.
     shampoo = ShardedShampoo(
-        model.parameters(),
+        ddp.parameters(),
         lr=1e-4,
         max_preconditioner_dim=args.max_preconditioner_dim,
         precondition_frequency=args.precondition_frequency,
         start_preconditioning_step=1,
+        communication_dtype=getattr(torch, args.communication_dtype),
     )
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(rank)
     x, y = lm_batch(data, args.batch, args.context, gen)
-    model(x, y).backward()
+    ddp(x, y).backward()
     t0 = time.perf_counter()
-    shampoo.step()  # t = 1 == start: every root is computed
+    shampoo.step()
     amortized = time.perf_counter() - t0
-    fb_s, opt_s = time_steps("shampoo", model, shampoo, data, args, gen)
+    fb_s, opt_s = time_steps(ddp, shampoo, data, args, gen)
 
-    rate = matmul_rate(args.threads)
-    floor = shampoo_flops(model, args.max_preconditioner_dim) / (rate * 1e9)
+    rate = matmul_rate()
+    floor = shampoo_flops(shampoo) / (rate * 1e9)
     med = statistics.median
     step_a = med(fb_a) + med(opt_a)
     step_s = med(fb_s) + med(opt_s) + amortized / args.precondition_frequency
-    results.update(
+    exchange = shampoo.direction_exchange
+    r.update(
         adamw_fwd_bwd_ms=med(fb_a) * 1e3,
         adamw_opt_ms=med(opt_a) * 1e3,
         shampoo_fwd_bwd_ms=med(fb_s) * 1e3,
@@ -124,20 +156,93 @@ def main() -> None:
         matmul_gflops=rate,
         whole_step_ratio=step_s / step_a,
         shampoo_state_mib=shampoo.state_bytes() / 2**20,
+        blocks_owned=shampoo.owned_blocks(),
+        blocks_total=shampoo.plan.num_blocks,
+        allgather_minimum_bytes=(world - 1) / world * r["params"]
+        * torch.tensor([], dtype=getattr(torch, args.communication_dtype)).element_size(),
+        buffer_bytes_sent=exchange.bytes_sent_per_step if exchange else 0,
     )
-    r = results
-    print(f"model: GPT {args.layers} layers x {args.width} wide, {r['params']:,} parameters; "
-          f"batch {args.batch} x {args.context} tokens; {args.threads} thread(s)")
-    print(f"{'':10s} {'fwd+bwd ms':>11s} {'opt ms':>8s}")
-    print(f"{'AdamW':10s} {r['adamw_fwd_bwd_ms']:11.2f} {r['adamw_opt_ms']:8.2f}")
-    print(f"{'Shampoo':10s} {r['shampoo_fwd_bwd_ms']:11.2f} {r['shampoo_opt_ms']:8.2f}")
-    print(f"Shampoo amortized step (all roots): {r['shampoo_amortized_ms']:.1f} ms, "
-          f"{100 * r['shampoo_amortized_share']:.1f}% of the mean step at frequency "
+    if world > 1:
+        r["measured_bytes_sent"] = optimizer_bytes_per_step(ddp, shampoo, data, args, gen, world)
+    return r
+
+
+def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    result = measure(rank, world, args)
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(result, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # see scripts/ddp_example.py: skip a teardown that can abort on gloo
+
+
+def report(r: dict, args) -> None:
+    w = r["world"]
+    print(f"world size {w}: GPT {args.layers} layers x {args.width} wide, {r['params']:,} "
+          f"parameters; batch {args.batch} x {args.context} tokens per rank; "
+          f"{r['threads']} thread(s) per rank")
+    print(f"  {'':10s} {'fwd+bwd ms':>11s} {'opt ms':>8s}")
+    print(f"  {'AdamW':10s} {r['adamw_fwd_bwd_ms']:11.2f} {r['adamw_opt_ms']:8.2f}")
+    print(f"  {'Shampoo':10s} {r['shampoo_fwd_bwd_ms']:11.2f} {r['shampoo_opt_ms']:8.2f}")
+    print(f"  Shampoo amortized step (all roots of this rank): {r['shampoo_amortized_ms']:.1f} ms,"
+          f" {100 * r['shampoo_amortized_share']:.1f}% of the mean step at frequency "
           f"{args.precondition_frequency}")
-    print(f"Shampoo optimizer step / its matmul floor ({r['shampoo_floor_ms']:.2f} ms at "
+    print(f"  Shampoo optimizer step / its matmul floor ({r['shampoo_floor_ms']:.2f} ms at "
           f"{r['matmul_gflops']:.0f} GFLOP/s): {r['shampoo_opt_over_floor']:.2f}x")
-    print(f"whole step Shampoo / AdamW (amortized step included): {r['whole_step_ratio']:.3f}")
-    print(f"Shampoo state: {r['shampoo_state_mib']:.1f} MiB")
+    print(f"  whole step Shampoo / AdamW (amortized step included): {r['whole_step_ratio']:.3f}")
+    print(f"  Shampoo state on rank 0: {r['shampoo_state_mib']:.1f} MiB; blocks owned "
+          f"{r['blocks_owned']} of {r['blocks_total']}")
+    if w > 1:
+        measured = r.get("measured_bytes_sent")
+        m = f"{measured / 1e6:.2f} MB measured on loopback" if measured else "not measurable here"
+        print(f"  bytes sent per rank per optimizer step: {m}; "
+              f"{r['buffer_bytes_sent'] / 1e6:.2f} MB of direction buffer; AllGather minimum "
+              f"(W-1)/W x parameter bytes: {r['allgather_minimum_bytes'] / 1e6:.2f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
+    ap.add_argument("--precondition-frequency", type=int, default=100)
+    ap.add_argument("--communication-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1, help="per rank")
+    ap.add_argument("--world-sizes", default="1", help="comma-separated, e.g. 1,2")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    results = []
+    for world in [int(w) for w in args.world_sizes.split(",")]:
+        if world == 1:
+            results.append(measure(0, 1, args))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "result.json")
+                mp.start_processes(
+                    _rank_main, args=(world, os.path.join(tmp, "store"), args, out),
+                    nprocs=world, start_method="spawn",
+                )
+                with open(out) as fh:
+                    results.append(json.load(fh))
+        report(results[-1], args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -31,7 +31,12 @@ def test_train_demo_runs_both_optimizers():
 def test_bench_step_reports_its_figures(tmp_path):
     path = tmp_path / "bench.json"
     run("bench_step.py", "--steps", "2", "--warmup", "1", "--width", "32", "--layers", "1",
-        "--context", "16", "--batch", "2", "--json", str(path))
-    r = json.loads(path.read_text())
-    for key in ("adamw_opt_ms", "shampoo_opt_ms", "shampoo_floor_ms", "whole_step_ratio"):
-        assert r[key] > 0, key
+        "--context", "16", "--batch", "2", "--world-sizes", "1,2", "--json", str(path))
+    one, two = json.loads(path.read_text())
+    for r in (one, two):
+        for key in ("adamw_opt_ms", "shampoo_opt_ms", "shampoo_floor_ms", "whole_step_ratio"):
+            assert r[key] > 0, key
+    assert (one["world"], two["world"]) == (1, 2)
+    assert one["blocks_owned"] == one["blocks_total"] == two["blocks_total"] > two["blocks_owned"]
+    # What the AllGather moves, measured on loopback, is at least its theoretical minimum.
+    assert two["measured_bytes_sent"] >= two["allgather_minimum_bytes"]

@@ -12,7 +12,11 @@ import sharded_shampoo.roots as roots_module
 from sharded_shampoo import ShardedShampoo
 
 
-def same_grads(rank, world, tiny=False, **kwargs):
+def same_grads(rank, world, tiny=False, explicit_mesh=False, **kwargs):
+    if explicit_mesh:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kwargs["mesh"] = init_device_mesh("cpu", (world,))
     shapes, options = (
         (scenarios.TINY_SHAPES, scenarios.TINY_OPTIONS)
         if tiny
@@ -92,3 +96,14 @@ def _train_until_error(rank, world):
     t = torch.ones(1)
     dist.all_reduce(t)
     return outcome, t.item()
+
+
+def added_group(rank, world, steps=32):
+    """The second param group arrives through add_param_group after construction."""
+    groups = scenarios.make_params(scenarios.GROUP_SHAPES)
+    opt = ShardedShampoo([{"params": groups[0], **scenarios.GROUP_OPTIONS[0]}])
+    opt.add_param_group({"params": groups[1], **scenarios.GROUP_OPTIONS[1]})
+    for step in range(steps):
+        scenarios.set_grads(groups, step)
+        opt.step()
+    return {"params": [[p.detach().clone() for p in g] for g in groups], "owned_blocks": opt.owned_blocks()}

@@ -20,11 +20,14 @@ CASES = {
     "ddp": (dp_cases.ddp, {}),
     "mismatch": (dp_cases.plan_mismatch, {}),
     "root_failure": (dp_cases.root_failure, {}),
+    "explicit_mesh": (dp_cases.same_grads, {"explicit_mesh": True}),
+    "added_group": (dp_cases.added_group, {}),
 }
 TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
 
-# bfloat16 keeps 8 bits of each direction: 0.4% relative rounding per step, on every block.
-BF16_TOLERANCE = 2e-2
+# bfloat16 keeps 8 bits of each direction (0.4% relative rounding of every update); measured
+# after 32 steps at 2-4 ranks: 3.0e-4 relative to the parameters.
+BF16_TOLERANCE = 2e-3
 # DDP sums per-rank gradients in another order than one process summing the whole batch: the
 # gradients differ by float32 rounding (1e-7), which Shampoo's inverse roots amplify by up to
 # 1/sqrt(epsilon). Measured after 30 steps at 2-4 ranks: 2e-6 to 5e-6 with epsilon 1e-4 (the
@@ -159,3 +162,14 @@ def test_state_bytes_fall_with_world_size(group, reference):
     worst = max(v["state_bytes"] for v in values)
     ratio = worst / reference["state_bytes"]
     assert ratio <= {2: 0.6, 3: 0.42, 4: 0.3}[world], f"world {world}: {ratio:.3f}"
+
+
+@pytest.mark.parametrize("case", ["explicit_mesh", "added_group"])
+def test_explicit_mesh_and_added_group_match_single_process(group, reference, case):
+    world, results = group
+    values = results[case].ok()
+    assert_replicas_identical(values)
+    assert scenarios.max_rel_err(values[0]["params"], reference["params"]) <= 1e-6
+    assert sum(v["owned_blocks"] for v in values) == sum(
+        v["owned_blocks"] for v in results["fp32"].ok()
+    )
