@@ -229,17 +229,18 @@ class ShardedShampoo(torch.optim.Optimizer):
             opts = GroupOptions.from_group(group)
         except ValueError as e:
             raise ValueError(f"param group {gi}: {e}") from None
-        if opts.structure() != self._structure[gi]:
-            changed = [
-                name
-                for name, old, new in zip(STRUCTURAL, self._structure[gi], opts.structure())
-                if old != new
-            ]
+        changed = self._structure_changes(gi, opts)
+        if changed:
             raise ValueError(
-                f"param group {gi}: {', '.join(changed)} cannot change after the optimizer is "
+                f"param group {gi}: {changed} cannot change after the optimizer is "
                 "built (it decides the blocks and their state); build a new optimizer instead"
             )
         return opts
+
+    def _structure_changes(self, gi: int, opts: GroupOptions) -> str:
+        """Names of the state-shaping options in which ``opts`` differs from group ``gi``."""
+        pairs = zip(STRUCTURAL, self._structure[gi], opts.structure())
+        return ", ".join(name for name, old, new in pairs if old != new)
 
     def _param_name(self, gi: int, pi: int) -> str:
         group = self.param_groups[gi]
@@ -474,15 +475,11 @@ class ShardedShampoo(torch.optim.Optimizer):
                 opts = GroupOptions.from_group(candidate)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"param group {gi} of the state dict: {e}") from None
-            if opts.structure() != self._structure[gi]:
-                changed = [
-                    name
-                    for name, old, new in zip(STRUCTURAL, self._structure[gi], opts.structure())
-                    if old != new
-                ]
+            changed = self._structure_changes(gi, opts)
+            if changed:
                 raise ValueError(
                     f"param group {gi}: the state dict was saved with a different "
-                    f"{', '.join(changed)}; its state does not fit this optimizer's blocks"
+                    f"{changed}; its state does not fit this optimizer's blocks"
                 )
             new_options.append(options)
             for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):

@@ -113,3 +113,14 @@ def test_options_may_change_between_steps_but_structure_may_not():
     opt.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match="lr must be"):
         opt.step()
+
+
+def test_distribution_options_are_validated():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="communication_dtype"):
+        ShardedShampoo([p], communication_dtype=torch.int8)
+    with pytest.raises(ValueError, match="num_trainers_per_group .* world size 1, got 2"):
+        ShardedShampoo([p], num_trainers_per_group=2)
+    # Without a process group the optimizer computes everything itself.
+    opt = ShardedShampoo([p], num_trainers_per_group=1)
+    assert opt.direction_exchange is None and opt.owned_blocks() == 1
