@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from .functional import stack_step
 from .options import DEFAULTS, STRUCTURAL, GroupOptions
-from .communication import DirectionExchange, check_plan_agreement
-from .placement import GroupSpec, Plan
+from .communication import DirectionExchange, RowShardedExchange, check_plan_agreement
+from .placement import GroupSpec, Plan, RowSharding
 from .state import BlockStack, GroupBlocks, StatePool, pool_lengths
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
@@ -155,9 +155,19 @@ class ShardedShampoo(torch.optim.Optimizer):
                 f"torch.float16, torch.float64, got {communication_dtype!r}"
             )
         params = list(params)
+        self._fsdp = _fsdp_layout(params)
+        if self._fsdp is not None and (mesh is not None or num_trainers_per_group is not None):
+            raise ValueError(
+                "with FSDP2/HSDP (DTensor) parameters the optimizer shards over the whole "
+                "world: mesh and num_trainers_per_group must be left at None"
+            )
         self._mesh = _shard_mesh(mesh, num_trainers_per_group, _device_type(params))
         self._rank = self._mesh.get_local_rank() if self._mesh is not None else 0
-        self._plan = Plan(self._mesh.size() if self._mesh is not None else 1)
+        self._plan = Plan(
+            self._mesh.size() if self._mesh is not None else 1,
+            self._fsdp.holders if self._fsdp is not None else None,
+        )
+        self._row_exchange: RowShardedExchange | None = None
         self._communication_dtype = communication_dtype
         self._exchange: DirectionExchange | None = None
         self._blocks: list[GroupBlocks] = []
@@ -184,10 +194,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                         f"ShardedShampoo supports real floating-point parameters, got {p.dtype}"
                     )
                 if _is_dtensor(p):
-                    raise ValueError(
-                        "DTensor parameters (FSDP2, HSDP) are not supported yet: pass plain "
-                        "parameters (e.g. a DDP model)"
-                    )
+                    _check_fsdp_param(p, self._fsdp)
             if len(devices) > 1:
                 raise ValueError(f"all parameters of a group must be on one device, got {devices}")
         except ValueError as e:
@@ -195,7 +202,12 @@ class ShardedShampoo(torch.optim.Optimizer):
             raise ValueError(f"param group {len(self.param_groups)}: {e}") from None
         group["step"] = 0
         params = group["params"]
-        spec = GroupSpec(tuple(tuple(p.shape) for p in params), tuple(p.dtype for p in params), opts)
+        shardings = tuple(
+            RowSharding(self._fsdp.num_shards) if _is_dtensor(p) else None for p in params
+        )
+        spec = GroupSpec(
+            tuple(tuple(p.shape) for p in params), tuple(p.dtype for p in params), opts, shardings
+        )
         plan = self._plan.add_group(spec)
         device = params[0].device if params else torch.device("cpu")
         pool = StatePool(pool_lengths(plan.layouts, opts), device, self._mesh)
@@ -217,11 +229,28 @@ class ShardedShampoo(torch.optim.Optimizer):
             fingerprints += g.spec.param_fingerprints(gi)
             descriptions += [self._param_name(gi, pi) for pi in range(len(g.spec.shapes))]
         check_plan_agreement(self._mesh, fingerprints, descriptions, self._plan.owners_fingerprint())
-        device = self._pools[0].buffers and next(iter(self._pools[0].buffers.values())).device
+        device = self._device()
         self._exchange = DirectionExchange(
-            self._plan, self._rank, self._mesh, self._communication_dtype,
-            device or torch.device("cpu"),
+            self._plan, self._rank, self._mesh, self._communication_dtype, device
         )
+        if self._exchange.status_index == 0:  # no replicated parameter anywhere
+            self._exchange = None
+        if self._fsdp is not None:
+            grad_dtype = torch.float32
+            for g in self._plan.groups:
+                for pi, dtype in enumerate(g.spec.dtypes):
+                    if g.spec.sharding(pi) is not None:
+                        grad_dtype = torch.promote_types(grad_dtype, dtype)
+            self._row_exchange = RowShardedExchange(
+                self._plan, self._rank, self._fsdp.coords, self._communication_dtype, grad_dtype,
+                device,
+            )
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
 
     def _options(self, gi: int) -> GroupOptions:
         group = self.param_groups[gi]
@@ -303,15 +332,20 @@ class ShardedShampoo(torch.optim.Optimizer):
                 shape = (stack.num_rows, *stack.block_shape)
                 device = stack.state.device
                 g = self._buffer((gi, si, "grad"), shape, stack.dtype, device)
-                stack.layout.gather(grads, blocks.blockings, g)
                 w = None
                 if opts.weight_decay > 0:
                     w = self._buffer((gi, si, "param"), shape, stack.dtype, device)
-                    stack.layout.gather(list(params), blocks.blockings, w)
-                finite = torch.isfinite(torch.linalg.vector_norm(g.flatten(1), dim=1))
-                work.append(_StackWork(gi, si, opts, stack, g, w, rows, finite, active))
+                if not stack.layout.row_sharded:  # row-sharded blocks arrive by all_to_all
+                    stack.layout.gather(grads, blocks.blockings, g)
+                    if w is not None:
+                        stack.layout.gather(list(params), blocks.blockings, w)
+                work.append(_StackWork(gi, si, opts, stack, g, w, rows, None, active))
         if not stepping:
             return loss
+        if self._row_exchange is not None:
+            self._collect_row_sharded(stepping)
+        for w in work:
+            w.finite = torch.isfinite(torch.linalg.vector_norm(w.grad.flatten(1), dim=1))
 
         # One host sync per step, to learn whether any block must be skipped.
         if work:
@@ -345,8 +379,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             if ok is not None:
                 error = self._check_roots(w.group, w.opts, w.stack, ok, ok_rows) or error
 
-        # Phase 3: share the directions (one AllGather) and apply them.
-        if self._exchange is None:
+        # Phase 3: share the directions and apply them. An error anywhere is learnt by every
+        # rank from the first collective's status words, and all raise before any update.
+        if self._mesh is None:
             if error is not None:
                 raise RuntimeError(error)
             for w in work:
@@ -355,29 +390,90 @@ class ShardedShampoo(torch.optim.Optimizer):
                     self._blocks[w.group].blockings, w.direction, -w.opts.lr,
                 )
         else:
-            for w in work:
-                self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
-            gathered = self._exchange.exchange(failed=error is not None)
-            failed = self._exchange.failed_ranks(gathered)
-            if failed:
-                raise RuntimeError(
-                    error
-                    if error is not None
-                    else f"rank(s) {failed} of the optimizer's mesh could not compute the inverse "
-                    "roots of a block several times in a row (their error names the block); "
-                    "parameters were not updated in this step"
+            gathered = None
+            if self._exchange is not None:
+                for w in work:
+                    if not w.stack.layout.row_sharded:
+                        self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
+                gathered = self._exchange.exchange(failed=error is not None)
+                self._raise_if_failed(self._exchange.failed_ranks(gathered), error)
+            if self._row_exchange is not None:
+                directions = {(w.group, w.stack_index): w.direction for w in work}
+                failed = self._row_exchange.distribute(
+                    lambda gi, pi, bid, piece: self._direction_rows(directions, stepping, gi, pi, bid, piece),
+                    lambda gi, pi, bid, piece, rows: self._apply_rows(stepping, gi, pi, bid, piece, rows),
+                    failed=error is not None,
                 )
-            for r in range(len(self._exchange.segments)):
-                for gi, layout, rows in self._exchange.rows_of(gathered, r):
-                    if gi in stepping:
-                        group = self.param_groups[gi]
-                        layout.scatter_add_(
-                            group["params"], stepping[gi], self._blocks[gi].blockings, rows,
-                            -group["lr"],
-                        )
+                self._raise_if_failed(failed, error)
+            if gathered is not None:
+                for r in range(len(self._exchange.segments)):
+                    for gi, layout, rows in self._exchange.rows_of(gathered, r):
+                        if gi in stepping:
+                            group = self.param_groups[gi]
+                            layout.scatter_add_(
+                                group["params"], stepping[gi], self._blocks[gi].blockings, rows,
+                                -group["lr"],
+                            )
         for gi in stepping:
             self.param_groups[gi]["step"] += 1
         return loss
+
+    def _raise_if_failed(self, failed: list[int], error: str | None) -> None:
+        if failed:
+            raise RuntimeError(
+                error
+                if error is not None
+                else f"rank(s) {failed} could not compute the inverse roots of a block several "
+                "times in a row (their error names the block); parameters were not updated in "
+                "this step"
+            )
+
+    def _band(self, gi: int, pi: int, t: torch.Tensor, bid: int, piece) -> torch.Tensor:
+        """The rows ``piece`` of block ``bid`` in this rank's shard of ``t`` (a DTensor)."""
+        blocking = self._blocks[gi].blockings[pi]
+        local = t.to_local()
+        band = local.view(-1, *blocking.merged[1:]) if local.numel() else local.reshape(0, *blocking.merged[1:])
+        cols = blocking.block_slices(bid)[1:]
+        return band[(slice(piece.band_lo, piece.band_hi), *cols)]
+
+    def _collect_row_sharded(self, stepping: dict[int, list[bool]]) -> None:
+        """Gradient (and weight) rows of row-sharded parameters to their blocks' owners."""
+
+        def fetch(gi, pi, bid, piece, weights):
+            if gi not in stepping or not stepping[gi][pi]:
+                return None
+            p = self.param_groups[gi]["params"][pi]
+            return self._band(gi, pi, p if weights else p.grad, bid, piece)
+
+        def store(gi, pi, bid, piece, rows, weights):
+            if gi not in stepping or not stepping[gi][pi]:
+                return
+            si, r = self._blocks[gi].where[(pi, bid)]
+            buf = self._buffers.get((gi, si, "param" if weights else "grad"))
+            if buf is not None:
+                target = buf[r, piece.block_lo : piece.block_hi]
+                target.copy_(rows.view(target.shape))
+
+        with_weights = any(
+            gi in stepping and self._options(gi).weight_decay > 0
+            for gi, g in enumerate(self._plan.groups)
+            if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
+        )
+        self._row_exchange.collect(fetch, store, with_weights)
+
+    def _direction_rows(self, directions, stepping, gi, pi, bid, piece):
+        if gi not in stepping or not stepping[gi][pi]:
+            return None
+        si, r = self._blocks[gi].where[(pi, bid)]
+        d = directions.get((gi, si))
+        return None if d is None else d[r, piece.block_lo : piece.block_hi]
+
+    def _apply_rows(self, stepping, gi, pi, bid, piece, rows) -> None:
+        if gi not in stepping or not stepping[gi][pi]:
+            return
+        group = self.param_groups[gi]
+        dst = self._band(gi, pi, group["params"][pi], bid, piece)
+        dst.add_(rows.reshape(dst.shape).to(dst.dtype), alpha=-group["lr"])
 
     def _skip_nonfinite(self, w: "_StackWork") -> None:
         """Warns about, and drops from ``w.rows``, the blocks whose gradient is not finite."""
@@ -513,6 +609,74 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+@dataclass(frozen=True)
+class _FsdpLayout:
+    """How FSDP2/HSDP spreads row shards over the world: ``coords[rank] = (replica, shard)``,
+    ``holders[shard]`` = the ranks holding that shard, one per replica group."""
+
+    mesh: Any
+    num_shards: int
+    coords: dict[int, tuple[int, int]]
+    holders: dict[int, tuple[int, ...]]
+
+
+def _iter_tensors(params: list):
+    for item in params:
+        tensors = item["params"] if isinstance(item, dict) else [item]
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        for t in tensors:
+            if isinstance(t, tuple):  # named parameters
+                t = t[1]
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def _fsdp_layout(params: list) -> _FsdpLayout | None:
+    """The row-sharding layout of the DTensor parameters, or None when there are none."""
+    mesh = None
+    for t in _iter_tensors(params):
+        if _is_dtensor(t):
+            mesh = t.device_mesh
+            break
+    if mesh is None:
+        return None
+    if not dist.is_initialized():
+        raise ValueError("DTensor parameters need an initialized process group")
+    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]) if mesh.ndim <= 2 else None
+    if ranks is None:
+        raise ValueError(f"FSDP2/HSDP meshes have 1 or 2 dims, got {mesh.ndim}")
+    world = dist.get_world_size()
+    if sorted(ranks.flatten().tolist()) != list(range(world)):
+        raise ValueError(
+            "the FSDP2/HSDP mesh must span the whole world (ranks 0..world_size-1); "
+            f"got {mesh.mesh.tolist()}"
+        )
+    coords, holders = {}, {}
+    for q, row in enumerate(ranks.tolist()):
+        for k, r in enumerate(row):
+            coords[r] = (q, k)
+            holders[k] = holders.get(k, ()) + (r,)
+    layout = _FsdpLayout(mesh, ranks.shape[1], coords, holders)
+    for t in _iter_tensors(params):
+        if _is_dtensor(t):
+            _check_fsdp_param(t, layout)
+    return layout
+
+
+def _check_fsdp_param(p: torch.Tensor, layout: _FsdpLayout | None) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
+    if layout is None:
+        raise ValueError("DTensor parameters must be passed when the optimizer is built")
+    expected = (Shard(0),) if layout.mesh.ndim == 1 else (Replicate(), Shard(0))
+    if p.device_mesh != layout.mesh or tuple(p.placements) != expected:
+        raise ValueError(
+            "DTensor parameters must be FSDP2 (Shard(0)) or HSDP (Replicate(), Shard(0)) "
+            f"shards on one mesh; got {tuple(p.placements)} on {p.device_mesh}"
+        )
 
 
 def _device_type(params: list) -> str:

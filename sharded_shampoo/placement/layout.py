@@ -57,6 +57,8 @@ class StackLayout:
 
     param_dtype: torch.dtype
     block_shape: tuple[int, ...]
+    # Blocks of row-sharded parameters (FSDP2) reach the stack by all_to_all, not by parts.
+    row_sharded: bool = False
     parts: list[Part] = field(default_factory=list)
     # Per row: (index of the parameter in its group, block id within the parameter).
     row_owner: list[tuple[int, int]] = field(default_factory=list)
@@ -136,20 +138,24 @@ def group_stacks(
     blockings: list[ParamBlocking],
     dtypes: list[torch.dtype],
     owned: list[list[bool]],
+    row_sharded: list[bool] | None = None,
 ) -> list[StackLayout]:
     """The stacks of one param group on one rank.
 
-    ``owned[p][b]`` says whether this rank owns block ``b`` of parameter ``p``. Stacks come in
-    order of first appearance, rows in canonical order: both depend only on the inputs.
+    ``owned[p][b]`` says whether this rank owns block ``b`` of parameter ``p``;
+    ``row_sharded[p]`` whether parameter ``p`` is row-sharded (its blocks get stacks of their
+    own, exchanged by all_to_all instead of the AllGather). Stacks come in order of first
+    appearance, rows in canonical order: both depend only on the inputs.
     """
-    stacks: dict[tuple[torch.dtype, tuple[int, ...]], StackLayout] = {}
+    stacks: dict[tuple, StackLayout] = {}
     for pi, (blocking, dtype) in enumerate(zip(blockings, dtypes)):
         for region in blocking.regions:
             mine = [j for j, bid in enumerate(region.block_ids) if owned[pi][bid]]
             if not mine:
                 continue
-            key = (dtype, region.block_shape)
-            stack = stacks.setdefault(key, StackLayout(dtype, region.block_shape))
+            sharded = bool(row_sharded and row_sharded[pi])
+            key = (dtype, region.block_shape, sharded)
+            stack = stacks.setdefault(key, StackLayout(dtype, region.block_shape, sharded))
             if len(mine) == region.num_blocks:
                 positions = None
             else:

@@ -12,17 +12,26 @@ from ..options import GroupOptions
 from .cost import block_cost
 from .layout import StackLayout, group_stacks
 from .planner import assign_blocks
+from .sharding import RowSharding, block_pieces
 
 __all__ = ["GroupSpec", "GroupPlan", "Plan"]
 
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """What the plan needs to know of a param group."""
+    """What the plan needs to know of a param group.
+
+    ``shardings[p]`` is None for a parameter every rank holds whole (plain or DDP), or how its
+    rows are split (FSDP2, HSDP).
+    """
 
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
     opts: GroupOptions
+    shardings: tuple[RowSharding | None, ...] | None = None
+
+    def sharding(self, p: int) -> RowSharding | None:
+        return None if self.shardings is None else self.shardings[p]
 
     def param_fingerprints(self, group_index: int) -> list[str]:
         """One short digest per parameter of everything that decides its blocks and cost."""
@@ -30,7 +39,7 @@ class GroupSpec:
         for pi, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes)):
             text = (
                 f"{group_index}/{pi}:{shape}:{dtype}:{self.opts.structure()}:"
-                f"{self.opts.precondition_frequency}"
+                f"{self.opts.precondition_frequency}:{self.sharding(pi)}"
             )
             out.append(hashlib.sha1(text.encode()).hexdigest()[:16])
         return out
@@ -51,10 +60,15 @@ class Plan:
     each rank keeps. Computed identically on every rank from the same inputs; param groups
     added later are placed on top of the existing plan without moving earlier blocks."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(
+        self, world_size: int, shard_holders: dict[int, tuple[int, ...]] | None = None
+    ) -> None:
+        """``shard_holders[k]``: the ranks holding shard k of every row-sharded parameter (one
+        per replicate group under HSDP)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
+        self.shard_holders = shard_holders or {}
         self.groups: list[GroupPlan] = []
         self.loads = [0.0] * world_size
         self.costs: list[float] = []
@@ -69,7 +83,16 @@ class Plan:
             for b in blockings
             for bid in range(b.num_blocks)
         ]
-        assignment = assign_blocks(costs, self.world_size, self.loads)
+        preferred = []
+        for pi, b in enumerate(blockings):
+            sharding = spec.sharding(pi)
+            if sharding is None:
+                preferred += [()] * b.num_blocks
+                continue
+            for pieces in block_pieces(b, sharding):
+                most = max(pieces, key=lambda q: (q.rows, -q.shard)).shard if pieces else 0
+                preferred.append(self.shard_holders.get(most, ()))
+        assignment = assign_blocks(costs, self.world_size, self.loads, preferred)
         owners, i = [], 0
         for b in blockings:
             owners.append(tuple(assignment.owner[i : i + b.num_blocks]))
@@ -80,6 +103,7 @@ class Plan:
                     list(blockings),
                     list(spec.dtypes),
                     [[o == r for o in per_param] for per_param in owners],
+                    [spec.sharding(pi) is not None for pi in range(len(blockings))],
                 )
             )
             for r in range(self.world_size)

@@ -38,24 +38,42 @@ class Assignment:
 
 
 def assign_blocks(
-    costs: Sequence[float], world_size: int, initial_loads: Sequence[float] | None = None
+    costs: Sequence[float],
+    world_size: int,
+    initial_loads: Sequence[float] | None = None,
+    preferred: Sequence[Sequence[int]] | None = None,
 ) -> Assignment:
     """Gives each block (by its cost, in canonical order) an owner among ``world_size`` ranks.
 
     ``initial_loads`` continues an earlier assignment (a param group added later): earlier
-    blocks keep their owners, and the bound still holds, since list scheduling places each block
-    on the least-loaded rank whatever came before.
+    blocks keep their owners. ``preferred[i]`` lists ranks that already hold block i's data
+    (FSDP2 shards); the least loaded of them gets the block if its load is at most the mean
+    load so far, which keeps the bound: the bound only needs each block to land on a rank
+    loaded no more than the mean of what was placed before it.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     loads = list(initial_loads) if initial_loads is not None else [0.0] * world_size
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    # A heap of (load, rank) with stale entries skipped: loads also change outside the heap
+    # when a preferred rank is chosen.
     heap = [(load, r) for r, load in enumerate(loads)]
     heapq.heapify(heap)
+    placed = sum(loads)
     owner = [0] * len(costs)
     for i in order:
-        load, r = heapq.heappop(heap)
+        r = -1
+        if preferred is not None and preferred[i]:
+            c = min(preferred[i], key=lambda q: (loads[q], q))
+            if loads[c] * world_size <= placed * (1 + 1e-12):
+                r = c
+        if r < 0:
+            while True:
+                load, r = heapq.heappop(heap)
+                if load == loads[r]:
+                    break
         owner[i] = r
-        loads[r] = load + costs[i]
+        loads[r] += costs[i]
+        placed += costs[i]
         heapq.heappush(heap, (loads[r], r))
     return Assignment(world_size, tuple(owner), tuple(loads))
