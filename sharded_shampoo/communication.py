@@ -188,8 +188,9 @@ class RowShardedExchange:
                         if src == rank:
                             self.outgoing.append((owner, off, *entry))
                         for dst in holders[piece.shard]:
+                            # One more element: 1 if the block was updated, 0 if skipped.
                             off = upd_used.get((owner, dst), 0)
-                            upd_used[(owner, dst)] = off + n
+                            upd_used[(owner, dst)] = off + n + 1
                             if owner == rank:
                                 self.updates_out.append((dst, off, *entry))
                             if dst == rank:
@@ -234,19 +235,27 @@ class RowShardedExchange:
     def distribute(self, direction_rows, apply_rows, failed: bool) -> list[int]:
         """Sends the direction rows of my blocks to the ranks holding them, applies those I
         receive (and my own); returns the ranks that reported a failure (then nothing is
-        applied)."""
+        applied).
+
+        ``direction_rows(gi, pi, bid, piece)`` gives ``(rows, updated)`` or None when the
+        parameter has no gradient; ``apply_rows(gi, pi, bid, piece, rows)`` is called for the
+        pieces of blocks that were updated (not skipped for a non-finite gradient).
+        """
         send = torch.zeros(self.world, self.update_chunk, dtype=self.dtype, device=self.device)
         send[:, -1] = 1.0 if failed else 0.0
         local = []
         for dst, off, gi, pi, bid, piece, n in self.updates_out:
-            rows = direction_rows(gi, pi, bid, piece)
-            if rows is None:
+            got = direction_rows(gi, pi, bid, piece)
+            if got is None:
                 continue
+            rows, updated = got
             rows = rows.to(self.dtype)  # every holder applies the same rounded value
             if dst == self.rank:
-                local.append((gi, pi, bid, piece, rows))
+                if updated:
+                    local.append((gi, pi, bid, piece, rows))
             else:
                 send[dst, off : off + n] = rows.reshape(-1)
+                send[dst, off + n] = 1.0 if updated else 0.0
         recv = self._all_to_all(send)
         failed_ranks = (recv[:, -1] != 0).nonzero().flatten().tolist()
         if failed or failed_ranks:
@@ -254,7 +263,7 @@ class RowShardedExchange:
         for gi, pi, bid, piece, rows in local:
             apply_rows(gi, pi, bid, piece, rows)
         for src, off, gi, pi, bid, piece, n in self.updates_in:
-            if src != self.rank:
+            if src != self.rank and recv[src, off + n] != 0:
                 apply_rows(gi, pi, bid, piece, recv[src, off : off + n])
         return []
 

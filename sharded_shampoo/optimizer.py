@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -310,8 +311,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         # the same path through the collective below.
         work: list[_StackWork] = []
         stepping: dict[int, list[bool]] = {}
+        options: dict[int, GroupOptions] = {}
         for gi, group in enumerate(self.param_groups):
-            opts = self._options(gi)
+            opts = options[gi] = self._options(gi)
             blocks = self._blocks[gi]
             params = group["params"]
             grads = [p.grad for p in params]
@@ -332,18 +334,24 @@ class ShardedShampoo(torch.optim.Optimizer):
                 shape = (stack.num_rows, *stack.block_shape)
                 device = stack.state.device
                 g = self._buffer((gi, si, "grad"), shape, stack.dtype, device)
+                stack_opts = opts
+                if stack.layout.row_sharded and _weight_decay_place(opts) in (
+                    "holder-grad", "holder-step"
+                ):
+                    # The rows' holders apply weight decay (see _weight_decay_place).
+                    stack_opts = dataclasses.replace(opts, weight_decay=0.0)
                 w = None
-                if opts.weight_decay > 0:
+                if stack_opts.weight_decay > 0:
                     w = self._buffer((gi, si, "param"), shape, stack.dtype, device)
                 if not stack.layout.row_sharded:  # row-sharded blocks arrive by all_to_all
                     stack.layout.gather(grads, blocks.blockings, g)
                     if w is not None:
                         stack.layout.gather(list(params), blocks.blockings, w)
-                work.append(_StackWork(gi, si, opts, stack, g, w, rows, None, active))
+                work.append(_StackWork(gi, si, stack_opts, stack, g, w, rows, None, active))
         if not stepping:
             return loss
         if self._row_exchange is not None:
-            self._collect_row_sharded(stepping)
+            self._collect_row_sharded(stepping, options)
         for w in work:
             w.finite = torch.isfinite(torch.linalg.vector_norm(w.grad.flatten(1), dim=1))
 
@@ -398,10 +406,12 @@ class ShardedShampoo(torch.optim.Optimizer):
                 gathered = self._exchange.exchange(failed=error is not None)
                 self._raise_if_failed(self._exchange.failed_ranks(gathered), error)
             if self._row_exchange is not None:
-                directions = {(w.group, w.stack_index): w.direction for w in work}
+                by_stack = {(w.group, w.stack_index): w for w in work}
                 failed = self._row_exchange.distribute(
-                    lambda gi, pi, bid, piece: self._direction_rows(directions, stepping, gi, pi, bid, piece),
-                    lambda gi, pi, bid, piece, rows: self._apply_rows(stepping, gi, pi, bid, piece, rows),
+                    lambda gi, pi, bid, piece: self._direction_rows(by_stack, stepping, gi, pi, bid, piece),
+                    lambda gi, pi, bid, piece, rows: self._apply_rows(
+                        stepping, options, gi, pi, bid, piece, rows
+                    ),
                     failed=error is not None,
                 )
                 self._raise_if_failed(failed, error)
@@ -436,14 +446,22 @@ class ShardedShampoo(torch.optim.Optimizer):
         cols = blocking.block_slices(bid)[1:]
         return band[(slice(piece.band_lo, piece.band_hi), *cols)]
 
-    def _collect_row_sharded(self, stepping: dict[int, list[bool]]) -> None:
+    def _collect_row_sharded(
+        self, stepping: dict[int, list[bool]], options: dict[int, GroupOptions]
+    ) -> None:
         """Gradient (and weight) rows of row-sharded parameters to their blocks' owners."""
 
         def fetch(gi, pi, bid, piece, weights):
             if gi not in stepping or not stepping[gi][pi]:
                 return None
             p = self.param_groups[gi]["params"][pi]
-            return self._band(gi, pi, p if weights else p.grad, bid, piece)
+            if weights:
+                return self._band(gi, pi, p, bid, piece)
+            rows = self._band(gi, pi, p.grad, bid, piece)
+            opts = options[gi]
+            if _weight_decay_place(opts) == "holder-grad":  # L2: G + wd W, elementwise
+                rows = rows + opts.weight_decay * self._band(gi, pi, p, bid, piece)
+            return rows
 
         def store(gi, pi, bid, piece, rows, weights):
             if gi not in stepping or not stepping[gi][pi]:
@@ -455,25 +473,33 @@ class ShardedShampoo(torch.optim.Optimizer):
                 target.copy_(rows.view(target.shape))
 
         with_weights = any(
-            gi in stepping and self._options(gi).weight_decay > 0
+            gi in stepping and _weight_decay_place(options[gi]) == "owner"
             for gi, g in enumerate(self._plan.groups)
             if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
         )
         self._row_exchange.collect(fetch, store, with_weights)
 
-    def _direction_rows(self, directions, stepping, gi, pi, bid, piece):
+    def _direction_rows(self, work_by_stack, stepping, gi, pi, bid, piece):
+        """(rows of the block's direction, whether the block was updated), or None."""
         if gi not in stepping or not stepping[gi][pi]:
             return None
         si, r = self._blocks[gi].where[(pi, bid)]
-        d = directions.get((gi, si))
-        return None if d is None else d[r, piece.block_lo : piece.block_hi]
+        w = work_by_stack.get((gi, si))
+        if w is None or w.direction is None:
+            return None
+        updated = w.rows is None or bool(w.rows[r])
+        return w.direction[r, piece.block_lo : piece.block_hi], updated
 
-    def _apply_rows(self, stepping, gi, pi, bid, piece, rows) -> None:
+    def _apply_rows(self, stepping, options, gi, pi, bid, piece, rows) -> None:
         if gi not in stepping or not stepping[gi][pi]:
             return
         group = self.param_groups[gi]
         dst = self._band(gi, pi, group["params"][pi], bid, piece)
-        dst.add_(rows.reshape(dst.shape).to(dst.dtype), alpha=-group["lr"])
+        d = rows.reshape(dst.shape).to(dst.dtype)
+        opts = options[gi]
+        if _weight_decay_place(opts) == "holder-step":  # W <- W - lr (D + wd W)
+            d = d + opts.weight_decay * dst
+        dst.add_(d, alpha=-group["lr"])
 
     def _skip_nonfinite(self, w: "_StackWork") -> None:
         """Warns about, and drops from ``w.rows``, the blocks whose gradient is not finite."""
@@ -536,6 +562,19 @@ class ShardedShampoo(torch.optim.Optimizer):
     @property
     def direction_exchange(self) -> DirectionExchange | None:
         return self._exchange
+
+    def bytes_sent_per_step(self) -> int:
+        """Bytes this rank sends in one step's collectives (AllGather and all_to_alls), padding
+        included, with the current options."""
+        total = self._exchange.bytes_sent_per_step if self._exchange is not None else 0
+        if self._row_exchange is not None:
+            with_weights = any(
+                _weight_decay_place(self._options(gi)) == "owner"
+                for gi, g in enumerate(self._plan.groups)
+                if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
+            )
+            total += self._row_exchange.bytes_sent_per_step(with_weights)
+        return total
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads state saved by :meth:`state_dict`.
@@ -603,6 +642,22 @@ class ShardedShampoo(torch.optim.Optimizer):
             group.update(options)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _weight_decay_place(opts: GroupOptions) -> str:
+    """Where weight decay of a row-sharded parameter is applied, so that weight rows travel
+    only when they must.
+
+    ``holder-grad``: L2 (``G + wd W`` is elementwise) by the rank holding the rows, before they
+    are sent. ``holder-step``: decoupled without momentum (``W - lr (D + wd W)``) by the holder
+    when it applies the direction. ``owner``: decoupled with momentum, which feeds ``D + wd W``
+    into the owner's momentum buffer, so the owner needs the weight rows.
+    """
+    if opts.weight_decay == 0:
+        return "none"
+    if not opts.decoupled_weight_decay:
+        return "holder-grad"
+    return "holder-step" if opts.momentum == 0 else "owner"
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

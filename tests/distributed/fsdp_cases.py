@@ -1,0 +1,117 @@
+"""Cases run on every rank of a spawned group by test_fsdp.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import scenarios
+from sharded_shampoo import ShardedShampoo
+
+STEPS = 32
+BATCH = 24
+
+
+class Net(torch.nn.Module):
+    """Uneven shards on purpose: 33 rows (not divisible by 2 or 4), a weight with one row, a
+    weight with 3 rows (fewer than 4 ranks: empty shards), a frozen layer, a 3-d parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(12, 33)
+        self.squeeze = torch.nn.Linear(33, 1)
+        self.expand = torch.nn.Linear(1, 3)
+        self.frozen = torch.nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+        self.mix = torch.nn.Parameter(torch.randn(5, 3, 4) * 0.1)
+        self.out = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        s = torch.tanh(self.expand(torch.tanh(self.squeeze(h))))
+        s = self.frozen(s)
+        m = torch.einsum("bi,kij->bj", s, self.mix)  # (b, 4)
+        return self.out(torch.cat([h[:, :8], m], dim=1))
+
+
+OPTIONS = dict(
+    lr=0.01, betas=(0.9, 0.999), max_preconditioner_dim=8, precondition_frequency=5,
+    epsilon=1e-4, momentum=0.5, weight_decay=0.01,
+)
+
+
+def batch(step, size=BATCH):
+    """A learnable task: labels from a fixed linear teacher."""
+    x, _ = scenarios.global_batch(step, size)
+    teacher = torch.randn(12, 3, generator=torch.Generator().manual_seed(99))
+    return x, (x @ teacher).argmax(1)
+
+
+def make_net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def train_reference(steps=STEPS, **overrides):
+    model = make_net()
+    opt = ShardedShampoo(
+        [p for p in model.parameters() if p.requires_grad], **{**OPTIONS, **overrides}
+    )
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt.state_bytes()
+
+
+def fsdp(rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEPS, **overrides):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = make_net()
+    kwargs = {}
+    if hsdp:
+        kwargs["mesh"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    plain = []
+    if mixed:
+        # Only some layers sharded; the rest stay plain, replicated tensors whose gradients
+        # this loop averages itself.
+        for name in ("inp", "squeeze"):
+            fully_shard(getattr(model, name), **kwargs)
+        plain = [p for n, p in model.named_parameters()
+                 if not n.startswith(("inp.", "squeeze.")) and p.requires_grad]
+    else:
+        for name in ("inp", "squeeze", "expand", "out"):
+            fully_shard(getattr(model, name), **kwargs)
+        fully_shard(model, **kwargs)
+    opt = ShardedShampoo(
+        [p for p in model.parameters() if p.requires_grad], **{**OPTIONS, **overrides}
+    )
+    per = BATCH // world
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        for p in plain:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        opt.step()
+        losses.append(loss.item())
+    full = [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+            for p in model.parameters()]
+    return {
+        "params": full,
+        "losses": losses,
+        "state_bytes": opt.state_bytes(),
+        "owned_blocks": opt.owned_blocks(),
+        "bytes_sent": opt.bytes_sent_per_step(),
+        "allgather_bytes": opt.direction_exchange.bytes_sent_per_step if opt.direction_exchange else 0,
+    }

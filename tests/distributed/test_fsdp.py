@@ -1,0 +1,97 @@
+"""ShardedShampoo on FSDP2 (2 and 4 ranks) and HSDP (2 x 2) against the single-process optimizer.
+
+Blocks come from the full parameter shapes, so the result does not depend on how FSDP2 shards
+the rows. Each rank trains on its own slice of the global batch; FSDP2 averages gradients with
+a reduce-scatter, whose summation order differs from one process summing the whole batch, so
+the comparison uses the DDP tests' tolerance (same epsilon, same reasoning).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fsdp_cases
+import scenarios
+from harness import run_cases
+from test_data_parallel import DDP_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return fsdp_cases.train_reference()
+
+
+# Weight decay of row-sharded parameters is applied where it needs the least traffic (see
+# optimizer._weight_decay_place); each placement is checked against one process.
+WEIGHT_DECAY_VARIANTS = {
+    "l2": dict(decoupled_weight_decay=False),  # by the holder, into the gradient rows
+    "decoupled_no_momentum": dict(momentum=0.0),  # by the holder, with the direction
+}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    names = ["fsdp", "mixed", *WEIGHT_DECAY_VARIANTS]
+    cases = [(fsdp_cases.fsdp, {}), (fsdp_cases.fsdp, {"mixed": True})]
+    cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
+    return dict(zip(names, run_cases(2, cases)))
+
+
+@pytest.fixture(scope="module")
+def world4():
+    names = ["fsdp", "hsdp", "mixed_precision"]
+    cases = [
+        (fsdp_cases.fsdp, {}),
+        (fsdp_cases.fsdp, {"hsdp": True}),
+        (fsdp_cases.fsdp, {"mixed_precision": True}),
+    ]
+    return dict(zip(names, run_cases(4, cases)))
+
+
+def check_against_reference(values, reference, tolerance=DDP_TOLERANCE):
+    ref_params, _ = reference
+    for r, v in enumerate(values[1:], start=1):
+        for a, b in zip(v["params"], values[0]["params"]):
+            assert torch.equal(a, b), f"rank {r} ends with other parameters than rank 0"
+    err = scenarios.max_rel_err([values[0]["params"]], [ref_params])
+    assert err <= tolerance, f"relative error {err:.2e}"
+    return err
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_matches_single_process(world, world2, world4, reference):
+    results = world2 if world == 2 else world4
+    values = results["fsdp"].ok()
+    check_against_reference(values, reference)
+
+
+def test_hsdp_matches_single_process_and_splits_work_over_all_ranks(world4, reference):
+    values = world4["hsdp"].ok()
+    check_against_reference(values, reference)
+    owned = [v["owned_blocks"] for v in values]
+    assert all(n > 0 for n in owned), owned  # the replicate dimension shares the work too
+
+
+def test_mixed_sharded_and_replicated_parameters(world2, reference):
+    values = world2["mixed"].ok()
+    check_against_reference(values, reference)
+    assert values[0]["allgather_bytes"] > 0 and values[0]["bytes_sent"] > 0
+
+
+def test_mixed_precision_policy_trains(world4):
+    values = world4["mixed_precision"].ok()
+    losses = values[0]["losses"]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_state_bytes_per_rank_fall(world4, reference):
+    _, ref_bytes = reference
+    worst = max(v["state_bytes"] for v in world4["fsdp"].ok())
+    assert worst <= 0.3 * ref_bytes, f"{worst / ref_bytes:.3f}"
+
+
+@pytest.mark.parametrize("variant", list(WEIGHT_DECAY_VARIANTS))
+def test_weight_decay_placements_match_single_process(world2, variant):
+    values = world2[variant].ok()
+    check_against_reference(values, fsdp_cases.train_reference(**WEIGHT_DECAY_VARIANTS[variant]))
