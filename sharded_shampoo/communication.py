@@ -122,20 +122,26 @@ def check_plan_agreement(
 
 
 class RowShardedExchange:
-    """Moves rows of row-sharded (FSDP2, HSDP) parameters between shard holders and block owners.
+    """Moves rows of row-sharded (FSDP2, HSDP) parameters between shard holders and owners.
 
-    Two ``all_to_all_single`` calls per step, over the default process group:
+    Under FSDP2 (one replica group) and HSDP (R replica groups of S shards) alike:
 
-    1. gradient rows (and weight rows, when weight decay needs them) from the rank holding them
-       to the block's owner. Under HSDP the source is the holder in the owner's replicate group.
-    2. direction rows (in ``communication_dtype``) from the owner to every rank holding those
-       rows (one per replicate group). Owners round their own rows through the same dtype, so
-       every holder of a row applies the same value.
+    1. gradient rows go from the rank holding them to the block's owner, by one
+       ``all_to_all_single`` inside the owner's replica group (the shard group): the holder in
+       the owner's own group is the source, so gradients never cross replica groups;
+    2. direction rows (``communication_dtype``) go from the owner to the holder of those rows
+       in its own group, by one more ``all_to_all_single`` over the shard group;
+    3. under HSDP only, every rank forwards the direction rows for its shard that its group
+       computed to the same shard's holders in the other groups, by one
+       ``all_gather_single`` over the replicate group: the work is split over all R x S ranks,
+       and each row crosses replica groups once.
 
-    gloo's all_to_all needs equal split sizes, so every (source, destination) chunk is padded to
-    the largest. Each rank derives every chunk's layout (which piece at which offset) from the
-    plan, in canonical order, so no sizes are exchanged. A status word ends each chunk of the
-    second call, for the same purpose as in DirectionExchange.
+    gloo needs equal split sizes, so chunks are padded to the largest pair; every rank derives
+    all layouts from the plan in canonical order, so no sizes are exchanged. Every direction
+    piece carries a flag (updated, or skipped for a non-finite gradient), and every chunk ends
+    with a status word: a failure anywhere reaches every rank (through steps 2 and 3) before
+    any rank applies anything. Values are rounded to ``communication_dtype`` before any rank,
+    the owner included, applies them, so replicas of a row stay identical.
     """
 
     def __init__(
@@ -143,6 +149,8 @@ class RowShardedExchange:
         plan: Plan,
         rank: int,
         coords: dict[int, tuple[int, int]],
+        shard_group,
+        replicate_group,
         dtype: torch.dtype,
         grad_dtype: torch.dtype,
         device: torch.device,
@@ -150,59 +158,67 @@ class RowShardedExchange:
         from .placement.sharding import block_pieces
 
         self.rank = rank
-        self.world = plan.world_size
-        self.dtype = dtype
-        self.grad_dtype = grad_dtype
-        self.device = device
+        self.replica, self.shard = coords[rank]
+        self.shard_group, self.replicate_group = shard_group, replicate_group
         holders = plan.shard_holders
-        # (group, param, block, piece, elements)
-        self.incoming: list[tuple] = []  # gradient pieces of my blocks: (src, offset, ...)
-        self.outgoing: list[tuple] = []  # gradient pieces I hold for others: (dst, offset, ...)
-        self.updates_out: list[tuple] = []  # direction pieces of my blocks: (dst, offset, ...)
-        self.updates_in: list[tuple] = []  # direction pieces for my rows: (src, offset, ...)
+        self.num_shards = len(holders)
+        self.num_replicas = len(holders[0]) if holders else 1
+        self.dtype, self.grad_dtype, self.device = dtype, grad_dtype, device
+        # Entries are (peer shard or replica index, offset, gi, pi, bid, piece, elements).
+        self.grad_in: list[tuple] = []  # gradient pieces of my blocks, from a holder
+        self.grad_out: list[tuple] = []  # gradient pieces I hold, for an owner
+        self.upd_out: list[tuple] = []  # direction pieces of my blocks, for a holder
+        self.upd_in: list[tuple] = []  # direction pieces of my rows, from an owner in my group
+        self.forward: list[tuple] = []  # (my offset, entry): pieces I forward to other groups
+        self.forwarded: list[tuple] = []  # (replica, offset, entry): pieces forwarded to me
         grad_used: dict[tuple[int, int], int] = {}
         upd_used: dict[tuple[int, int], int] = {}
-        self.params: set[tuple[int, int]] = set()
+        fwd_used: dict[tuple[int, int], int] = {}
         for gi, group in enumerate(plan.groups):
             for pi, blocking in enumerate(group.blockings):
                 sharding = group.spec.sharding(pi)
                 if sharding is None:
                     continue
-                self.params.add((gi, pi))
-                trailing = 1
-                for d in blocking.merged[1:]:
-                    trailing *= d
                 for bid, pieces in enumerate(block_pieces(blocking, sharding)):
                     owner = group.owners[pi][bid]
+                    q, ko = coords[owner]
                     cols = 1
                     for d in blocking.block_shape(bid)[1:]:
                         cols *= d
                     for piece in pieces:
                         n = piece.rows * cols
-                        src = holders[piece.shard][coords[owner][0]]
-                        off = grad_used.get((src, owner), 0)
-                        grad_used[(src, owner)] = off + n
                         entry = (gi, pi, bid, piece, n)
+                        holder = holders[piece.shard][q]  # in the owner's group
+                        off = grad_used.get((holder, owner), 0)
+                        grad_used[(holder, owner)] = off + n
                         if owner == rank:
-                            self.incoming.append((src, off, *entry))
-                        if src == rank:
-                            self.outgoing.append((owner, off, *entry))
-                        for dst in holders[piece.shard]:
-                            # One more element: 1 if the block was updated, 0 if skipped.
-                            off = upd_used.get((owner, dst), 0)
-                            upd_used[(owner, dst)] = off + n + 1
-                            if owner == rank:
-                                self.updates_out.append((dst, off, *entry))
-                            if dst == rank:
-                                self.updates_in.append((owner, off, *entry))
-        # Chunks to oneself are never sent: only pairs between different ranks set the size.
+                            self.grad_in.append((piece.shard, off, *entry))
+                        if holder == rank:
+                            self.grad_out.append((ko, off, *entry))
+                        # + 1 element: the block's updated flag.
+                        off = upd_used.get((owner, holder), 0)
+                        upd_used[(owner, holder)] = off + n + 1
+                        if owner == rank:
+                            self.upd_out.append((piece.shard, off, *entry))
+                        if holder == rank:
+                            self.upd_in.append((ko, off, *entry))
+                        off = fwd_used.get((q, piece.shard), 0)
+                        fwd_used[(q, piece.shard)] = off + n + 1
+                        if holder == rank:
+                            self.forward.append((off, *entry))
+                        elif piece.shard == self.shard:
+                            self.forwarded.append((q, off, *entry))
+        # Chunks to oneself are never sent: only pairs of different ranks set the sizes.
         self.grad_chunk = max([n for (a, b), n in grad_used.items() if a != b], default=0)
-        self.update_chunk = max([n for (a, b), n in upd_used.items() if a != b], default=0) + 1
+        self.upd_chunk = max([n for (a, b), n in upd_used.items() if a != b], default=0) + 1
+        self.fwd_chunk = max([n for (q, k), n in fwd_used.items() if k == self.shard], default=0) + 1
 
     def bytes_sent_per_step(self, with_weights: bool) -> int:
-        g = self.grad_chunk * (2 if with_weights else 1) * _itemsize(self.grad_dtype)
-        u = self.update_chunk * _itemsize(self.dtype)
-        return (self.world - 1) * (g + u)
+        grads = self.grad_chunk * (2 if with_weights else 1) * _itemsize(self.grad_dtype)
+        sent = (self.num_shards - 1) * (grads + self.upd_chunk * _itemsize(self.dtype))
+        if self.num_replicas > 1:
+            sent += (self.num_replicas - 1) * self.fwd_chunk * _itemsize(self.dtype)
+        return sent
 
     def collect(self, fetch_rows, store_rows, with_weights: bool) -> None:
         """Sends my gradient (and weight) rows to their blocks' owners; stores what I receive.
@@ -212,66 +228,84 @@ class RowShardedExchange:
         piece of one of my blocks into its stack.
         """
         chunk = self.grad_chunk * (2 if with_weights else 1)
-        send = torch.zeros(self.world, chunk, dtype=self.grad_dtype, device=self.device)
+        send = torch.zeros(self.num_shards, chunk, dtype=self.grad_dtype, device=self.device)
         sections = (False, True) if with_weights else (False,)
-        for dst, off, gi, pi, bid, piece, n in self.outgoing:
+        for peer, off, gi, pi, bid, piece, n in self.grad_out:
             for weights in sections:
                 rows = fetch_rows(gi, pi, bid, piece, weights)
                 if rows is None:
                     continue
-                if dst == self.rank:
+                if peer == self.shard:  # I own it: no need to send
                     store_rows(gi, pi, bid, piece, rows, weights)
                 else:
                     start = off + (self.grad_chunk if weights else 0)
-                    send[dst, start : start + n] = rows.reshape(-1)
+                    send[peer, start : start + n] = rows.reshape(-1)
         recv = self._all_to_all(send)
-        for src, off, gi, pi, bid, piece, n in self.incoming:
-            if src == self.rank:
+        for peer, off, gi, pi, bid, piece, n in self.grad_in:
+            if peer == self.shard:
                 continue
             for weights in sections:
                 start = off + (self.grad_chunk if weights else 0)
-                store_rows(gi, pi, bid, piece, recv[src, start : start + n], weights)
+                store_rows(gi, pi, bid, piece, recv[peer, start : start + n], weights)
 
-    def distribute(self, direction_rows, apply_rows, failed: bool) -> list[int]:
-        """Sends the direction rows of my blocks to the ranks holding them, applies those I
-        receive (and my own); returns the ranks that reported a failure (then nothing is
-        applied).
+    def distribute(self, direction_rows, apply_rows, failed: bool) -> bool:
+        """Delivers the direction rows of my blocks to every rank holding them and applies those
+        for my rows; returns whether any rank reported a failure (then nothing is applied).
 
         ``direction_rows(gi, pi, bid, piece)`` gives ``(rows, updated)`` or None when the
         parameter has no gradient; ``apply_rows(gi, pi, bid, piece, rows)`` is called for the
-        pieces of blocks that were updated (not skipped for a non-finite gradient).
+        pieces of my rows whose block was updated.
         """
-        send = torch.zeros(self.world, self.update_chunk, dtype=self.dtype, device=self.device)
+        send = torch.zeros(self.num_shards, self.upd_chunk, dtype=self.dtype, device=self.device)
         send[:, -1] = 1.0 if failed else 0.0
-        local = []
-        for dst, off, gi, pi, bid, piece, n in self.updates_out:
+        # The pieces of my own rows computed in my group: (gi, pi, bid) -> (piece, rows).
+        mine: dict[tuple[int, int, int], tuple] = {}
+        for peer, off, gi, pi, bid, piece, n in self.upd_out:
             got = direction_rows(gi, pi, bid, piece)
             if got is None:
                 continue
-            rows, updated = got
-            rows = rows.to(self.dtype)  # every holder applies the same rounded value
-            if dst == self.rank:
+            rows, updated = got[0].to(self.dtype).reshape(-1), got[1]
+            if peer == self.shard:
                 if updated:
-                    local.append((gi, pi, bid, piece, rows))
+                    mine[(gi, pi, bid)] = (piece, rows)
             else:
-                send[dst, off : off + n] = rows.reshape(-1)
-                send[dst, off + n] = 1.0 if updated else 0.0
+                send[peer, off : off + n] = rows
+                send[peer, off + n] = 1.0 if updated else 0.0
         recv = self._all_to_all(send)
-        failed_ranks = (recv[:, -1] != 0).nonzero().flatten().tolist()
-        if failed or failed_ranks:
-            return sorted(set(failed_ranks) | ({self.rank} if failed else set()))
-        for gi, pi, bid, piece, rows in local:
+        anyone_failed = failed or bool((recv[:, -1] != 0).any())
+        for peer, off, gi, pi, bid, piece, n in self.upd_in:
+            if peer != self.shard and recv[peer, off + n] != 0:
+                mine[(gi, pi, bid)] = (piece, recv[peer, off : off + n])
+        forwarded = None
+        if self.num_replicas > 1:
+            payload = torch.zeros(self.fwd_chunk, dtype=self.dtype, device=self.device)
+            payload[-1] = 1.0 if anyone_failed else 0.0
+            for off, gi, pi, bid, piece, n in self.forward:
+                got = mine.get((gi, pi, bid))
+                if got is not None:
+                    payload[off : off + n] = got[1]
+                    payload[off + n] = 1.0
+            forwarded = torch.empty(
+                self.num_replicas, self.fwd_chunk, dtype=self.dtype, device=self.device
+            )
+            dist.all_gather_single(forwarded.view(-1), payload, group=self.replicate_group)
+            anyone_failed = anyone_failed or bool((forwarded[:, -1] != 0).any())
+        if anyone_failed:
+            return True
+        for (gi, pi, bid), (piece, rows) in mine.items():
             apply_rows(gi, pi, bid, piece, rows)
-        for src, off, gi, pi, bid, piece, n in self.updates_in:
-            if src != self.rank and recv[src, off + n] != 0:
-                apply_rows(gi, pi, bid, piece, recv[src, off : off + n])
-        return []
+        if forwarded is not None:
+            for q, off, gi, pi, bid, piece, n in self.forwarded:
+                if q != self.replica and forwarded[q, off + n] != 0:
+                    apply_rows(gi, pi, bid, piece, forwarded[q, off : off + n])
+        return False
 
     def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send)
-        if send.shape[1] == 0:
+        if send.shape[1] == 0 or self.num_shards == 1:
+            recv.copy_(send)
             return recv
-        dist.all_to_all_single(recv.view(-1), send.view(-1))
+        dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.shard_group)
         return recv
 
 

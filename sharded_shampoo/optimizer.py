@@ -242,9 +242,11 @@ class ShardedShampoo(torch.optim.Optimizer):
                 for pi, dtype in enumerate(g.spec.dtypes):
                     if g.spec.sharding(pi) is not None:
                         grad_dtype = torch.promote_types(grad_dtype, dtype)
+            mesh = self._fsdp.mesh
             self._row_exchange = RowShardedExchange(
-                self._plan, self._rank, self._fsdp.coords, self._communication_dtype, grad_dtype,
-                device,
+                self._plan, self._rank, self._fsdp.coords,
+                mesh.get_group(mesh.ndim - 1), mesh.get_group(0) if mesh.ndim == 2 else None,
+                self._communication_dtype, grad_dtype, device,
             )
 
     def _device(self) -> torch.device:
@@ -428,15 +430,17 @@ class ShardedShampoo(torch.optim.Optimizer):
             self.param_groups[gi]["step"] += 1
         return loss
 
-    def _raise_if_failed(self, failed: list[int], error: str | None) -> None:
-        if failed:
-            raise RuntimeError(
-                error
-                if error is not None
-                else f"rank(s) {failed} could not compute the inverse roots of a block several "
-                "times in a row (their error names the block); parameters were not updated in "
-                "this step"
-            )
+    def _raise_if_failed(self, failed: list[int] | bool, error: str | None) -> None:
+        """Raises on every rank once any rank reported a failure in a collective's status."""
+        if not failed:
+            return
+        who = f"rank(s) {failed}" if isinstance(failed, list) else "another rank"
+        raise RuntimeError(
+            error
+            if error is not None
+            else f"{who} could not compute the inverse roots of a block several times in a "
+            "row (its error names the block); parameters were not updated in this step"
+        )
 
     def _band(self, gi: int, pi: int, t: torch.Tensor, bid: int, piece) -> torch.Tensor:
         """The rows ``piece`` of block ``bid`` in this rank's shard of ``t`` (a DTensor)."""

@@ -115,3 +115,52 @@ def fsdp(rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEP
         "bytes_sent": opt.bytes_sent_per_step(),
         "allgather_bytes": opt.direction_exchange.bytes_sent_per_step if opt.direction_exchange else 0,
     }
+
+
+def failures(rank, world, hsdp=True):
+    """Rank 0's roots always fail, and rank 1 sees a NaN gradient once: every rank must raise
+    together on the root failure (no hang), and the NaN must not reach any parameter."""
+    import warnings
+
+    import sharded_shampoo.roots as roots_module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_net()
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")) if hsdp else None
+    kwargs = {"mesh": mesh} if hsdp else {}
+    for name in ("inp", "squeeze", "expand", "out"):
+        fully_shard(getattr(model, name), **kwargs)
+    fully_shard(model, **kwargs)
+    opt = ShardedShampoo(
+        [p for p in model.parameters() if p.requires_grad],
+        **{**OPTIONS, "precondition_frequency": 2}, max_consecutive_root_failures=2,
+    )
+    original = roots_module.eigh
+    if rank == 0:
+        def broken(a):
+            raise torch.linalg.LinAlgError("injected failure")
+        roots_module.eigh = broken
+    outcome = "no error"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(12):
+                x, y = batch(step)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                if step == 1 and rank == 1:
+                    model.inp.weight.grad.to_local()[0, 0] = float("nan")
+                before = [p.to_local().clone() for p in model.parameters()]
+                try:
+                    opt.step()
+                except RuntimeError as e:
+                    unchanged = all(
+                        torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before)
+                    )
+                    outcome = f"step {step}: unchanged={unchanged}: {e}"
+                    break
+    finally:
+        roots_module.eigh = original
+    finite = all(torch.isfinite(p.to_local()).all().item() for p in model.parameters())
+    return outcome, finite

@@ -40,11 +40,12 @@ def world2():
 
 @pytest.fixture(scope="module")
 def world4():
-    names = ["fsdp", "hsdp", "mixed_precision"]
+    names = ["fsdp", "hsdp", "mixed_precision", "failures"]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"hsdp": True}),
         (fsdp_cases.fsdp, {"mixed_precision": True}),
+        (fsdp_cases.failures, {}),
     ]
     return dict(zip(names, run_cases(4, cases)))
 
@@ -95,3 +96,17 @@ def test_state_bytes_per_rank_fall(world4, reference):
 def test_weight_decay_placements_match_single_process(world2, variant):
     values = world2[variant].ok()
     check_against_reference(values, fsdp_cases.train_reference(**WEIGHT_DECAY_VARIANTS[variant]))
+
+
+def test_failures_under_hsdp_raise_everywhere_and_nan_stays_out(world4):
+    values = world4["failures"].ok()
+    steps = set()
+    for r, (outcome, finite) in enumerate(values):
+        assert finite, f"rank {r} has non-finite parameters"
+        assert "unchanged=True" in outcome, outcome
+        steps.add(outcome.split(":")[0])
+        if r == 0:
+            assert "failed 2 times in a row" in outcome, outcome
+        else:
+            assert "could not compute the inverse roots" in outcome, outcome
+    assert len(steps) == 1, steps  # every rank raised in the same step

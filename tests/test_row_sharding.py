@@ -1,0 +1,100 @@
+"""Row-sharded (FSDP2) geometry, and what the exchange sends, without processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharded_shampoo.blocking import make_blocking
+from sharded_shampoo.communication import RowShardedExchange
+from sharded_shampoo.options import DEFAULTS, GroupOptions
+from sharded_shampoo.placement import GroupSpec, Plan, RowSharding, band, block_pieces
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+
+def torch_chunk_rows(n0, shards):
+    """Rows per shard as FSDP2 lays them out (torch.chunk)."""
+    sizes = [c.shape[0] for c in torch.arange(n0).chunk(shards)] if n0 else []
+    return sizes + [0] * (shards - len(sizes))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple),
+    shards=st.integers(1, 6),
+    max_dim=st.integers(1, 20),
+    merge=st.booleans(),
+)
+def test_bands_and_pieces_tile_every_block(shape, shards, max_dim, merge):
+    b = make_blocking(shape, max_dim, merge)
+    sharding = RowSharding(shards)
+    bands = [band(b, sharding, k) for k in range(shards)]
+    # Bands are consecutive, cover merged dim 0, and match FSDP2's local sizes.
+    assert bands[0][0] == 0 and bands[-1][1] == b.merged[0]
+    for (lo, hi), (lo2, _) in zip(bands, bands[1:]):
+        assert hi == lo2
+    numel_per_row = torch.Size(b.merged[1:]).numel()
+    for (lo, hi), rows in zip(bands, torch_chunk_rows(shape[0], shards)):
+        assert (hi - lo) * numel_per_row == rows * torch.Size(shape[1:]).numel()
+    # Each block's pieces cover its rows once, in order, each inside its shard's band.
+    for bid, pieces in enumerate(block_pieces(b, sharding)):
+        rows = b.block_slices(bid)[0]
+        covered = 0
+        for piece in pieces:
+            assert piece.block_lo == covered
+            covered = piece.block_hi
+            lo, hi = bands[piece.shard]
+            assert lo + piece.band_lo == rows.start + piece.block_lo
+            assert lo + piece.band_hi <= hi
+        assert covered == rows.stop - rows.start
+
+
+def test_edge_cases_by_hand():
+    # 33 rows on 4 shards: 9, 9, 9, 6. One row: everything on shard 0. 3 rows on 4: one empty.
+    assert [band(make_blocking((33, 12), 8, True), RowSharding(4), k) for k in range(4)] == [
+        (0, 9), (9, 18), (18, 27), (27, 33)
+    ]
+    one_row = make_blocking((1, 33), 1024, True)  # merged (33,): the whole vector on shard 0
+    assert [band(one_row, RowSharding(2), k) for k in range(2)] == [(0, 33), (33, 33)]
+    few = make_blocking((3, 1), 1024, True)
+    assert [band(few, RowSharding(4), k) for k in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    # Merged leading dims: (4, 8, 16) -> (32, 16); 2 shards hold rows 0:2 and 2:4 of dim 0.
+    lead = make_blocking((4, 8, 16), 100, True)
+    assert lead.merged == (32, 16)
+    assert [band(lead, RowSharding(2), k) for k in range(2)] == [(0, 16), (16, 32)]
+
+
+def exchange_bytes(shapes, world, replicas=1, **options):
+    shards = world // replicas
+    holders = {k: tuple(q * shards + k for q in range(replicas)) for k in range(shards)}
+    coords = {q * shards + k: (q, k) for q in range(replicas) for k in range(shards)}
+    plan = Plan(world, holders)
+    plan.add_group(GroupSpec(
+        tuple(shapes), (torch.float32,) * len(shapes),
+        GroupOptions.from_group({**DEFAULTS, **options}),
+        tuple(RowSharding(shards) for _ in shapes),
+    ))
+    return [
+        RowShardedExchange(
+            plan, r, coords, None, None, torch.float32, torch.float32, torch.device("cpu")
+        )
+        for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize("world, replicas", [(2, 1), (4, 1), (8, 1), (4, 2)])
+def test_traffic_on_the_reference_model_within_budget(world, replicas):
+    """Bytes each rank sends per step (padding included) <= 2.2 x parameter bytes / world."""
+    from workloads import GPT, GPTConfig
+
+    shapes = [tuple(p.shape) for p in GPT(GPTConfig()).parameters()]
+    param_bytes = 4 * sum(torch.Size(s).numel() for s in shapes)
+    for ex in exchange_bytes(shapes, world, replicas):
+        sent = ex.bytes_sent_per_step(with_weights=False)
+        assert sent <= 2.2 * param_bytes / world, (sent / (param_bytes / world))
