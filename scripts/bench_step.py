@@ -107,8 +107,20 @@ def measure(rank: int, world: int, args) -> dict:
     torch.set_num_threads(args.threads)
     data = torch.randint(0, 256, (1_000_000,))  # timing only: content does not matter
     cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers)
-    wrap = (lambda m: DistributedDataParallel(m)) if world > 1 else (lambda m: m)
-    r = {"world": world, "threads": args.threads, "batch": args.batch, "context": args.context}
+    def wrap(m):
+        if world == 1:
+            return m
+        if args.parallelism == "ddp":
+            return DistributedDataParallel(m)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in m.blocks:
+            fully_shard(block)
+        fully_shard(m)
+        return m
+
+    r = {"world": world, "threads": args.threads, "batch": args.batch, "context": args.context,
+         "parallelism": args.parallelism if world > 1 else "none"}
 
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -143,7 +155,6 @@ def measure(rank: int, world: int, args) -> dict:
     med = statistics.median
     step_a = med(fb_a) + med(opt_a)
     step_s = med(fb_s) + med(opt_s) + amortized / args.precondition_frequency
-    exchange = shampoo.direction_exchange
     r.update(
         adamw_fwd_bwd_ms=med(fb_a) * 1e3,
         adamw_opt_ms=med(opt_a) * 1e3,
@@ -160,7 +171,7 @@ def measure(rank: int, world: int, args) -> dict:
         blocks_total=shampoo.plan.num_blocks,
         allgather_minimum_bytes=(world - 1) / world * r["params"]
         * torch.tensor([], dtype=getattr(torch, args.communication_dtype)).element_size(),
-        buffer_bytes_sent=exchange.bytes_sent_per_step if exchange else 0,
+        buffer_bytes_sent=shampoo.bytes_sent_per_step(),
     )
     if world > 1:
         r["measured_bytes_sent"] = optimizer_bytes_per_step(ddp, shampoo, data, args, gen, world)
@@ -182,12 +193,12 @@ def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
             json.dump(result, fh)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # see scripts/ddp_example.py: skip a teardown that can abort on gloo
+    os._exit(0)  # see scripts/distributed_example.py: skip a teardown that can abort on gloo
 
 
 def report(r: dict, args) -> None:
     w = r["world"]
-    print(f"world size {w}: GPT {args.layers} layers x {args.width} wide, {r['params']:,} "
+    print(f"world size {w} ({r['parallelism']}): GPT {args.layers} layers x {args.width} wide, {r['params']:,} "
           f"parameters; batch {args.batch} x {args.context} tokens per rank; "
           f"{r['threads']} thread(s) per rank")
     print(f"  {'':10s} {'fwd+bwd ms':>11s} {'opt ms':>8s}")
@@ -205,7 +216,8 @@ def report(r: dict, args) -> None:
         measured = r.get("measured_bytes_sent")
         m = f"{measured / 1e6:.2f} MB measured on loopback" if measured else "not measurable here"
         print(f"  bytes sent per rank per optimizer step: {m}; "
-              f"{r['buffer_bytes_sent'] / 1e6:.2f} MB of direction buffer; AllGather minimum "
+              f"{r['buffer_bytes_sent'] / 1e6:.2f} MB in the optimizer's buffers; parameter "
+              f"bytes / W: {4 * r['params'] / w / 1e6:.2f} MB; AllGather minimum "
               f"(W-1)/W x parameter bytes: {r['allgather_minimum_bytes'] / 1e6:.2f} MB")
 
 
@@ -222,6 +234,8 @@ def main() -> None:
     ap.add_argument("--communication-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1, help="per rank")
     ap.add_argument("--world-sizes", default="1", help="comma-separated, e.g. 1,2")
+    ap.add_argument("--parallelism", choices=["ddp", "fsdp2"], default="ddp",
+                    help="how ranks share the model when the world size is above 1")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 

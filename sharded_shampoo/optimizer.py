@@ -52,7 +52,7 @@ class _StackWork:
     grad: torch.Tensor
     param: torch.Tensor | None
     rows: torch.Tensor | None  # bool mask of the rows to update; None: all
-    finite: torch.Tensor
+    finite: torch.Tensor | None  # per row: gradient finite (set once gradients are in)
     active: list[bool]  # per parameter of the group: has a gradient
     direction: torch.Tensor | None = None
 
@@ -739,16 +739,7 @@ def _check_fsdp_param(p: torch.Tensor, layout: _FsdpLayout | None) -> None:
 
 
 def _device_type(params: list) -> str:
-    for item in params:
-        tensors = item["params"] if isinstance(item, dict) else [item]
-        if isinstance(tensors, torch.Tensor):
-            tensors = [tensors]
-        for t in tensors:
-            if isinstance(t, tuple):  # named parameters
-                t = t[1]
-            if isinstance(t, torch.Tensor):
-                return t.device.type
-    return "cpu"
+    return next((t.device.type for t in _iter_tensors(params)), "cpu")
 
 
 def _shard_mesh(mesh: Any, num_trainers_per_group: int | None, device_type: str):

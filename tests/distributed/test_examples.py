@@ -1,4 +1,4 @@
-"""The torchrun-launchable DDP example trains and keeps replicas identical."""
+"""The torchrun-launchable example trains under DDP, FSDP2 and HSDP and keeps replicas identical."""
 
 from __future__ import annotations
 
@@ -6,18 +6,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+TINY = ["--steps", "6", "--width", "32", "--layers", "1", "--context", "16",
+        "--precondition-frequency", "2", "--log-every", "3"]
 
 
-def test_ddp_example_under_torchrun():
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "ddp_example.py", "--steps", "6", "--width", "32", "--layers", "1", "--context", "16",
-         "--precondition-frequency", "2", "--log-every", "3"],
-        cwd=SCRIPTS, capture_output=True, text=True, timeout=240,
-    )
+def check_output(out, parallelism, world):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "replicas identical: True" in out.stdout, out.stdout
     losses = [float(l.split()[3]) for l in out.stdout.splitlines() if l.startswith("step")]
     assert len(losses) == 3 and all(0 < x < 6 for x in losses), out.stdout
-    assert "2 ranks; blocks owned per rank: [" in out.stdout, out.stdout
+    assert f"{parallelism}, {world} ranks; bytes sent per rank" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+def test_example_under_torchrun(parallelism):
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "distributed_example.py", "--parallelism", parallelism, *TINY],
+        cwd=SCRIPTS, capture_output=True, text=True, timeout=240,
+    )
+    check_output(out, parallelism, 2)
+
+
+def test_example_self_spawned_hsdp():
+    out = subprocess.run(
+        [sys.executable, "distributed_example.py", "--nproc", "4", "--parallelism", "hsdp", *TINY],
+        cwd=SCRIPTS, capture_output=True, text=True, timeout=240,
+    )
+    check_output(out, "hsdp", 4)

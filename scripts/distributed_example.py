@@ -1,10 +1,13 @@
-"""Data-parallel training with ShardedShampoo and DDP: each rank computes the Shampoo update of
-the blocks it owns, one AllGather per step shares them.
+"""Distributed training with ShardedShampoo under DDP, FSDP2 or HSDP.
+
+Each rank computes the Shampoo update of the blocks it owns: under DDP one AllGather per step
+shares the directions; under FSDP2/HSDP gradient rows travel to block owners and direction rows
+back to the ranks holding them (all_to_all), so nothing is ever gathered whole.
 
 Launch with torchrun:
-    torchrun --standalone --nproc-per-node 2 scripts/ddp_example.py --steps 100
+    torchrun --standalone --nproc-per-node 2 scripts/distributed_example.py --parallelism fsdp2
 or let the script start its own processes (gloo, CPU):
-    python scripts/ddp_example.py --nproc 2 --steps 100
+    python scripts/distributed_example.py --nproc 4 --parallelism hsdp
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     model = GPT(GPTConfig(context=args.context, width=args.width, layers=args.layers))
-    ddp = DistributedDataParallel(model)
+    ddp = wrap(model, args.parallelism, world)
     opt = ShardedShampoo(
         ddp.parameters(),
         lr=args.lr,
@@ -42,7 +45,8 @@ def train(args: argparse.Namespace) -> None:
     owned = [None] * world
     dist.all_gather_object(owned, (opt.owned_blocks(), opt.state_bytes() / 2**20))
     if rank == 0:  # one process prints: lines of several processes would interleave
-        print(f"{world} ranks; blocks owned per rank: {[o[0] for o in owned]} of "
+        print(f"{args.parallelism}, {world} ranks; bytes sent per rank per optimizer step: "
+              f"{opt.bytes_sent_per_step() / 1e6:.3f} MB; blocks owned per rank: {[o[0] for o in owned]} of "
               f"{opt.plan.num_blocks}; optimizer state per rank: "
               f"{', '.join(f'{o[1]:.1f}' for o in owned)} MiB", flush=True)
     train_data, _ = stdlib_text(2_000_000)
@@ -59,13 +63,34 @@ def train(args: argparse.Namespace) -> None:
         if rank == 0 and (step % args.log_every == 0 or step == 1):
             print(f"step {step:5d}  loss {mean.item() / world:.4f}  "
                   f"{(time.perf_counter() - start) / step * 1000:.0f} ms/step", flush=True)
-    # Replicas must agree exactly: compare a checksum of the parameters across ranks.
-    check = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+    # Replicas must agree exactly: compare a checksum of the (full) parameters across ranks.
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    check = torch.stack([p.detach().double().sum() for p in full]).sum().view(1)
     everyone = [torch.zeros_like(check) for _ in range(world)]
     dist.all_gather(everyone, check)
     if rank == 0:
         same = all(torch.equal(e, everyone[0]) for e in everyone)
         print(f"replicas identical: {same}", flush=True)
+
+
+def wrap(model: torch.nn.Module, parallelism: str, world: int) -> torch.nn.Module:
+    """DDP, or FSDP2 per transformer block and at the root (HSDP: 2 replica groups)."""
+    if parallelism == "ddp":
+        return DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {}
+    if parallelism == "hsdp":
+        if world % 2:
+            raise SystemExit("--parallelism hsdp needs an even number of processes")
+        kwargs["mesh"] = init_device_mesh(
+            "cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")
+        )
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def _finish() -> None:
@@ -95,6 +120,7 @@ def _spawned(rank: int, world: int, store: str, args: argparse.Namespace) -> Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2, help="processes to start when not under torchrun")
+    ap.add_argument("--parallelism", choices=["ddp", "fsdp2", "hsdp"], default="ddp")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8, help="per rank")
     ap.add_argument("--context", type=int, default=64)
