@@ -18,6 +18,7 @@ from .options import DEFAULTS, STRUCTURAL, GroupOptions
 from .communication import DirectionExchange, RowShardedExchange, check_plan_agreement
 from .placement import GroupSpec, Plan, RowSharding
 from .state import BlockStack, GroupBlocks, StatePool, pool_lengths
+from .state.record import encode_layout, layout_difference
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
@@ -173,6 +174,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._exchange: DirectionExchange | None = None
         self._blocks: list[GroupBlocks] = []
         self._pools: list[StatePool] = []
+        self._step_tensors: list[torch.Tensor] = []
         self._structure: list[tuple] = []
         self._buffers: dict[tuple[int, int, str], torch.Tensor] = {}
         self._built = False
@@ -216,8 +218,17 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._pools.append(pool)
         self._blocks.append(blocks)
         self._structure.append(opts.structure())
+        # Besides the views of the blocks this rank owns, every parameter's state holds its
+        # layout record and the group's step (one tensor shared by the group), on every rank:
+        # checkpoints then record both whoever owned what, and a regrouped load finds the step.
+        step = torch.zeros((), dtype=torch.int64)
+        self._step_tensors.append(step)
         for i, p in enumerate(params):
-            self.state[p] = blocks.block_views(i)
+            self.state[p] = {
+                **blocks.block_views(i),
+                "layout": encode_layout(blocks.blockings[i], opts),
+                "step": step,
+            }
         if self._built:
             self._after_plan_change()
 
@@ -428,6 +439,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                             )
         for gi in stepping:
             self.param_groups[gi]["step"] += 1
+            self._step_tensors[gi].fill_(self.param_groups[gi]["step"])
         return loss
 
     def _raise_if_failed(self, failed: list[int] | bool, error: str | None) -> None:
@@ -581,11 +593,16 @@ class ShardedShampoo(torch.optim.Optimizer):
         return total
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads state saved by :meth:`state_dict`.
+        """Loads state saved by ``state_dict`` (at any world size, in any mode).
 
-        Everything is checked before anything changes: the number of groups and parameters, the
-        structural options, and the name and shape of every state tensor. A mismatch raises
-        ValueError naming the first offending parameter.
+        Per parameter the state holds ``blocks.<id>.<name>`` for the blocks this rank owns
+        (views of the live state: ``state_dict`` copies nothing), ``layout`` (what the blocks
+        depend on, see ``state.record``) and ``step``.
+
+        Everything is checked before anything changes: the number of groups and parameters, each
+        parameter's layout record, the options that shape the state, and the name and shape of
+        every state tensor. A mismatch raises ValueError naming the first offending parameter;
+        every rank holds every parameter's record, so every rank raises.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -606,9 +623,30 @@ class ShardedShampoo(torch.optim.Optimizer):
                     f"param group {gi}: the state dict has {len(saved['params'])} parameters, "
                     f"this optimizer has {len(group['params'])}"
                 )
-            if "step" not in saved:
-                raise ValueError(f"param group {gi}: the state dict has no 'step'")
             options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            current = GroupOptions.from_group(group)
+            steps = set()
+            for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+                theirs = saved_state.get(pid, {})
+                name = self._param_name(gi, pi)
+                if "layout" not in theirs or "step" not in theirs:
+                    raise ValueError(
+                        f"the state dict has no layout record for {name}: it was not saved by "
+                        "ShardedShampoo (or by an older version)"
+                    )
+                diff = layout_difference(
+                    theirs["layout"], encode_layout(self._blocks[gi].blockings[pi], current)
+                )
+                if diff is not None:
+                    raise ValueError(
+                        f"the state of {name} does not fit this optimizer: {diff}. Load it into "
+                        "an optimizer built with the same model and options."
+                    )
+                steps.add(int(theirs["step"]))
+            if "step" not in options:  # a regrouped load: take the step from the parameters
+                if len(steps) != 1:
+                    raise ValueError(f"param group {gi}: its parameters were saved at steps {steps}")
+                options["step"] = steps.pop()
             candidate = {**group, **options}
             try:
                 opts = GroupOptions.from_group(candidate)
@@ -622,8 +660,8 @@ class ShardedShampoo(torch.optim.Optimizer):
                 )
             new_options.append(options)
             for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
-                mine = self.state[p]
-                theirs = saved_state.get(pid, {})
+                mine = {k: v for k, v in self.state[p].items() if k not in ("layout", "step")}
+                theirs = {k: v for k, v in saved_state[pid].items() if k not in ("layout", "step")}
                 name = self._param_name(gi, pi)
                 if set(mine) != set(theirs):
                     missing = sorted(set(mine) - set(theirs))[:3]
@@ -641,9 +679,11 @@ class ShardedShampoo(torch.optim.Optimizer):
                         )
                     copies.append((t, src))
         for dst, src in copies:
-            dst.copy_(src)
-        for group, options in zip(self.param_groups, new_options):
+            if dst.data_ptr() != src.data_ptr():  # DCP may have loaded into the live views
+                dst.copy_(src)
+        for gi, (group, options) in enumerate(zip(self.param_groups, new_options)):
             group.update(options)
+            self._step_tensors[gi].fill_(group["step"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

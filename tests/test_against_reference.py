@@ -143,4 +143,5 @@ def test_parameter_without_gradient_is_untouched():
         opt.step()
     assert torch.equal(q, q_before)
     for k, v in opt.state[q].items():
-        assert torch.equal(v, state_before[k]), k
+        if k != "step":  # the group's step count, shared by its parameters
+            assert torch.equal(v, state_before[k]), k

@@ -84,7 +84,13 @@ def test_state_dict_names_blocks_of_full_parameters():
     sd = opt.state_dict()
     # Linear(144, 20): weight (20, 144) cut into rows 16 + 4 and columns 9 x 16: 18 blocks.
     linear_weight = sd["state"][2]
-    assert sorted({k.split(".")[1] for k in linear_weight}, key=int) == [str(i) for i in range(18)]
+    blocks = {k.split(".")[1] for k in linear_weight if k.startswith("blocks.")}
+    assert sorted(blocks, key=int) == [str(i) for i in range(18)]
+    # Every parameter carries its layout record and step, whoever owns its blocks.
+    assert set(linear_weight) - {k for k in linear_weight if k.startswith("blocks.")} == {
+        "layout", "step"
+    }
+    assert int(linear_weight["step"]) == 1
     assert linear_weight["blocks.0.factor_0"].shape == (16, 16)
     assert linear_weight["blocks.17.factor_0"].shape == (4, 4)
     assert linear_weight["blocks.17.factor_1"].shape == (16, 16)
@@ -98,7 +104,17 @@ def test_loading_a_mismatched_state_dict_raises_and_changes_nothing():
     before = copy.deepcopy(opt.state_dict())
 
     other = ShardedShampoo(make_model().parameters(), **{**OPTS, "max_preconditioner_dim": 8})
-    with pytest.raises(ValueError, match="max_preconditioner_dim"):
+    with pytest.raises(
+        ValueError,
+        match=r"state of param_groups\[0\]\['params'\]\[0\] .* max_preconditioner_dim: 8 saved, 16 here",
+    ):
+        opt.load_state_dict(other.state_dict())
+    other = ShardedShampoo(make_model().parameters(), **{**OPTS, "grafting": "sgd"})
+    with pytest.raises(ValueError, match="grafting: sgd saved, adam here"):
+        opt.load_state_dict(other.state_dict())
+    smaller = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3))
+    other = ShardedShampoo(smaller.parameters(), **OPTS)
+    with pytest.raises(ValueError, match="2 parameters, this optimizer has 6"):
         opt.load_state_dict(other.state_dict())
 
     bad = copy.deepcopy(opt.state_dict())

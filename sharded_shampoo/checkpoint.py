@@ -1,0 +1,152 @@
+"""Distributed checkpoints of a model and its ShardedShampoo, through torch.distributed.checkpoint.
+
+A checkpoint holds the model's state dict and the optimizer's, as ``get_model_state_dict`` and
+``get_optimizer_state_dict`` give them (flattened): parameter FQNs and blocks of the full
+parameter shapes, never ranks, so it loads at any world size and in any mode (one process, DDP,
+FSDP2, HSDP). Each rank writes only the blocks it owns; nothing is gathered.
+
+A directory becomes a checkpoint only when ``COMPLETE`` appears in it, written after every
+rank finished ``dcp.save``: a process killed while saving leaves a directory without it, which
+``load_checkpoint`` refuses and ``latest_checkpoint`` skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .state.record import RECORD_SIZE, layout_difference
+
+__all__ = [
+    "IncompleteCheckpointError",
+    "is_complete",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "step_directory",
+]
+
+MARKER = "COMPLETE"
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """The directory is not a complete checkpoint (its save was interrupted, or it is not one)."""
+
+
+def step_directory(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step:08d}")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def save_checkpoint(
+    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None
+) -> None:
+    """Saves model and optimizer state (and ``extra``, small picklable values) to ``path``.
+
+    Collective: every rank calls it. ``path`` is marked complete after every rank is done.
+    """
+    state: dict[str, Any] = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
+    }
+    if extra:
+        state["extra"] = dict(extra)
+    dcp.save(state, checkpoint_id=path)
+    if _distributed():
+        dist.barrier()
+    if not _distributed() or dist.get_rank() == 0:
+        tmp = os.path.join(path, MARKER + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"extra": {k: v for k, v in (extra or {}).items()}}, fh, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(path, MARKER))
+    if _distributed():
+        dist.barrier()
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(
+        os.path.join(path, ".metadata")
+    )
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete ``step-NNNNNNNN`` directory under ``root``, or None."""
+    if not os.path.isdir(root):
+        return None
+    found = []
+    for name in os.listdir(root):
+        m = re.fullmatch(r"step-(\d+)", name)
+        if m and is_complete(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(
+    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None
+) -> dict:
+    """Loads ``path`` into ``model`` and ``optimizer`` (built as for saving, at any world size
+    and in any mode); returns the saved ``extra`` (give the keys to read, with defaults).
+
+    Collective. Checks first, on every rank alike, that the checkpoint is complete and that
+    each parameter's layout record matches this optimizer; a mismatch raises before any state
+    changes, naming the first parameter that differs.
+    """
+    if not is_complete(path):
+        raise IncompleteCheckpointError(
+            f"{path} is not a complete checkpoint (no {MARKER} marker or no .metadata): its save "
+            "was interrupted, or it is not a checkpoint. Use latest_checkpoint(root) to find "
+            "the newest complete one."
+        )
+    osd = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
+    records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".layout")}
+    _check_layouts(path, records)
+    state: dict[str, Any] = {"model": get_model_state_dict(model), "optim": osd}
+    if extra:
+        state["extra"] = dict(extra)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
+    return state.get("extra", {})
+
+
+def _check_layouts(path: str, records: dict[str, torch.Tensor]) -> None:
+    """Loads only the saved layout records and compares them with ours. Every rank holds every
+    parameter's record, so every rank reaches the same verdict: no rank is left waiting."""
+    missing = -2
+    saved = {k: torch.full((RECORD_SIZE,), missing, dtype=torch.int64) for k in records}
+    dcp.load(
+        {"optim": saved}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True)
+    )
+    for key in sorted(records):
+        fqn = key[len("state.") : -len(".layout")]
+        if bool((saved[key] == missing).all()):
+            raise ValueError(
+                f"the checkpoint at {path} has no ShardedShampoo state for parameter {fqn!r}: "
+                "it was saved from another model or another optimizer"
+            )
+        diff = layout_difference(saved[key], records[key])
+        if diff is not None:
+            raise ValueError(
+                f"the checkpoint at {path} does not fit parameter {fqn!r}: {diff}. Build the "
+                "model and optimizer as they were when it was saved."
+            )

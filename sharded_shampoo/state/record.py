@@ -1,0 +1,77 @@
+"""What a checkpoint records of how a parameter's state is laid out, as a fixed-size tensor.
+
+Every rank presents this record for every parameter (it is replicated, so DCP writes it once),
+whoever owns the blocks. On load it is compared with the current optimizer's before any state
+changes, so a checkpoint from another model or another blocking is refused with a message that
+names the parameter and what differs. A fixed size keeps the record loadable whatever it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blocking import ParamBlocking
+from ..options import GRAFTING_TYPES, GroupOptions
+
+__all__ = ["RECORD_SIZE", "encode_layout", "layout_difference"]
+
+RECORD_SIZE = 32
+_VERSION = 1
+_MAX_DIMS = 8
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FIELDS = (
+    "version", "numel", "shape", "merged shape", "max_preconditioner_dim", "merge_dims",
+    "factor_dtype", "grafting", "betas[0] > 0", "momentum > 0", "blocks",
+)
+
+
+def _dims(shape: tuple[int, ...]) -> list[int]:
+    dims = list(shape[:_MAX_DIMS])
+    return [len(shape)] + dims + [-1] * (_MAX_DIMS - len(dims))
+
+
+def encode_layout(blocking: ParamBlocking, opts: GroupOptions) -> torch.Tensor:
+    grafting = -1 if opts.grafting is None else GRAFTING_TYPES.index(opts.grafting)
+    values = [
+        _VERSION,
+        blocking.numel,
+        *_dims(blocking.shape),
+        *_dims(blocking.merged),
+        opts.max_preconditioner_dim,
+        int(opts.merge_dims),
+        _DTYPES.index(opts.factor_dtype),
+        grafting,
+        int(opts.beta1 > 0),
+        int(opts.momentum > 0),
+        blocking.num_blocks,
+    ]
+    values += [-1] * (RECORD_SIZE - len(values))
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _decode(record: torch.Tensor) -> dict[str, object]:
+    v = [int(x) for x in record.tolist()]
+    shape = tuple(v[3 : 3 + v[2]]) if v[2] <= _MAX_DIMS else ("...",)
+    base = 2 + 1 + _MAX_DIMS
+    merged = tuple(v[base + 1 : base + 1 + v[base]])
+    rest = v[base + 1 + _MAX_DIMS :]
+    grafting = None if rest[3] == -1 else GRAFTING_TYPES[rest[3]]
+    return dict(zip(_FIELDS, (
+        v[0], v[1], shape, merged, rest[0], bool(rest[1]), _DTYPES[rest[2]], grafting,
+        bool(rest[4]), bool(rest[5]), rest[6],
+    )))
+
+
+def layout_difference(saved: torch.Tensor, current: torch.Tensor) -> str | None:
+    """None when the records agree, else what differs, e.g. ``max_preconditioner_dim: 8 saved,
+    16 here``."""
+    if tuple(saved.shape) != (RECORD_SIZE,):
+        return f"the saved layout record has shape {tuple(saved.shape)}, not ({RECORD_SIZE},)"
+    if torch.equal(saved.to(torch.int64), current):
+        return None
+    try:
+        a, b = _decode(saved.to(torch.int64)), _decode(current)
+    except (IndexError, ValueError):
+        return "the saved layout record is not one this version can read"
+    diffs = [f"{k}: {a[k]} saved, {b[k]} here" for k in _FIELDS if a[k] != b[k]]
+    return "; ".join(diffs) or "the layout records differ"
