@@ -4,6 +4,9 @@ Each rank computes the Shampoo update of the blocks it owns: under DDP one AllGa
 shares the directions; under FSDP2/HSDP gradient rows travel to block owners and direction rows
 back to the ranks holding them (all_to_all), so nothing is ever gathered whole.
 
+Checkpoints (DCP) every K steps with --checkpoint-dir DIR --checkpoint-every K; --resume continues
+from the newest complete one, at any world size and in any mode.
+
 Launch with torchrun:
     torchrun --standalone --nproc-per-node 2 scripts/distributed_example.py --parallelism fsdp2
 or let the script start its own processes (gloo, CPU):
@@ -25,6 +28,12 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    step_directory,
+)
 from workloads import GPT, GPTConfig, lm_batch, stdlib_text
 
 
@@ -49,10 +58,19 @@ def train(args: argparse.Namespace) -> None:
               f"{opt.bytes_sent_per_step() / 1e6:.3f} MB; blocks owned per rank: {[o[0] for o in owned]} of "
               f"{opt.plan.num_blocks}; optimizer state per rank: "
               f"{', '.join(f'{o[1]:.1f}' for o in owned)} MiB", flush=True)
+    first = 1
+    if args.resume and args.checkpoint_dir:
+        path = latest_checkpoint(args.checkpoint_dir)
+        if path is not None:
+            first = load_checkpoint(path, ddp, opt, extra={"step": 0})["step"] + 1
+            if rank == 0:
+                print(f"resumed from {path}", flush=True)
     train_data, _ = stdlib_text(2_000_000)
-    gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # a different batch on each rank
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
+    for step in range(first, args.steps + 1):
+        # A different batch on each rank, fixed by (seed, rank, step): a resumed run sees the
+        # same batches as one that never stopped.
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + rank * 10_007 + step)
         x, y = lm_batch(train_data, args.batch, args.context, gen)
         opt.zero_grad(set_to_none=True)
         loss = ddp(x, y)
@@ -60,9 +78,12 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)  # for the log only
-        if rank == 0 and (step % args.log_every == 0 or step == 1):
-            print(f"step {step:5d}  loss {mean.item() / world:.4f}  "
-                  f"{(time.perf_counter() - start) / step * 1000:.0f} ms/step", flush=True)
+        if rank == 0 and (step % args.log_every == 0 or step == first):
+            print(f"step {step:5d}  loss {mean.item() / world:.6f}  "
+                  f"{(time.perf_counter() - start) / (step - first + 1) * 1000:.0f} ms/step",
+                  flush=True)
+        if args.checkpoint_dir and args.checkpoint_every and step % args.checkpoint_every == 0:
+            save_checkpoint(step_directory(args.checkpoint_dir, step), ddp, opt, extra={"step": step})
     # Replicas must agree exactly: compare a checksum of the (full) parameters across ranks.
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     check = torch.stack([p.detach().double().sum() for p in full]).sum().view(1)
@@ -131,6 +152,10 @@ def main() -> None:
     ap.add_argument("--bf16-communication", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--checkpoint-dir", default="", help="save checkpoints under this directory")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest complete checkpoint in --checkpoint-dir")
     args = ap.parse_args()
     if "RANK" in os.environ:  # torchrun
         torch.set_num_threads(1)

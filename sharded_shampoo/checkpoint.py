@@ -41,7 +41,10 @@ __all__ = [
 ]
 
 MARKER = "COMPLETE"
-_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _options(flatten: bool) -> StateDictOptions:
+    return StateDictOptions(flatten_optimizer_state_dict=flatten)
 
 
 class IncompleteCheckpointError(RuntimeError):
@@ -57,19 +60,24 @@ def _distributed() -> bool:
 
 
 def save_checkpoint(
-    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict | None = None,
+    flatten: bool = True,
 ) -> None:
     """Saves model and optimizer state (and ``extra``, small picklable values) to ``path``.
 
     Collective: every rank calls it. ``path`` is marked complete after every rank is done.
+    ``flatten`` is ``flatten_optimizer_state_dict``; a checkpoint loads with the same setting.
     """
     state: dict[str, Any] = {
         "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIONS),
+        "optim": get_optimizer_state_dict(model, optimizer, options=_options(flatten)),
     }
     if extra:
         state["extra"] = dict(extra)
-    dcp.save(state, checkpoint_id=path)
+    dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
     if _distributed():
         dist.barrier()
     if not _distributed() or dist.get_rank() == 0:
@@ -102,7 +110,11 @@ def latest_checkpoint(root: str) -> str | None:
 
 
 def load_checkpoint(
-    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict | None = None,
+    flatten: bool = True,
 ) -> dict:
     """Loads ``path`` into ``model`` and ``optimizer`` (built as for saving, at any world size
     and in any mode); returns the saved ``extra`` (give the keys to read, with defaults).
@@ -117,15 +129,18 @@ def load_checkpoint(
             "was interrupted, or it is not a checkpoint. Use latest_checkpoint(root) to find "
             "the newest complete one."
         )
-    osd = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
-    records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".layout")}
+    osd = get_optimizer_state_dict(model, optimizer, options=_options(flatten))
+    if flatten:
+        records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".layout")}
+    else:
+        records = {f"state.{fqn}.layout": s["layout"] for fqn, s in osd["state"].items()}
     _check_layouts(path, records)
     state: dict[str, Any] = {"model": get_model_state_dict(model), "optim": osd}
     if extra:
         state["extra"] = dict(extra)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=_options(flatten))
     return state.get("extra", {})
 
 
@@ -135,7 +150,10 @@ def _check_layouts(path: str, records: dict[str, torch.Tensor]) -> None:
     missing = -2
     saved = {k: torch.full((RECORD_SIZE,), missing, dtype=torch.int64) for k in records}
     dcp.load(
-        {"optim": saved}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True)
+        {"optim": saved},
+        checkpoint_id=path,
+        planner=DefaultLoadPlanner(allow_partial_load=True),
+        no_dist=not _distributed(),
     )
     for key in sorted(records):
         fqn = key[len("state.") : -len(".layout")]

@@ -57,21 +57,25 @@ def full_params(model):
     ]
 
 
-def save(rank, world, mode, root):
+def save(rank, world, mode, root, flatten=True):
     """An uninterrupted run of FIRST + THEN steps, and a run saved after FIRST steps."""
     model, wrapped, opt = build(mode, world)
     losses = train(model, wrapped, opt, 0, FIRST + THEN, rank, world)
     uninterrupted = {"params": full_params(model), "losses": losses[FIRST:]}
     model, wrapped, opt = build(mode, world)
     train(model, wrapped, opt, 0, FIRST, rank, world)
-    save_checkpoint(os.path.join(root, f"{mode}{world}"), wrapped, opt, extra={"step": FIRST})
+    name = f"{mode}{world}" + ("" if flatten else "-nested")
+    save_checkpoint(os.path.join(root, name), wrapped, opt, extra={"step": FIRST}, flatten=flatten)
     return uninterrupted
 
 
 def resume(rank, world, mode, root, source):
     """Loads the checkpoint ``source`` and trains THEN more steps."""
     model, wrapped, opt = build(mode, world)
-    extra = load_checkpoint(os.path.join(root, source), wrapped, opt, extra={"step": -1})
+    flatten = not source.endswith("-nested")
+    extra = load_checkpoint(
+        os.path.join(root, source), wrapped, opt, extra={"step": -1}, flatten=flatten
+    )
     assert extra["step"] == FIRST, extra
     assert all(g["step"] == FIRST for g in opt.param_groups)
     losses = train(model, wrapped, opt, FIRST, THEN, rank, world)

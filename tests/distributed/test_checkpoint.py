@@ -23,8 +23,9 @@ SAVES = {2: ["ddp", "fsdp"], 4: ["fsdp", "hsdp"]}
 # (world, mode, source checkpoint): the same world size and mode resume exactly; the others
 # reshard (saved at 1, 2, 4; loaded at 1, 2, 3, 4) and cross modes.
 LOADS = {
-    2: [("ddp", "ddp2"), ("fsdp", "fsdp2"), ("ddp", "single1"), ("fsdp", "fsdp4")],
-    3: [("fsdp", "ddp2"), ("ddp", "single1"), ("ddp", "fsdp4")],
+    2: [("ddp", "ddp2"), ("fsdp", "fsdp2"), ("ddp", "single1"), ("fsdp", "fsdp4"),
+        ("fsdp", "fsdp2-nested")],
+    3: [("fsdp", "ddp2"), ("ddp", "single1"), ("ddp", "fsdp4"), ("ddp", "fsdp2-nested")],
     4: [("fsdp", "fsdp4"), ("hsdp", "hsdp4"), ("ddp", "hsdp4"), ("fsdp", "ddp2"),
         ("hsdp", "single1")],
 }
@@ -40,9 +41,14 @@ def saved(root):
     """Checkpoints at 1, 2 and 4 ranks, with each mode's uninterrupted run."""
     out = {"single1": [ckpt_cases.save(0, 1, "single", root)]}
     for world, modes in SAVES.items():
-        results = run_cases(world, [(ckpt_cases.save, {"mode": m, "root": root}) for m in modes])
+        cases = [(ckpt_cases.save, {"mode": m, "root": root}) for m in modes]
+        if world == 2:  # also with flatten_optimizer_state_dict off
+            cases.append((ckpt_cases.save, {"mode": "fsdp", "root": root, "flatten": False}))
+        results = run_cases(world, cases)
         for mode, res in zip(modes, results):
             out[f"{mode}{world}"] = res.ok()  # per rank
+        if world == 2:
+            out["fsdp2-nested"] = results[-1].ok()
     return out
 
 
@@ -68,7 +74,8 @@ def reference():
     return params
 
 
-SAME = [("ddp2", "ddp2"), ("fsdp2", "fsdp2"), ("fsdp4", "fsdp4"), ("hsdp4", "hsdp4")]
+SAME = [("ddp2", "ddp2"), ("fsdp2", "fsdp2"), ("fsdp4", "fsdp4"), ("hsdp4", "hsdp4"),
+        ("fsdp2", "fsdp2-nested")]
 
 
 @pytest.mark.parametrize("target, source", SAME)
@@ -88,7 +95,7 @@ def test_resume_in_one_process_is_bitwise(root, saved):
 
 
 RESHARDED = [(k, s) for w, loads in LOADS.items() for m, s in loads
-             if (k := f"{m}{w}") != s]
+             if (k := f"{m}{w}") != s.removesuffix("-nested")]
 
 
 @pytest.mark.parametrize("target, source", RESHARDED)

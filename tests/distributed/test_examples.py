@@ -37,3 +37,29 @@ def test_example_self_spawned_hsdp():
         cwd=SCRIPTS, capture_output=True, text=True, timeout=240,
     )
     check_output(out, "hsdp", 4)
+
+
+def test_example_checkpoints_and_resumes_exactly(tmp_path):
+    """Stop after 4 steps (checkpoints at 2 and 4), resume to 6: steps 5 and 6 log the same
+    losses as a run that never stopped. Then resume the same checkpoint under FSDP2."""
+
+    def run(ckpt, steps, *extra, parallelism="ddp"):
+        out = subprocess.run(
+            [sys.executable, "distributed_example.py", "--nproc", "2", "--parallelism",
+             parallelism, "--steps", str(steps), "--width", "32", "--layers", "1", "--context",
+             "16", "--precondition-frequency", "2", "--log-every", "1", "--checkpoint-dir",
+             str(ckpt), "--checkpoint-every", "2", *extra],
+            cwd=SCRIPTS, capture_output=True, text=True, timeout=240,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {int(l.split()[1]): l.split()[3] for l in out.stdout.splitlines()
+                if l.startswith("step")}, out.stdout
+
+    whole, _ = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 4)
+    resumed, stdout = run(tmp_path / "b", 6, "--resume")
+    assert "resumed from" in stdout and "step-00000004" in stdout, stdout
+    assert sorted(resumed) == [5, 6]
+    assert resumed == {5: whole[5], 6: whole[6]}
+    resharded, stdout = run(tmp_path / "b", 8, "--resume", parallelism="fsdp2")
+    assert "step-00000006" in stdout and sorted(resharded) == [7, 8], stdout
