@@ -1,101 +1,348 @@
-"""Train a small byte-level GPT on the Python standard library's source with ShardedShampoo and
-AdamW, one process, and print how both fare.
+"""The main job: train a real model with ShardedShampoo and AdamW on several processes.
 
-    python scripts/train.py                 # both optimizers, defaults
-    python scripts/train.py --optimizer shampoo --steps 300
+Workloads (nothing is downloaded):
+  lm      a byte-level GPT on the Python standard library's own source, split by file
+  digits  a small ConvNet on scikit-learn's bundled 8x8 digits, with a held-out split
+
+Each optimizer of the run trains the same model from the same seed; per step the script logs
+train loss, learning rate and step time (JSON lines), evaluates on the validation split every
+--eval-every steps, checkpoints through DCP every --checkpoint-every steps (--resume continues
+bitwise from the newest complete checkpoint), and ends with a PNG of train and validation loss
+against steps and wall-clock, and a summary table.
+
+    python scripts/train.py                                   # lm, shampoo and adamw, 2 processes, DDP
+    python scripts/train.py --workload digits --parallelism fsdp2
+    torchrun --standalone --nproc-per-node 2 scripts/train.py --parallelism hsdp
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
+import os
+import sys
+import tempfile
+import threading
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    step_directory,
+)
 from workloads import GPT, GPTConfig, lm_batch, param_count, stdlib_text
+
+# ---------------------------------------------------------------- workloads
+
+
+class DigitsNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.head = torch.nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = torch.nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return torch.nn.functional.cross_entropy(self.head(h.flatten(1)), y)
+
+
+class Workload:
+    """A model factory, the data, and batches fixed by (seed, rank, step)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        if args.workload == "lm":
+            self.train_data, self.val_data = stdlib_text(args.data_bytes)
+        else:
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+            y = torch.tensor(digits.target, dtype=torch.long)
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+            split = int(0.8 * len(y))
+            self.train_data = (x[order[:split]], y[order[:split]])
+            self.val_data = (x[order[split:]], y[order[split:]])
+
+    def model(self) -> torch.nn.Module:
+        torch.manual_seed(self.args.seed)
+        if self.args.workload == "lm":
+            a = self.args
+            return GPT(GPTConfig(context=a.context, width=a.width, layers=a.layers, heads=a.heads))
+        return DigitsNet()
+
+    def batch(self, split: str, rank: int, step: int):
+        data = self.train_data if split == "train" else self.val_data
+        gen = torch.Generator().manual_seed(
+            self.args.seed * 1_000_003 + rank * 10_007 + step + (0 if split == "train" else 7**9)
+        )
+        if self.args.workload == "lm":
+            return lm_batch(data, self.args.batch, self.args.context, gen)
+        idx = torch.randint(0, len(data[1]), (self.args.batch,), generator=gen)
+        return data[0][idx], data[1][idx]
+
+
+# ---------------------------------------------------------------- one rank
+
+
+def wrap(model: torch.nn.Module, parallelism: str, world: int) -> torch.nn.Module:
+    if parallelism in ("none", "ddp"):
+        return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {}
+    if parallelism == "hsdp":
+        if world % 2:
+            raise SystemExit("--parallelism hsdp needs an even number of processes")
+        kwargs["mesh"] = init_device_mesh(
+            "cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")
+        )
+    for layer in getattr(model, "blocks", []):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
+    params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=args.adamw_lr, weight_decay=args.weight_decay), args.adamw_lr
     return ShardedShampoo(
-        model.parameters(),
+        params,
         lr=args.shampoo_lr,
-        betas=(0.9, 0.999),
-        epsilon=1e-10,
+        betas=(0.9, args.beta2),
+        epsilon=args.epsilon,
         weight_decay=args.weight_decay,
         max_preconditioner_dim=args.max_preconditioner_dim,
         precondition_frequency=args.precondition_frequency,
         start_preconditioning_step=args.precondition_frequency,
-        grafting="adam",
-    )
+        grafting=args.grafting,
+    ), args.shampoo_lr
+
+
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up then cosine decay; a function of the step, so resuming needs no state."""
+    warm = min(1.0, step / max(1, args.warmup))
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+
+
+def mean_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
 
 
 @torch.no_grad()
-def evaluate(model, data, args) -> float:
-    gen = torch.Generator().manual_seed(1234)
-    losses = [model(*lm_batch(data, args.batch, args.context, gen)).item() for _ in range(8)]
-    return sum(losses) / len(losses)
+def evaluate(model, workload: Workload, rank: int, batches: int) -> float:
+    losses = [model(*workload.batch("val", rank, i)).item() for i in range(batches)]
+    return mean_over_ranks(sum(losses) / len(losses))
 
 
-def run(name: str, args, train_data, val_data) -> dict:
-    torch.manual_seed(args.seed)
-    cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers, heads=args.heads)
-    model = GPT(cfg)
-    opt = make_optimizer(name, model, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
-    )
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        x, y = lm_batch(train_data, args.batch, args.context, gen)
+def train_one(name: str, args: argparse.Namespace, workload: Workload, rank: int, world: int) -> None:
+    model = wrap(workload.model(), args.parallelism, world)
+    opt, base_lr = make_optimizer(name, model, args)
+    log_path = os.path.join(args.out_dir, f"{name}.jsonl")
+    ckpt_root = os.path.join(args.out_dir, "checkpoints", name)
+    first, wall = 1, 0.0
+    if args.resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is not None:
+            extra = load_checkpoint(path, model, opt, extra={"step": 0, "wall": 0.0})
+            first, wall = extra["step"] + 1, extra["wall"]
+            if rank == 0:
+                print(f"{name}: resumed from {path}", flush=True)
+    if rank == 0:
+        # Keep the log of the steps the checkpoint covers; drop what came after it.
+        kept = []
+        if first > 1 and os.path.exists(log_path):
+            with open(log_path) as fh:
+                kept = [line for line in fh if json.loads(line)["step"] < first]
+        with open(log_path, "w") as fh:
+            fh.writelines(kept)
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())  # not tqdm's multiprocessing lock: nothing to leak
+        bar = tqdm(total=args.steps, initial=first - 1, desc=name, file=sys.stdout, leave=True)
+    last = min(args.steps, args.stop_after or args.steps)
+    for step in range(first, last + 1):
+        for group in opt.param_groups:
+            group["lr"] = base_lr * lr_factor(step, args)
+        t0 = time.perf_counter()
+        x, y = workload.batch("train", rank, step)
         opt.zero_grad(set_to_none=True)
         loss = model(x, y)
         loss.backward()
         opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == 1:
-            print(f"  {name:8s} step {step:5d}  loss {loss.item():.4f}  "
-                  f"{(time.perf_counter() - start) / step * 1000:.0f} ms/step", flush=True)
-    wall = time.perf_counter() - start
-    return {"optimizer": name, "train_loss": loss.item(), "val_loss": evaluate(model, val_data, args),
-            "seconds": wall, "params": param_count(model)}
+        dt = time.perf_counter() - t0
+        wall += dt
+        row = {"step": step, "loss": mean_over_ranks(loss.item()), "lr": opt.param_groups[0]["lr"],
+               "step_time": dt, "wall": wall}
+        if step % args.eval_every == 0 or step == last:
+            row["val_loss"] = evaluate(model, workload, rank, args.eval_batches)
+        if rank == 0:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", ms=f"{dt * 1000:.0f}")
+                bar.update(1)
+            elif args.print_losses:
+                print(f"{name} step {step} loss {row['loss']:.6f}", flush=True)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            save_checkpoint(step_directory(ckpt_root, step), model, opt,
+                            extra={"step": step, "wall": wall})
+    if bar is not None:
+        bar.close()
+
+
+def run_rank(args: argparse.Namespace) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workload = Workload(args)
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(f"{args.workload}: {param_count(workload.model()):,} parameters; {world} "
+              f"process(es), parallelism {args.parallelism}; logs in {args.out_dir}", flush=True)
+    for name in optimizers(args):
+        train_one(name, args, workload, rank, world)
+    if rank == 0:
+        report(args)
+
+
+def optimizers(args: argparse.Namespace) -> list[str]:
+    return ["shampoo", "adamw"] if args.optimizer == "both" else [args.optimizer]
+
+
+# ---------------------------------------------------------------- report
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def report(args: argparse.Namespace) -> None:
+    logs = {n: read_log(os.path.join(args.out_dir, f"{n}.jsonl")) for n in optimizers(args)}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in logs.items():
+        for ax, x in zip(axes, ("step", "wall")):
+            ax.plot([r[x] for r in rows], [r["loss"] for r in rows], alpha=0.4, label=f"{name} train")
+            val = [r for r in rows if "val_loss" in r]
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], marker="o", label=f"{name} validation")
+    for ax, label in zip(axes, ("step", "wall-clock seconds (training)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{args.workload}: ShardedShampoo and AdamW ({args.parallelism})")
+    fig.tight_layout()
+    png = os.path.join(args.out_dir, "loss.png")
+    fig.savefig(png, dpi=100)
+    print(f"\n{'optimizer':10s} {'steps':>6s} {'train loss':>11s} {'val loss':>9s} "
+          f"{'ms/step':>8s} {'seconds':>8s}")
+    for name, rows in logs.items():
+        last = rows[-1]
+        val = [r["val_loss"] for r in rows if "val_loss" in r]
+        ms = 1000 * sum(r["step_time"] for r in rows) / len(rows)
+        print(f"{name:10s} {last['step']:6d} {last['loss']:11.4f} {val[-1] if val else float('nan'):9.4f} "
+              f"{ms:8.1f} {last['wall']:8.1f}")
+    print(f"plot: {png}")
+
+
+# ---------------------------------------------------------------- launch
+
+
+def _spawned(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads or 1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    run_rank(args)
+    _finish()
+
+
+def _finish() -> None:
+    # See scripts/distributed_example.py: leave without the interpreter teardown that can abort
+    # on gloo once all work is done.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["lm", "digits"], default="lm")
     ap.add_argument("--optimizer", choices=["shampoo", "adamw", "both"], default="both")
+    ap.add_argument("--nproc", type=int, default=2, help="processes to start (not under torchrun)")
+    ap.add_argument("--parallelism", choices=["none", "ddp", "fsdp2", "hsdp"], default="ddp")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="per process")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--data-bytes", type=int, default=8_000_000)
     ap.add_argument("--shampoo-lr", type=float, default=3e-3)
     ap.add_argument("--adamw-lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--beta2", type=float, default=0.999)
+    ap.add_argument("--epsilon", type=float, default=1e-10)
+    ap.add_argument("--grafting", default="adam")
     ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
     ap.add_argument("--precondition-frequency", type=int, default=20)
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--out-dir", default="", help="logs, plot and checkpoints (default runs/WORKLOAD)")
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="0: no checkpoints")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoints")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this step, as an interrupted job would (the schedule still "
+                    "spans --steps)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--print-losses", action="store_true", help="with --no-progress: a line per step")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    train_data, val_data = stdlib_text()
-    print(f"data: {train_data.numel():,} train bytes, {val_data.numel():,} validation bytes "
-          "(Python standard library source)")
-    names = ["shampoo", "adamw"] if args.optimizer == "both" else [args.optimizer]
-    results = [run(n, args, train_data, val_data) for n in names]
-    print(f"\n{'optimizer':10s} {'params':>9s} {'train loss':>11s} {'val loss':>9s} {'seconds':>8s}")
-    for r in results:
-        print(f"{r['optimizer']:10s} {r['params']:9,d} {r['train_loss']:11.4f} "
-              f"{r['val_loss']:9.4f} {r['seconds']:8.1f}")
+    args.out_dir = args.out_dir or os.path.join("runs", args.workload)
+    if args.workload == "digits" and args.batch == 16:
+        args.batch = 32
+    if "RANK" in os.environ:  # torchrun
+        torch.set_num_threads(args.threads or 1)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+        run_rank(args)
+        _finish()
+    elif args.parallelism == "none" or args.nproc == 1:
+        args.parallelism = "none"
+        run_rank(args)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(_spawned, args=(args.nproc, os.path.join(tmp, "store"), args),
+                               nprocs=args.nproc, start_method="spawn")
 
 
 if __name__ == "__main__":
