@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh machine: sets up .venv (see setup_env.sh), then trains a small
-# byte-level GPT with ShardedShampoo and AdamW. Extra arguments go to scripts/train.py.
+# byte-level GPT with ShardedShampoo and AdamW on 2 processes (DDP). Extra arguments go to
+# scripts/train.py (--help lists them).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=$(bash scripts/setup_env.sh)

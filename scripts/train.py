@@ -245,11 +245,13 @@ def report(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in logs.items():
+    for color, (name, rows) in zip(("tab:blue", "tab:red", "tab:green"), logs.items()):
         for ax, x in zip(axes, ("step", "wall")):
-            ax.plot([r[x] for r in rows], [r["loss"] for r in rows], alpha=0.4, label=f"{name} train")
+            ax.plot([r[x] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.3,
+                    label=f"{name} train")
             val = [r for r in rows if "val_loss" in r]
-            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], marker="o", label=f"{name} validation")
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, marker="o",
+                    label=f"{name} validation")
     for ax, label in zip(axes, ("step", "wall-clock seconds (training)")):
         ax.set_xlabel(label)
         ax.set_ylabel("loss")

@@ -18,14 +18,18 @@ def run(*args: str) -> str:
     return out.stdout
 
 
-def test_train_demo_runs_both_optimizers():
+def test_train_demo_runs_both_optimizers(tmp_path):
     out = run("train.py", "--steps", "4", "--width", "32", "--layers", "1", "--context", "16",
-              "--batch", "4", "--precondition-frequency", "2", "--log-every", "2", "--threads", "1")
+              "--batch", "4", "--precondition-frequency", "2", "--parallelism", "none",
+              "--threads", "1", "--data-bytes", "300000", "--eval-every", "2",
+              "--out-dir", str(tmp_path), "--checkpoint-every", "0")
     lines = [line.split() for line in out.splitlines() if line.startswith(("shampoo ", "adamw "))]
     assert [l[0] for l in lines] == ["shampoo", "adamw"]
     for l in lines:
-        train_loss, val_loss = float(l[2]), float(l[3])
+        steps, train_loss, val_loss = int(l[1]), float(l[2]), float(l[3])
+        assert steps == 4
         assert 0 < train_loss < 6 and 0 < val_loss < 6  # byte-level: ln(256) = 5.5 at the start
+    assert (tmp_path / "loss.png").exists()
 
 
 def test_bench_step_reports_its_figures(tmp_path):
