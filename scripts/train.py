@@ -295,7 +295,7 @@ def _finish() -> None:
     os._exit(0)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["lm", "digits"], default="lm")
     ap.add_argument("--optimizer", choices=["shampoo", "adamw", "both"], default="both")
@@ -329,10 +329,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--print-losses", action="store_true", help="with --no-progress: a line per step")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", args.workload)
     if args.workload == "digits" and args.batch == 16:
         args.batch = 32
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if "RANK" in os.environ:  # torchrun
         torch.set_num_threads(args.threads or 1)
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))

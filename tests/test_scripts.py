@@ -44,3 +44,12 @@ def test_bench_step_reports_its_figures(tmp_path):
     assert one["blocks_owned"] == one["blocks_total"] == two["blocks_total"] > two["blocks_owned"]
     # What the AllGather moves, measured on loopback, is at least its theoretical minimum.
     assert two["measured_bytes_sent"] >= two["allgather_minimum_bytes"]
+
+
+def test_bench_converge_reports_steps_to_target(tmp_path):
+    run("bench_converge.py", "--workloads", "digits", "--steps", "10", "--eval-every", "5",
+        "--grid", "0.003", "--threads", "1", "--out-dir", str(tmp_path))
+    r = json.loads((tmp_path / "converge.json").read_text())["digits"]
+    assert r["adamw"]["steps_to_target"] == 10  # AdamW reaches its own final loss at the end
+    assert r["adamw"]["final_val_loss"] == r["target_val_loss"]
+    assert (tmp_path / "digits.png").exists()

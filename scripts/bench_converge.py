@@ -1,0 +1,127 @@
+"""Convergence: steps and wall-clock ShardedShampoo needs to reach AdamW's final validation loss.
+
+For each workload, both optimizers get the same step budget and the same small learning-rate
+grid; the best learning rate of each (lowest final validation loss) is kept. The target is
+tuned AdamW's final validation loss; the script reports the first evaluation step (and the
+training wall-clock) at which each optimizer's validation loss is at or below it, the ratio
+Shampoo / AdamW (goal: <= 0.7 in steps), a JSON file and a plot. One process.
+
+    python scripts/bench_converge.py [--workloads lm,digits] [--out-dir runs/converge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import train
+
+GRID = (1e-3, 3e-3, 1e-2)
+STEPS = {"lm": 300, "digits": 200}
+
+
+def run(workload: str, name: str, lr: float, args) -> list[dict]:
+    argv = ["--workload", workload, "--optimizer", name, "--parallelism", "none",
+            "--steps", str(args.steps or STEPS[workload]), "--eval-every", str(args.eval_every),
+            "--checkpoint-every", "0", "--no-progress", "--threads", str(args.threads),
+            f"--{name}-lr", str(lr), "--out-dir",
+            os.path.join(args.out_dir, workload, f"{name}-lr{lr:g}"), *args.extra]
+    targs = train.parse_args(argv)
+    os.makedirs(targs.out_dir, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    train.train_one(name, targs, train.Workload(targs), rank=0, world=1)
+    return train.read_log(os.path.join(targs.out_dir, f"{name}.jsonl"))
+
+
+def first_reaching(rows: list[dict], target: float) -> dict | None:
+    for r in rows:
+        if "val_loss" in r and r["val_loss"] <= target:
+            return r
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="lm,digits")
+    ap.add_argument("--steps", type=int, default=0, help="0: per-workload default")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grid", default=",".join(f"{g:g}" for g in GRID))
+    ap.add_argument("--out-dir", default=os.path.join("runs", "converge"))
+    ap.add_argument("extra", nargs="*", help="more train.py arguments, after --")
+    args = ap.parse_args()
+    grid = [float(g) for g in args.grid.split(",")]
+    summary = {}
+    for workload in args.workloads.split(","):
+        tuned = {}
+        for name in ("adamw", "shampoo"):
+            runs = {lr: run(workload, name, lr, args) for lr in grid}
+            finals = {lr: rows[-1]["val_loss"] for lr, rows in runs.items()}
+            best = min(finals, key=finals.get)
+            tuned[name] = {"lr": best, "rows": runs[best], "finals": finals}
+            print(f"{workload} {name}: final validation loss by lr "
+                  + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in finals.items()), flush=True)
+        target = tuned["adamw"]["rows"][-1]["val_loss"]
+        result = {"target_val_loss": target}
+        for name, t in tuned.items():
+            hit = first_reaching(t["rows"], target)
+            result[name] = {
+                "lr": t["lr"], "final_val_loss": t["rows"][-1]["val_loss"],
+                "steps_to_target": hit["step"] if hit else None,
+                "seconds_to_target": hit["wall"] if hit else None,
+                "ms_per_step": 1000 * t["rows"][-1]["wall"] / len(t["rows"]),
+            }
+        a, s = result["adamw"], result["shampoo"]
+        if s["steps_to_target"]:
+            result["step_ratio"] = s["steps_to_target"] / a["steps_to_target"]
+            result["time_ratio"] = s["seconds_to_target"] / a["seconds_to_target"]
+        summary[workload] = result
+        plot(workload, tuned, target, args.out_dir)
+    print(f"\n{'workload':9s} {'optimizer':9s} {'lr':>7s} {'final val':>10s} {'steps to':>9s} "
+          f"{'s to':>7s} {'ms/step':>8s}   (target: tuned AdamW's final validation loss)")
+    for workload, r in summary.items():
+        for name in ("adamw", "shampoo"):
+            x = r[name]
+            steps = x["steps_to_target"] or float("nan")
+            secs = x["seconds_to_target"] or float("nan")
+            print(f"{workload:9s} {name:9s} {x['lr']:7g} {x['final_val_loss']:10.4f} "
+                  f"{steps:9} {secs:7.1f} {x['ms_per_step']:8.1f}")
+        if "step_ratio" in r:
+            verdict = "meets" if r["step_ratio"] <= 0.7 else "misses"
+            print(f"{workload:9s} Shampoo / AdamW: {r['step_ratio']:.2f} x the steps ({verdict} the "
+                  f"0.7 goal), {r['time_ratio']:.2f} x the wall-clock")
+        else:
+            print(f"{workload:9s} Shampoo did not reach the target within the budget")
+    with open(os.path.join(args.out_dir, "converge.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+
+
+def plot(workload: str, tuned: dict, target: float, out_dir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for color, (name, t) in zip(("tab:red", "tab:blue"), tuned.items()):
+        val = [r for r in t["rows"] if "val_loss" in r]
+        for ax, x in zip(axes, ("step", "wall")):
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, marker="o",
+                    label=f"{name} (lr {t['lr']:g})")
+    for ax, label in zip(axes, ("step", "wall-clock seconds")):
+        ax.axhline(target, color="gray", linestyle="--", label="AdamW's final")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{workload}: tuned AdamW and ShardedShampoo")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{workload}.png"), dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
