@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .functional import stack_step
 from .options import DEFAULTS, STRUCTURAL, GroupOptions
 from .communication import DirectionExchange, RowShardedExchange, check_plan_agreement
+from .parallelism import (
+    check_fsdp_param,
+    device_type,
+    fsdp_layout,
+    is_dtensor,
+    shard_mesh,
+    weight_decay_place,
+)
 from .placement import GroupSpec, Plan, RowSharding
 from .state import BlockStack, GroupBlocks, StatePool, pool_lengths
 from .state.record import encode_layout, layout_difference
@@ -157,13 +164,13 @@ class ShardedShampoo(torch.optim.Optimizer):
                 f"torch.float16, torch.float64, got {communication_dtype!r}"
             )
         params = list(params)
-        self._fsdp = _fsdp_layout(params)
+        self._fsdp = fsdp_layout(params)
         if self._fsdp is not None and (mesh is not None or num_trainers_per_group is not None):
             raise ValueError(
                 "with FSDP2/HSDP (DTensor) parameters the optimizer shards over the whole "
                 "world: mesh and num_trainers_per_group must be left at None"
             )
-        self._mesh = _shard_mesh(mesh, num_trainers_per_group, _device_type(params))
+        self._mesh = shard_mesh(mesh, num_trainers_per_group, device_type(params))
         self._rank = self._mesh.get_local_rank() if self._mesh is not None else 0
         self._plan = Plan(
             self._mesh.size() if self._mesh is not None else 1,
@@ -196,8 +203,8 @@ class ShardedShampoo(torch.optim.Optimizer):
                     raise ValueError(
                         f"ShardedShampoo supports real floating-point parameters, got {p.dtype}"
                     )
-                if _is_dtensor(p):
-                    _check_fsdp_param(p, self._fsdp)
+                if is_dtensor(p):
+                    check_fsdp_param(p, self._fsdp)
             if len(devices) > 1:
                 raise ValueError(f"all parameters of a group must be on one device, got {devices}")
         except ValueError as e:
@@ -206,7 +213,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         group["step"] = 0
         params = group["params"]
         shardings = tuple(
-            RowSharding(self._fsdp.num_shards) if _is_dtensor(p) else None for p in params
+            RowSharding(self._fsdp.num_shards) if is_dtensor(p) else None for p in params
         )
         spec = GroupSpec(
             tuple(tuple(p.shape) for p in params), tuple(p.dtype for p in params), opts, shardings
@@ -348,7 +355,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 device = stack.state.device
                 g = self._buffer((gi, si, "grad"), shape, stack.dtype, device)
                 stack_opts = opts
-                if stack.layout.row_sharded and _weight_decay_place(opts) in (
+                if stack.layout.row_sharded and weight_decay_place(opts) in (
                     "holder-grad", "holder-step"
                 ):
                     # The rows' holders apply weight decay (see _weight_decay_place).
@@ -475,7 +482,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 return self._band(gi, pi, p, bid, piece)
             rows = self._band(gi, pi, p.grad, bid, piece)
             opts = options[gi]
-            if _weight_decay_place(opts) == "holder-grad":  # L2: G + wd W, elementwise
+            if weight_decay_place(opts) == "holder-grad":  # L2: G + wd W, elementwise
                 rows = rows + opts.weight_decay * self._band(gi, pi, p, bid, piece)
             return rows
 
@@ -489,7 +496,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 target.copy_(rows.view(target.shape))
 
         with_weights = any(
-            gi in stepping and _weight_decay_place(options[gi]) == "owner"
+            gi in stepping and weight_decay_place(options[gi]) == "owner"
             for gi, g in enumerate(self._plan.groups)
             if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
         )
@@ -513,7 +520,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         dst = self._band(gi, pi, group["params"][pi], bid, piece)
         d = rows.reshape(dst.shape).to(dst.dtype)
         opts = options[gi]
-        if _weight_decay_place(opts) == "holder-step":  # W <- W - lr (D + wd W)
+        if weight_decay_place(opts) == "holder-step":  # W <- W - lr (D + wd W)
             d = d + opts.weight_decay * dst
         dst.add_(d, alpha=-group["lr"])
 
@@ -585,7 +592,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         total = self._exchange.bytes_sent_per_step if self._exchange is not None else 0
         if self._row_exchange is not None:
             with_weights = any(
-                _weight_decay_place(self._options(gi)) == "owner"
+                weight_decay_place(self._options(gi)) == "owner"
                 for gi, g in enumerate(self._plan.groups)
                 if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
             )
@@ -686,125 +693,3 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._step_tensors[gi].fill_(group["step"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def _weight_decay_place(opts: GroupOptions) -> str:
-    """Where weight decay of a row-sharded parameter is applied, so that weight rows travel
-    only when they must.
-
-    ``holder-grad``: L2 (``G + wd W`` is elementwise) by the rank holding the rows, before they
-    are sent. ``holder-step``: decoupled without momentum (``W - lr (D + wd W)``) by the holder
-    when it applies the direction. ``owner``: decoupled with momentum, which feeds ``D + wd W``
-    into the owner's momentum buffer, so the owner needs the weight rows.
-    """
-    if opts.weight_decay == 0:
-        return "none"
-    if not opts.decoupled_weight_decay:
-        return "holder-grad"
-    return "holder-step" if opts.momentum == 0 else "owner"
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-@dataclass(frozen=True)
-class _FsdpLayout:
-    """How FSDP2/HSDP spreads row shards over the world: ``coords[rank] = (replica, shard)``,
-    ``holders[shard]`` = the ranks holding that shard, one per replica group."""
-
-    mesh: Any
-    num_shards: int
-    coords: dict[int, tuple[int, int]]
-    holders: dict[int, tuple[int, ...]]
-
-
-def _iter_tensors(params: list):
-    for item in params:
-        tensors = item["params"] if isinstance(item, dict) else [item]
-        if isinstance(tensors, torch.Tensor):
-            tensors = [tensors]
-        for t in tensors:
-            if isinstance(t, tuple):  # named parameters
-                t = t[1]
-            if isinstance(t, torch.Tensor):
-                yield t
-
-
-def _fsdp_layout(params: list) -> _FsdpLayout | None:
-    """The row-sharding layout of the DTensor parameters, or None when there are none."""
-    mesh = None
-    for t in _iter_tensors(params):
-        if _is_dtensor(t):
-            mesh = t.device_mesh
-            break
-    if mesh is None:
-        return None
-    if not dist.is_initialized():
-        raise ValueError("DTensor parameters need an initialized process group")
-    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]) if mesh.ndim <= 2 else None
-    if ranks is None:
-        raise ValueError(f"FSDP2/HSDP meshes have 1 or 2 dims, got {mesh.ndim}")
-    world = dist.get_world_size()
-    if sorted(ranks.flatten().tolist()) != list(range(world)):
-        raise ValueError(
-            "the FSDP2/HSDP mesh must span the whole world (ranks 0..world_size-1); "
-            f"got {mesh.mesh.tolist()}"
-        )
-    coords, holders = {}, {}
-    for q, row in enumerate(ranks.tolist()):
-        for k, r in enumerate(row):
-            coords[r] = (q, k)
-            holders[k] = holders.get(k, ()) + (r,)
-    layout = _FsdpLayout(mesh, ranks.shape[1], coords, holders)
-    for t in _iter_tensors(params):
-        if _is_dtensor(t):
-            _check_fsdp_param(t, layout)
-    return layout
-
-
-def _check_fsdp_param(p: torch.Tensor, layout: _FsdpLayout | None) -> None:
-    from torch.distributed.tensor import Replicate, Shard
-
-    if layout is None:
-        raise ValueError("DTensor parameters must be passed when the optimizer is built")
-    expected = (Shard(0),) if layout.mesh.ndim == 1 else (Replicate(), Shard(0))
-    if p.device_mesh != layout.mesh or tuple(p.placements) != expected:
-        raise ValueError(
-            "DTensor parameters must be FSDP2 (Shard(0)) or HSDP (Replicate(), Shard(0)) "
-            f"shards on one mesh; got {tuple(p.placements)} on {p.device_mesh}"
-        )
-
-
-def _device_type(params: list) -> str:
-    return next((t.device.type for t in _iter_tensors(params)), "cpu")
-
-
-def _shard_mesh(mesh: Any, num_trainers_per_group: int | None, device_type: str):
-    """The 1-D DeviceMesh blocks are sharded over, or None to compute everything locally."""
-    if mesh is not None:
-        if num_trainers_per_group is not None:
-            raise ValueError("pass either mesh or num_trainers_per_group, not both")
-        if mesh.ndim != 1:
-            raise ValueError(f"mesh must be a 1-D DeviceMesh, got {mesh.ndim} dims")
-        return mesh if mesh.size() > 1 else None
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    k = world if num_trainers_per_group is None else num_trainers_per_group
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= world or world % k:
-        raise ValueError(
-            f"num_trainers_per_group must be an int dividing the world size {world}, got "
-            f"{num_trainers_per_group!r}"
-        )
-    if k == 1:
-        return None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if k == world:
-        return init_device_mesh(device_type, (world,))
-    mesh2d = init_device_mesh(
-        device_type, (world // k, k), mesh_dim_names=("replicate", "shard")
-    )
-    return mesh2d["shard"]

@@ -1,0 +1,148 @@
+"""How the parameters are spread over processes, read from the parameters and the process group.
+
+Plain parameters with a process group of more than one rank are sharded by block over a 1-D
+mesh (DDP style); DTensor parameters are FSDP2 (``Shard(0)``) or HSDP
+(``(Replicate(), Shard(0))``) row shards, and their mesh says which rank holds which rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .options import GroupOptions
+
+__all__ = [
+    "FsdpLayout",
+    "check_fsdp_param",
+    "device_type",
+    "fsdp_layout",
+    "is_dtensor",
+    "shard_mesh",
+    "weight_decay_place",
+]
+
+
+def weight_decay_place(opts: GroupOptions) -> str:
+    """Where weight decay of a row-sharded parameter is applied, so that weight rows travel
+    only when they must.
+
+    ``holder-grad``: L2 (``G + wd W`` is elementwise) by the rank holding the rows, before they
+    are sent. ``holder-step``: decoupled without momentum (``W - lr (D + wd W)``) by the holder
+    when it applies the direction. ``owner``: decoupled with momentum, which feeds ``D + wd W``
+    into the owner's momentum buffer, so the owner needs the weight rows.
+    """
+    if opts.weight_decay == 0:
+        return "none"
+    if not opts.decoupled_weight_decay:
+        return "holder-grad"
+    return "holder-step" if opts.momentum == 0 else "owner"
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+@dataclass(frozen=True)
+class FsdpLayout:
+    """How FSDP2/HSDP spreads row shards over the world: ``coords[rank] = (replica, shard)``,
+    ``holders[shard]`` = the ranks holding that shard, one per replica group."""
+
+    mesh: Any
+    num_shards: int
+    coords: dict[int, tuple[int, int]]
+    holders: dict[int, tuple[int, ...]]
+
+
+def iter_tensors(params: list):
+    for item in params:
+        tensors = item["params"] if isinstance(item, dict) else [item]
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        for t in tensors:
+            if isinstance(t, tuple):  # named parameters
+                t = t[1]
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def fsdp_layout(params: list) -> FsdpLayout | None:
+    """The row-sharding layout of the DTensor parameters, or None when there are none."""
+    mesh = None
+    for t in iter_tensors(params):
+        if is_dtensor(t):
+            mesh = t.device_mesh
+            break
+    if mesh is None:
+        return None
+    if not dist.is_initialized():
+        raise ValueError("DTensor parameters need an initialized process group")
+    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]) if mesh.ndim <= 2 else None
+    if ranks is None:
+        raise ValueError(f"FSDP2/HSDP meshes have 1 or 2 dims, got {mesh.ndim}")
+    world = dist.get_world_size()
+    if sorted(ranks.flatten().tolist()) != list(range(world)):
+        raise ValueError(
+            "the FSDP2/HSDP mesh must span the whole world (ranks 0..world_size-1); "
+            f"got {mesh.mesh.tolist()}"
+        )
+    coords, holders = {}, {}
+    for q, row in enumerate(ranks.tolist()):
+        for k, r in enumerate(row):
+            coords[r] = (q, k)
+            holders[k] = holders.get(k, ()) + (r,)
+    layout = FsdpLayout(mesh, ranks.shape[1], coords, holders)
+    for t in iter_tensors(params):
+        if is_dtensor(t):
+            check_fsdp_param(t, layout)
+    return layout
+
+
+def check_fsdp_param(p: torch.Tensor, layout: FsdpLayout | None) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
+    if layout is None:
+        raise ValueError("DTensor parameters must be passed when the optimizer is built")
+    expected = (Shard(0),) if layout.mesh.ndim == 1 else (Replicate(), Shard(0))
+    if p.device_mesh != layout.mesh or tuple(p.placements) != expected:
+        raise ValueError(
+            "DTensor parameters must be FSDP2 (Shard(0)) or HSDP (Replicate(), Shard(0)) "
+            f"shards on one mesh; got {tuple(p.placements)} on {p.device_mesh}"
+        )
+
+
+def device_type(params: list) -> str:
+    return next((t.device.type for t in iter_tensors(params)), "cpu")
+
+
+def shard_mesh(mesh: Any, num_trainers_per_group: int | None, device_type: str):
+    """The 1-D DeviceMesh blocks are sharded over, or None to compute everything locally."""
+    if mesh is not None:
+        if num_trainers_per_group is not None:
+            raise ValueError("pass either mesh or num_trainers_per_group, not both")
+        if mesh.ndim != 1:
+            raise ValueError(f"mesh must be a 1-D DeviceMesh, got {mesh.ndim} dims")
+        return mesh if mesh.size() > 1 else None
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    k = world if num_trainers_per_group is None else num_trainers_per_group
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= world or world % k:
+        raise ValueError(
+            f"num_trainers_per_group must be an int dividing the world size {world}, got "
+            f"{num_trainers_per_group!r}"
+        )
+    if k == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if k == world:
+        return init_device_mesh(device_type, (world,))
+    mesh2d = init_device_mesh(
+        device_type, (world // k, k), mesh_dim_names=("replicate", "shard")
+    )
+    return mesh2d["shard"]
