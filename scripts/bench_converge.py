@@ -20,7 +20,7 @@ import torch
 
 import train
 
-GRID = (1e-3, 3e-3, 1e-2)
+GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 STEPS = {"lm": 300, "digits": 200}
 
 

@@ -100,6 +100,32 @@ def optimizer_bytes_per_step(model, opt, data, args, gen, world) -> float | None
     return total / steps / world
 
 
+OTHERS = (  # (package, class names tried in order): other Shampoo/SOAP implementations
+    ("pytorch_optimizer", ("Shampoo", "SOAP")),
+    ("heavyball", ("SOAP", "Shampoo", "ForeachSOAP")),
+)
+
+
+def other_optimizers(model: torch.nn.Module):
+    """(label, optimizer) for each other implementation installed; none are dependencies."""
+    import importlib
+
+    for package, names in OTHERS:
+        try:
+            module = importlib.import_module(package)
+        except Exception:  # absent, or broken against this torch
+            print(f"  {package}: not installed, skipped")
+            continue
+        for name in names:
+            cls = getattr(module, name, None)
+            if cls is None:
+                continue
+            try:
+                yield f"{package}.{name}", cls(model.parameters(), lr=1e-4)
+            except Exception as e:  # an API this script does not know
+                print(f"  {package}.{name}: could not be built ({type(e).__name__}: {e})")
+
+
 def measure(rank: int, world: int, args) -> dict:
     """Runs AdamW and ShardedShampoo on this rank (DDP when world > 1); rank 0's figures."""
     from torch.nn.parallel import DistributedDataParallel
@@ -175,6 +201,13 @@ def measure(rank: int, world: int, args) -> dict:
     )
     if world > 1:
         r["measured_bytes_sent"] = optimizer_bytes_per_step(ddp, shampoo, data, args, gen, world)
+    elif not args.no_others:
+        r["others_opt_ms"] = {}
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        for label, opt in other_optimizers(model):
+            _, times = time_steps(model, opt, data, args, torch.Generator().manual_seed(0))
+            r["others_opt_ms"][label] = med(times) * 1e3
     return r
 
 
@@ -210,6 +243,8 @@ def report(r: dict, args) -> None:
     print(f"  Shampoo optimizer step / its matmul floor ({r['shampoo_floor_ms']:.2f} ms at "
           f"{r['matmul_gflops']:.0f} GFLOP/s): {r['shampoo_opt_over_floor']:.2f}x")
     print(f"  whole step Shampoo / AdamW (amortized step included): {r['whole_step_ratio']:.3f}")
+    for label, ms in r.get("others_opt_ms", {}).items():
+        print(f"  {label}: optimizer step {ms:.2f} ms (same model, defaults, lr 1e-4)")
     print(f"  Shampoo state on rank 0: {r['shampoo_state_mib']:.1f} MiB; blocks owned "
           f"{r['blocks_owned']} of {r['blocks_total']}")
     if w > 1:
@@ -237,6 +272,8 @@ def main() -> None:
     ap.add_argument("--parallelism", choices=["ddp", "fsdp2"], default="ddp",
                     help="how ranks share the model when the world size is above 1")
     ap.add_argument("--json", default="")
+    ap.add_argument("--no-others", action="store_true",
+                    help="skip other Shampoo/SOAP implementations even when installed")
     args = ap.parse_args()
 
     import tempfile
