@@ -77,6 +77,14 @@ def save_checkpoint(
     }
     if extra:
         state["extra"] = dict(extra)
+    # Saving over an older checkpoint: drop its marker first, so that an interrupted save
+    # cannot leave a half-overwritten directory that still looks complete.
+    if not _distributed() or dist.get_rank() == 0:
+        marker = os.path.join(path, MARKER)
+        if os.path.exists(marker):
+            os.remove(marker)
+    if _distributed():
+        dist.barrier()
     dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
     if _distributed():
         dist.barrier()

@@ -166,3 +166,25 @@ def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(root, saved, 
         load_checkpoint(str(partial), wrapped, opt)
     extra = load_checkpoint(str(good), wrapped, opt, extra={"step": -1})
     assert extra["step"] == ckpt_cases.FIRST
+
+
+def test_saving_over_a_checkpoint_first_unmarks_it(root, saved, tmp_path, monkeypatch):
+    """An interrupted save over an existing checkpoint must not leave it marked complete."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from sharded_shampoo.checkpoint import is_complete, save_checkpoint
+
+    target = tmp_path / "step-00000006"
+    shutil.copytree(os.path.join(root, "single1"), target)
+    assert is_complete(str(target))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(dcp, "save", interrupted)
+    model, wrapped, opt = ckpt_cases.build("single", 1)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(target), wrapped, opt)
+    assert not is_complete(str(target))
