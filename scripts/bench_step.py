@@ -229,7 +229,7 @@ def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
             json.dump(result, fh)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # see scripts/distributed_example.py: skip a teardown that can abort on gloo
+    os._exit(0)  # see launch.finish: skip a teardown that can abort on gloo
 
 
 def report(r: dict, args) -> None:

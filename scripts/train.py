@@ -18,18 +18,15 @@ against steps and wall-clock, and a summary table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpoint import (
@@ -38,6 +35,7 @@ from sharded_shampoo.checkpoint import (
     save_checkpoint,
     step_directory,
 )
+from launch import launch, wrap
 from workloads import GPT, GPTConfig, lm_batch, param_count, stdlib_text
 
 # ---------------------------------------------------------------- workloads
@@ -93,25 +91,6 @@ class Workload:
 
 
 # ---------------------------------------------------------------- one rank
-
-
-def wrap(model: torch.nn.Module, parallelism: str, world: int) -> torch.nn.Module:
-    if parallelism in ("none", "ddp"):
-        return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    kwargs = {}
-    if parallelism == "hsdp":
-        if world % 2:
-            raise SystemExit("--parallelism hsdp needs an even number of processes")
-        kwargs["mesh"] = init_device_mesh(
-            "cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")
-        )
-    for layer in getattr(model, "blocks", []):
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
 
 
 def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
@@ -275,26 +254,6 @@ def report(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- launch
 
 
-def _spawned(rank: int, world: int, store: str, args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads or 1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
-    run_rank(args)
-    _finish()
-
-
-def _finish() -> None:
-    # See scripts/distributed_example.py: leave without the interpreter teardown that can abort
-    # on gloo once all work is done.
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["lm", "digits"], default="lm")
@@ -338,18 +297,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if "RANK" in os.environ:  # torchrun
-        torch.set_num_threads(args.threads or 1)
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
-        run_rank(args)
-        _finish()
-    elif args.parallelism == "none" or args.nproc == 1:
+    if "RANK" not in os.environ and (args.parallelism == "none" or args.nproc == 1):
         args.parallelism = "none"
         run_rank(args)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_spawned, args=(args.nproc, os.path.join(tmp, "store"), args),
-                               nprocs=args.nproc, start_method="spawn")
+        launch(run_rank, args, args.nproc, threads=args.threads or 1)
 
 
 if __name__ == "__main__":
