@@ -288,7 +288,7 @@ class RowShardedExchange:
             forwarded = torch.empty(
                 self.num_replicas, self.fwd_chunk, dtype=self.dtype, device=self.device
             )
-            dist.all_gather_single(forwarded.view(-1), payload, group=self.replicate_group)
+            _all_gather_single(forwarded.view(-1), payload, group=self.replicate_group)
             anyone_failed = anyone_failed or bool((forwarded[:, -1] != 0).any())
         if anyone_failed:
             return True
@@ -307,6 +307,12 @@ class RowShardedExchange:
             return recv
         dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.shard_group)
         return recv
+
+
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """``dist.all_gather_single`` (torch 2.13), or its older name."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
