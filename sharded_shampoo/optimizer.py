@@ -240,20 +240,25 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._after_plan_change()
 
     def _after_plan_change(self) -> None:
-        """Checks that every rank has the same plan (one collective) and sizes the exchange."""
-        if self._mesh is None:
-            return
-        fingerprints, descriptions = [], []
-        for gi, g in enumerate(self._plan.groups):
-            fingerprints += g.spec.param_fingerprints(gi)
-            descriptions += [self._param_name(gi, pi) for pi in range(len(g.spec.shapes))]
-        check_plan_agreement(self._mesh, fingerprints, descriptions, self._plan.owners_fingerprint())
+        """Checks that every rank has the same plan (one collective) and sizes the exchanges.
+
+        FSDP2 on a single rank still goes through the row exchange (with nothing to send): its
+        parameters are DTensors, which only that path reads and writes.
+        """
         device = self._device()
-        self._exchange = DirectionExchange(
-            self._plan, self._rank, self._mesh, self._communication_dtype, device
-        )
-        if self._exchange.status_index == 0:  # no replicated parameter anywhere
-            self._exchange = None
+        if self._mesh is not None:
+            fingerprints, descriptions = [], []
+            for gi, g in enumerate(self._plan.groups):
+                fingerprints += g.spec.param_fingerprints(gi)
+                descriptions += [self._param_name(gi, pi) for pi in range(len(g.spec.shapes))]
+            check_plan_agreement(
+                self._mesh, fingerprints, descriptions, self._plan.owners_fingerprint()
+            )
+            self._exchange = DirectionExchange(
+                self._plan, self._rank, self._mesh, self._communication_dtype, device
+            )
+            if self._exchange.status_index == 0:  # no replicated parameter anywhere
+                self._exchange = None
         if self._fsdp is not None:
             grad_dtype = torch.float32
             for g in self._plan.groups:
@@ -409,41 +414,41 @@ class ShardedShampoo(torch.optim.Optimizer):
 
         # Phase 3: share the directions and apply them. An error anywhere is learnt by every
         # rank from the first collective's status words, and all raise before any update.
-        if self._mesh is None:
-            if error is not None:
-                raise RuntimeError(error)
+        gathered = None
+        if self._exchange is not None:
             for w in work:
-                w.stack.layout.scatter_add_(
-                    self.param_groups[w.group]["params"], w.active,
-                    self._blocks[w.group].blockings, w.direction, -w.opts.lr,
-                )
-        else:
-            gathered = None
-            if self._exchange is not None:
-                for w in work:
-                    if not w.stack.layout.row_sharded:
-                        self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
-                gathered = self._exchange.exchange(failed=error is not None)
-                self._raise_if_failed(self._exchange.failed_ranks(gathered), error)
-            if self._row_exchange is not None:
-                by_stack = {(w.group, w.stack_index): w for w in work}
-                failed = self._row_exchange.distribute(
-                    lambda gi, pi, bid, piece: self._direction_rows(by_stack, stepping, gi, pi, bid, piece),
-                    lambda gi, pi, bid, piece, rows: self._apply_rows(
-                        stepping, options, gi, pi, bid, piece, rows
-                    ),
-                    failed=error is not None,
-                )
-                self._raise_if_failed(failed, error)
-            if gathered is not None:
-                for r in range(len(self._exchange.segments)):
-                    for gi, layout, rows in self._exchange.rows_of(gathered, r):
-                        if gi in stepping:
-                            group = self.param_groups[gi]
-                            layout.scatter_add_(
-                                group["params"], stepping[gi], self._blocks[gi].blockings, rows,
-                                -group["lr"],
-                            )
+                if not w.stack.layout.row_sharded:
+                    self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
+            gathered = self._exchange.exchange(failed=error is not None)
+            self._raise_if_failed(self._exchange.failed_ranks(gathered), error)
+        if self._row_exchange is not None:
+            by_stack = {(w.group, w.stack_index): w for w in work}
+            failed = self._row_exchange.distribute(
+                lambda gi, pi, bid, piece: self._direction_rows(by_stack, stepping, gi, pi, bid, piece),
+                lambda gi, pi, bid, piece, rows: self._apply_rows(
+                    stepping, options, gi, pi, bid, piece, rows
+                ),
+                failed=error is not None,
+            )
+            self._raise_if_failed(failed, error)
+        if error is not None:  # one process: no collective carried it
+            raise RuntimeError(error)
+        if gathered is not None:
+            for r in range(len(self._exchange.segments)):
+                for gi, layout, rows in self._exchange.rows_of(gathered, r):
+                    if gi in stepping:
+                        group = self.param_groups[gi]
+                        layout.scatter_add_(
+                            group["params"], stepping[gi], self._blocks[gi].blockings, rows,
+                            -group["lr"],
+                        )
+        else:  # every block is computed here
+            for w in work:
+                if not w.stack.layout.row_sharded:
+                    w.stack.layout.scatter_add_(
+                        self.param_groups[w.group]["params"], w.active,
+                        self._blocks[w.group].blockings, w.direction, -w.opts.lr,
+                    )
         for gi in stepping:
             self.param_groups[gi]["step"] += 1
             self._step_tensors[gi].fill_(self.param_groups[gi]["step"])

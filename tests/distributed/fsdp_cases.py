@@ -164,3 +164,11 @@ def failures(rank, world, hsdp=True):
         roots_module.eigh = original
     finite = all(torch.isfinite(p.to_local()).all().item() for p in model.parameters())
     return outcome, finite
+
+
+def fsdp_single_rank(rank, world):
+    """FSDP2 on one rank (and a model mixing sharded and plain parameters): the row exchange
+    runs with nothing to send."""
+    out = fsdp(rank, world, mixed=True)
+    out2 = fsdp(rank, world)
+    return out, out2

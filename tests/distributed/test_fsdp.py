@@ -110,3 +110,9 @@ def test_failures_under_hsdp_raise_everywhere_and_nan_stays_out(world4):
         else:
             assert "could not compute the inverse roots" in outcome, outcome
     assert len(steps) == 1, steps  # every rank raised in the same step
+
+
+def test_fsdp_on_a_single_rank(reference):
+    (mixed, full), = [v for v in run_cases(1, [(fsdp_cases.fsdp_single_rank, {})])[0].ok()]
+    for values in (mixed, full):
+        check_against_reference([values], reference)
