@@ -212,6 +212,17 @@ class RowShardedExchange:
         self.grad_chunk = max([n for (a, b), n in grad_used.items() if a != b], default=0)
         self.upd_chunk = max([n for (a, b), n in upd_used.items() if a != b], default=0) + 1
         self.fwd_chunk = max([n for (q, k), n in fwd_used.items() if k == self.shard], default=0) + 1
+        # Where the "updated" flags of received pieces sit, to read them all with one host sync
+        # instead of one per piece.
+        self._in_flags = torch.tensor(
+            # (pieces from myself are never sent: 0 stands in, and is not read)
+            [peer * self.upd_chunk + off + n if peer != self.shard else 0
+             for peer, off, *_, n in self.upd_in],
+            dtype=torch.long,
+        )
+        self._fwd_flags = torch.tensor(
+            [q * self.fwd_chunk + off + n for q, off, *_, n in self.forwarded], dtype=torch.long
+        )
 
     def bytes_sent_per_step(self, with_weights: bool) -> int:
         grads = self.grad_chunk * (2 if with_weights else 1) * _itemsize(self.grad_dtype)
@@ -273,8 +284,9 @@ class RowShardedExchange:
                 send[peer, off + n] = 1.0 if updated else 0.0
         recv = self._all_to_all(send)
         anyone_failed = failed or bool((recv[:, -1] != 0).any())
-        for peer, off, gi, pi, bid, piece, n in self.upd_in:
-            if peer != self.shard and recv[peer, off + n] != 0:
+        in_flags = recv.view(-1)[self._in_flags.to(recv.device)].tolist()
+        for (peer, off, gi, pi, bid, piece, n), flag in zip(self.upd_in, in_flags):
+            if peer != self.shard and flag != 0:
                 mine[(gi, pi, bid)] = (piece, recv[peer, off : off + n])
         forwarded = None
         if self.num_replicas > 1:
@@ -295,8 +307,9 @@ class RowShardedExchange:
         for (gi, pi, bid), (piece, rows) in mine.items():
             apply_rows(gi, pi, bid, piece, rows)
         if forwarded is not None:
-            for q, off, gi, pi, bid, piece, n in self.forwarded:
-                if q != self.replica and forwarded[q, off + n] != 0:
+            fwd_flags = forwarded.view(-1)[self._fwd_flags.to(forwarded.device)].tolist()
+            for (q, off, gi, pi, bid, piece, n), flag in zip(self.forwarded, fwd_flags):
+                if q != self.replica and flag != 0:
                     apply_rows(gi, pi, bid, piece, forwarded[q, off : off + n])
         return False
 

@@ -515,7 +515,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         w = work_by_stack.get((gi, si))
         if w is None or w.direction is None:
             return None
-        updated = w.rows is None or bool(w.rows[r])
+        updated = w.rows is None or bool(w.rows[r])  # rows is a CPU mask: no device sync
         return w.direction[r, piece.block_lo : piece.block_hi], updated
 
     def _apply_rows(self, stepping, options, gi, pi, bid, piece, rows) -> None:
