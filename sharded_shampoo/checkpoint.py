@@ -8,10 +8,19 @@ FSDP2, HSDP). Each rank writes only the blocks it owns; nothing is gathered.
 A directory becomes a checkpoint only when ``COMPLETE`` appears in it, written after every
 rank finished ``dcp.save``: a process killed while saving leaves a directory without it, which
 ``load_checkpoint`` refuses and ``latest_checkpoint`` skips.
+
+A load changes nothing unless it succeeds: the checkpoint's metadata and layout records are
+checked first, and tensors are read into staging copies that replace the live state only once
+everything was read and validated. That costs, for the duration of the load, one more copy of
+the rank's share of the model and of its optimizer state.
+
+Checkpoints must come from a trusted source: DCP reads a checkpoint's ``.metadata`` with
+``pickle``, which can run code, as ``torch.load(weights_only=False)`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -71,21 +81,24 @@ def save_checkpoint(
     Collective: every rank calls it. ``path`` is marked complete after every rank is done.
     ``flatten`` is ``flatten_optimizer_state_dict``; a checkpoint loads with the same setting.
     """
-    state: dict[str, Any] = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer, options=_options(flatten)),
-    }
-    if extra:
-        state["extra"] = dict(extra)
-    # Saving over an older checkpoint: drop its marker first, so that an interrupted save
-    # cannot leave a half-overwritten directory that still looks complete.
-    if not _distributed() or dist.get_rank() == 0:
-        marker = os.path.join(path, MARKER)
-        if os.path.exists(marker):
-            os.remove(marker)
-    if _distributed():
-        dist.barrier()
-    dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+    # A save only reads the optimizer state: views of it, no copy (ShardedShampoo.saving).
+    views = optimizer.saving() if hasattr(optimizer, "saving") else contextlib.nullcontext()
+    with views:
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_options(flatten)),
+        }
+        if extra:
+            state["extra"] = dict(extra)
+        # Saving over an older checkpoint: drop its marker first, so that an interrupted save
+        # cannot leave a half-overwritten directory that still looks complete.
+        if not _distributed() or dist.get_rank() == 0:
+            marker = os.path.join(path, MARKER)
+            if os.path.exists(marker):
+                os.remove(marker)
+        if _distributed():
+            dist.barrier()
+        dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
     if _distributed():
         dist.barrier()
     if not _distributed() or dist.get_rank() == 0:
@@ -106,7 +119,10 @@ def is_complete(path: str) -> bool:
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The newest complete ``step-NNNNNNNN`` directory under ``root``, or None."""
+    """The newest complete ``step-NNNNNNNN`` directory under ``root``, or None.
+
+    Only load checkpoints from a trusted source (see the module docstring: DCP unpickles).
+    """
     if not os.path.isdir(root):
         return None
     found = []
@@ -127,9 +143,14 @@ def load_checkpoint(
     """Loads ``path`` into ``model`` and ``optimizer`` (built as for saving, at any world size
     and in any mode); returns the saved ``extra`` (give the keys to read, with defaults).
 
-    Collective. Checks first, on every rank alike, that the checkpoint is complete and that
-    each parameter's layout record matches this optimizer; a mismatch raises before any state
-    changes, naming the first parameter that differs.
+    Collective. Checks first, on every rank alike, that the checkpoint is complete, that it
+    holds exactly this model's entries with their shapes and ShardedShampoo state for exactly
+    its parameters, and that each parameter's layout record matches this optimizer; a mismatch
+    raises ValueError before any state changes, naming the first entry that differs. Tensors are
+    then read into staging copies, so a load that fails while reading (a truncated file raises
+    ``CheckpointException``) leaves the model and the optimizer as they were.
+
+    Only load checkpoints from a trusted source (see the module docstring: DCP unpickles).
     """
     if not is_complete(path):
         raise IncompleteCheckpointError(
@@ -137,26 +158,69 @@ def load_checkpoint(
             "was interrupted, or it is not a checkpoint. Use latest_checkpoint(root) to find "
             "the newest complete one."
         )
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    model_sd = get_model_state_dict(model)
+    # ShardedShampoo's state_dict() is a copy already: the staging buffers of the optimizer.
     osd = get_optimizer_state_dict(model, optimizer, options=_options(flatten))
     if flatten:
         records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".layout")}
     else:
         records = {f"state.{fqn}.layout": s["layout"] for fqn, s in osd["state"].items()}
+    _check_entries(path, saved, model_sd, records)
     _check_layouts(path, records)
-    state: dict[str, Any] = {"model": get_model_state_dict(model), "optim": osd}
+    staged = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in model_sd.items()}
+    state: dict[str, Any] = {"model": staged, "optim": osd}
     if extra:
         state["extra"] = dict(extra)
     dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
-    set_model_state_dict(model, state["model"])
+    # The optimizer first: its load validates the state once more before copying anything.
     set_optimizer_state_dict(model, optimizer, state["optim"], options=_options(flatten))
+    set_model_state_dict(model, state["model"])
     return state.get("extra", {})
+
+
+def _check_entries(
+    path: str, saved: dict[str, Any], model_sd: dict[str, Any], records: dict[str, torch.Tensor]
+) -> None:
+    """Compares the checkpoint's keys with this model's and optimizer's, from its metadata
+    alone: an entry either side lacks, or a tensor of another shape, raises ValueError."""
+    ours = {f"model.{k}": v for k, v in model_sd.items()}
+    theirs = {k for k in saved if k.startswith("model.")}
+    _refuse_difference(path, "model entries", set(ours), theirs)
+    for key, value in ours.items():
+        meta = saved[key]
+        if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
+            if tuple(meta.size) != tuple(value.shape):
+                raise ValueError(
+                    f"the checkpoint at {path} does not fit this model: {key[6:]!r} has shape "
+                    f"{tuple(meta.size)} there, {tuple(value.shape)} here"
+                )
+    ours = {f"optim.{k}" for k in records}
+    theirs = {k for k in saved if k.startswith("optim.state.") and k.endswith(".layout")}
+    _refuse_difference(path, "parameters with ShardedShampoo state", ours, theirs)
+
+
+def _refuse_difference(path: str, what: str, ours: set[str], theirs: set[str]) -> None:
+    def names(keys: set[str]) -> str:
+        shown = sorted(k.split(".", 1)[1].removeprefix("state.").removesuffix(".layout") for k in keys)
+        return ", ".join(repr(k) for k in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+    if theirs - ours:
+        raise ValueError(
+            f"the checkpoint at {path} has {what} that this model lacks: {names(theirs - ours)}. "
+            "It was saved from another model; build the model as it was when it was saved."
+        )
+    if ours - theirs:
+        raise ValueError(
+            f"the checkpoint at {path} lacks {what} that this model has: {names(ours - theirs)}. "
+            "It was saved from another model or another optimizer."
+        )
 
 
 def _check_layouts(path: str, records: dict[str, torch.Tensor]) -> None:
     """Loads only the saved layout records and compares them with ours. Every rank holds every
     parameter's record, so every rank reaches the same verdict: no rank is left waiting."""
-    missing = -2
-    saved = {k: torch.full((RECORD_SIZE,), missing, dtype=torch.int64) for k in records}
+    saved = {k: torch.empty(RECORD_SIZE, dtype=torch.int64) for k in records}
     dcp.load(
         {"optim": saved},
         checkpoint_id=path,
@@ -165,11 +229,6 @@ def _check_layouts(path: str, records: dict[str, torch.Tensor]) -> None:
     )
     for key in sorted(records):
         fqn = key[len("state.") : -len(".layout")]
-        if bool((saved[key] == missing).all()):
-            raise ValueError(
-                f"the checkpoint at {path} has no ShardedShampoo state for parameter {fqn!r}: "
-                "it was saved from another model or another optimizer"
-            )
         diff = layout_difference(saved[key], records[key])
         if diff is not None:
             raise ValueError(

@@ -1,17 +1,23 @@
-"""Where communication happens: the plan check at construction and the per-step AllGather.
+"""Where communication happens: the agreement check at construction and the per-step exchanges.
 
-Per step the optimizer adds exactly one collective: every rank writes the search directions of
-the blocks it owns into its piece of a flat buffer (in ``communication_dtype``), and one
-``Shard(0) -> Replicate()`` redistribution of that buffer, an AllGather, hands every rank every
-direction. Every rank, the owner included, then applies the gathered values, so replicas stay
-bitwise identical whatever the communication dtype.
+At construction the ranks check, in one collective, that they built the same optimizer
+(``check_agreement``). Per step, data-parallel (plain) parameters add one collective: every rank
+writes the search directions of the blocks it owns into its piece of a flat buffer (in
+``communication_dtype``), and one ``Shard(0) -> Replicate()`` redistribution of that buffer, an
+AllGather, hands every rank every direction. Every rank, the owner included, then applies the
+gathered values, so replicas stay bitwise identical whatever the communication dtype.
+Row-sharded (FSDP2/HSDP) parameters go through ``RowShardedExchange`` instead.
 
-The last element of each rank's piece is a status word: a rank that hits an error it must raise
-(a block whose roots failed too often) says so there, and after the AllGather every rank raises,
-instead of the failing rank leaving the others waiting in a collective.
+Every piece ends with status words (see below): a rank that hits an error it must raise (a block
+whose roots failed too often) says so there, and so does a rank whose per-step options differ;
+after the collective every rank raises, instead of a failing rank leaving the others waiting in
+a collective or replicas drifting apart.
 """
 
 from __future__ import annotations
+
+import hashlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +29,10 @@ __all__ = [
     "DirectionExchange",
     "PlanMismatchError",
     "RowShardedExchange",
-    "check_plan_agreement",
+    "STATUS_WORDS",
+    "check_agreement",
+    "read_status",
+    "status_words",
 ]
 
 
@@ -52,7 +61,7 @@ class DirectionExchange:
             self.segments.append(segs)
             longest = max(longest, start)
         self.status_index = longest
-        self.local = torch.zeros(longest + 1, dtype=dtype, device=device)
+        self.local = torch.zeros(longest + STATUS_WORDS, dtype=dtype, device=device)
         self._slots = {
             (gi, si): self.local[start : start + lay.num_rows * lay.row_numel].view(
                 lay.num_rows, *lay.block_shape
@@ -69,20 +78,23 @@ class DirectionExchange:
         """What this rank sends in one ring AllGather: its piece to each of the others."""
         return (self.mesh.size() - 1) * self.local.numel() * self.local.element_size()
 
-    def exchange(self, failed: bool) -> torch.Tensor:
-        """AllGathers every rank's piece; returns them as (world_size, piece length)."""
+    def exchange(self, failed: bool, digest: int) -> tuple[torch.Tensor, list[int], list[int]]:
+        """AllGathers every rank's piece. Returns them as (world_size, piece length), the ranks
+        that failed, and the ranks whose options digest differs from rank 0's."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        self.local[self.status_index] = 1.0 if failed else 0.0
+        words = status_words(FAILED if failed else 0, digest)
+        self.local[self.status_index :] = torch.tensor(words, dtype=self.dtype)
         world = self.mesh.size()
         piece = DTensor.from_local(
             self.local, self.mesh, [Shard(0)], run_check=False,
             shape=(world * self.local.numel(),), stride=(1,),
         )
-        return piece.redistribute(self.mesh, [Replicate()]).to_local().view(world, -1)
-
-    def failed_ranks(self, gathered: torch.Tensor) -> list[int]:
-        return (gathered[:, self.status_index] != 0).nonzero().flatten().tolist()
+        gathered = piece.redistribute(self.mesh, [Replicate()]).to_local().view(world, -1)
+        flags, digests = read_status(gathered[:, self.status_index :])
+        failed_ranks = [r for r, f in enumerate(flags) if f & FAILED]
+        disagreeing = [r for r, d in enumerate(digests) if d != digests[0]]
+        return gathered, failed_ranks, disagreeing
 
     def rows_of(self, gathered: torch.Tensor, rank: int):
         """(group index, layout, rows) for each stack of ``rank`` in the gathered buffer."""
@@ -92,33 +104,100 @@ class DirectionExchange:
             yield gi, lay, piece[start : start + n].view(lay.num_rows, *lay.block_shape)
 
 
-def check_plan_agreement(
-    mesh, fingerprints: list[str], descriptions: list[str], owners: str
-) -> None:
-    """One collective: every rank learns every rank's plan; on a mismatch all of them raise
-    the same PlanMismatchError naming the first parameter that differs."""
-    group = mesh.get_group()
-    world = mesh.size()
+def check_agreement(group, items: list[tuple[str, str, Any]], owners: str) -> None:
+    """Checks that every rank of ``group`` (None: the default group) built the same optimizer.
+
+    ``items`` are ``(kind, description, value)``: kind ``"setting"`` (an optimizer-wide
+    setting), ``"group"`` (a param group's options, a tuple of ``name=value``) or ``"param"``
+    (a parameter, compared by a fingerprint of its shape, dtype, sharding and name). One
+    collective of a short digest per rank; only when they differ, a second one gathers the
+    details, and every rank raises the same PlanMismatchError naming the first difference.
+    Every rank sees the same digests, so every rank takes the second collective or none.
+    """
+    digest = hashlib.sha1(repr((items, owners)).encode()).hexdigest()[:16]
+    world = dist.get_world_size(group)
+    digests: list = [None] * world
+    dist.all_gather_object(digests, digest, group=group)
+    if len(set(digests)) == 1:
+        return
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, (fingerprints, descriptions, owners), group=group)
-    longest = max(len(f) for f, _, _ in everyone)
-    for i in range(longest):
-        seen = {f[i] if i < len(f) else None for f, _, _ in everyone}
-        if len(seen) > 1:
-            per_rank = "; ".join(
-                f"rank {r}: {d[i] if i < len(d) else 'no such parameter'}"
-                for r, (_, d, _) in enumerate(everyone)
-            )
-            raise PlanMismatchError(
-                f"ranks built different optimizers: parameter #{i} differs ({per_rank}). "
-                "Every rank must construct ShardedShampoo with the same parameters (shapes, "
-                "dtypes, order) and the same options."
-            )
-    if len({o for _, _, o in everyone}) > 1:
-        raise PlanMismatchError(
-            "ranks computed different block placements from the same parameters; "
-            "this is a bug in the planner's determinism"
-        )
+    dist.all_gather_object(everyone, (items, owners), group=group)
+    longest = max(len(i) for i, _ in everyone)
+    params_seen = 0
+    for n in range(longest):
+        entries = [i[n] if n < len(i) else None for i, _ in everyone]
+        kind = next(e[0] for e in entries if e is not None)
+        if len({None if e is None else (e[0], e[2]) for e in entries}) > 1:
+            raise PlanMismatchError(_describe_difference(kind, params_seen, entries))
+        params_seen += kind == "param"
+    raise PlanMismatchError(
+        "ranks computed different block placements from the same parameters and options; "
+        "this is a bug in the planner's determinism"
+    )
+
+
+def _describe_difference(kind: str, param_index: int, entries: list) -> str:
+    by_value: dict[str, list[int]] = {}
+    if kind == "group":
+        # Name only the options that differ.
+        fields = [set(e[2]) for e in entries if e is not None and e[0] == "group"]
+        common = set.intersection(*fields) if fields else set()
+    for r, e in enumerate(entries):
+        if e is None:
+            text = "no such parameter" if kind == "param" else "nothing"
+        elif kind == "param":
+            text = e[1]
+        elif kind == "group":
+            text = ", ".join(v for v in e[2] if v not in common) or "(same)"
+        else:
+            text = str(e[2])
+        by_value.setdefault(text, []).append(r)
+    per_rank = "; ".join(
+        f"rank {rs[0]}: {text}" if len(rs) == 1 else f"ranks {_ranks(rs)}: {text}"
+        for text, rs in by_value.items()
+    )
+    if kind == "param":
+        what = f"parameter #{param_index} differs"
+        advice = "the same parameters (shapes, dtypes, order, names)"
+    elif kind == "group":
+        what = f"the options of {entries[0][1] if entries[0] else 'a param group'} differ"
+        advice = "the same options"
+    else:
+        what = f"{entries[0][1] if entries[0] else 'a setting'} differs"
+        advice = "the same settings"
+    return (
+        f"ranks built different optimizers: {what} ({per_rank}). Every rank must construct "
+        f"ShardedShampoo with {advice}."
+    )
+
+
+def _ranks(rs: list[int]) -> str:
+    return ", ".join(map(str, rs[:8])) + (f" and {len(rs) - 8} more" if len(rs) > 8 else "")
+
+
+# ---------------------------------------------------------------- status words
+#
+# Every piece a rank sends in a step's exchange ends with STATUS_WORDS values: a flags word
+# (FAILED: a block's roots failed too often; DISAGREED: this rank saw ranks step with different
+# options) and a 32-bit digest of the options it stepped with, one byte per word. Small
+# integers are exact in every communication dtype (bfloat16 holds integers up to 256 exactly),
+# so the words survive the rounding of the payload; a rank learns from them, in the collective
+# it takes anyway, whether to raise, and every rank raises in the same step.
+
+STATUS_WORDS = 5
+FAILED, DISAGREED = 1, 2
+
+
+def status_words(flags: int, digest: int) -> list[float]:
+    return [float(flags)] + [float((digest >> (8 * i)) & 0xFF) for i in range(4)]
+
+
+def read_status(words: torch.Tensor) -> tuple[list[int], list[int]]:
+    """``(flags, digests)`` per row of ``words`` (n, STATUS_WORDS)."""
+    rows = words.to(torch.float64).tolist()
+    flags = [int(w[0]) for w in rows]
+    digests = [sum(int(b) << (8 * i) for i, b in enumerate(w[1:])) for w in rows]
+    return flags, digests
 
 
 class RowShardedExchange:
@@ -210,8 +289,13 @@ class RowShardedExchange:
                             self.forwarded.append((q, off, *entry))
         # Chunks to oneself are never sent: only pairs of different ranks set the sizes.
         self.grad_chunk = max([n for (a, b), n in grad_used.items() if a != b], default=0)
-        self.upd_chunk = max([n for (a, b), n in upd_used.items() if a != b], default=0) + 1
-        self.fwd_chunk = max([n for (q, k), n in fwd_used.items() if k == self.shard], default=0) + 1
+        self.upd_chunk = (
+            max([n for (a, b), n in upd_used.items() if a != b], default=0) + STATUS_WORDS
+        )
+        self.fwd_chunk = (
+            max([n for (q, k), n in fwd_used.items() if k == self.shard], default=0)
+            + STATUS_WORDS
+        )
         # Where the "updated" flags of received pieces sit, to read them all with one host sync
         # instead of one per piece.
         self._in_flags = torch.tensor(
@@ -259,16 +343,21 @@ class RowShardedExchange:
                 start = off + (self.grad_chunk if weights else 0)
                 store_rows(gi, pi, bid, piece, recv[peer, start : start + n], weights)
 
-    def distribute(self, direction_rows, apply_rows, failed: bool) -> bool:
+    def distribute(
+        self, direction_rows, apply_rows, failed: bool, digest: int
+    ) -> tuple[bool, bool]:
         """Delivers the direction rows of my blocks to every rank holding them and applies those
-        for my rows; returns whether any rank reported a failure (then nothing is applied).
+        for my rows. Returns (any rank reported a failure, some ranks stepped with options
+        whose digest differs from ``digest``); in either case nothing is applied.
 
         ``direction_rows(gi, pi, bid, piece)`` gives ``(rows, updated)`` or None when the
         parameter has no gradient; ``apply_rows(gi, pi, bid, piece, rows)`` is called for the
         pieces of my rows whose block was updated.
         """
         send = torch.zeros(self.num_shards, self.upd_chunk, dtype=self.dtype, device=self.device)
-        send[:, -1] = 1.0 if failed else 0.0
+        send[:, -STATUS_WORDS:] = torch.tensor(
+            status_words(FAILED if failed else 0, digest), dtype=self.dtype
+        )
         # The pieces of my own rows computed in my group: (gi, pi, bid) -> (piece, rows).
         mine: dict[tuple[int, int, int], tuple] = {}
         for peer, off, gi, pi, bid, piece, n in self.upd_out:
@@ -283,15 +372,24 @@ class RowShardedExchange:
                 send[peer, off : off + n] = rows
                 send[peer, off + n] = 1.0 if updated else 0.0
         recv = self._all_to_all(send)
-        anyone_failed = failed or bool((recv[:, -1] != 0).any())
-        in_flags = recv.view(-1)[self._in_flags.to(recv.device)].tolist()
+        # One host sync for the status words and the received pieces' flags together.
+        n_in = len(self._in_flags)
+        flat = torch.cat(
+            [recv.view(-1)[self._in_flags.to(recv.device)], recv[:, -STATUS_WORDS:].reshape(-1)]
+        )
+        in_flags = flat[:n_in].tolist()
+        flags, digests = read_status(flat[n_in:].view(-1, STATUS_WORDS))
+        anyone_failed = failed or any(f & FAILED for f in flags)
+        disagreed = any(d != digest for d in digests)
         for (peer, off, gi, pi, bid, piece, n), flag in zip(self.upd_in, in_flags):
             if peer != self.shard and flag != 0:
                 mine[(gi, pi, bid)] = (piece, recv[peer, off : off + n])
         forwarded = None
         if self.num_replicas > 1:
             payload = torch.zeros(self.fwd_chunk, dtype=self.dtype, device=self.device)
-            payload[-1] = 1.0 if anyone_failed else 0.0
+            # What this rank learnt in its shard group reaches the other replica groups.
+            seen = (FAILED if anyone_failed else 0) | (DISAGREED if disagreed else 0)
+            payload[-STATUS_WORDS:] = torch.tensor(status_words(seen, digest), dtype=self.dtype)
             for off, gi, pi, bid, piece, n in self.forward:
                 got = mine.get((gi, pi, bid))
                 if got is not None:
@@ -301,9 +399,13 @@ class RowShardedExchange:
                 self.num_replicas, self.fwd_chunk, dtype=self.dtype, device=self.device
             )
             _all_gather_single(forwarded.view(-1), payload, group=self.replicate_group)
-            anyone_failed = anyone_failed or bool((forwarded[:, -1] != 0).any())
-        if anyone_failed:
-            return True
+            flags, digests = read_status(forwarded[:, -STATUS_WORDS:])
+            anyone_failed = anyone_failed or any(f & FAILED for f in flags)
+            disagreed = (
+                disagreed or any(f & DISAGREED for f in flags) or any(d != digest for d in digests)
+            )
+        if anyone_failed or disagreed:
+            return anyone_failed, disagreed
         for (gi, pi, bid), (piece, rows) in mine.items():
             apply_rows(gi, pi, bid, piece, rows)
         if forwarded is not None:
@@ -311,7 +413,7 @@ class RowShardedExchange:
             for (q, off, gi, pi, bid, piece, n), flag in zip(self.forwarded, fwd_flags):
                 if q != self.replica and flag != 0:
                     apply_rows(gi, pi, bid, piece, forwarded[q, off : off + n])
-        return False
+        return False, False
 
     def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
 import sys
 import warnings
@@ -12,14 +14,17 @@ from typing import Any
 
 import torch
 
+import torch.distributed as dist
+
+from .communication import DirectionExchange, RowShardedExchange, check_agreement
 from .functional import stack_step
-from .options import DEFAULTS, STRUCTURAL, GroupOptions
-from .communication import DirectionExchange, RowShardedExchange, check_plan_agreement
+from .options import DEFAULTS, STRUCTURAL, GroupOptions, check_dtype_range, check_group_keys
 from .parallelism import (
     check_fsdp_param,
     device_type,
     fsdp_layout,
     is_dtensor,
+    shard_layout,
     shard_mesh,
     weight_decay_place,
 )
@@ -31,22 +36,68 @@ __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
 
 class NonFiniteGradientWarning(UserWarning):
-    """A block's gradient had a NaN or Inf; the block was skipped for that step."""
+    """A block's gradient had a NaN or Inf, or was too large for its squared norm to be
+    represented; the block was skipped for that step. ``step`` is the param group's step."""
+
+    step: int | None = None
 
 
 class RootFailureWarning(UserWarning):
-    """A block's inverse roots could not be computed; it kept its previous roots."""
+    """A block's inverse roots could not be computed; it kept its previous roots. ``step`` is
+    the param group's step."""
+
+    step: int | None = None
 
 
-def _warn(message: str, category: type[Warning]) -> None:
-    """Warns at the user's call to ``step()``, past this package's and torch's wrappers."""
+def _warn(warning: Warning, step: int | None = None) -> None:
+    """Warns at the user's call to ``step()``, past this package's and torch's wrappers.
+
+    The step is an attribute, not part of the text: Python's warning registry keeps one entry
+    per distinct text, so a text with the step in it would grow the registry by one entry per
+    step while a block keeps failing.
+    """
+    warning.step = step
     level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         level, frame = level + 1, frame.f_back
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(warning, stacklevel=level)
 
 
 _INTERNAL_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+def _materialize(params: Any) -> list:
+    """``params`` as a list, each group's ``params`` a list too: an iterator (``filter(...)``,
+    ``model.parameters()`` inside a dict) is read once here, before anything else iterates it."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of Tensors or dicts, but got " + torch.typename(params)
+        )
+    return [_materialize_group(g) if isinstance(g, dict) else g for g in params]
+
+
+def _materialize_group(group: dict[str, Any]) -> dict[str, Any]:
+    ps = group.get("params")
+    if ps is None or isinstance(ps, (torch.Tensor, set, list)):
+        return group  # torch.optim checks these (a set is refused: its order is arbitrary)
+    return {**group, "params": list(ps)}
+
+
+def _check_distinct(group: dict[str, Any]) -> None:
+    """A tensor twice in a group would be updated twice per step."""
+    ps = group.get("params")
+    if not isinstance(ps, list):
+        return
+    seen: dict[int, int] = {}
+    for i, item in enumerate(ps):
+        t = item[1] if isinstance(item, tuple) else item
+        if id(t) in seen:
+            what = f"{item[0]!r}" if isinstance(item, tuple) else f"params[{i}]"
+            raise ValueError(
+                f"parameter {what} {tuple(t.shape)} appears more than once in the group "
+                f"(also as params[{seen[id(t)]}]); it would be updated twice per step"
+            )
+        seen[id(t)] = i
 
 
 @dataclass
@@ -163,19 +214,32 @@ class ShardedShampoo(torch.optim.Optimizer):
                 "communication_dtype must be one of torch.float32, torch.bfloat16, "
                 f"torch.float16, torch.float64, got {communication_dtype!r}"
             )
-        params = list(params)
+        params = _materialize(params)
         self._fsdp = fsdp_layout(params)
         if self._fsdp is not None and (mesh is not None or num_trainers_per_group is not None):
             raise ValueError(
                 "with FSDP2/HSDP (DTensor) parameters the optimizer shards over the whole "
                 "world: mesh and num_trainers_per_group must be left at None"
             )
-        self._mesh = shard_mesh(mesh, num_trainers_per_group, device_type(params))
-        self._rank = self._mesh.get_local_rank() if self._mesh is not None else 0
-        self._plan = Plan(
-            self._mesh.size() if self._mesh is not None else 1,
-            self._fsdp.holders if self._fsdp is not None else None,
+        # The mesh is created only once the ranks agreed on the settings (_after_plan_change).
+        shards, self._rank = shard_layout(mesh, num_trainers_per_group)
+        self._mesh = mesh if shards > 1 else None
+        self._agreement_group = mesh.get_group() if self._mesh is not None else None
+        self._distributed = shards > 1 or self._fsdp is not None
+        self._device_type = device_type(params)
+        self._settings = [
+            ("setting", "the number of ranks blocks are sharded over", shards),
+            ("setting", "communication_dtype", str(communication_dtype)),
+            ("setting", "the FSDP2/HSDP mesh",
+             None if self._fsdp is None else tuple(self._fsdp.mesh.mesh.shape)),
+        ]
+        # Built before torch.distributed was initialized (the optimizer is then not sharded):
+        # worth a warning at the first step if a process group exists by then.
+        self._check_late_process_group = (
+            mesh is None and num_trainers_per_group is None and self._fsdp is None
+            and not (dist.is_available() and dist.is_initialized())
         )
+        self._plan = Plan(shards, self._fsdp.holders if self._fsdp is not None else None)
         self._row_exchange: RowShardedExchange | None = None
         self._communication_dtype = communication_dtype
         self._exchange: DirectionExchange | None = None
@@ -184,6 +248,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._step_tensors: list[torch.Tensor] = []
         self._structure: list[tuple] = []
         self._buffers: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._views_for_saving = False
         self._built = False
         super().__init__(params, defaults)
         self._built = True
@@ -192,13 +257,35 @@ class ShardedShampoo(torch.optim.Optimizer):
     # ---------------------------------------------------------------- param groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group; with a process group, every rank must add the same one."""
+        """Adds a group; with a process group, every rank must add the same one.
+
+        Nothing changes if the group is refused (bad options, a parameter twice, ranks that
+        disagree): the optimizer stays as it was.
+        """
+        gi = len(self.param_groups)
+        param_group = _materialize_group(param_group)
+        try:
+            check_group_keys(param_group)
+            _check_distinct(param_group)
+        except ValueError as e:
+            raise ValueError(f"param group {gi}: {e}") from None
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._place_group(gi)
+            if self._built:
+                self._after_plan_change()
+        except BaseException:
+            self._discard_group(gi)
+            raise
+
+    def _place_group(self, gi: int) -> None:
+        """Validates group ``gi``, places its blocks and creates its state."""
+        group = self.param_groups[gi]
+        params = group["params"]
         try:
             opts = GroupOptions.from_group(group)
-            devices = {p.device for p in group["params"]}
-            for p in group["params"]:
+            devices = {p.device for p in params}
+            for p in params:
                 if not p.is_floating_point() or p.is_complex():
                     raise ValueError(
                         f"ShardedShampoo supports real floating-point parameters, got {p.dtype}"
@@ -207,11 +294,10 @@ class ShardedShampoo(torch.optim.Optimizer):
                     check_fsdp_param(p, self._fsdp)
             if len(devices) > 1:
                 raise ValueError(f"all parameters of a group must be on one device, got {devices}")
+            check_dtype_range(opts, (p.dtype for p in params))
         except ValueError as e:
-            self.param_groups.pop()
-            raise ValueError(f"param group {len(self.param_groups)}: {e}") from None
+            raise ValueError(f"param group {gi}: {e}") from None
         group["step"] = 0
-        params = group["params"]
         shardings = tuple(
             RowSharding(self._fsdp.num_shards) if is_dtensor(p) else None for p in params
         )
@@ -220,7 +306,8 @@ class ShardedShampoo(torch.optim.Optimizer):
         )
         plan = self._plan.add_group(spec)
         device = params[0].device if params else torch.device("cpu")
-        pool = StatePool(pool_lengths(plan.layouts, opts), device, self._mesh)
+        # Each rank allocates exactly its own blocks' state: nothing is padded.
+        pool = StatePool(pool_lengths(plan.layouts[self._rank], opts), device)
         blocks = GroupBlocks(plan.blockings, plan.layouts[self._rank], opts, pool)
         self._pools.append(pool)
         self._blocks.append(blocks)
@@ -236,24 +323,45 @@ class ShardedShampoo(torch.optim.Optimizer):
                 "layout": encode_layout(blocks.blockings[i], opts),
                 "step": step,
             }
+
+    def _discard_group(self, gi: int) -> None:
+        """Undoes ``add_param_group`` of group ``gi`` (the last one), whatever part of it ran."""
+        group = self.param_groups.pop(gi)
+        for p in group["params"]:
+            self.state.pop(p, None)
+        if len(self._plan.groups) > gi:
+            self._plan.pop_group()
+        for per_group in (self._pools, self._blocks, self._structure, self._step_tensors):
+            del per_group[gi:]
+        for key in [k for k in self._buffers if k[0] >= gi]:
+            del self._buffers[key]
         if self._built:
-            self._after_plan_change()
+            self._size_exchanges()
 
     def _after_plan_change(self) -> None:
-        """Checks that every rank has the same plan (one collective) and sizes the exchanges.
+        """Checks that every rank built the same optimizer (one collective), creates the mesh
+        on first use, and sizes the exchanges."""
+        if self._distributed:
+            items: list[tuple[str, str, Any]] = list(self._settings)
+            for gi, g in enumerate(self._plan.groups):
+                items.append(("group", f"param group {gi}", g.spec.opts.fields_text()))
+                for pi, fingerprint in enumerate(g.spec.param_fingerprints()):
+                    name = self._param_name(gi, pi)
+                    items.append(("param", name, f"{fingerprint}:{name}"))
+            check_agreement(self._agreement_group, items, self._plan.owners_fingerprint())
+        if self._plan.world_size > 1 and self._mesh is None:
+            self._mesh = shard_mesh(self._plan.world_size, self._device_type)
+        self._size_exchanges()
+
+    def _size_exchanges(self) -> None:
+        """(Re)builds the exchanges for the current plan.
 
         FSDP2 on a single rank still goes through the row exchange (with nothing to send): its
         parameters are DTensors, which only that path reads and writes.
         """
         device = self._device()
+        self._exchange = None
         if self._mesh is not None:
-            fingerprints, descriptions = [], []
-            for gi, g in enumerate(self._plan.groups):
-                fingerprints += g.spec.param_fingerprints(gi)
-                descriptions += [self._param_name(gi, pi) for pi in range(len(g.spec.shapes))]
-            check_plan_agreement(
-                self._mesh, fingerprints, descriptions, self._plan.owners_fingerprint()
-            )
             self._exchange = DirectionExchange(
                 self._plan, self._rank, self._mesh, self._communication_dtype, device
             )
@@ -265,6 +373,15 @@ class ShardedShampoo(torch.optim.Optimizer):
                 for pi, dtype in enumerate(g.spec.dtypes):
                     if g.spec.sharding(pi) is not None:
                         grad_dtype = torch.promote_types(grad_dtype, dtype)
+            # Whether weight rows travel with gradient rows (decoupled weight decay fed into
+            # momentum needs them at the owner). Sized from what cannot change after
+            # construction, so that every rank sends the same amount even in a step in which
+            # ranks disagree on the options (which the status words then report).
+            self._row_weights = any(
+                g.spec.opts.momentum > 0
+                for g in self._plan.groups
+                if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
+            )
             mesh = self._fsdp.mesh
             self._row_exchange = RowShardedExchange(
                 self._plan, self._rank, self._fsdp.coords,
@@ -282,6 +399,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         group = self.param_groups[gi]
         try:
             opts = GroupOptions.from_group(group)
+            check_dtype_range(opts, self._plan.groups[gi].spec.dtypes)
         except ValueError as e:
             raise ValueError(f"param group {gi}: {e}") from None
         changed = self._structure_changes(gi, opts)
@@ -331,14 +449,32 @@ class ShardedShampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Phase 1: validate options, gather the owned blocks' gradients, flag non-finite ones.
-        # Which parameters have gradients is the same on every rank (DDP), so every rank takes
-        # the same path through the collective below.
+        if self._check_late_process_group:
+            self._check_late_process_group = False
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                _warn(UserWarning(
+                    "ShardedShampoo was built before torch.distributed was initialized, so it "
+                    "does not shard: every rank keeps the state of every block and computes "
+                    "it. Build the optimizer after init_process_group (under the Hugging Face "
+                    "Trainer: after TrainingArguments)."
+                ))
+        # With a process group every rank takes this step's collectives, whatever happens on
+        # it (bad options, no gradients): a rank that raised or returned alone would leave the
+        # others waiting. What went wrong rides in the status words and every rank raises.
+        collective = self._exchange is not None or self._row_exchange is not None
+        invalid: ValueError | None = None
+        try:
+            options = {gi: self._options(gi) for gi in range(len(self.param_groups))}
+        except ValueError as e:
+            if not collective:
+                raise
+            invalid, options = e, {}
+
+        # Phase 1: gather the owned blocks' gradients, flag non-finite ones.
         work: list[_StackWork] = []
         stepping: dict[int, list[bool]] = {}
-        options: dict[int, GroupOptions] = {}
-        for gi, group in enumerate(self.param_groups):
-            opts = options[gi] = self._options(gi)
+        for gi, opts in options.items():
+            group = self.param_groups[gi]
             blocks = self._blocks[gi]
             params = group["params"]
             grads = [p.grad for p in params]
@@ -373,7 +509,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                     if w is not None:
                         stack.layout.gather(list(params), blocks.blockings, w)
                 work.append(_StackWork(gi, si, stack_opts, stack, g, w, rows, None, active))
-        if not stepping:
+        if not stepping and not collective:
             return loss
         if self._row_exchange is not None:
             self._collect_row_sharded(stepping, options)
@@ -412,25 +548,29 @@ class ShardedShampoo(torch.optim.Optimizer):
             if ok is not None:
                 error = self._check_roots(w.group, w.opts, w.stack, ok, ok_rows) or error
 
-        # Phase 3: share the directions and apply them. An error anywhere is learnt by every
-        # rank from the first collective's status words, and all raise before any update.
+        # Phase 3: share the directions and apply them. An error anywhere, or ranks stepping
+        # with different options, is learnt by every rank from the first collective's status
+        # words, and all raise before any update.
         gathered = None
+        failed = error is not None or invalid is not None
+        digest = self._step_digest(stepping, options) if collective else 0
         if self._exchange is not None:
             for w in work:
                 if not w.stack.layout.row_sharded:
                     self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
-            gathered = self._exchange.exchange(failed=error is not None)
-            self._raise_if_failed(self._exchange.failed_ranks(gathered), error)
+            gathered, failed_ranks, disagreeing = self._exchange.exchange(failed, digest)
+            self._raise_if_failed(failed_ranks, disagreeing, error, invalid)
         if self._row_exchange is not None:
             by_stack = {(w.group, w.stack_index): w for w in work}
-            failed = self._row_exchange.distribute(
+            anyone_failed, disagreed = self._row_exchange.distribute(
                 lambda gi, pi, bid, piece: self._direction_rows(by_stack, stepping, gi, pi, bid, piece),
                 lambda gi, pi, bid, piece, rows: self._apply_rows(
                     stepping, options, gi, pi, bid, piece, rows
                 ),
-                failed=error is not None,
+                failed,
+                digest,
             )
-            self._raise_if_failed(failed, error)
+            self._raise_if_failed(anyone_failed, disagreed, error, invalid)
         if error is not None:  # one process: no collective carried it
             raise RuntimeError(error)
         if gathered is not None:
@@ -454,17 +594,48 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._step_tensors[gi].fill_(self.param_groups[gi]["step"])
         return loss
 
-    def _raise_if_failed(self, failed: list[int] | bool, error: str | None) -> None:
-        """Raises on every rank once any rank reported a failure in a collective's status."""
-        if not failed:
-            return
-        who = f"rank(s) {failed}" if isinstance(failed, list) else "another rank"
-        raise RuntimeError(
-            error
-            if error is not None
-            else f"{who} could not compute the inverse roots of a block several times in a "
-            "row (its error names the block); parameters were not updated in this step"
-        )
+    def _step_digest(self, stepping: dict[int, list[bool]], options: dict[int, GroupOptions]) -> int:
+        """32 bits of everything that must be equal on every rank in this step: each stepping
+        group's options and step, and which of its parameters have a gradient."""
+        text = repr([
+            (gi, options[gi].fields_text(), self.param_groups[gi]["step"], tuple(active))
+            for gi, active in sorted(stepping.items())
+        ])
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
+
+    def _raise_if_failed(
+        self,
+        failed: list[int] | bool,
+        disagreeing: list[int] | bool,
+        error: str | None,
+        invalid: ValueError | None,
+    ) -> None:
+        """Raises on every rank once a collective's status words reported a problem: this
+        rank's own error first, then a disagreement between ranks, then another rank's error."""
+        if invalid is not None:
+            raise invalid
+        if disagreeing:
+            who = (
+                f"rank(s) {disagreeing} differ from rank 0"
+                if isinstance(disagreeing, list)
+                else "some ranks differ from others"
+            )
+            raise RuntimeError(
+                f"ranks stepped with different options or gradients: {who} in the options "
+                "of a param group (lr, betas, weight_decay, ...), its step, or which "
+                "parameters have a gradient. Schedulers must give every rank the same values "
+                "(ReduceLROnPlateau fed each rank's own loss does not). Parameters were not "
+                "updated in this step."
+            )
+        if error is not None:
+            raise RuntimeError(error)
+        if failed:
+            who = f"rank(s) {failed}" if isinstance(failed, list) else "another rank"
+            raise RuntimeError(
+                f"{who} raised an error in this step (a block whose inverse roots failed "
+                "several times in a row, or invalid options; its error names the cause); "
+                "parameters were not updated in this step"
+            )
 
     def _band(self, gi: int, pi: int, t: torch.Tensor, bid: int, piece) -> torch.Tensor:
         """The rows ``piece`` of block ``bid`` in this rank's shard of ``t`` (a DTensor)."""
@@ -483,10 +654,12 @@ class ShardedShampoo(torch.optim.Optimizer):
             if gi not in stepping or not stepping[gi][pi]:
                 return None
             p = self.param_groups[gi]["params"][pi]
+            opts = options[gi]
             if weights:
+                if weight_decay_place(opts) != "owner":
+                    return None
                 return self._band(gi, pi, p, bid, piece)
             rows = self._band(gi, pi, p.grad, bid, piece)
-            opts = options[gi]
             if weight_decay_place(opts) == "holder-grad":  # L2: G + wd W, elementwise
                 rows = rows + opts.weight_decay * self._band(gi, pi, p, bid, piece)
             return rows
@@ -500,12 +673,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 target = buf[r, piece.block_lo : piece.block_hi]
                 target.copy_(rows.view(target.shape))
 
-        with_weights = any(
-            gi in stepping and weight_decay_place(options[gi]) == "owner"
-            for gi, g in enumerate(self._plan.groups)
-            if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
-        )
-        self._row_exchange.collect(fetch, store, with_weights)
+        self._row_exchange.collect(fetch, store, self._row_weights)
 
     def _direction_rows(self, work_by_stack, stepping, gi, pi, bid, piece):
         """(rows of the block's direction, whether the block was updated), or None."""
@@ -536,10 +704,21 @@ class ShardedShampoo(torch.optim.Optimizer):
             bad &= w.rows
         for r in bad.nonzero().flatten().tolist():
             pi, bid = w.stack.row_owner[r]
+            g = w.grad[r]
+            if bool(torch.isfinite(g).all()):
+                # The squared norm overflowed: the block's factor would become infinite.
+                what = (
+                    f"too large a gradient (largest |g| {float(g.abs().max()):.3g}; its squared "
+                    f"norm overflows {g.dtype})"
+                )
+            else:
+                what = "a non-finite gradient (NaN or Inf)"
             _warn(
-                f"non-finite gradient in {self._block_name(w.group, pi, bid)} at step "
-                f"{self.param_groups[w.group]['step'] + 1}: the block is skipped",
-                NonFiniteGradientWarning,
+                NonFiniteGradientWarning(
+                    f"{what} in {self._block_name(w.group, pi, bid)}: the block is skipped in "
+                    "this step"
+                ),
+                self.param_groups[w.group]["step"] + 1,
             )
         if bad.any():
             base = torch.ones(w.stack.num_rows, dtype=torch.bool) if w.rows is None else w.rows
@@ -561,18 +740,41 @@ class ShardedShampoo(torch.optim.Optimizer):
             if count >= opts.max_consecutive_root_failures:
                 error = error or (
                     f"the inverse roots of {name} failed {count} times in a row (also in "
-                    "float64); its factors are likely non-finite or badly scaled. Parameters "
-                    "were not updated in this step."
+                    "float64); its factors are likely non-finite or badly scaled, or epsilon "
+                    "is too small for the roots to fit the parameter dtype. Parameters were "
+                    "not updated in this step."
                 )
                 continue
             _warn(
-                f"inverse roots of {name} could not be computed (failure {count} of "
-                f"{opts.max_consecutive_root_failures} allowed); keeping its previous roots",
-                RootFailureWarning,
+                RootFailureWarning(
+                    f"inverse roots of {name} could not be computed (failure {count} of "
+                    f"{opts.max_consecutive_root_failures} allowed); keeping its previous roots"
+                ),
+                self.param_groups[gi]["step"] + 1,
             )
         return error
 
     # ---------------------------------------------------------------- state
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        """``pickle`` and ``copy.deepcopy``: an optimizer rebuilt over the (copied) parameters
+        with the same groups, options and state. torch's ``Optimizer.__getstate__`` keeps only
+        defaults, state and param groups, which would leave a copy without its plan."""
+        if self._distributed:
+            raise TypeError(
+                "ShardedShampoo cannot be pickled or deep-copied while it shards its state over "
+                "a process group: each rank holds a part of the state, and a copy made on one "
+                "rank would need every rank. Save and load it with state_dict() / "
+                "sharded_shampoo.checkpoint instead."
+            )
+        groups = []
+        for g in self.param_groups:
+            params = list(g["params"])
+            if g.get("param_names"):
+                params = list(zip(g["param_names"], params))
+            groups.append({"params": params, **{k: g[k] for k in DEFAULTS}})
+        defaults = {k: self.defaults[k] for k in DEFAULTS}
+        return _rebuild, (groups, defaults, self._communication_dtype, self.state_dict())
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this process (padding included)."""
@@ -593,16 +795,37 @@ class ShardedShampoo(torch.optim.Optimizer):
 
     def bytes_sent_per_step(self) -> int:
         """Bytes this rank sends in one step's collectives (AllGather and all_to_alls), padding
-        included, with the current options."""
+        included."""
         total = self._exchange.bytes_sent_per_step if self._exchange is not None else 0
         if self._row_exchange is not None:
-            with_weights = any(
-                weight_decay_place(self._options(gi)) == "owner"
-                for gi, g in enumerate(self._plan.groups)
-                if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
-            )
-            total += self._row_exchange.bytes_sent_per_step(with_weights)
+            total += self._row_exchange.bytes_sent_per_step(self._row_weights)
         return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state (see ``load_state_dict`` for its keys), as a copy.
+
+        A copy, not views of the live state: ``dcp.load`` reads a checkpoint into the state
+        dict it is given before ``set_optimizer_state_dict`` validates it, and into live views
+        it would change the optimizer before a refused or failed load. Inside ``saving()`` the
+        tensors are views instead, which costs no copy; a save only reads them.
+        """
+        sd = super().state_dict()
+        if not self._views_for_saving:
+            sd["state"] = {
+                k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+                for k, s in sd["state"].items()
+            }
+        return sd
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Within it, ``state_dict()`` returns views of the live state instead of copies, for a
+        save (``get_optimizer_state_dict`` then ``dcp.save``), which only reads them."""
+        self._views_for_saving = True
+        try:
+            yield self
+        finally:
+            self._views_for_saving = False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads state saved by ``state_dict`` (at any world size, in any mode).
@@ -655,9 +878,15 @@ class ShardedShampoo(torch.optim.Optimizer):
                         "an optimizer built with the same model and options."
                     )
                 steps.add(int(theirs["step"]))
-            if "step" not in options:  # a regrouped load: take the step from the parameters
-                if len(steps) != 1:
-                    raise ValueError(f"param group {gi}: its parameters were saved at steps {steps}")
+            # Each parameter's own step decides: a flattened state dict gives a group the
+            # options (and step) of its first parameter only, and a regrouped load none.
+            if len(steps) > 1:
+                raise ValueError(
+                    f"param group {gi}: its parameters were saved at different steps "
+                    f"{sorted(steps)} (they were in different param groups then); load the "
+                    "state into an optimizer with the same grouping"
+                )
+            if steps:
                 options["step"] = steps.pop()
             candidate = {**group, **options}
             try:
@@ -698,3 +927,13 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._step_tensors[gi].fill_(group["step"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _rebuild(groups, defaults, communication_dtype, state) -> ShardedShampoo:
+    """Unpickles a ShardedShampoo (see ``ShardedShampoo.__reduce_ex__``). It was not sharded,
+    and the copy is not either, whatever process group exists where it is unpickled."""
+    opt = ShardedShampoo(
+        groups, **defaults, communication_dtype=communication_dtype, num_trainers_per_group=1
+    )
+    opt.load_state_dict(state)
+    return opt

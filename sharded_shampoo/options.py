@@ -8,13 +8,22 @@ changed between steps, by hand or by a scheduler, and are re-validated at every 
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["GraftingType", "GroupOptions", "DEFAULTS", "STRUCTURAL"]
+__all__ = [
+    "GraftingType",
+    "GroupOptions",
+    "DEFAULTS",
+    "STRUCTURAL",
+    "check_group_keys",
+    "check_dtype_range",
+]
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
 GraftingType = str | None
@@ -137,6 +146,17 @@ class GroupOptions:
             max_consecutive_root_failures=_int(g, "max_consecutive_root_failures", lo=1),
         )
 
+    def fields_text(self) -> tuple[str, ...]:
+        """Every option as ``name=value``, exactly (``repr`` of a float round-trips) and
+        independent of dict order: what ranks compare to agree on the options."""
+        values = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "inverse_exponent_override":
+                v = sorted(v.items())
+            values.append(f"{f.name}={v!r}")
+        return tuple(values)
+
     def exponent(self, order: int) -> float:
         """The inverse-root exponent for a block with ``order`` dims."""
         return self.inverse_exponent_override.get(order, 1.0 / (2 * order))
@@ -195,11 +215,13 @@ def _real(g: Mapping[str, Any], name: str, **kw: Any) -> float:
     return _real_value(name, g[name], **kw)
 
 
+# Integer options are recorded in int64 checkpoint records (state/record.py).
+_INT_MAX = 2**63 - 1
+
+
 def _int_value(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= _INT_MAX:
+        raise ValueError(f"{name} must be an int in [{lo}, 2**63 - 1], got {v!r}")
     return v
 
 
@@ -212,3 +234,63 @@ def _bool(g: Mapping[str, Any], name: str) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"{name} must be True or False, got {v!r}")
     return v
+
+
+# Keys a param group may hold besides the options: torch's own, hints other optimizers take that
+# mean nothing here (torchtitan puts ``fused`` and ``foreach`` in every group), and what torch's
+# LR schedulers add (present when a group is rebuilt from another optimizer's param_groups).
+_OTHER_KEYS = {
+    "params", "param_names", "step", "fused", "foreach",
+    "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum",
+}
+# Options of the whole optimizer, not of a group.
+_CONSTRUCTOR_ONLY = ("mesh", "communication_dtype", "num_trainers_per_group")
+
+
+def check_group_keys(group: Mapping[str, Any]) -> None:
+    """Raises ValueError for a key that is neither an option nor a known harmless one, so that a
+    misspelt option (``eps`` for ``epsilon``) is not silently ignored."""
+    for key in group:
+        if key in DEFAULTS or key in _OTHER_KEYS:
+            continue
+        if key in _CONSTRUCTOR_ONLY:
+            raise ValueError(
+                f"{key} is an option of the whole optimizer: pass it to ShardedShampoo(...), "
+                "not in a param group"
+            )
+        close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1, cutoff=0.5)
+        if key == "eps":
+            close = ["epsilon"]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown option {key!r}{hint}; ShardedShampoo's options are {', '.join(DEFAULTS)}"
+        )
+
+
+def check_dtype_range(opts: GroupOptions, param_dtypes: Iterable[torch.dtype]) -> None:
+    """Raises ValueError for an option that the dtypes it is used in cannot hold: ``lr`` scales
+    updates in the parameter dtype and ``weight_decay`` in the math dtype (an overflow would
+    raise in the middle of a step), ``epsilon`` is added in the root dtype and
+    ``grafting_epsilon`` in the math dtype (a value that rounds to 0 there is no epsilon)."""
+    for dtype in set(param_dtypes):
+        math_dtype = torch.promote_types(dtype, torch.float32)
+        root_dtype = torch.promote_types(opts.factor_dtype, torch.float32)
+        for name, value, where, what in (
+            ("lr", opts.lr, dtype, "parameter"),
+            ("weight_decay", opts.weight_decay, math_dtype, "math"),
+        ):
+            if value > torch.finfo(where).max:
+                raise ValueError(
+                    f"{name}={value!r} overflows {where}, the {what} dtype of this group's "
+                    f"{dtype} parameters (largest: {torch.finfo(where).max:.3g})"
+                )
+        for name, value, where, what in (
+            ("epsilon", opts.epsilon, root_dtype, "dtype inverse roots are computed in"),
+            ("grafting_epsilon", opts.grafting_epsilon, math_dtype, "math dtype"),
+        ):
+            if torch.tensor(value, dtype=where).item() == 0.0:
+                raise ValueError(
+                    f"{name}={value!r} rounds to 0 in {where}, the {what} (smallest: "
+                    f"{torch.finfo(where).smallest_normal:.3g}); use a larger {name}"
+                    + (" or factor_dtype=torch.float64" if name == "epsilon" else "")
+                )

@@ -21,6 +21,7 @@ __all__ = [
     "device_type",
     "fsdp_layout",
     "is_dtensor",
+    "shard_layout",
     "shard_mesh",
     "weight_decay_place",
 ]
@@ -120,14 +121,16 @@ def device_type(params: list) -> str:
     return next((t.device.type for t in iter_tensors(params)), "cpu")
 
 
-def shard_mesh(mesh: Any, num_trainers_per_group: int | None, device_type: str):
-    """The 1-D DeviceMesh blocks are sharded over, or None to compute everything locally."""
+def shard_layout(mesh: Any, num_trainers_per_group: int | None) -> tuple[int, int]:
+    """``(k, i)``: blocks are sharded over k ranks, of which this one is the i-th (k = 1: every
+    block is computed here). Creates no process group: ranks must first agree on the settings
+    (a mesh built from settings that differ between ranks hangs in ``new_group``)."""
     if mesh is not None:
         if num_trainers_per_group is not None:
             raise ValueError("pass either mesh or num_trainers_per_group, not both")
         if mesh.ndim != 1:
             raise ValueError(f"mesh must be a 1-D DeviceMesh, got {mesh.ndim} dims")
-        return mesh if mesh.size() > 1 else None
+        return (mesh.size(), mesh.get_local_rank()) if mesh.size() > 1 else (1, 0)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     k = world if num_trainers_per_group is None else num_trainers_per_group
@@ -137,9 +140,16 @@ def shard_mesh(mesh: Any, num_trainers_per_group: int | None, device_type: str):
             f"{num_trainers_per_group!r}"
         )
     if k == 1:
-        return None
+        return 1, 0
+    # Groups of k consecutive ranks: rank r is (r // k, r % k) on a (world // k, k) mesh.
+    return k, dist.get_rank() % k
+
+
+def shard_mesh(k: int, device_type: str):
+    """The 1-D DeviceMesh of the k ranks this one shards blocks with (see ``shard_layout``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    world = dist.get_world_size()
     if k == world:
         return init_device_mesh(device_type, (world,))
     mesh2d = init_device_mesh(

@@ -53,14 +53,20 @@ def inverse_roots(
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
         roots = torch.empty_like(a)
         ok = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+    roots = roots.to(out_dtype)
+    if out_dtype != work_dtype:
+        # Narrowing can overflow (roots of float64 factors with a tiny epsilon, kept in float32).
+        ok &= torch.isfinite(roots).flatten(1).all(1)
     if not bool(ok.all()):
-        # Rare: retry the failed matrices alone, in float64.
+        # Rare: retry the failed matrices alone, in float64; a root is kept only if it is still
+        # finite in the dtype it is stored in.
         for j in (~ok).nonzero().flatten().tolist():
             try:
                 r, good = _roots_from_eigh(a[j : j + 1].double(), scale, epsilon, exponent)
             except RuntimeError:
                 continue
-            if bool(good.all()):
-                roots[j] = r[0].to(work_dtype)
+            r = r[0].to(out_dtype)
+            if bool(good.all()) and bool(torch.isfinite(r).all()):
+                roots[j] = r
                 ok[j] = True
-    return roots.to(out_dtype), ok
+    return roots, ok

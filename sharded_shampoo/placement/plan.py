@@ -33,16 +33,13 @@ class GroupSpec:
     def sharding(self, p: int) -> RowSharding | None:
         return None if self.shardings is None else self.shardings[p]
 
-    def param_fingerprints(self, group_index: int) -> list[str]:
-        """One short digest per parameter of everything that decides its blocks and cost."""
-        out = []
-        for pi, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes)):
-            text = (
-                f"{group_index}/{pi}:{shape}:{dtype}:{self.opts.structure()}:"
-                f"{self.opts.precondition_frequency}:{self.sharding(pi)}"
-            )
-            out.append(hashlib.sha1(text.encode()).hexdigest()[:16])
-        return out
+    def param_fingerprints(self) -> list[str]:
+        """Per parameter, what decides its blocks besides the group's options (which ranks
+        compare separately): shape, dtype and sharding."""
+        return [
+            f"{shape}:{dtype}:{self.sharding(pi)}"
+            for pi, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes))
+        ]
 
 
 @dataclass(frozen=True)
@@ -72,6 +69,7 @@ class Plan:
         self.groups: list[GroupPlan] = []
         self.loads = [0.0] * world_size
         self.costs: list[float] = []
+        self._loads_before: list[list[float]] = []
 
     def add_group(self, spec: GroupSpec) -> GroupPlan:
         opts = spec.opts
@@ -110,9 +108,16 @@ class Plan:
         )
         plan = GroupPlan(spec, blockings, tuple(owners), layouts)
         self.groups.append(plan)
+        self._loads_before.append(self.loads)
         self.loads = list(assignment.loads)
         self.costs.extend(costs)
         return plan
+
+    def pop_group(self) -> None:
+        """Removes the last group (a refused ``add_param_group``)."""
+        group = self.groups.pop()
+        self.loads = self._loads_before.pop()
+        del self.costs[len(self.costs) - sum(b.num_blocks for b in group.blockings) :]
 
     @property
     def num_blocks(self) -> int:

@@ -1,10 +1,8 @@
-"""One flat buffer per dtype holding all of a rank's optimizer state, as a sharded DTensor.
+"""One flat buffer per dtype holding a rank's optimizer state for a param group.
 
-Each rank's state is packed back to back; every rank's buffer is padded to the longest one, so
-that the per-rank pieces form a DTensor with ``Shard(0)`` over the mesh in the torch.chunk layout
-DTensor understands (local pieces of unequal sizes are not supported). Padding is the only waste:
-with a balanced plan it is the gap between a rank's state and the largest rank's. Stacks are
-plain-tensor views into the local piece, so the math never pays DTensor dispatch.
+Each rank packs the state of the blocks it owns back to back, and nothing else: no padding to
+another rank's size, so a rank's memory is exactly what the plan gives it. Stacks are views into
+the buffer, so state is updated in place and its per-block views stay valid.
 """
 
 from __future__ import annotations
@@ -28,26 +26,13 @@ def pooled_sizes(specs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> dict[t
 
 
 class StatePool:
-    """Hands out views of one zero-initialized buffer per dtype.
+    """Hands out views of one zero-initialized buffer per dtype of ``lengths[dtype]`` elements."""
 
-    ``lengths[dtype]`` is the padded local length (the largest rank's need); ``mesh``, when
-    given, is the 1-D DeviceMesh the buffers are sharded over.
-    """
-
-    def __init__(self, lengths: dict[torch.dtype, int], device: torch.device, mesh=None) -> None:
+    def __init__(self, lengths: dict[torch.dtype, int], device: torch.device) -> None:
         self.buffers = {
             dtype: torch.zeros(n, dtype=dtype, device=device) for dtype, n in lengths.items()
         }
         self._used = {dtype: 0 for dtype in lengths}
-        self.dtensors = {}
-        if mesh is not None:
-            from torch.distributed.tensor import DTensor, Shard
-
-            world = mesh.size()
-            for dtype, buf in self.buffers.items():
-                self.dtensors[dtype] = DTensor.from_local(
-                    buf, mesh, [Shard(0)], run_check=False, shape=(world * buf.numel(),), stride=(1,)
-                )
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = 1

@@ -124,13 +124,8 @@ class GroupBlocks:
         return out
 
 
-def pool_lengths(
-    layouts_per_rank: tuple[tuple[StackLayout, ...], ...], opts: GroupOptions
-) -> dict[torch.dtype, int]:
-    """Per dtype, the longest rank's need: the padded local length of a group's pool."""
-    lengths: dict[torch.dtype, int] = {}
-    for layouts in layouts_per_rank:
-        specs = [(shape, dtype) for lay in layouts for _, shape, dtype in state_spec(lay, opts)]
-        for dtype, n in pooled_sizes(specs).items():
-            lengths[dtype] = max(lengths.get(dtype, 0), n)
-    return lengths
+def pool_lengths(layouts: tuple[StackLayout, ...], opts: GroupOptions) -> dict[torch.dtype, int]:
+    """Per dtype, the elements of state the stacks ``layouts`` (one rank's) take."""
+    return pooled_sizes(
+        (shape, dtype) for lay in layouts for _, shape, dtype in state_spec(lay, opts)
+    )
