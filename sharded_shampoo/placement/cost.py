@@ -17,8 +17,8 @@ same kind of estimate for the dozen memory-bound passes over a block each step.
 
 Its memory is ``block_state_elements``: a factor and a root per dim (2 d_i^2) plus the vector
 states. The planner balances the cost above, not the memory: within one block shape the two are
-proportional, and across shapes the state pool pads every rank to the largest (measured: 0.506
-of one process per rank at 2 ranks, 0.260 at 4, on the test model).
+proportional; across shapes a rank holds what its blocks need (pools are not padded), so its
+memory follows the compute balance only roughly.
 
 So a 1024 x 1024 block (8.6 GFLOP per step plus 2 x 15 GFLOP every f steps) costs far more
 than sixteen 256 x 256 blocks (16 x 0.54 GFLOP), though their bytes are the same.
