@@ -148,11 +148,7 @@ def truncated_checkpoint(rank, world, root):
         with open(path, "r+b") as fh:
             fh.truncate(size // 2)
     dist.barrier()
-    model, wrapped, opt = ckpt_cases.build("ddp", world)
-    _train(model, wrapped, opt, rank, world, 1, start=50)  # state that differs from the saved one
-    before = _snapshot(model, opt)
-    message = _outcome(lambda: load_checkpoint(os.path.join(root, "truncated"), wrapped, opt))
-    return message, _unchanged(before, model, opt), _group_still_works(world)
+    return _load_into_test_network(os.path.join(root, "truncated"), rank, world)
 
 
 def plain_dcp_load_refused(rank, world, root):
@@ -195,10 +191,16 @@ def other_model_checkpoint(rank, world, root):
     _grads(big, wrapped, rank, world)
     opt.step()
     save_checkpoint(os.path.join(root, "bigger"), wrapped, opt)
+    return _load_into_test_network(os.path.join(root, "bigger"), rank, world)
+
+
+def _load_into_test_network(path, rank, world):
+    """load_checkpoint into the test network after a step of its own: (outcome, whether the
+    model and optimizer are unchanged, whether the group still works)."""
     model, wrapped, opt = ckpt_cases.build("ddp", world)
     _train(model, wrapped, opt, rank, world, 1)
     before = _snapshot(model, opt)
-    message = _outcome(lambda: load_checkpoint(os.path.join(root, "bigger"), wrapped, opt))
+    message = _outcome(lambda: load_checkpoint(path, wrapped, opt))
     return message, _unchanged(before, model, opt), _group_still_works(world)
 
 
@@ -206,24 +208,19 @@ def groups_at_different_steps(rank, world, root):
     """Two param groups saved at steps 9 and 3, loaded into one group (flattened state dicts
     give a group the step of its first parameter): refused, nothing changed."""
     model, wrapped, opt = _two_groups(world)
-    layers = list(model.children())
     per = fsdp_cases.BATCH // world
     for step in range(9):
         opt.zero_grad()
         x, y = fsdp_cases.batch(step)
-        loss = torch.nn.functional.cross_entropy(wrapped(x[rank * per : (rank + 1) * per]), y[rank * per : (rank + 1) * per])
-        loss.backward()
+        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        torch.nn.functional.cross_entropy(wrapped(x), y).backward()
         if step % 3:  # the second group's layer gets no gradient in 6 of the 9 steps
-            for p in layers[-1].parameters():
+            for p in model.out.parameters():
                 p.grad = None
         opt.step()
     assert [g["step"] for g in opt.param_groups] == [9, 3], [g["step"] for g in opt.param_groups]
     save_checkpoint(os.path.join(root, "two-groups"), wrapped, opt)
-    model, wrapped, opt = ckpt_cases.build("ddp", world)
-    _train(model, wrapped, opt, rank, world, 1)
-    before = _snapshot(model, opt)
-    message = _outcome(lambda: load_checkpoint(os.path.join(root, "two-groups"), wrapped, opt))
-    return message, _unchanged(before, model, opt), _group_still_works(world)
+    return _load_into_test_network(os.path.join(root, "two-groups"), rank, world)
 
 
 def _two_groups(world):
