@@ -101,7 +101,9 @@ def _train_until_error(rank, world):
 def added_group(rank, world, steps=32):
     """The second param group arrives through add_param_group after construction."""
     groups = scenarios.make_params(scenarios.GROUP_SHAPES)
-    opt = ShardedShampoo([{"params": groups[0], **scenarios.GROUP_OPTIONS[0]}])
+    opt = ShardedShampoo(
+        [{"params": groups[0], **scenarios.GROUP_OPTIONS[0]}], communication_dtype=torch.float64
+    )
     opt.add_param_group({"params": groups[1], **scenarios.GROUP_OPTIONS[1]})
     for step in range(steps):
         scenarios.set_grads(groups, step)

@@ -185,7 +185,7 @@ def other_model_checkpoint(rank, world, root):
     """A checkpoint of a model with an extra layer: refused from its metadata, naming the
     layer, before anything is read (before, it loaded silently)."""
     torch.manual_seed(0)
-    big = _Bigger()
+    big = _Bigger().double()
     wrapped = torch.nn.parallel.DistributedDataParallel(big)
     opt = ShardedShampoo([p for p in big.parameters() if p.requires_grad], **fsdp_cases.OPTIONS)
     _grads(big, wrapped, rank, world)

@@ -34,8 +34,9 @@ class Net(torch.nn.Module):
         return self.out(torch.cat([h[:, :8], m], dim=1))
 
 
+# float64 throughout, as in scenarios.py.
 OPTIONS = dict(
-    lr=0.01, betas=(0.9, 0.999), max_preconditioner_dim=8, precondition_frequency=5,
+    factor_dtype=torch.float64, communication_dtype=torch.float64, lr=0.01, betas=(0.9, 0.999), max_preconditioner_dim=8, precondition_frequency=5,
     epsilon=1e-4, momentum=0.5, weight_decay=0.01,
 )
 
@@ -43,13 +44,13 @@ OPTIONS = dict(
 def batch(step, size=BATCH):
     """A learnable task: labels from a fixed linear teacher."""
     x, _ = scenarios.global_batch(step, size)
-    teacher = torch.randn(12, 3, generator=torch.Generator().manual_seed(99))
+    teacher = torch.randn(12, 3, generator=torch.Generator().manual_seed(99), dtype=x.dtype)
     return x, (x @ teacher).argmax(1)
 
 
 def make_net():
     torch.manual_seed(0)
-    return Net()
+    return Net().double()
 
 
 def train_reference(steps=STEPS, **overrides):

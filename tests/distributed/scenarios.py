@@ -1,4 +1,11 @@
-"""Training scenarios run both in one process (the reference) and on every rank of a group."""
+"""Training scenarios run both in one process (the reference) and on every rank of a group.
+
+Everything is float64 (parameters, factors, gradients, communication): in float32, merely
+splitting a batch differently moves the parameters by far more than a routing bug of small
+magnitude would (rounding amplified by the inverse roots), so only float64 comparisons to about
+1e-9 can tell exactness from approximation. Float32 and bfloat16 communication are separate
+cases with their own tolerances.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +21,26 @@ GROUP_SHAPES = [
 ]
 GROUP_OPTIONS = [
     dict(
-        lr=0.02, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=8,
+        factor_dtype=torch.float64, lr=0.02, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=8,
         precondition_frequency=5, epsilon=1e-4, grafting="adam", weight_decay=0.01,
     ),
     dict(
-        lr=0.01, betas=(0.0, 1.0), max_preconditioner_dim=6, precondition_frequency=4,
+        factor_dtype=torch.float64, lr=0.01, betas=(0.0, 1.0), max_preconditioner_dim=6, precondition_frequency=4,
         epsilon=1e-3, grafting="adagrad", weight_decay=0.05, decoupled_weight_decay=False,
         nesterov=True, momentum=0.8,
     ),
 ]
 TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
-TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4)]
+TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dtype=torch.float64)]
 
 
-def make_params(shapes, seed=0):
+
+def make_params(shapes, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen).requires_grad_() for s in group] for group in shapes]
+    return [
+        [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in group]
+        for group in shapes
+    ]
 
 
 def set_grads(groups, step):
@@ -37,13 +48,14 @@ def set_grads(groups, step):
     gen = torch.Generator().manual_seed(10_000 + step)
     for group in groups:
         for i, p in enumerate(group):
-            g = torch.randn(p.shape, generator=gen)
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
             p.grad = None if (step + i) % 5 == 0 else g
 
 
 def train_with_same_grads(steps=32, shapes=GROUP_SHAPES, options=GROUP_OPTIONS, **optimizer_kwargs):
     """Returns (parameters after ``steps``, the optimizer)."""
     groups = make_params(shapes)
+    optimizer_kwargs.setdefault("communication_dtype", torch.float64)
     opt = ShardedShampoo(
         [{"params": ps, **o} for ps, o in zip(groups, options)], **optimizer_kwargs
     )
@@ -69,15 +81,16 @@ def make_mlp(seed=0):
     return torch.nn.Sequential(
         torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24), torch.nn.Tanh(),
         torch.nn.Linear(24, 3),
-    )
+    ).double()
 
 
 def global_batch(step, size=32):
     gen = torch.Generator().manual_seed(step)
-    return torch.randn(size, 12, generator=gen), torch.randint(0, 3, (size,), generator=gen)
+    x = torch.randn(size, 12, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 3, (size,), generator=gen)
 
 
 DDP_OPTIONS = dict(
-    lr=0.01, betas=(0.9, 0.999), max_preconditioner_dim=16, precondition_frequency=5,
+    factor_dtype=torch.float64, communication_dtype=torch.float64, lr=0.01, betas=(0.9, 0.999), max_preconditioner_dim=16, precondition_frequency=5,
     epsilon=1e-4, momentum=0.5,
 )

@@ -3,7 +3,7 @@
 Blocks come from the full parameter shapes, so the result does not depend on how FSDP2 shards
 the rows. Each rank trains on its own slice of the global batch; FSDP2 averages gradients with
 a reduce-scatter, whose summation order differs from one process summing the whole batch, so
-the comparison uses the DDP tests' tolerance (same epsilon, same reasoning).
+the comparison uses the DDP tests' float64 tolerance (same reasoning).
 """
 
 from __future__ import annotations
