@@ -113,6 +113,7 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
     t0 = time.perf_counter()
     opt = ShardedShampoo(params, lr=1e-4, precondition_frequency=100)
     r["construction_s"] = time.perf_counter() - t0
+    pretend_peers_answered(opt)
 
     def set_grads():
         for p in params:
@@ -133,19 +134,45 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     r["step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
 
-    # The rank's own block math alone, on copies of its stacks (the same work the step does).
-    math_s = 0.0
-    for gi, blocks in enumerate(opt._blocks):
-        o = opt._options(gi)
-        for stack in blocks.stacks:
-            state = stack.state.clone()
-            grad = torch.randn(stack.num_rows, *stack.block_shape, generator=gen)
-            t0 = time.perf_counter()
-            stack_step(state, grad, None, o, opt.param_groups[gi]["step"] + 1)
-            math_s += time.perf_counter() - t0
-    r["math_s"] = math_s
+    # The rank's own block math alone, on copies of its stacks (the same work the step does);
+    # the faster of two rounds, as the step's time is a median past the first step.
+    rounds = []
+    for _ in range(2):
+        math_s = 0.0
+        for gi, blocks in enumerate(opt._blocks):
+            o = opt._options(gi)
+            for stack in blocks.stacks:
+                state = stack.state.clone()
+                grad = torch.randn(stack.num_rows, *stack.block_shape, generator=gen)
+                t0 = time.perf_counter()
+                stack_step(state, grad, None, o, opt.param_groups[gi]["step"] + 1)
+                math_s += time.perf_counter() - t0
+        rounds.append(math_s)
+    r["math_s"] = min(rounds)
     r.update(plan_figures(opt, parallelism, world))
     return r
+
+
+def pretend_peers_answered(opt) -> None:
+    """Make what the "peers" sent look like a healthy step, so that rank 0 does all the work a
+    real step does: every received piece flagged as updated, every status word 0 with an
+    options digest of 0 (this rank's digest is made 0 too). The fake process group's
+    all_to_all_single copies this rank's own chunk over the whole output, which would overwrite
+    that; here it leaves the output as it was instead."""
+    import torch.distributed as dist
+
+    dist.all_to_all_single = lambda *args, **kwargs: None
+    opt._step_digest = lambda stepping, options: 0
+    ex = opt._row_exchange
+    if ex is None:
+        return
+    for recv, chunks in (("dir_recv", ex.dir_recv), ("fwd_recv", getattr(ex, "fwd", None))):
+        if chunks is None:
+            continue
+        buf = ex._bufs[recv]
+        buf.zero_()
+        for flags in chunks.flag_at:
+            buf[flags] = 1.0
 
 
 def plan_figures(opt, parallelism: str, world: int) -> dict:

@@ -17,6 +17,7 @@ a collective or replicas drifting apart.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ class DirectionExchange:
         for r in range(plan.world_size):
             start, segs = 0, []
             for gi, group in enumerate(plan.groups):
-                for si, layout in enumerate(group.layouts[r]):
+                for si, layout in enumerate(group.layout(r)):
                     if layout.row_sharded:  # these go by RowShardedExchange
                         continue
                     segs.append((gi, si, layout, start))
@@ -200,6 +201,36 @@ def read_status(words: torch.Tensor) -> tuple[list[int], list[int]]:
     return flags, digests
 
 
+class _Chunks:
+    """A flat buffer cut into one chunk per peer, each holding pieces back to back, then
+    ``extra`` words (a flag per piece, and status words). ``entries[j]`` lists
+    ``(offset, route)`` of the pieces of peer ``j``'s chunk; ``sizes[j]`` is the chunk's length
+    (what ``all_to_all_single`` takes as split sizes)."""
+
+    def __init__(self, per_peer: list[list[tuple]], sections: int, flags: bool, status: bool):
+        self.entries: list[list[tuple[int, tuple]]] = []
+        self.flag_at: list[list[int]] = []  # per peer: where each piece's flag sits
+        self.status_at: list[int] = []  # per peer: where its status words start
+        self.sizes: list[int] = []
+        start = 0
+        for routes in per_peer:
+            data = sum(r[-1] for r in routes)
+            entries, off = [], start
+            for r in routes:
+                entries.append((off, r))
+                off += r[-1]
+            self.entries.append(entries)
+            end = start + sections * data
+            self.flag_at.append(list(range(end, end + len(routes))) if flags else [])
+            end += len(routes) if flags else 0
+            self.status_at.append(end)
+            end += STATUS_WORDS if status else 0
+            self.sizes.append(end - start)
+            start = end
+        self.total = start
+        self.data = [sum(r[-1] for r in routes) for routes in per_peer]  # per section
+
+
 class RowShardedExchange:
     """Moves rows of row-sharded (FSDP2, HSDP) parameters between shard holders and owners.
 
@@ -211,16 +242,20 @@ class RowShardedExchange:
     2. direction rows (``communication_dtype``) go from the owner to the holder of those rows
        in its own group, by one more ``all_to_all_single`` over the shard group;
     3. under HSDP only, every rank forwards the direction rows for its shard that its group
-       computed to the same shard's holders in the other groups, by one
-       ``all_gather_single`` over the replicate group: the work is split over all R x S ranks,
-       and each row crosses replica groups once.
+       computed to the same shard's holders in the other groups, by one ``all_to_all_single``
+       over the replicate group: the work is split over all R x S ranks, and each row crosses
+       replica groups once.
 
-    gloo needs equal split sizes, so chunks are padded to the largest pair; every rank derives
-    all layouts from the plan in canonical order, so no sizes are exchanged. Every direction
-    piece carries a flag (updated, or skipped for a non-finite gradient), and every chunk ends
-    with a status word: a failure anywhere reaches every rank (through steps 2 and 3) before
-    any rank applies anything. Values are rounded to ``communication_dtype`` before any rank,
-    the owner included, applies them, so replicas of a row stay identical.
+    Exactly the rows that must move are sent: each rank sends each peer the pieces that peer
+    needs, with ``all_to_all_single``'s split sizes, no padding. Both sides of a pair derive
+    the same pieces in the same canonical order (group, parameter, block) from the plan, so no
+    sizes are exchanged; each rank computes only its own pieces (those of the rows it holds and
+    of the blocks it owns), so set-up does not grow with the world size. Buffers are allocated
+    once. Every direction piece carries a flag (updated, or skipped for a non-finite gradient),
+    and every chunk ends with status words (see above): a failure or a disagreement anywhere
+    reaches every rank (through steps 2 and 3) before any rank applies anything. Values are
+    rounded to ``communication_dtype`` before any rank, the owner included, applies them, so
+    replicas of a row stay identical.
     """
 
     def __init__(
@@ -233,8 +268,9 @@ class RowShardedExchange:
         dtype: torch.dtype,
         grad_dtype: torch.dtype,
         device: torch.device,
+        with_weights: bool = False,
     ) -> None:
-        from .placement.sharding import block_pieces
+        from .placement.sharding import band_pieces, pieces_of_block
 
         self.rank = rank
         self.replica, self.shard = coords[rank]
@@ -243,105 +279,105 @@ class RowShardedExchange:
         self.num_shards = len(holders)
         self.num_replicas = len(holders[0]) if holders else 1
         self.dtype, self.grad_dtype, self.device = dtype, grad_dtype, device
-        # Entries are (peer shard or replica index, offset, gi, pi, bid, piece, elements).
-        self.grad_in: list[tuple] = []  # gradient pieces of my blocks, from a holder
-        self.grad_out: list[tuple] = []  # gradient pieces I hold, for an owner
-        self.upd_out: list[tuple] = []  # direction pieces of my blocks, for a holder
-        self.upd_in: list[tuple] = []  # direction pieces of my rows, from an owner in my group
-        self.forward: list[tuple] = []  # (my offset, entry): pieces I forward to other groups
-        self.forwarded: list[tuple] = []  # (replica, offset, entry): pieces forwarded to me
-        grad_used: dict[tuple[int, int], int] = {}
-        upd_used: dict[tuple[int, int], int] = {}
-        fwd_used: dict[tuple[int, int], int] = {}
+        self.with_weights = with_weights
+        S, R, q, k = self.num_shards, self.num_replicas, self.replica, self.shard
+        # Routes are (gi, pi, bid, piece, elements).
+        held: list[tuple[tuple, int]] = []  # pieces of my rows, with their block's owner
+        owned: list[tuple] = []  # pieces of my blocks
         for gi, group in enumerate(plan.groups):
+            mine = group.owned.get(rank, {})
             for pi, blocking in enumerate(group.blockings):
                 sharding = group.spec.sharding(pi)
                 if sharding is None:
                     continue
-                for bid, pieces in enumerate(block_pieces(blocking, sharding)):
-                    owner = group.owners[pi][bid]
-                    q, ko = coords[owner]
-                    cols = 1
-                    for d in blocking.block_shape(bid)[1:]:
-                        cols *= d
-                    for piece in pieces:
-                        n = piece.rows * cols
-                        entry = (gi, pi, bid, piece, n)
-                        holder = holders[piece.shard][q]  # in the owner's group
-                        off = grad_used.get((holder, owner), 0)
-                        grad_used[(holder, owner)] = off + n
-                        if owner == rank:
-                            self.grad_in.append((piece.shard, off, *entry))
-                        if holder == rank:
-                            self.grad_out.append((ko, off, *entry))
-                        # + 1 element: the block's updated flag.
-                        off = upd_used.get((owner, holder), 0)
-                        upd_used[(owner, holder)] = off + n + 1
-                        if owner == rank:
-                            self.upd_out.append((piece.shard, off, *entry))
-                        if holder == rank:
-                            self.upd_in.append((ko, off, *entry))
-                        off = fwd_used.get((q, piece.shard), 0)
-                        fwd_used[(q, piece.shard)] = off + n + 1
-                        if holder == rank:
-                            self.forward.append((off, *entry))
-                        elif piece.shard == self.shard:
-                            self.forwarded.append((q, off, *entry))
-        # Chunks to oneself are never sent: only pairs of different ranks set the sizes.
-        self.grad_chunk = max([n for (a, b), n in grad_used.items() if a != b], default=0)
-        self.upd_chunk = (
-            max([n for (a, b), n in upd_used.items() if a != b], default=0) + STATUS_WORDS
+                for bid, piece in band_pieces(blocking, sharding, k):
+                    n = piece.rows * math.prod(blocking.block_shape(bid)[1:])
+                    held.append(((gi, pi, bid, piece, n), group.owners[pi][bid]))
+                for bid in sorted(mine.get(pi, ())):
+                    cols = math.prod(blocking.block_shape(bid)[1:])
+                    owned += [(gi, pi, bid, p, p.rows * cols) for p in pieces_of_block(blocking, sharding, bid)]
+        grad_out: list[list[tuple]] = [[] for _ in range(S)]  # by owner's shard index
+        dir_in: list[list[tuple]] = [[] for _ in range(S)]
+        forward: list[list[tuple]] = [[] for _ in range(R)]  # my rows, by owner's replica group
+        for route, owner in held:
+            qo, ko = coords[owner]
+            if qo == q:
+                grad_out[ko].append(route)
+                dir_in[ko].append(route)
+            forward[qo].append(route)
+        grad_in: list[list[tuple]] = [[] for _ in range(S)]  # by holder's shard index
+        for route in owned:
+            grad_in[route[3].shard].append(route)
+        # Pieces I hold of my own blocks never travel: they are handed over here.
+        self.local = grad_in[k]
+        grad_out[k], grad_in[k], dir_in[k] = [], [], []
+        sections = 2 if with_weights else 1
+        self.grad_send = _Chunks(grad_out, sections, flags=False, status=False)
+        self.grad_recv = _Chunks(grad_in, sections, flags=False, status=False)
+        self.dir_send = _Chunks(grad_in, 1, flags=True, status=True)
+        self.dir_recv = _Chunks(dir_in, 1, flags=True, status=True)
+        self._bufs = {
+            "grad_send": torch.zeros(self.grad_send.total, dtype=grad_dtype, device=device),
+            "grad_recv": torch.zeros(self.grad_recv.total, dtype=grad_dtype, device=device),
+            "dir_send": torch.zeros(self.dir_send.total, dtype=dtype, device=device),
+            "dir_recv": torch.zeros(self.dir_recv.total, dtype=dtype, device=device),
+        }
+        # Where flags and status words sit in what arrives, to read them with one host sync.
+        self._dir_words = torch.tensor(
+            [i for j in range(S) for i in self.dir_recv.flag_at[j]]
+            + [self.dir_recv.status_at[j] + w for j in range(S) if j != k for w in range(STATUS_WORDS)],
+            dtype=torch.long, device=device,
         )
-        self.fwd_chunk = (
-            max([n for (q, k), n in fwd_used.items() if k == self.shard], default=0)
-            + STATUS_WORDS
-        )
-        # Where the "updated" flags of received pieces sit, to read them all with one host sync
-        # instead of one per piece.
-        self._in_flags = torch.tensor(
-            # (pieces from myself are never sent: 0 stands in, and is not read)
-            [peer * self.upd_chunk + off + n if peer != self.shard else 0
-             for peer, off, *_, n in self.upd_in],
-            dtype=torch.long,
-        )
-        self._fwd_flags = torch.tensor(
-            [q * self.fwd_chunk + off + n for q, off, *_, n in self.forwarded], dtype=torch.long
-        )
+        if R > 1:
+            # The same payload (my rows computed in my group) goes to every other group.
+            self.fwd = _Chunks(forward, 1, flags=True, status=True)
+            self._payload = self.fwd.entries[q], self.fwd.flag_at[q], self.fwd.status_at[q]
+            start = self.fwd.status_at[q] + STATUS_WORDS - self.fwd.sizes[q]
+            self._payload_start = start
+            self._bufs["fwd_send"] = torch.zeros(R * self.fwd.sizes[q], dtype=dtype, device=device)
+            self._bufs["fwd_recv"] = torch.zeros(self.fwd.total, dtype=dtype, device=device)
+            self._fwd_words = torch.tensor(
+                [i for j in range(R) if j != q for i in self.fwd.flag_at[j]]
+                + [self.fwd.status_at[j] + w for j in range(R) if j != q for w in range(STATUS_WORDS)],
+                dtype=torch.long, device=device,
+            )
 
-    def bytes_sent_per_step(self, with_weights: bool) -> int:
-        grads = self.grad_chunk * (2 if with_weights else 1) * _itemsize(self.grad_dtype)
-        sent = (self.num_shards - 1) * (grads + self.upd_chunk * _itemsize(self.dtype))
+    def bytes_sent_per_step(self) -> int:
+        """Exactly what this rank sends to other ranks in one step."""
+        others = [j for j in range(self.num_shards) if j != self.shard]
+        sent = sum(self.grad_send.sizes[j] for j in others) * _itemsize(self.grad_dtype)
+        sent += sum(self.dir_send.sizes[j] for j in others) * _itemsize(self.dtype)
         if self.num_replicas > 1:
-            sent += (self.num_replicas - 1) * self.fwd_chunk * _itemsize(self.dtype)
+            sent += (self.num_replicas - 1) * self.fwd.sizes[self.replica] * _itemsize(self.dtype)
         return sent
 
-    def collect(self, fetch_rows, store_rows, with_weights: bool) -> None:
+    def collect(self, fetch_rows, store_rows) -> None:
         """Sends my gradient (and weight) rows to their blocks' owners; stores what I receive.
 
         ``fetch_rows(gi, pi, bid, piece, weights)`` returns my rows of a block (or None when the
-        parameter has no gradient); ``store_rows(gi, pi, bid, piece, rows, weights)`` puts a
-        piece of one of my blocks into its stack.
+        parameter has no gradient, or its weights are not needed: what is sent then is not
+        read); ``store_rows(gi, pi, bid, piece, rows, weights)`` puts a piece of one of my
+        blocks into its stack.
         """
-        chunk = self.grad_chunk * (2 if with_weights else 1)
-        send = torch.zeros(self.num_shards, chunk, dtype=self.grad_dtype, device=self.device)
-        sections = (False, True) if with_weights else (False,)
-        for peer, off, gi, pi, bid, piece, n in self.grad_out:
-            for weights in sections:
+        sections = (False, True) if self.with_weights else (False,)
+        send, recv = self._bufs["grad_send"], self._bufs["grad_recv"]
+        for weights in sections:
+            for gi, pi, bid, piece, n in self.local:
                 rows = fetch_rows(gi, pi, bid, piece, weights)
-                if rows is None:
-                    continue
-                if peer == self.shard:  # I own it: no need to send
+                if rows is not None:
                     store_rows(gi, pi, bid, piece, rows, weights)
-                else:
-                    start = off + (self.grad_chunk if weights else 0)
-                    send[peer, start : start + n] = rows.reshape(-1)
-        recv = self._all_to_all(send)
-        for peer, off, gi, pi, bid, piece, n in self.grad_in:
-            if peer == self.shard:
-                continue
-            for weights in sections:
-                start = off + (self.grad_chunk if weights else 0)
-                store_rows(gi, pi, bid, piece, recv[peer, start : start + n], weights)
+            for j, entries in enumerate(self.grad_send.entries):
+                shift = self.grad_send.data[j] if weights else 0
+                for off, (gi, pi, bid, piece, n) in entries:
+                    rows = fetch_rows(gi, pi, bid, piece, weights)
+                    if rows is not None:
+                        send[off + shift : off + shift + n] = rows.reshape(-1)
+        self._all_to_all(recv, send, self.grad_recv.sizes, self.grad_send.sizes, self.shard_group)
+        for weights in sections:
+            for j, entries in enumerate(self.grad_recv.entries):
+                shift = self.grad_recv.data[j] if weights else 0
+                for off, (gi, pi, bid, piece, n) in entries:
+                    store_rows(gi, pi, bid, piece, recv[off + shift : off + shift + n], weights)
 
     def distribute(
         self, direction_rows, apply_rows, failed: bool, digest: int
@@ -354,80 +390,86 @@ class RowShardedExchange:
         parameter has no gradient; ``apply_rows(gi, pi, bid, piece, rows)`` is called for the
         pieces of my rows whose block was updated.
         """
-        send = torch.zeros(self.num_shards, self.upd_chunk, dtype=self.dtype, device=self.device)
-        send[:, -STATUS_WORDS:] = torch.tensor(
-            status_words(FAILED if failed else 0, digest), dtype=self.dtype
-        )
+        send, recv = self._bufs["dir_send"], self._bufs["dir_recv"]
+        words = torch.tensor(status_words(FAILED if failed else 0, digest), dtype=self.dtype)
         # The pieces of my own rows computed in my group: (gi, pi, bid) -> (piece, rows).
         mine: dict[tuple[int, int, int], tuple] = {}
-        for peer, off, gi, pi, bid, piece, n in self.upd_out:
+        for gi, pi, bid, piece, n in self.local:
             got = direction_rows(gi, pi, bid, piece)
-            if got is None:
-                continue
-            rows, updated = got[0].to(self.dtype).reshape(-1), got[1]
-            if peer == self.shard:
-                if updated:
-                    mine[(gi, pi, bid)] = (piece, rows)
-            else:
-                send[peer, off : off + n] = rows
-                send[peer, off + n] = 1.0 if updated else 0.0
-        recv = self._all_to_all(send)
-        # One host sync for the status words and the received pieces' flags together.
-        n_in = len(self._in_flags)
-        flat = torch.cat(
-            [recv.view(-1)[self._in_flags.to(recv.device)], recv[:, -STATUS_WORDS:].reshape(-1)]
-        )
-        in_flags = flat[:n_in].tolist()
-        flags, digests = read_status(flat[n_in:].view(-1, STATUS_WORDS))
+            if got is not None and got[1]:
+                mine[(gi, pi, bid)] = (piece, got[0].to(self.dtype).reshape(-1))
+        for j, entries in enumerate(self.dir_send.entries):
+            for (off, (gi, pi, bid, piece, n)), flag_at in zip(entries, self.dir_send.flag_at[j]):
+                got = direction_rows(gi, pi, bid, piece)
+                if got is not None:
+                    send[off : off + n] = got[0].reshape(-1)
+                send[flag_at] = 1.0 if got is not None and got[1] else 0.0
+            if j != self.shard:
+                at = self.dir_send.status_at[j]
+                send[at : at + STATUS_WORDS] = words
+        self._all_to_all(recv, send, self.dir_recv.sizes, self.dir_send.sizes, self.shard_group)
+        # One host sync for the received pieces' flags and the status words together.
+        values = recv[self._dir_words].tolist()
+        n_flags = len(values) - STATUS_WORDS * (self.num_shards - 1)
+        flags, digests = read_status(torch.tensor(values[n_flags:]).view(-1, STATUS_WORDS))
         anyone_failed = failed or any(f & FAILED for f in flags)
         disagreed = any(d != digest for d in digests)
-        for (peer, off, gi, pi, bid, piece, n), flag in zip(self.upd_in, in_flags):
-            if peer != self.shard and flag != 0:
-                mine[(gi, pi, bid)] = (piece, recv[peer, off : off + n])
+        received = iter(values[:n_flags])
+        for entries in self.dir_recv.entries:
+            for off, (gi, pi, bid, piece, n) in entries:
+                if next(received) != 0:
+                    mine[(gi, pi, bid)] = (piece, recv[off : off + n])
         forwarded = None
         if self.num_replicas > 1:
-            payload = torch.zeros(self.fwd_chunk, dtype=self.dtype, device=self.device)
-            # What this rank learnt in its shard group reaches the other replica groups.
-            seen = (FAILED if anyone_failed else 0) | (DISAGREED if disagreed else 0)
-            payload[-STATUS_WORDS:] = torch.tensor(status_words(seen, digest), dtype=self.dtype)
-            for off, gi, pi, bid, piece, n in self.forward:
-                got = mine.get((gi, pi, bid))
-                if got is not None:
-                    payload[off : off + n] = got[1]
-                    payload[off + n] = 1.0
-            forwarded = torch.empty(
-                self.num_replicas, self.fwd_chunk, dtype=self.dtype, device=self.device
-            )
-            _all_gather_single(forwarded.view(-1), payload, group=self.replicate_group)
-            flags, digests = read_status(forwarded[:, -STATUS_WORDS:])
-            anyone_failed = anyone_failed or any(f & FAILED for f in flags)
-            disagreed = (
-                disagreed or any(f & DISAGREED for f in flags) or any(d != digest for d in digests)
-            )
+            anyone_failed, disagreed, forwarded = self._forward(mine, anyone_failed, disagreed, digest)
         if anyone_failed or disagreed:
             return anyone_failed, disagreed
         for (gi, pi, bid), (piece, rows) in mine.items():
             apply_rows(gi, pi, bid, piece, rows)
-        if forwarded is not None:
-            fwd_flags = forwarded.view(-1)[self._fwd_flags.to(forwarded.device)].tolist()
-            for (q, off, gi, pi, bid, piece, n), flag in zip(self.forwarded, fwd_flags):
-                if q != self.replica and flag != 0:
-                    apply_rows(gi, pi, bid, piece, forwarded[q, off : off + n])
+        for gi, pi, bid, piece, rows in forwarded or ():
+            apply_rows(gi, pi, bid, piece, rows)
         return False, False
 
-    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty_like(send)
-        if send.shape[1] == 0 or self.num_shards == 1:
-            recv.copy_(send)
-            return recv
-        dist.all_to_all_single(recv.view(-1), send.view(-1), group=self.shard_group)
-        return recv
+    def _forward(self, mine, anyone_failed: bool, disagreed: bool, digest: int):
+        """Step 3 (HSDP): my rows computed in my group to the other groups, theirs to me."""
+        q, R = self.replica, self.num_replicas
+        size = self.fwd.sizes[q]
+        payload = self._bufs["fwd_send"][:size]
+        start = self._payload_start
+        entries, flag_at, status_at = self._payload
+        for (off, (gi, pi, bid, piece, n)), fa in zip(entries, flag_at):
+            got = mine.get((gi, pi, bid))
+            if got is not None:
+                payload[off - start : off - start + n] = got[1]
+            payload[fa - start] = 1.0 if got is not None else 0.0
+        # What this rank learnt in its shard group reaches the other replica groups.
+        seen = (FAILED if anyone_failed else 0) | (DISAGREED if disagreed else 0)
+        at = status_at - start
+        payload[at : at + STATUS_WORDS] = torch.tensor(status_words(seen, digest), dtype=self.dtype)
+        send = self._bufs["fwd_send"]
+        for j in range(1, R):
+            send[j * size : (j + 1) * size] = payload
+        recv = self._bufs["fwd_recv"]
+        self._all_to_all(recv, send, self.fwd.sizes, [size] * R, self.replicate_group)
+        values = recv[self._fwd_words].tolist()
+        n_flags = len(values) - STATUS_WORDS * (R - 1)
+        flags, digests = read_status(torch.tensor(values[n_flags:]).view(-1, STATUS_WORDS))
+        anyone_failed = anyone_failed or any(f & FAILED for f in flags)
+        disagreed = disagreed or any(f & DISAGREED for f in flags) or any(d != digest for d in digests)
+        received, out = iter(values[:n_flags]), []
+        for j, entries in enumerate(self.fwd.entries):
+            if j == q:
+                continue
+            for off, (gi, pi, bid, piece, n) in entries:
+                if next(received) != 0:
+                    out.append((gi, pi, bid, piece, recv[off : off + n]))
+        return anyone_failed, disagreed, out
 
-
-def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    """``dist.all_gather_single`` (torch 2.13), or its older name."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, tensor, group=group)
+    def _all_to_all(self, recv: torch.Tensor, send: torch.Tensor, recv_sizes, send_sizes, group) -> None:
+        # A group of one rank (FSDP2 on a single rank) has nobody to send to: what it would
+        # send itself is never read.
+        if len(send_sizes) > 1:
+            dist.all_to_all_single(recv, send, list(recv_sizes), list(send_sizes), group=group)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -307,8 +307,8 @@ class ShardedShampoo(torch.optim.Optimizer):
         plan = self._plan.add_group(spec)
         device = params[0].device if params else torch.device("cpu")
         # Each rank allocates exactly its own blocks' state: nothing is padded.
-        pool = StatePool(pool_lengths(plan.layouts[self._rank], opts), device)
-        blocks = GroupBlocks(plan.blockings, plan.layouts[self._rank], opts, pool)
+        pool = StatePool(pool_lengths(plan.layout(self._rank), opts), device)
+        blocks = GroupBlocks(plan.blockings, plan.layout(self._rank), opts, pool)
         self._pools.append(pool)
         self._blocks.append(blocks)
         self._structure.append(opts.structure())
@@ -386,7 +386,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._row_exchange = RowShardedExchange(
                 self._plan, self._rank, self._fsdp.coords,
                 mesh.get_group(mesh.ndim - 1), mesh.get_group(0) if mesh.ndim == 2 else None,
-                self._communication_dtype, grad_dtype, device,
+                self._communication_dtype, grad_dtype, device, self._row_weights,
             )
 
     def _device(self) -> torch.device:
@@ -673,7 +673,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 target = buf[r, piece.block_lo : piece.block_hi]
                 target.copy_(rows.view(target.shape))
 
-        self._row_exchange.collect(fetch, store, self._row_weights)
+        self._row_exchange.collect(fetch, store)
 
     def _direction_rows(self, work_by_stack, stepping, gi, pi, bid, piece):
         """(rows of the block's direction, whether the block was updated), or None."""
@@ -798,7 +798,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         included."""
         total = self._exchange.bytes_sent_per_step if self._exchange is not None else 0
         if self._row_exchange is not None:
-            total += self._row_exchange.bytes_sent_per_step(self._row_weights)
+            total += self._row_exchange.bytes_sent_per_step()
         return total
 
     def state_dict(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def check_plan(plan: Plan):
     seen = {}
     for r in range(world):
         for gi, g in enumerate(plan.groups):
-            for stack in g.layouts[r]:
+            for stack in g.layout(r):
                 covered = []
                 for part in stack.parts:
                     covered += list(range(part.row, part.row + part.count))

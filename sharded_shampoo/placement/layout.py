@@ -137,20 +137,22 @@ class StackLayout:
 def group_stacks(
     blockings: list[ParamBlocking],
     dtypes: list[torch.dtype],
-    owned: list[list[bool]],
+    owned: dict[int, set[int]],
     row_sharded: list[bool] | None = None,
 ) -> list[StackLayout]:
     """The stacks of one param group on one rank.
 
-    ``owned[p][b]`` says whether this rank owns block ``b`` of parameter ``p``;
-    ``row_sharded[p]`` whether parameter ``p`` is row-sharded (its blocks get stacks of their
-    own, exchanged by all_to_all instead of the AllGather). Stacks come in order of first
-    appearance, rows in canonical order: both depend only on the inputs.
+    ``owned[p]`` holds the ids of the blocks of parameter ``p`` this rank owns (parameters with
+    none are absent, and not visited); ``row_sharded[p]`` whether parameter ``p`` is
+    row-sharded (its blocks get stacks of their own, exchanged by all_to_all instead of the
+    AllGather). Stacks come in order of first appearance, rows in canonical order: both depend
+    only on the inputs.
     """
     stacks: dict[tuple, StackLayout] = {}
-    for pi, (blocking, dtype) in enumerate(zip(blockings, dtypes)):
+    for pi in sorted(owned):
+        blocking, dtype = blockings[pi], dtypes[pi]
         for region in blocking.regions:
-            mine = [j for j, bid in enumerate(region.block_ids) if owned[pi][bid]]
+            mine = [j for j, bid in enumerate(region.block_ids) if bid in owned[pi]]
             if not mine:
                 continue
             sharded = bool(row_sharded and row_sharded[pi])

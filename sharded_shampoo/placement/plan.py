@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,7 +12,7 @@ from ..options import GroupOptions
 from .cost import block_cost
 from .layout import StackLayout, group_stacks
 from .planner import assign_blocks
-from .sharding import RowSharding, block_pieces
+from .sharding import RowSharding, most_rows_shard
 
 __all__ = ["GroupSpec", "GroupPlan", "Plan"]
 
@@ -48,8 +48,21 @@ class GroupPlan:
     blockings: tuple[ParamBlocking, ...]
     # owners[p][b]: the rank that owns block b of parameter p.
     owners: tuple[tuple[int, ...], ...]
-    # layouts[r]: the stacks of rank r for this group.
-    layouts: tuple[tuple[StackLayout, ...], ...]
+    # owned[r]: {parameter: block ids} of the blocks rank r owns (ranks that own none absent).
+    owned: dict[int, dict[int, set[int]]]
+    _layouts: dict[int, tuple[StackLayout, ...]] = field(default_factory=dict, compare=False)
+
+    def layout(self, rank: int) -> tuple[StackLayout, ...]:
+        """The stacks of ``rank`` for this group, built on first use: a rank needs its own
+        (and, for the AllGather, those of the ranks it shards with), never all of them."""
+        if rank not in self._layouts:
+            self._layouts[rank] = tuple(group_stacks(
+                list(self.blockings),
+                list(self.spec.dtypes),
+                self.owned.get(rank, {}),
+                [self.spec.sharding(pi) is not None for pi in range(len(self.blockings))],
+            ))
+        return self._layouts[rank]
 
 
 class Plan:
@@ -87,26 +100,18 @@ class Plan:
             if sharding is None:
                 preferred += [()] * b.num_blocks
                 continue
-            for pieces in block_pieces(b, sharding):
-                most = max(pieces, key=lambda q: (q.rows, -q.shard)).shard if pieces else 0
-                preferred.append(self.shard_holders.get(most, ()))
+            for bid in range(b.num_blocks):
+                most = most_rows_shard(b, sharding, bid)
+                preferred.append(self.shard_holders.get(0 if most is None else most, ()))
         assignment = assign_blocks(costs, self.world_size, self.loads, preferred)
         owners, i = [], 0
-        for b in blockings:
+        owned: dict[int, dict[int, set[int]]] = {}
+        for pi, b in enumerate(blockings):
             owners.append(tuple(assignment.owner[i : i + b.num_blocks]))
+            for bid, r in enumerate(owners[-1]):
+                owned.setdefault(r, {}).setdefault(pi, set()).add(bid)
             i += b.num_blocks
-        layouts = tuple(
-            tuple(
-                group_stacks(
-                    list(blockings),
-                    list(spec.dtypes),
-                    [[o == r for o in per_param] for per_param in owners],
-                    [spec.sharding(pi) is not None for pi in range(len(blockings))],
-                )
-            )
-            for r in range(self.world_size)
-        )
-        plan = GroupPlan(spec, blockings, tuple(owners), layouts)
+        plan = GroupPlan(spec, blockings, tuple(owners), owned)
         self.groups.append(plan)
         self._loads_before.append(self.loads)
         self.loads = list(assignment.loads)
@@ -126,7 +131,7 @@ class Plan:
     def direction_numel(self, rank: int) -> int:
         """Elements of search direction ``rank`` computes per step."""
         return sum(
-            s.num_rows * s.row_numel for g in self.groups for s in g.layouts[rank]
+            s.num_rows * s.row_numel for g in self.groups for s in g.layout(rank)
         )
 
     def owners_fingerprint(self) -> str:
