@@ -63,6 +63,7 @@ class DirectionExchange:
             longest = max(longest, start)
         self.status_index = longest
         self.local = torch.zeros(longest + STATUS_WORDS, dtype=dtype, device=device)
+        self.gathered = torch.zeros(mesh.size(), self.local.numel(), dtype=dtype, device=device)
         self._slots = {
             (gi, si): self.local[start : start + lay.num_rows * lay.row_numel].view(
                 lay.num_rows, *lay.block_shape
@@ -82,16 +83,14 @@ class DirectionExchange:
     def exchange(self, failed: bool, digest: int) -> tuple[torch.Tensor, list[int], list[int]]:
         """AllGathers every rank's piece. Returns them as (world_size, piece length), the ranks
         that failed, and the ranks whose options digest differs from rank 0's."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
         words = status_words(FAILED if failed else 0, digest)
         self.local[self.status_index :] = torch.tensor(words, dtype=self.dtype)
-        world = self.mesh.size()
-        piece = DTensor.from_local(
-            self.local, self.mesh, [Shard(0)], run_check=False,
-            shape=(world * self.local.numel(),), stride=(1,),
-        )
-        gathered = piece.redistribute(self.mesh, [Replicate()]).to_local().view(world, -1)
+        # The pieces are the local shards of a Shard(0) DTensor over the mesh; this is its
+        # redistribution to Replicate(), into a buffer allocated once instead of every step
+        # (the size of the parameters: a fresh one costs page faults each step).
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(self.gathered.view(-1), self.local, group=self.mesh.get_group())
+        gathered = self.gathered
         flags, digests = read_status(gathered[:, self.status_index :])
         failed_ranks = [r for r, f in enumerate(flags) if f & FAILED]
         disagreeing = [r for r, d in enumerate(digests) if d != digests[0]]

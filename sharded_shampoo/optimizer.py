@@ -28,6 +28,7 @@ from .parallelism import (
     shard_mesh,
     weight_decay_place,
 )
+from .blocking import make_blocking
 from .placement import GroupSpec, Plan, RowSharding
 from .state import BlockStack, GroupBlocks, StatePool, pool_lengths
 from .state.record import encode_layout, layout_difference
@@ -81,6 +82,24 @@ def _materialize_group(group: dict[str, Any]) -> dict[str, Any]:
     if ps is None or isinstance(ps, (torch.Tensor, set, list)):
         return group  # torch.optim checks these (a set is refused: its order is arbitrary)
     return {**group, "params": list(ps)}
+
+
+def _count_blocks(params: list, defaults: dict[str, Any]) -> int:
+    """Blocks of all parameters given at construction (what the automatic sharding width
+    depends on). Options not yet validated count as the defaults; validation follows."""
+    total = 0
+    for item in params:
+        group = item if isinstance(item, dict) else {"params": [item]}
+        options = {**defaults, **group}
+        md, merge = options["max_preconditioner_dim"], options["merge_dims"]
+        if isinstance(md, bool) or not isinstance(md, int) or md < 1:
+            md = defaults["max_preconditioner_dim"]
+        ps = group["params"]
+        for p in [ps] if isinstance(ps, torch.Tensor) else ps:
+            t = p[1] if isinstance(p, tuple) else p
+            if isinstance(t, torch.Tensor):
+                total += make_blocking(tuple(t.shape), md, bool(merge)).num_blocks
+    return total
 
 
 def _check_distinct(group: dict[str, Any]) -> None:
@@ -222,10 +241,17 @@ class ShardedShampoo(torch.optim.Optimizer):
                 "world: mesh and num_trainers_per_group must be left at None"
             )
         # The mesh is created only once the ranks agreed on the settings (_after_plan_change).
-        shards, self._rank = shard_layout(mesh, num_trainers_per_group)
+        blocks = None if self._fsdp is not None else _count_blocks(params, defaults)
+        shards, self._rank = shard_layout(mesh, num_trainers_per_group, blocks)
         self._mesh = mesh if shards > 1 else None
         self._agreement_group = mesh.get_group() if self._mesh is not None else None
         self._distributed = shards > 1 or self._fsdp is not None
+        # Ranks check that they built the same optimizer whenever there are several, sharded
+        # or not (a replicated optimizer whose ranks disagree diverges silently).
+        self._check_agreement = self._distributed or (
+            mesh is None and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
         self._device_type = device_type(params)
         self._settings = [
             ("setting", "the number of ranks blocks are sharded over", shards),
@@ -341,7 +367,7 @@ class ShardedShampoo(torch.optim.Optimizer):
     def _after_plan_change(self) -> None:
         """Checks that every rank built the same optimizer (one collective), creates the mesh
         on first use, and sizes the exchanges."""
-        if self._distributed:
+        if self._check_agreement:
             items: list[tuple[str, str, Any]] = list(self._settings)
             for gi, g in enumerate(self._plan.groups):
                 items.append(("group", f"param group {gi}", g.spec.opts.fields_text()))

@@ -9,7 +9,7 @@ import torch
 
 from ..blocking import ParamBlocking, make_blocking
 from ..options import GroupOptions
-from .cost import block_cost
+from .cost import block_cost, block_state_elements
 from .layout import StackLayout, group_stacks
 from .planner import assign_blocks
 from .sharding import RowSharding, most_rows_shard
@@ -80,9 +80,10 @@ class Plan:
         self.world_size = world_size
         self.shard_holders = shard_holders or {}
         self.groups: list[GroupPlan] = []
-        self.loads = [0.0] * world_size
+        self.loads = [0.0] * world_size  # per rank: cost of its blocks
+        self.memory = [0.0] * world_size  # per rank: state elements of its blocks
         self.costs: list[float] = []
-        self._loads_before: list[list[float]] = []
+        self._loads_before: list[tuple[list[float], list[float]]] = []
 
     def add_group(self, spec: GroupSpec) -> GroupPlan:
         opts = spec.opts
@@ -103,7 +104,17 @@ class Plan:
             for bid in range(b.num_blocks):
                 most = most_rows_shard(b, sharding, bid)
                 preferred.append(self.shard_holders.get(0 if most is None else most, ()))
-        assignment = assign_blocks(costs, self.world_size, self.loads, preferred)
+        vectors = (opts.grafting in ("adam", "rmsprop", "adagrad")) + (opts.beta1 > 0) + (
+            opts.momentum > 0
+        )
+        memory = [
+            block_state_elements(b.block_shape(bid), vectors)
+            for b in blockings
+            for bid in range(b.num_blocks)
+        ]
+        assignment = assign_blocks(
+            costs, self.world_size, self.loads, preferred, memory, self.memory
+        )
         owners, i = [], 0
         owned: dict[int, dict[int, set[int]]] = {}
         for pi, b in enumerate(blockings):
@@ -113,15 +124,16 @@ class Plan:
             i += b.num_blocks
         plan = GroupPlan(spec, blockings, tuple(owners), owned)
         self.groups.append(plan)
-        self._loads_before.append(self.loads)
+        self._loads_before.append((self.loads, self.memory))
         self.loads = list(assignment.loads)
+        self.memory = list(assignment.memory)
         self.costs.extend(costs)
         return plan
 
     def pop_group(self) -> None:
         """Removes the last group (a refused ``add_param_group``)."""
         group = self.groups.pop()
-        self.loads = self._loads_before.pop()
+        self.loads, self.memory = self._loads_before.pop()
         del self.costs[len(self.costs) - sum(b.num_blocks for b in group.blockings) :]
 
     @property

@@ -13,6 +13,8 @@ from sharded_shampoo import ShardedShampoo
 
 
 def same_grads(rank, world, tiny=False, explicit_mesh=False, **kwargs):
+    if kwargs.get("num_trainers_per_group") == "world":
+        kwargs["num_trainers_per_group"] = world
     if explicit_mesh:
         from torch.distributed.device_mesh import init_device_mesh
 

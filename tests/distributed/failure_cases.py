@@ -93,7 +93,7 @@ def no_gradients_on_one_rank(rank, world):
     """Rank 1 forgot its backward: it has no gradient at all. Before, it returned from step()
     alone and left the others in the AllGather until the timeout."""
     groups = scenarios.make_params([[(6, 4), (4,)]])
-    opt = ShardedShampoo(groups[0], **OPTIONS)
+    opt = ShardedShampoo(groups[0], **OPTIONS, num_trainers_per_group=world)
     for p in groups[0]:
         p.grad = None if rank == 1 else torch.ones_like(p)
     before = [p.detach().clone() for p in groups[0]]
@@ -244,7 +244,8 @@ def per_layer_groups_memory(rank, world):
     and rank at 4 ranks, 3x the share)."""
     params = [torch.randn(64, 64, requires_grad=True) for _ in range(8)]
     opt = ShardedShampoo(
-        [{"params": [p]} for p in params], max_preconditioner_dim=64, betas=(0.9, 0.999)
+        [{"params": [p]} for p in params], max_preconditioner_dim=64, betas=(0.9, 0.999),
+        num_trainers_per_group=world,  # 8 blocks: too few to shard by default
     )
     return opt.state_bytes(), opt.owned_blocks()
 
@@ -270,7 +271,7 @@ def copy_refused(rank, world):
     import copy
 
     params = scenarios.make_params([[(6, 4), (4,)]])[0]
-    opt = ShardedShampoo(params, **OPTIONS)
+    opt = ShardedShampoo(params, **OPTIONS, num_trainers_per_group=world)
     return _outcome(lambda: pickle.dumps(opt)), _outcome(lambda: copy.deepcopy(opt))
 
 

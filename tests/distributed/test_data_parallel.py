@@ -17,7 +17,9 @@ CASES = {
     "fp64": (dp_cases.same_grads, {}),
     "fp32": (dp_cases.same_grads, {"communication_dtype": torch.float32}),
     "bf16": (dp_cases.same_grads, {"communication_dtype": torch.bfloat16}),
-    "tiny": (dp_cases.same_grads, {"tiny": True}),
+    # Two blocks: too few to shard by default (see auto_shard_width); forced over every rank.
+    "tiny": (dp_cases.same_grads, {"tiny": True, "num_trainers_per_group": "world"}),
+    "tiny_auto": (dp_cases.same_grads, {"tiny": True}),
     "ddp": (dp_cases.ddp, {}),
     "mismatch": (dp_cases.plan_mismatch, {}),
     "root_failure": (dp_cases.root_failure, {}),
@@ -95,6 +97,14 @@ def test_bf16_communication_keeps_replicas_identical(group, reference):
     assert err <= BF16_TOLERANCE, f"world {world}: relative error {err:.2e}"
     fp32 = results["fp32"].ok()
     assert values[0]["bytes_sent"] * 2 == fp32[0]["bytes_sent"]
+
+
+def test_too_few_blocks_are_not_sharded_by_default(group, reference):
+    world, results = group
+    values = results["tiny_auto"].ok()
+    assert [v["owned_blocks"] for v in values] == [2] * world  # every rank computes both
+    assert all(v["bytes_sent"] == 0 for v in values)
+    assert scenarios.max_rel_err(values[0]["params"], reference["tiny"]) <= EXACT_TOLERANCE
 
 
 def test_more_ranks_than_blocks(group, reference):
