@@ -98,7 +98,8 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
         from torch.distributed.fsdp import fully_shard
 
         shape = (world,) if parallelism == "fsdp2" else (2, world // 2)
-        mesh = init_device_mesh("cpu", shape)
+        names = ("shard",) if parallelism == "fsdp2" else ("replicate", "shard")
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -186,6 +187,8 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
     per_rank_state = [0] * plan.world_size
     per_rank_blocks = [0] * plan.world_size
     holders = plan.shard_holders
+    replicas = len(holders[0]) if holders else 1
+    coords = opt._fsdp.coords if opt._fsdp is not None else {}
     for g in plan.groups:
         o = g.spec.opts
         vectors = (o.grafting in ("adam", "rmsprop", "adagrad")) + (o.beta1 > 0) + (o.momentum > 0)
@@ -200,12 +203,15 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
                 if pieces is None:
                     continue
                 cols = math.prod(shape[1:])
+                owner_group = coords[owner][0]
                 for piece in pieces[bid]:
-                    holder = holders[piece.shard][0]
-                    if holder == 0 and owner != 0:  # my gradient rows to the owner
-                        minimum += piece.rows * cols * comm
-                    if owner == 0 and holder != 0:  # my block's direction rows to the holder
-                        minimum += piece.rows * cols * comm
+                    n = piece.rows * cols * comm
+                    if piece.shard == 0 and owner_group == 0 and owner != 0:
+                        minimum += n  # my gradient rows to the owner (in my replica group)
+                    if owner == 0 and piece.shard != 0:
+                        minimum += n  # my block's direction rows to their holder in my group
+                    if piece.shard == 0 and owner_group == 0:
+                        minimum += (replicas - 1) * n  # HSDP: my rows to the other groups
     if parallelism == "ddp":
         minimum = (plan.world_size - 1) / plan.world_size * sum(
             math.prod(s) for g in plan.groups for s in g.spec.shapes
