@@ -31,6 +31,8 @@ MODELS = {
     "llama8b": (128256, 4096, 32, 14336, 8, 128),
     "llama70b": (128256, 8192, 80, 28672, 8, 128),
     "gpt2": (50257, 768, 12, 3072, None, None),
+    # Llama's layout at small dims and many layers: what the test suite simulates at 512 ranks.
+    "llama-mini": (4096, 256, 24, 768, 2, 32),
 }
 # Rank 0 holding more than this many parameters (params, gradients and state, ~8x in float32)
 # would not fit this machine: such runs are reported as skipped.

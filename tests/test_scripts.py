@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -54,3 +57,22 @@ def test_bench_converge_reports_steps_to_target(tmp_path):
     assert r["adamw"]["steps_to_target"] == 10  # AdamW reaches its own final loss at the end
     assert r["adamw"]["final_val_loss"] == r["target_val_loss"]
     assert (tmp_path / "digits.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "hsdp", "ddp"])
+def test_simulated_512_ranks(mode):
+    """Rank 0 of a 512-rank job on torch's fake process group (a process of its own): it builds
+    and steps, sends exactly the rows that must move (FSDP2/HSDP) or the AllGather of its
+    sharding group, and the plan keeps memory even."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_scale.py"), "--one", f"llama-mini,{mode},512",
+         "--steps", "2"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["bytes_minimum"] > 0
+    assert r["bytes_sent"] <= 1.1 * r["bytes_minimum"], r
+    assert r["construction_s"] < 10, r
+    if r["blocks_min"] >= 8:
+        assert r["state_max_bytes"] <= 1.25 * r["state_mean_bytes"], r

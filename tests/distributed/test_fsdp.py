@@ -39,6 +39,13 @@ def world2():
 
 
 @pytest.fixture(scope="module")
+def world3():
+    """3 ranks: 33 rows split 11/11/11 and 12 into 4/4/4, so peers send each other different
+    amounts (all_to_all_single with uneven split sizes)."""
+    return {"fsdp": run_cases(3, [(fsdp_cases.fsdp, {})])[0]}
+
+
+@pytest.fixture(scope="module")
 def world4():
     names = ["fsdp", "hsdp", "mixed_precision", "failures"]
     cases = [
@@ -60,9 +67,9 @@ def check_against_reference(values, reference, tolerance=DDP_TOLERANCE):
     return err
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_fsdp_matches_single_process(world, world2, world4, reference):
-    results = world2 if world == 2 else world4
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_fsdp_matches_single_process(world, request, reference):
+    results = request.getfixturevalue(f"world{world}")
     values = results["fsdp"].ok()
     check_against_reference(values, reference)
 
