@@ -91,9 +91,13 @@ class DirectionExchange:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(self.gathered.view(-1), self.local, group=self.mesh.get_group())
         gathered = self.gathered
-        flags, digests = read_status(gathered[:, self.status_index :])
-        failed_ranks = [r for r, f in enumerate(flags) if f & FAILED]
-        disagreeing = [r for r, d in enumerate(digests) if d != digests[0]]
+        w = gathered[:, self.status_index :].to(torch.int64)
+        # One host sync: who failed, whose digest differs from rank 0's.
+        failed_mask, differs = torch.stack(
+            [(w[:, 0] & FAILED) != 0, (w[:, 1:] != w[0, 1:]).any(1)]
+        ).tolist()
+        failed_ranks = [r for r, f in enumerate(failed_mask) if f]
+        disagreeing = [r for r, d in enumerate(differs) if d]
         return gathered, failed_ranks, disagreeing
 
     def rows_of(self, gathered: torch.Tensor, rank: int):
@@ -192,12 +196,15 @@ def status_words(flags: int, digest: int) -> list[float]:
     return [float(flags)] + [float((digest >> (8 * i)) & 0xFF) for i in range(4)]
 
 
-def read_status(words: torch.Tensor) -> tuple[list[int], list[int]]:
-    """``(flags, digests)`` per row of ``words`` (n, STATUS_WORDS)."""
-    rows = words.to(torch.float64).tolist()
-    flags = [int(w[0]) for w in rows]
-    digests = [sum(int(b) << (8 * i) for i, b in enumerate(w[1:])) for w in rows]
-    return flags, digests
+def read_status(words: torch.Tensor, digest: int) -> torch.Tensor:
+    """Per row of ``words`` (n, STATUS_WORDS): (FAILED set, DISAGREED set, digest differs from
+    ``digest``), as an (n, 3) bool tensor. Tensor operations, not a Python loop over peers:
+    a rank reads a status from every peer, thousands of them at scale."""
+    w = words.to(torch.int64)
+    mine = torch.tensor(status_words(0, digest)[1:], device=w.device).to(torch.int64)
+    return torch.stack(
+        [(w[:, 0] & FAILED) != 0, (w[:, 0] & DISAGREED) != 0, (w[:, 1:] != mine).any(1)], dim=1
+    )
 
 
 class _Chunks:
@@ -408,11 +415,12 @@ class RowShardedExchange:
                 send[at : at + STATUS_WORDS] = words
         self._all_to_all(recv, send, self.dir_recv.sizes, self.dir_send.sizes, self.shard_group)
         # One host sync for the received pieces' flags and the status words together.
-        values = recv[self._dir_words].tolist()
-        n_flags = len(values) - STATUS_WORDS * (self.num_shards - 1)
-        flags, digests = read_status(torch.tensor(values[n_flags:]).view(-1, STATUS_WORDS))
-        anyone_failed = failed or any(f & FAILED for f in flags)
-        disagreed = any(d != digest for d in digests)
+        n_flags = len(self._dir_words) - STATUS_WORDS * (self.num_shards - 1)
+        picked = recv[self._dir_words]
+        status = read_status(picked[n_flags:].view(-1, STATUS_WORDS), digest).any(0)
+        values = torch.cat([picked[:n_flags], status.to(picked.dtype)]).tolist()
+        anyone_failed = failed or values[n_flags] != 0
+        disagreed = values[n_flags + 2] != 0
         received = iter(values[:n_flags])
         for entries in self.dir_recv.entries:
             for off, (gi, pi, bid, piece, n) in entries:
@@ -450,11 +458,12 @@ class RowShardedExchange:
             send[j * size : (j + 1) * size] = payload
         recv = self._bufs["fwd_recv"]
         self._all_to_all(recv, send, self.fwd.sizes, [size] * R, self.replicate_group)
-        values = recv[self._fwd_words].tolist()
-        n_flags = len(values) - STATUS_WORDS * (R - 1)
-        flags, digests = read_status(torch.tensor(values[n_flags:]).view(-1, STATUS_WORDS))
-        anyone_failed = anyone_failed or any(f & FAILED for f in flags)
-        disagreed = disagreed or any(f & DISAGREED for f in flags) or any(d != digest for d in digests)
+        n_flags = len(self._fwd_words) - STATUS_WORDS * (R - 1)
+        picked = recv[self._fwd_words]
+        status = read_status(picked[n_flags:].view(-1, STATUS_WORDS), digest).any(0)
+        values = torch.cat([picked[:n_flags], status.to(picked.dtype)]).tolist()
+        anyone_failed = anyone_failed or values[n_flags] != 0
+        disagreed = disagreed or values[n_flags + 1] != 0 or values[n_flags + 2] != 0
         received, out = iter(values[:n_flags]), []
         for j, entries in enumerate(self.fwd.entries):
             if j == q:
