@@ -181,39 +181,39 @@ def pretend_peers_answered(opt) -> None:
 def plan_figures(opt, parallelism: str, world: int) -> dict:
     """Bytes sent by rank 0 against the minimum for the mode; state bytes and blocks per rank."""
     from sharded_shampoo.placement.cost import block_state_elements
-    from sharded_shampoo.placement.sharding import block_pieces
+    from sharded_shampoo.placement.sharding import band_pieces, pieces_of_block
 
     plan = opt.plan
     comm = 4  # float32 communication and gradients
     minimum = 0
     per_rank_state = [0] * plan.world_size
     per_rank_blocks = [0] * plan.world_size
-    holders = plan.shard_holders
-    replicas = len(holders[0]) if holders else 1
+    replicas = len(plan.shard_holders[0]) if plan.shard_holders else 1
     coords = opt._fsdp.coords if opt._fsdp is not None else {}
     for g in plan.groups:
         o = g.spec.opts
         vectors = (o.grafting in ("adam", "rmsprop", "adagrad")) + (o.beta1 > 0) + (o.momentum > 0)
         for pi, blocking in enumerate(g.blockings):
-            sharding = g.spec.sharding(pi)
-            pieces = block_pieces(blocking, sharding) if sharding is not None else None
             for bid in range(blocking.num_blocks):
                 owner = g.owners[pi][bid]
-                shape = blocking.block_shape(bid)
-                per_rank_state[owner] += block_state_elements(shape, vectors) * 4
+                per_rank_state[owner] += block_state_elements(blocking.block_shape(bid), vectors) * 4
                 per_rank_blocks[owner] += 1
-                if pieces is None:
-                    continue
-                cols = math.prod(shape[1:])
-                owner_group = coords[owner][0]
-                for piece in pieces[bid]:
-                    n = piece.rows * cols * comm
-                    if piece.shard == 0 and owner_group == 0 and owner != 0:
+            sharding = g.spec.sharding(pi)
+            if sharding is None:
+                continue
+            # Rank 0 is (replica 0, shard 0): only its own rows and blocks are visited.
+            for bid, piece in band_pieces(blocking, sharding, 0):
+                n = piece.rows * math.prod(blocking.block_shape(bid)[1:]) * comm
+                owner = g.owners[pi][bid]
+                if coords[owner][0] == 0:
+                    if owner != 0:
                         minimum += n  # my gradient rows to the owner (in my replica group)
-                    if owner == 0 and piece.shard != 0:
-                        minimum += n  # my block's direction rows to their holder in my group
-                    if piece.shard == 0 and owner_group == 0:
-                        minimum += (replicas - 1) * n  # HSDP: my rows to the other groups
+                    minimum += (replicas - 1) * n  # HSDP: my rows to the other groups
+            for bid in g.owned.get(0, {}).get(pi, ()):
+                cols = math.prod(blocking.block_shape(bid)[1:])
+                for piece in pieces_of_block(blocking, sharding, bid):
+                    if piece.shard != 0:  # my block's direction rows to their holder
+                        minimum += piece.rows * cols * comm
     if parallelism == "ddp":
         minimum = (plan.world_size - 1) / plan.world_size * sum(
             math.prod(s) for g in plan.groups for s in g.spec.shapes

@@ -210,17 +210,22 @@ def read_status(words: torch.Tensor, digest: int) -> torch.Tensor:
 class _Chunks:
     """A flat buffer cut into one chunk per peer, each holding pieces back to back, then
     ``extra`` words (a flag per piece, and status words). ``entries[j]`` lists
-    ``(offset, route)`` of the pieces of peer ``j``'s chunk; ``sizes[j]`` is the chunk's length
-    (what ``all_to_all_single`` takes as split sizes)."""
+    ``(offset, route)`` of the pieces of peer ``j``'s chunk; ``starts[j]`` and ``sizes[j]`` are
+    where the chunk begins and its length (what ``all_to_all_single`` takes as split sizes);
+    ``data[j]`` is the elements of one section of its pieces (gradients, then weights)."""
 
     def __init__(self, per_peer: list[list[tuple]], sections: int, flags: bool, status: bool):
         self.entries: list[list[tuple[int, tuple]]] = []
         self.flag_at: list[list[int]] = []  # per peer: where each piece's flag sits
         self.status_at: list[int] = []  # per peer: where its status words start
+        self.starts: list[int] = []
         self.sizes: list[int] = []
+        self.data: list[int] = []
         start = 0
         for routes in per_peer:
             data = sum(r[-1] for r in routes)
+            self.data.append(data)
+            self.starts.append(start)
             entries, off = [], start
             for r in routes:
                 entries.append((off, r))
@@ -234,7 +239,6 @@ class _Chunks:
             self.sizes.append(end - start)
             start = end
         self.total = start
-        self.data = [sum(r[-1] for r in routes) for routes in per_peer]  # per section
 
 
 class RowShardedExchange:
@@ -337,9 +341,6 @@ class RowShardedExchange:
         if R > 1:
             # The same payload (my rows computed in my group) goes to every other group.
             self.fwd = _Chunks(forward, 1, flags=True, status=True)
-            self._payload = self.fwd.entries[q], self.fwd.flag_at[q], self.fwd.status_at[q]
-            start = self.fwd.status_at[q] + STATUS_WORDS - self.fwd.sizes[q]
-            self._payload_start = start
             self._bufs["fwd_send"] = torch.zeros(R * self.fwd.sizes[q], dtype=dtype, device=device)
             self._bufs["fwd_recv"] = torch.zeros(self.fwd.total, dtype=dtype, device=device)
             self._fwd_words = torch.tensor(
@@ -442,8 +443,9 @@ class RowShardedExchange:
         q, R = self.replica, self.num_replicas
         size = self.fwd.sizes[q]
         payload = self._bufs["fwd_send"][:size]
-        start = self._payload_start
-        entries, flag_at, status_at = self._payload
+        # My own chunk of the layout is the payload; its offsets, shifted to the payload.
+        start = self.fwd.starts[q]
+        entries, flag_at, status_at = self.fwd.entries[q], self.fwd.flag_at[q], self.fwd.status_at[q]
         for (off, (gi, pi, bid, piece, n)), fa in zip(entries, flag_at):
             got = mine.get((gi, pi, bid))
             if got is not None:

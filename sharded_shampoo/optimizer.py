@@ -24,6 +24,7 @@ from .parallelism import (
     device_type,
     fsdp_layout,
     is_dtensor,
+    iter_tensors,
     shard_layout,
     shard_mesh,
     weight_decay_place,
@@ -89,16 +90,12 @@ def _count_blocks(params: list, defaults: dict[str, Any]) -> int:
     depends on). Options not yet validated count as the defaults; validation follows."""
     total = 0
     for item in params:
-        group = item if isinstance(item, dict) else {"params": [item]}
-        options = {**defaults, **group}
+        options = {**defaults, **item} if isinstance(item, dict) else defaults
         md, merge = options["max_preconditioner_dim"], options["merge_dims"]
         if isinstance(md, bool) or not isinstance(md, int) or md < 1:
             md = defaults["max_preconditioner_dim"]
-        ps = group["params"]
-        for p in [ps] if isinstance(ps, torch.Tensor) else ps:
-            t = p[1] if isinstance(p, tuple) else p
-            if isinstance(t, torch.Tensor):
-                total += make_blocking(tuple(t.shape), md, bool(merge)).num_blocks
+        for t in iter_tensors([item]):
+            total += make_blocking(tuple(t.shape), md, bool(merge)).num_blocks
     return total
 
 

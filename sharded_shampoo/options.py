@@ -288,7 +288,10 @@ def check_dtype_range(opts: GroupOptions, param_dtypes: Iterable[torch.dtype]) -
             ("epsilon", opts.epsilon, root_dtype, "dtype inverse roots are computed in"),
             ("grafting_epsilon", opts.grafting_epsilon, math_dtype, "math dtype"),
         ):
-            if torch.tensor(value, dtype=where).item() == 0.0:
+            # Below half the smallest subnormal, a value rounds to 0 (checked with float
+            # arithmetic: this runs every step, and a tensor per check would cost more).
+            info = torch.finfo(where)
+            if value <= info.smallest_normal * info.eps / 2:
                 raise ValueError(
                     f"{name}={value!r} rounds to 0 in {where}, the {what} (smallest: "
                     f"{torch.finfo(where).smallest_normal:.3g}); use a larger {name}"

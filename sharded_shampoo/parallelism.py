@@ -23,6 +23,7 @@ __all__ = [
     "device_type",
     "fsdp_layout",
     "is_dtensor",
+    "iter_tensors",
     "shard_layout",
     "shard_mesh",
     "weight_decay_place",
