@@ -136,6 +136,10 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
     r["step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
+    set_grads()
+    calls = count_calls(opt.step)
+    r["torch_calls"] = sum(calls.values())
+    r["copy_calls"] = sum(n for name, n in calls.items() if name in COPIES)
 
     # The rank's own block math alone, on copies of its stacks (the same work the step does);
     # the faster of two rounds, as the step's time is a median past the first step.
@@ -156,26 +160,44 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
     return r
 
 
+# Calls that move data between parameters, gradients, stacks and buffers.
+COPIES = {
+    "copy_", "_foreach_copy_", "_foreach_add_", "_foreach_add", "index_copy_", "index_put_",
+    "__setitem__", "add_", "cat", "clone", "to", "gather", "scatter_add_",
+}
+
+
+def count_calls(fn):
+    """torch-level calls (functions and tensor methods) made by ``fn()``, by name: what
+    Python does per step, counted rather than timed."""
+    import collections
+
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls[getattr(func, "__name__", str(func))] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.calls
+
+
 def pretend_peers_answered(opt) -> None:
     """Make what the "peers" sent look like a healthy step, so that rank 0 does all the work a
-    real step does: every received piece flagged as updated, every status word 0 with an
-    options digest of 0 (this rank's digest is made 0 too). The fake process group's
-    all_to_all_single copies this rank's own chunk over the whole output, which would overwrite
-    that; here it leaves the output as it was instead."""
+    real step does: every status word 0 with an options digest of 0 (this rank's digest is made
+    0 too), no piece flagged as skipped. The receive buffers start as zeros; the fake process
+    group's all_to_all_single would copy this rank's own chunk over the whole output, so here
+    it leaves the output as it was instead."""
     import torch.distributed as dist
 
     dist.all_to_all_single = lambda *args, **kwargs: None
-    opt._step_digest = lambda stepping, options: 0
-    ex = opt._row_exchange
-    if ex is None:
-        return
-    for recv, chunks in (("dir_recv", ex.dir_recv), ("fwd_recv", getattr(ex, "fwd", None))):
-        if chunks is None:
-            continue
-        buf = ex._bufs[recv]
-        buf.zero_()
-        for flags in chunks.flag_at:
-            buf[flags] = 1.0
+    opt._step_digest = lambda active, options: 0
 
 
 def plan_figures(opt, parallelism: str, world: int) -> dict:

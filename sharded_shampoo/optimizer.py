@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import torch.distributed as dist
 
-from .communication import DirectionExchange, RowShardedExchange, check_agreement
+from .blocking import make_blocking
+from .communication import check_agreement
+from .diagnostics import (
+    NonFiniteGradientWarning,
+    RootFailureWarning,
+    block_name,
+    check_roots,
+    skip_nonfinite,
+    warn,
+)
+from .distributors import (
+    Distributor,
+    LocalDistributor,
+    ReplicatedDistributor,
+    RowShardedDistributor,
+    StackWork,
+    Status,
+    Step,
+)
 from .functional import stack_step
 from .options import DEFAULTS, STRUCTURAL, GroupOptions, check_dtype_range, check_group_keys
 from .parallelism import (
@@ -27,45 +40,12 @@ from .parallelism import (
     iter_tensors,
     shard_layout,
     shard_mesh,
-    weight_decay_place,
 )
-from .blocking import make_blocking
 from .placement import GroupSpec, Plan, RowSharding
-from .state import BlockStack, GroupBlocks, StatePool, pool_lengths
+from .state import GroupBlocks, StatePool, pool_lengths
 from .state.record import encode_layout, layout_difference
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
-
-
-class NonFiniteGradientWarning(UserWarning):
-    """A block's gradient had a NaN or Inf, or was too large for its squared norm to be
-    represented; the block was skipped for that step. ``step`` is the param group's step."""
-
-    step: int | None = None
-
-
-class RootFailureWarning(UserWarning):
-    """A block's inverse roots could not be computed; it kept its previous roots. ``step`` is
-    the param group's step."""
-
-    step: int | None = None
-
-
-def _warn(warning: Warning, step: int | None = None) -> None:
-    """Warns at the user's call to ``step()``, past this package's and torch's wrappers.
-
-    The step is an attribute, not part of the text: Python's warning registry keeps one entry
-    per distinct text, so a text with the step in it would grow the registry by one entry per
-    step while a block keeps failing.
-    """
-    warning.step = step
-    level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        level, frame = level + 1, frame.f_back
-    warnings.warn(warning, stacklevel=level)
-
-
-_INTERNAL_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
 
 
 def _materialize(params: Any) -> list:
@@ -114,22 +94,6 @@ def _check_distinct(group: dict[str, Any]) -> None:
                 f"(also as params[{seen[id(t)]}]); it would be updated twice per step"
             )
         seen[id(t)] = i
-
-
-@dataclass
-class _StackWork:
-    """One stack's part in one step."""
-
-    group: int
-    stack_index: int
-    opts: GroupOptions
-    stack: BlockStack
-    grad: torch.Tensor
-    param: torch.Tensor | None
-    rows: torch.Tensor | None  # bool mask of the rows to update; None: all
-    finite: torch.Tensor | None  # per row: gradient finite (set once gradients are in)
-    active: list[bool]  # per parameter of the group: has a gradient
-    direction: torch.Tensor | None = None
 
 
 class ShardedShampoo(torch.optim.Optimizer):
@@ -263,14 +227,12 @@ class ShardedShampoo(torch.optim.Optimizer):
             and not (dist.is_available() and dist.is_initialized())
         )
         self._plan = Plan(shards, self._fsdp.holders if self._fsdp is not None else None)
-        self._row_exchange: RowShardedExchange | None = None
         self._communication_dtype = communication_dtype
-        self._exchange: DirectionExchange | None = None
+        self._distributors: list[Distributor] = []
         self._blocks: list[GroupBlocks] = []
         self._pools: list[StatePool] = []
         self._step_tensors: list[torch.Tensor] = []
         self._structure: list[tuple] = []
-        self._buffers: dict[tuple[int, int, str], torch.Tensor] = {}
         self._views_for_saving = False
         self._built = False
         super().__init__(params, defaults)
@@ -356,14 +318,12 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._plan.pop_group()
         for per_group in (self._pools, self._blocks, self._structure, self._step_tensors):
             del per_group[gi:]
-        for key in [k for k in self._buffers if k[0] >= gi]:
-            del self._buffers[key]
         if self._built:
-            self._size_exchanges()
+            self._build_distributors()
 
     def _after_plan_change(self) -> None:
         """Checks that every rank built the same optimizer (one collective), creates the mesh
-        on first use, and sizes the exchanges."""
+        on first use, and builds the distributors."""
         if self._check_agreement:
             items: list[tuple[str, str, Any]] = list(self._settings)
             for gi, g in enumerate(self._plan.groups):
@@ -374,42 +334,27 @@ class ShardedShampoo(torch.optim.Optimizer):
             check_agreement(self._agreement_group, items, self._plan.owners_fingerprint())
         if self._plan.world_size > 1 and self._mesh is None:
             self._mesh = shard_mesh(self._plan.world_size, self._device_type)
-        self._size_exchanges()
+        self._build_distributors()
 
-    def _size_exchanges(self) -> None:
-        """(Re)builds the exchanges for the current plan.
+    def _build_distributors(self) -> None:
+        """One distributor per way the parameters are held (see ``distributors``).
 
-        FSDP2 on a single rank still goes through the row exchange (with nothing to send): its
-        parameters are DTensors, which only that path reads and writes.
+        FSDP2 on a single rank still goes through the row-sharded one (with nothing to send):
+        its parameters are DTensors, which only it reads and writes.
         """
-        device = self._device()
-        self._exchange = None
-        if self._mesh is not None:
-            self._exchange = DirectionExchange(
-                self._plan, self._rank, self._mesh, self._communication_dtype, device
+        device, dtype = self._device(), self._communication_dtype
+        self._distributors = []
+        if self._mesh is None:
+            self._distributors.append(LocalDistributor(self._blocks))
+        else:
+            replicated = ReplicatedDistributor(
+                self._blocks, self._plan, self._rank, self._mesh, dtype, device
             )
-            if self._exchange.status_index == 0:  # no replicated parameter anywhere
-                self._exchange = None
+            if replicated.status_index > 0:  # some rank has blocks of plain parameters
+                self._distributors.append(replicated)
         if self._fsdp is not None:
-            grad_dtype = torch.float32
-            for g in self._plan.groups:
-                for pi, dtype in enumerate(g.spec.dtypes):
-                    if g.spec.sharding(pi) is not None:
-                        grad_dtype = torch.promote_types(grad_dtype, dtype)
-            # Whether weight rows travel with gradient rows (decoupled weight decay fed into
-            # momentum needs them at the owner). Sized from what cannot change after
-            # construction, so that every rank sends the same amount even in a step in which
-            # ranks disagree on the options (which the status words then report).
-            self._row_weights = any(
-                g.spec.opts.momentum > 0
-                for g in self._plan.groups
-                if any(g.spec.sharding(pi) is not None for pi in range(len(g.spec.shapes)))
-            )
-            mesh = self._fsdp.mesh
-            self._row_exchange = RowShardedExchange(
-                self._plan, self._rank, self._fsdp.coords,
-                mesh.get_group(mesh.ndim - 1), mesh.get_group(0) if mesh.ndim == 2 else None,
-                self._communication_dtype, grad_dtype, device, self._row_weights,
+            self._distributors.append(
+                RowShardedDistributor(self._blocks, self._plan, self._rank, self._fsdp, dtype, device)
             )
 
     def _device(self) -> torch.device:
@@ -447,22 +392,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         return f"param_groups[{gi}]['params'][{pi}] {shape}"
 
     def _block_name(self, gi: int, pi: int, bid: int) -> str:
-        blocking = self._blocks[gi].blockings[pi]
-        where = ", ".join(f"{s.start}:{s.stop}" for s in blocking.block_slices(bid))
-        return (
-            f"block {bid} [{where}] of parameter {self._param_name(gi, pi)} "
-            f"(merged shape {blocking.merged})"
-        )
+        return block_name(self._blocks[gi].blockings[pi], self._param_name(gi, pi), bid)
 
     # ---------------------------------------------------------------- step
-
-    def _buffer(self, key: tuple[int, int, str], like: tuple[int, ...], dtype, device):
-        # Gradients and weights are gathered into persistent buffers: a fresh allocation of this
-        # size each step costs page faults on CPU and allocator churn on GPU.
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(like, dtype=dtype, device=device)
-        return buf
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -471,85 +403,86 @@ class ShardedShampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._warn_late_process_group()
+        step, invalid = self._begin_step()
+        if step is None:
+            return loss
+        work = [w for d in self._distributors for w in d.collect(step)]
+        self._skip_nonfinite(work)
+        error = self._compute(work)
+        # Parameters are not touched until every rank learnt that every rank succeeded and
+        # stepped alike: what went wrong rides the status words of each exchange.
+        failed = error is not None or invalid is not None
+        statuses = [d.exchange(step, failed) for d in self._distributors]
+        self._raise_if_failed(statuses, error, invalid)
+        for d in self._distributors:
+            d.apply(step)
+        for gi in step.active:
+            self.param_groups[gi]["step"] += 1
+            self._step_tensors[gi].fill_(self.param_groups[gi]["step"])
+        return loss
 
-        if self._check_late_process_group:
-            self._check_late_process_group = False
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                _warn(UserWarning(
-                    "ShardedShampoo was built before torch.distributed was initialized, so it "
-                    "does not shard: every rank keeps the state of every block and computes "
-                    "it. Build the optimizer after init_process_group (under the Hugging Face "
-                    "Trainer: after TrainingArguments)."
-                ))
-        # With a process group every rank takes this step's collectives, whatever happens on
-        # it (bad options, no gradients): a rank that raised or returned alone would leave the
-        # others waiting. What went wrong rides in the status words and every rank raises.
-        collective = self._exchange is not None or self._row_exchange is not None
-        invalid: ValueError | None = None
+    def _begin_step(self) -> tuple[Step | None, ValueError | None]:
+        """This step's options and active parameters, validated; None when there is nothing to
+        do and no collective to take.
+
+        With collectives every rank takes this step's, whatever happens on it (bad options,
+        no gradients): a rank that raised or returned alone would leave the others waiting.
+        Its error is returned instead, rides the status words, and every rank raises.
+        """
+        collective = any(d.collective for d in self._distributors)
+        options: dict[int, GroupOptions] = {}
+        active: dict[int, list[bool]] = {}
+        invalid = None
         try:
-            options = {gi: self._options(gi) for gi in range(len(self.param_groups))}
+            for gi, group in enumerate(self.param_groups):
+                opts = self._options(gi)
+                grads = [p.grad for p in group["params"]]
+                for pi, g in enumerate(grads):
+                    if g is not None and g.is_sparse:
+                        raise ValueError(
+                            f"ShardedShampoo does not support sparse gradients "
+                            f"({self._param_name(gi, pi)})"
+                        )
+                if any(g is not None for g in grads):
+                    options[gi], active[gi] = opts, [g is not None for g in grads]
         except ValueError as e:
             if not collective:
                 raise
-            invalid, options = e, {}
+            invalid, options, active = e, {}, {}
+        if not active and not collective:
+            return None, None
+        digest = self._step_digest(active, options) if collective else 0
+        return Step([g["params"] for g in self.param_groups], options, active, digest), invalid
 
-        # Phase 1: gather the owned blocks' gradients, flag non-finite ones.
-        work: list[_StackWork] = []
-        stepping: dict[int, list[bool]] = {}
-        for gi, opts in options.items():
-            group = self.param_groups[gi]
-            blocks = self._blocks[gi]
-            params = group["params"]
-            grads = [p.grad for p in params]
-            for pi, g in enumerate(grads):
-                if g is not None and g.is_sparse:
-                    raise RuntimeError(
-                        f"ShardedShampoo does not support sparse gradients "
-                        f"({self._param_name(gi, pi)})"
-                    )
-            active = [g is not None for g in grads]
-            if not any(active):
-                continue
-            stepping[gi] = active
-            for si, stack in enumerate(blocks.stacks):
-                rows = stack.layout.row_mask(active)
-                if rows is not None and not rows.any():
-                    continue
-                shape = (stack.num_rows, *stack.block_shape)
-                device = stack.state.device
-                g = self._buffer((gi, si, "grad"), shape, stack.dtype, device)
-                stack_opts = opts
-                if stack.layout.row_sharded and weight_decay_place(opts) in (
-                    "holder-grad", "holder-step"
-                ):
-                    # The rows' holders apply weight decay (see _weight_decay_place).
-                    stack_opts = dataclasses.replace(opts, weight_decay=0.0)
-                w = None
-                if stack_opts.weight_decay > 0:
-                    w = self._buffer((gi, si, "param"), shape, stack.dtype, device)
-                if not stack.layout.row_sharded:  # row-sharded blocks arrive by all_to_all
-                    stack.layout.gather(grads, blocks.blockings, g)
-                    if w is not None:
-                        stack.layout.gather(list(params), blocks.blockings, w)
-                work.append(_StackWork(gi, si, stack_opts, stack, g, w, rows, None, active))
-        if not stepping and not collective:
-            return loss
-        if self._row_exchange is not None:
-            self._collect_row_sharded(stepping, options)
+    def _warn_late_process_group(self) -> None:
+        if not self._check_late_process_group:
+            return
+        self._check_late_process_group = False
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            warn(UserWarning(
+                "ShardedShampoo was built before torch.distributed was initialized, so it "
+                "does not shard: every rank keeps the state of every block and computes "
+                "it. Build the optimizer after init_process_group (under the Hugging Face "
+                "Trainer: after TrainingArguments)."
+            ))
+
+    def _skip_nonfinite(self, work: list[StackWork]) -> None:
+        """Flags the rows whose gradient is not finite, with one host sync for all stacks."""
         for w in work:
             w.finite = torch.isfinite(torch.linalg.vector_norm(w.grad.flatten(1), dim=1))
+        if not work:
+            return
+        all_finite = torch.stack(
+            [(w.finite if w.rows is None else w.finite | ~w.rows.to(w.finite.device)).all()
+             for w in work]
+        ).all()
+        if not bool(all_finite):
+            for w in work:
+                skip_nonfinite(w, self._block_name, self.param_groups[w.group]["step"] + 1)
 
-        # One host sync per step, to learn whether any block must be skipped.
-        if work:
-            all_finite = torch.stack(
-                [(w.finite if w.rows is None else w.finite | ~w.rows.to(w.finite.device)).all()
-                 for w in work]
-            ).all()
-            if not bool(all_finite):
-                for w in work:
-                    self._skip_nonfinite(w)
-
-        # Phase 2: the math, stack by stack. Parameters are not touched until it all succeeded.
+    def _compute(self, work: list[StackWork]) -> str | None:
+        """The math, stack by stack; returns the error to raise (roots that kept failing)."""
         error = None
         for w in work:
             t = self.param_groups[w.group]["step"] + 1
@@ -569,72 +502,30 @@ class ShardedShampoo(torch.optim.Optimizer):
                 w.direction[idx] = d_sub
                 ok_rows = idx.cpu()
             if ok is not None:
-                error = self._check_roots(w.group, w.opts, w.stack, ok, ok_rows) or error
+                error = check_roots(
+                    w.group, w.opts, w.stack, ok, ok_rows, self._block_name, t
+                ) or error
+        return error
 
-        # Phase 3: share the directions and apply them. An error anywhere, or ranks stepping
-        # with different options, is learnt by every rank from the first collective's status
-        # words, and all raise before any update.
-        gathered = None
-        failed = error is not None or invalid is not None
-        digest = self._step_digest(stepping, options) if collective else 0
-        if self._exchange is not None:
-            for w in work:
-                if not w.stack.layout.row_sharded:
-                    self._exchange.slot(w.group, w.stack_index).copy_(w.direction)
-            gathered, failed_ranks, disagreeing = self._exchange.exchange(failed, digest)
-            self._raise_if_failed(failed_ranks, disagreeing, error, invalid)
-        if self._row_exchange is not None:
-            by_stack = {(w.group, w.stack_index): w for w in work}
-            anyone_failed, disagreed = self._row_exchange.distribute(
-                lambda gi, pi, bid, piece: self._direction_rows(by_stack, stepping, gi, pi, bid, piece),
-                lambda gi, pi, bid, piece, rows: self._apply_rows(
-                    stepping, options, gi, pi, bid, piece, rows
-                ),
-                failed,
-                digest,
-            )
-            self._raise_if_failed(anyone_failed, disagreed, error, invalid)
-        if error is not None:  # one process: no collective carried it
-            raise RuntimeError(error)
-        if gathered is not None:
-            for r in range(len(self._exchange.segments)):
-                for gi, layout, rows in self._exchange.rows_of(gathered, r):
-                    if gi in stepping:
-                        group = self.param_groups[gi]
-                        layout.scatter_add_(
-                            group["params"], stepping[gi], self._blocks[gi].blockings, rows,
-                            -group["lr"],
-                        )
-        else:  # every block is computed here
-            for w in work:
-                if not w.stack.layout.row_sharded:
-                    w.stack.layout.scatter_add_(
-                        self.param_groups[w.group]["params"], w.active,
-                        self._blocks[w.group].blockings, w.direction, -w.opts.lr,
-                    )
-        for gi in stepping:
-            self.param_groups[gi]["step"] += 1
-            self._step_tensors[gi].fill_(self.param_groups[gi]["step"])
-        return loss
-
-    def _step_digest(self, stepping: dict[int, list[bool]], options: dict[int, GroupOptions]) -> int:
+    def _step_digest(self, active: dict[int, list[bool]], options: dict[int, GroupOptions]) -> int:
         """32 bits of everything that must be equal on every rank in this step: each stepping
         group's options and step, and which of its parameters have a gradient."""
         text = repr([
-            (gi, options[gi].fields_text(), self.param_groups[gi]["step"], tuple(active))
-            for gi, active in sorted(stepping.items())
+            (gi, options[gi].fields_text(), self.param_groups[gi]["step"], tuple(flags))
+            for gi, flags in sorted(active.items())
         ])
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little")
 
     def _raise_if_failed(
-        self,
-        failed: list[int] | bool,
-        disagreeing: list[int] | bool,
-        error: str | None,
-        invalid: ValueError | None,
+        self, statuses: list[Status], error: str | None, invalid: ValueError | None
     ) -> None:
         """Raises on every rank once a collective's status words reported a problem: this
         rank's own error first, then a disagreement between ranks, then another rank's error."""
+        failed, disagreeing = (
+            sorted({r for v in values if isinstance(v, list) for r in v})
+            or any(v is True for v in values)
+            for values in ([s.failed for s in statuses], [s.disagreeing for s in statuses])
+        )
         if invalid is not None:
             raise invalid
         if disagreeing:
@@ -659,123 +550,6 @@ class ShardedShampoo(torch.optim.Optimizer):
                 "several times in a row, or invalid options; its error names the cause); "
                 "parameters were not updated in this step"
             )
-
-    def _band(self, gi: int, pi: int, t: torch.Tensor, bid: int, piece) -> torch.Tensor:
-        """The rows ``piece`` of block ``bid`` in this rank's shard of ``t`` (a DTensor)."""
-        blocking = self._blocks[gi].blockings[pi]
-        local = t.to_local()
-        band = local.view(-1, *blocking.merged[1:]) if local.numel() else local.reshape(0, *blocking.merged[1:])
-        cols = blocking.block_slices(bid)[1:]
-        return band[(slice(piece.band_lo, piece.band_hi), *cols)]
-
-    def _collect_row_sharded(
-        self, stepping: dict[int, list[bool]], options: dict[int, GroupOptions]
-    ) -> None:
-        """Gradient (and weight) rows of row-sharded parameters to their blocks' owners."""
-
-        def fetch(gi, pi, bid, piece, weights):
-            if gi not in stepping or not stepping[gi][pi]:
-                return None
-            p = self.param_groups[gi]["params"][pi]
-            opts = options[gi]
-            if weights:
-                if weight_decay_place(opts) != "owner":
-                    return None
-                return self._band(gi, pi, p, bid, piece)
-            rows = self._band(gi, pi, p.grad, bid, piece)
-            if weight_decay_place(opts) == "holder-grad":  # L2: G + wd W, elementwise
-                rows = rows + opts.weight_decay * self._band(gi, pi, p, bid, piece)
-            return rows
-
-        def store(gi, pi, bid, piece, rows, weights):
-            if gi not in stepping or not stepping[gi][pi]:
-                return
-            si, r = self._blocks[gi].where[(pi, bid)]
-            buf = self._buffers.get((gi, si, "param" if weights else "grad"))
-            if buf is not None:
-                target = buf[r, piece.block_lo : piece.block_hi]
-                target.copy_(rows.view(target.shape))
-
-        self._row_exchange.collect(fetch, store)
-
-    def _direction_rows(self, work_by_stack, stepping, gi, pi, bid, piece):
-        """(rows of the block's direction, whether the block was updated), or None."""
-        if gi not in stepping or not stepping[gi][pi]:
-            return None
-        si, r = self._blocks[gi].where[(pi, bid)]
-        w = work_by_stack.get((gi, si))
-        if w is None or w.direction is None:
-            return None
-        updated = w.rows is None or bool(w.rows[r])  # rows is a CPU mask: no device sync
-        return w.direction[r, piece.block_lo : piece.block_hi], updated
-
-    def _apply_rows(self, stepping, options, gi, pi, bid, piece, rows) -> None:
-        if gi not in stepping or not stepping[gi][pi]:
-            return
-        group = self.param_groups[gi]
-        dst = self._band(gi, pi, group["params"][pi], bid, piece)
-        d = rows.reshape(dst.shape).to(dst.dtype)
-        opts = options[gi]
-        if weight_decay_place(opts) == "holder-step":  # W <- W - lr (D + wd W)
-            d = d + opts.weight_decay * dst
-        dst.add_(d, alpha=-group["lr"])
-
-    def _skip_nonfinite(self, w: "_StackWork") -> None:
-        """Warns about, and drops from ``w.rows``, the blocks whose gradient is not finite."""
-        bad = ~w.finite.cpu()
-        if w.rows is not None:
-            bad &= w.rows
-        for r in bad.nonzero().flatten().tolist():
-            pi, bid = w.stack.row_owner[r]
-            g = w.grad[r]
-            if bool(torch.isfinite(g).all()):
-                # The squared norm overflowed: the block's factor would become infinite.
-                what = (
-                    f"too large a gradient (largest |g| {float(g.abs().max()):.3g}; its squared "
-                    f"norm overflows {g.dtype})"
-                )
-            else:
-                what = "a non-finite gradient (NaN or Inf)"
-            _warn(
-                NonFiniteGradientWarning(
-                    f"{what} in {self._block_name(w.group, pi, bid)}: the block is skipped in "
-                    "this step"
-                ),
-                self.param_groups[w.group]["step"] + 1,
-            )
-        if bad.any():
-            base = torch.ones(w.stack.num_rows, dtype=torch.bool) if w.rows is None else w.rows
-            w.rows = base & ~bad
-
-    def _check_roots(
-        self, gi: int, opts: GroupOptions, stack: BlockStack, ok: torch.Tensor, rows: torch.Tensor
-    ) -> str | None:
-        """Warns about blocks whose roots failed; returns the error to raise, if any."""
-        if bool(ok.all()):
-            return None
-        failures = stack.state["root_failures"]
-        error = None
-        for j in (~ok).nonzero().flatten().tolist():
-            r = int(rows[j])
-            pi, bid = stack.row_owner[r]
-            count = int(failures[r])
-            name = self._block_name(gi, pi, bid)
-            if count >= opts.max_consecutive_root_failures:
-                error = error or (
-                    f"the inverse roots of {name} failed {count} times in a row (also in "
-                    "float64); its factors are likely non-finite or badly scaled, or epsilon "
-                    "is too small for the roots to fit the parameter dtype. Parameters were "
-                    "not updated in this step."
-                )
-                continue
-            _warn(
-                RootFailureWarning(
-                    f"inverse roots of {name} could not be computed (failure {count} of "
-                    f"{opts.max_consecutive_root_failures} allowed); keeping its previous roots"
-                ),
-                self.param_groups[gi]["step"] + 1,
-            )
-        return error
 
     # ---------------------------------------------------------------- state
 
@@ -813,16 +587,14 @@ class ShardedShampoo(torch.optim.Optimizer):
         return self._plan
 
     @property
-    def direction_exchange(self) -> DirectionExchange | None:
-        return self._exchange
+    def distributors(self) -> tuple[Distributor, ...]:
+        """How this rank's blocks get their gradients and deliver their directions."""
+        return tuple(self._distributors)
 
     def bytes_sent_per_step(self) -> int:
-        """Bytes this rank sends in one step's collectives (AllGather and all_to_alls), padding
-        included."""
-        total = self._exchange.bytes_sent_per_step if self._exchange is not None else 0
-        if self._row_exchange is not None:
-            total += self._row_exchange.bytes_sent_per_step()
-        return total
+        """Bytes this rank sends to other ranks in one step's collectives (AllGather and
+        all_to_alls)."""
+        return sum(d.bytes_sent_per_step() for d in self._distributors)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state (see ``load_state_dict`` for its keys), as a copy.

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .options import GroupOptions
-
 __all__ = [
     "FsdpLayout",
     "MIN_BLOCKS_PER_RANK",
@@ -26,24 +24,7 @@ __all__ = [
     "iter_tensors",
     "shard_layout",
     "shard_mesh",
-    "weight_decay_place",
 ]
-
-
-def weight_decay_place(opts: GroupOptions) -> str:
-    """Where weight decay of a row-sharded parameter is applied, so that weight rows travel
-    only when they must.
-
-    ``holder-grad``: L2 (``G + wd W`` is elementwise) by the rank holding the rows, before they
-    are sent. ``holder-step``: decoupled without momentum (``W - lr (D + wd W)``) by the holder
-    when it applies the direction. ``owner``: decoupled with momentum, which feeds ``D + wd W``
-    into the owner's momentum buffer, so the owner needs the weight rows.
-    """
-    if opts.weight_decay == 0:
-        return "none"
-    if not opts.decoupled_weight_decay:
-        return "holder-grad"
-    return "holder-step" if opts.momentum == 0 else "owner"
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -123,4 +123,5 @@ def test_distribution_options_are_validated():
         ShardedShampoo([p], num_trainers_per_group=2)
     # Without a process group the optimizer computes everything itself.
     opt = ShardedShampoo([p], num_trainers_per_group=1)
-    assert opt.direction_exchange is None and opt.owned_blocks() == 1
+    assert opt.bytes_sent_per_step() == 0 and opt.owned_blocks() == 1
+    assert [type(d).__name__ for d in opt.distributors] == ["LocalDistributor"]

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharded_shampoo.blocking import make_blocking
-from sharded_shampoo.communication import RowShardedExchange
 from sharded_shampoo.options import DEFAULTS, GroupOptions
 from sharded_shampoo.placement import GroupSpec, Plan, RowSharding, band, block_pieces
+from sharded_shampoo.placement.routes import RowRoutes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
@@ -70,7 +70,7 @@ def test_edge_cases_by_hand():
     assert [band(lead, RowSharding(2), k) for k in range(2)] == [(0, 16), (16, 32)]
 
 
-def exchanges(shapes, world, replicas=1, **options):
+def routes_of(shapes, world, replicas=1, **options):
     shards = world // replicas
     holders = {k: tuple(q * shards + k for q in range(replicas)) for k in range(shards)}
     coords = {q * shards + k: (q, k) for q in range(replicas) for k in range(shards)}
@@ -80,13 +80,7 @@ def exchanges(shapes, world, replicas=1, **options):
         GroupOptions.from_group({**DEFAULTS, **options}),
         tuple(RowSharding(shards) for _ in shapes),
     ))
-    built = [
-        RowShardedExchange(
-            plan, r, coords, None, None, torch.float32, torch.float32, torch.device("cpu")
-        )
-        for r in range(world)
-    ]
-    return plan, coords, built
+    return plan, coords, [RowRoutes(plan, r, coords, sections=1) for r in range(world)]
 
 
 def rows_that_must_move(plan, coords, rank):
@@ -121,16 +115,16 @@ def test_exactly_the_rows_that_must_move_are_sent(world, replicas):
     from workloads import GPT, GPTConfig
 
     shapes = [tuple(p.shape) for p in GPT(GPTConfig()).parameters()]
-    plan, coords, built = exchanges(shapes, world, replicas)
-    for r, ex in enumerate(built):
+    plan, coords, built = routes_of(shapes, world, replicas)
+    for r, routes in enumerate(built):
         minimum = rows_that_must_move(plan, coords, r)
-        sent = ex.bytes_sent_per_step()
+        sent = routes.bytes_sent(4, 4)
         assert minimum <= sent <= 1.001 * minimum, (r, sent, minimum)
 
 
 def test_set_up_visits_only_a_ranks_own_pieces():
     """4,096 shards of a 4096 x 4096 weight: each rank's band is one row; building the exchange
-    of one rank must not walk the other ranks' pieces (16M of them)."""
+    routes of one rank must not walk the other ranks' pieces (16M of them)."""
     import time
 
     world = 4096
@@ -141,10 +135,7 @@ def test_set_up_visits_only_a_ranks_own_pieces():
         (RowSharding(world),) * 4,
     ))
     start = time.perf_counter()
-    ex = RowShardedExchange(
-        plan, 7, {r: (0, r) for r in range(world)}, None, None, torch.float32, torch.float32,
-        torch.device("cpu"),
-    )
+    routes = RowRoutes(plan, 7, {r: (0, r) for r in range(world)}, sections=1)
     assert time.perf_counter() - start < 2.0
     # Rank 7 holds one row of each weight: 4 pieces per weight (one per column block).
-    assert sum(len(e) for e in ex.grad_send.entries) + len(ex.local) == 16
+    assert sum(len(e) for e in routes.grad_send.entries) == 16

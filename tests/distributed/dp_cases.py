@@ -25,12 +25,11 @@ def same_grads(rank, world, tiny=False, explicit_mesh=False, **kwargs):
         else (scenarios.GROUP_SHAPES, scenarios.GROUP_OPTIONS)
     )
     params, opt = scenarios.train_with_same_grads(shapes=shapes, options=options, **kwargs)
-    ex = opt.direction_exchange
     return {
         "params": params,
         "state_bytes": opt.state_bytes(),
         "owned_blocks": opt.owned_blocks(),
-        "bytes_sent": ex.bytes_sent_per_step if ex is not None else 0,
+        "bytes_sent": opt.bytes_sent_per_step(),
     }
 
 

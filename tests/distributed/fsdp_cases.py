@@ -53,7 +53,15 @@ def make_net():
     return Net().double()
 
 
-def train_reference(steps=STEPS, **overrides):
+# A NaN put into the gradient of inp.weight (33 x 12, blocks of 8 rows) at this row: its block,
+# rows 16:24, straddles the shards at 2 ranks (rows 0:17, 17:33) and at 4 (9:18, 18:27), so
+# the block's owner skips it and the holders of its other rows must not apply it either.
+NAN_ROW = 16
+
+
+def train_reference(steps=STEPS, nan_step=None, **overrides):
+    import warnings
+
     model = make_net()
     opt = ShardedShampoo(
         [p for p in model.parameters() if p.requires_grad], **{**OPTIONS, **overrides}
@@ -62,11 +70,20 @@ def train_reference(steps=STEPS, **overrides):
         x, y = batch(step)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        if step == nan_step:
+            model.inp.weight.grad[NAN_ROW, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
     return [p.detach().clone() for p in model.parameters()], opt.state_bytes()
 
 
-def fsdp(rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEPS, **overrides):
+def fsdp(
+    rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEPS, nan_step=None,
+    **overrides,
+):
+    import warnings
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -104,7 +121,14 @@ def fsdp(rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEP
         for p in plain:
             dist.all_reduce(p.grad)
             p.grad /= world
-        opt.step()
+        if step == nan_step:  # on every holder of the row (one per replica group)
+            shards = world // 2 if hsdp else world
+            chunk = -(-33 // shards)
+            if rank % shards == NAN_ROW // chunk:
+                model.inp.weight.grad.to_local()[NAN_ROW % chunk, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
         losses.append(loss.item())
     full = [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
             for p in model.parameters()]
@@ -114,7 +138,10 @@ def fsdp(rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEP
         "state_bytes": opt.state_bytes(),
         "owned_blocks": opt.owned_blocks(),
         "bytes_sent": opt.bytes_sent_per_step(),
-        "allgather_bytes": opt.direction_exchange.bytes_sent_per_step if opt.direction_exchange else 0,
+        "allgather_bytes": sum(
+            d.bytes_sent_per_step() for d in opt.distributors
+            if type(d).__name__ == "ReplicatedDistributor"
+        ),
     }
 
 

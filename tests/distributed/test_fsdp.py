@@ -30,10 +30,20 @@ WEIGHT_DECAY_VARIANTS = {
 }
 
 
+# A NaN gradient in one block at step 3 (fsdp_cases.NAN_ROW). Without momentum, holders apply
+# decoupled weight decay with the direction (W - lr (D + wd W)): a skipped block's rows would
+# still change if its holders were not told it was skipped.
+NAN_CASE = dict(nan_step=3, momentum=0.0)
+
+
 @pytest.fixture(scope="module")
 def world2():
-    names = ["fsdp", "mixed", *WEIGHT_DECAY_VARIANTS]
-    cases = [(fsdp_cases.fsdp, {}), (fsdp_cases.fsdp, {"mixed": True})]
+    names = ["fsdp", "mixed", "nan", *WEIGHT_DECAY_VARIANTS]
+    cases = [
+        (fsdp_cases.fsdp, {}),
+        (fsdp_cases.fsdp, {"mixed": True}),
+        (fsdp_cases.fsdp, NAN_CASE),
+    ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
     return dict(zip(names, run_cases(2, cases)))
 
@@ -47,12 +57,14 @@ def world3():
 
 @pytest.fixture(scope="module")
 def world4():
-    names = ["fsdp", "hsdp", "mixed_precision", "failures"]
+    names = ["fsdp", "hsdp", "mixed_precision", "failures", "nan", "hsdp_nan"]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"hsdp": True}),
         (fsdp_cases.fsdp, {"mixed_precision": True}),
         (fsdp_cases.failures, {}),
+        (fsdp_cases.fsdp, NAN_CASE),
+        (fsdp_cases.fsdp, {"hsdp": True, **NAN_CASE}),
     ]
     return dict(zip(names, run_cases(4, cases)))
 
@@ -123,3 +135,15 @@ def test_fsdp_on_a_single_rank(reference):
     (mixed, full), = [v for v in run_cases(1, [(fsdp_cases.fsdp_single_rank, {})])[0].ok()]
     for values in (mixed, full):
         check_against_reference([values], reference)
+
+
+@pytest.mark.parametrize("world, case", [(2, "nan"), (4, "nan"), (4, "hsdp_nan")])
+def test_a_block_with_a_nan_gradient_is_skipped_on_every_holder(world2, world4, world, case):
+    """The block's owner skips it; the holders of its rows on other ranks (and, under HSDP, in
+    the other replica group) must leave them unchanged too: the result is one process's, in
+    which the block is skipped in that step."""
+    values = {2: world2, 4: world4}[world][case].ok()
+    reference = fsdp_cases.train_reference(**NAN_CASE)
+    check_against_reference(values, reference)
+    plain = fsdp_cases.train_reference(momentum=0.0)
+    assert not torch.allclose(reference[0][0], plain[0][0], atol=1e-6)  # the skip mattered

@@ -1,0 +1,115 @@
+"""The interface every distributor implements, and what a step hands them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..options import GroupOptions
+from ..state import BlockStack, GroupBlocks
+
+__all__ = ["Distributor", "StackWork", "Status", "Step"]
+
+
+@dataclass
+class Step:
+    """What one step fixes before the math, the same for every distributor."""
+
+    params: list[list[torch.Tensor]]  # every group's parameters
+    options: dict[int, GroupOptions]  # per stepping group (one with a gradient): its options
+    active: dict[int, list[bool]]  # per stepping group: which of its parameters have a gradient
+    digest: int  # 32 bits of the above, compared across ranks in the status words
+
+
+@dataclass
+class StackWork:
+    """One stack's part in one step: its gradient (and weight) rows in, its direction out."""
+
+    group: int
+    stack_index: int
+    opts: GroupOptions  # what the math runs with (a distributor may apply weight decay itself)
+    stack: BlockStack
+    grad: torch.Tensor  # (rows, *block_shape) in the math dtype; consumed by the math
+    param: torch.Tensor | None  # the blocks' weights, when the math needs them
+    rows: torch.Tensor | None  # bool mask of the rows to compute (CPU); None: all
+    finite: torch.Tensor | None = None  # per row: the gradient is finite
+    skipped: torch.Tensor | None = None  # bool mask of rows skipped for a non-finite gradient
+    direction: torch.Tensor | None = None
+
+
+@dataclass
+class Status:
+    """What a distributor's exchange learnt: ranks that reported an error, and ranks that
+    stepped with other options or gradients (lists, or True when only their existence is
+    known)."""
+
+    failed: list[int] | bool = False
+    disagreeing: list[int] | bool = False
+
+
+class Distributor:
+    """Moves one kind of parameter's gradients into stacks and directions back.
+
+    ``collect(step)`` returns the work of the stacks with something to compute, their gradient
+    buffers filled; the optimizer then fills each ``direction``. ``exchange(step, failed)``
+    shares the directions (``failed``: this rank hit an error it will raise) and returns what
+    the status words said; ``apply(step)`` updates the parameters, called only when no
+    distributor's exchange reported a problem. ``collective`` distributors take collectives in
+    ``collect`` and ``exchange`` on every step, whatever happens, so that no rank waits alone.
+    """
+
+    collective = False
+
+    def __init__(self, blocks: list[GroupBlocks], row_sharded: bool) -> None:
+        # (group, stack index, stack) of the stacks this distributor serves.
+        self.stacks = [
+            (gi, si, stack)
+            for gi, group in enumerate(blocks)
+            for si, stack in enumerate(group.stacks)
+            if stack.layout.row_sharded == row_sharded
+        ]
+        self.blocks = blocks
+        self._grads: dict[tuple[int, int], torch.Tensor] = {}
+        self._weights: dict[tuple[int, int], torch.Tensor] = {}
+        self._work: list[StackWork] = []
+
+    def collect(self, step: Step) -> list[StackWork]:
+        raise NotImplementedError
+
+    def exchange(self, step: Step, failed: bool) -> Status:
+        return Status()
+
+    def apply(self, step: Step) -> None:
+        raise NotImplementedError
+
+    def bytes_sent_per_step(self) -> int:
+        return 0
+
+    def _buffer(self, store: dict, gi: int, si: int, stack: BlockStack) -> torch.Tensor:
+        # Persistent: a fresh allocation of this size each step costs page faults on CPU and
+        # allocator churn on GPU; the row exchange also keeps views into them.
+        buf = store.get((gi, si))
+        if buf is None:
+            buf = store[(gi, si)] = torch.empty(
+                (stack.num_rows, *stack.block_shape), dtype=stack.dtype, device=stack.state.device
+            )
+        return buf
+
+    def _stack_work(self, step: Step, math_options) -> list[StackWork]:
+        """A StackWork for every stack with rows of active parameters; ``math_options(opts)``
+        gives (the options the math runs with, whether it needs the weights)."""
+        work = []
+        for gi, si, stack in self.stacks:
+            active = step.active.get(gi)
+            if active is None:
+                continue
+            rows = stack.layout.row_mask(active)
+            if rows is not None and not rows.any():
+                continue
+            opts, needs_weights = math_options(step.options[gi])
+            grad = self._buffer(self._grads, gi, si, stack)
+            param = self._buffer(self._weights, gi, si, stack) if needs_weights else None
+            work.append(StackWork(gi, si, opts, stack, grad, param, rows))
+        self._work = work
+        return work

@@ -1,0 +1,85 @@
+"""Plain parameters every rank holds whole (DDP): one owner per block, one AllGather per step.
+
+Every rank writes the directions of the blocks it owns into its piece of a flat buffer (in
+``communication_dtype``), and one ``Shard(0) -> Replicate()`` redistribution of that buffer, an
+AllGather, hands every rank every direction. Every rank, the owner included, then applies the
+gathered values, so replicas stay bitwise identical whatever the communication dtype. Each
+piece ends with status words (``communication``): an error on one rank, or ranks stepping with
+different options, reaches every rank in the same collective, and every rank raises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..communication import FAILED, STATUS_WORDS, read_status, status_words
+from ..placement import Plan
+from ..placement.routes import allgather_segments
+from ..state import GroupBlocks
+from .base import Status, Step
+from .local import LocalDistributor
+
+__all__ = ["ReplicatedDistributor"]
+
+
+class ReplicatedDistributor(LocalDistributor):
+    """Gathers gradients into the stacks as ``LocalDistributor`` does (every rank has them
+    all); shares the directions by AllGather over ``mesh`` (the ranks blocks are sharded over)."""
+
+    collective = True
+
+    def __init__(
+        self, blocks: list[GroupBlocks], plan: Plan, rank: int, mesh, dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(blocks)
+        self.mesh = mesh
+        self.segments = allgather_segments(plan)
+        longest = max(
+            (start + lay.num_rows * lay.row_numel for segs in self.segments for _, _, lay, start in segs),
+            default=0,
+        )
+        self.status_index = longest
+        self.local = torch.zeros(longest + STATUS_WORDS, dtype=dtype, device=device)
+        self.gathered = torch.zeros(mesh.size(), self.local.numel(), dtype=dtype, device=device)
+        self._slots = {
+            (gi, si): self.local[start : start + lay.num_rows * lay.row_numel].view(
+                lay.num_rows, *lay.block_shape
+            )
+            for gi, si, lay, start in self.segments[rank]
+        }
+
+    def bytes_sent_per_step(self) -> int:
+        """What this rank sends in one ring AllGather: its piece to each of the others."""
+        return (self.mesh.size() - 1) * self.local.numel() * self.local.element_size()
+
+    def exchange(self, step: Step, failed: bool) -> Status:
+        for w in self._work:
+            self._slots[(w.group, w.stack_index)].copy_(w.direction)
+        words = status_words(FAILED if failed else 0, step.digest)
+        self.local[self.status_index :] = torch.tensor(words, dtype=self.local.dtype)
+        # The pieces are the local shards of a Shard(0) DTensor over the mesh; this is its
+        # redistribution to Replicate(), into a buffer allocated once.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(self.gathered.view(-1), self.local, group=self.mesh.get_group())
+        words = self.gathered[:, self.status_index :]
+        failed_mask = read_status(words, step.digest)[:, 0]
+        differs = (words[:, 1:] != words[0, 1:]).any(1)
+        # One host sync: who failed, whose digest differs from rank 0's.
+        ranks = torch.arange(len(failed_mask))
+        flagged = torch.cat([ranks[failed_mask], -1 - ranks[differs]]).tolist()
+        return Status([r for r in flagged if r >= 0], [-1 - r for r in flagged if r < 0])
+
+    def apply(self, step: Step) -> None:
+        for r, segs in enumerate(self.segments):
+            piece = self.gathered[r]
+            for gi, _, layout, start in segs:
+                if gi not in step.active:
+                    continue
+                n = layout.num_rows * layout.row_numel
+                rows = piece[start : start + n].view(layout.num_rows, *layout.block_shape)
+                layout.scatter_add_(
+                    step.params[gi], step.active[gi], self.blocks[gi].blockings, rows,
+                    -step.options[gi].lr,
+                )
