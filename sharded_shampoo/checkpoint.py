@@ -9,7 +9,7 @@ A directory becomes a checkpoint only when ``COMPLETE`` appears in it, written a
 rank finished ``dcp.save``: a process killed while saving leaves a directory without it, which
 ``load_checkpoint`` refuses and ``latest_checkpoint`` skips.
 
-A load changes nothing unless it succeeds: the checkpoint's metadata and layout records are
+A load changes nothing unless it succeeds: the checkpoint's metadata and blocking records are
 checked first, and tensors are read into staging copies that replace the live state only once
 everything was read and validated. That costs, for the duration of the load, one more copy of
 the rank's share of the model and of its optimizer state.
@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .state.record import RECORD_SIZE, layout_difference
+from .state.record import RECORD_SIZE, record_difference
 
 __all__ = [
     "IncompleteCheckpointError",
@@ -145,7 +145,7 @@ def load_checkpoint(
 
     Collective. Checks first, on every rank alike, that the checkpoint is complete, that it
     holds exactly this model's entries with their shapes and ShardedShampoo state for exactly
-    its parameters, and that each parameter's layout record matches this optimizer; a mismatch
+    its parameters, and that each parameter's blocking record matches this optimizer; a mismatch
     raises ValueError before any state changes, naming the first entry that differs. Tensors are
     then read into staging copies, so a load that fails while reading (a truncated file raises
     ``CheckpointException``) leaves the model and the optimizer as they were.
@@ -163,11 +163,11 @@ def load_checkpoint(
     # ShardedShampoo's state_dict() is a copy already: the staging buffers of the optimizer.
     osd = get_optimizer_state_dict(model, optimizer, options=_options(flatten))
     if flatten:
-        records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".layout")}
+        records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".blocking")}
     else:
-        records = {f"state.{fqn}.layout": s["layout"] for fqn, s in osd["state"].items()}
+        records = {f"state.{fqn}.blocking": s["blocking"] for fqn, s in osd["state"].items()}
     _check_entries(path, saved, model_sd, records)
-    _check_layouts(path, records)
+    _check_records(path, records)
     staged = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in model_sd.items()}
     state: dict[str, Any] = {"model": staged, "optim": osd}
     if extra:
@@ -196,13 +196,13 @@ def _check_entries(
                     f"{tuple(meta.size)} there, {tuple(value.shape)} here"
                 )
     ours = {f"optim.{k}" for k in records}
-    theirs = {k for k in saved if k.startswith("optim.state.") and k.endswith(".layout")}
+    theirs = {k for k in saved if k.startswith("optim.state.") and k.endswith(".blocking")}
     _refuse_difference(path, "parameters with ShardedShampoo state", ours, theirs)
 
 
 def _refuse_difference(path: str, what: str, ours: set[str], theirs: set[str]) -> None:
     def names(keys: set[str]) -> str:
-        shown = sorted(k.split(".", 1)[1].removeprefix("state.").removesuffix(".layout") for k in keys)
+        shown = sorted(k.split(".", 1)[1].removeprefix("state.").removesuffix(".blocking") for k in keys)
         return ", ".join(repr(k) for k in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
 
     if theirs - ours:
@@ -217,8 +217,8 @@ def _refuse_difference(path: str, what: str, ours: set[str], theirs: set[str]) -
         )
 
 
-def _check_layouts(path: str, records: dict[str, torch.Tensor]) -> None:
-    """Loads only the saved layout records and compares them with ours. Every rank holds every
+def _check_records(path: str, records: dict[str, torch.Tensor]) -> None:
+    """Loads only the saved blocking records and compares them with ours. Every rank holds every
     parameter's record, so every rank reaches the same verdict: no rank is left waiting."""
     saved = {k: torch.empty(RECORD_SIZE, dtype=torch.int64) for k in records}
     dcp.load(
@@ -228,8 +228,8 @@ def _check_layouts(path: str, records: dict[str, torch.Tensor]) -> None:
         no_dist=not _distributed(),
     )
     for key in sorted(records):
-        fqn = key[len("state.") : -len(".layout")]
-        diff = layout_difference(saved[key], records[key])
+        fqn = key[len("state.") : -len(".blocking")]
+        diff = record_difference(saved[key], records[key])
         if diff is not None:
             raise ValueError(
                 f"the checkpoint at {path} does not fit parameter {fqn!r}: {diff}. Build the "

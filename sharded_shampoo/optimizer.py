@@ -35,15 +35,16 @@ from .options import DEFAULTS, STRUCTURAL, GroupOptions, check_dtype_range, chec
 from .parallelism import (
     check_fsdp_param,
     device_type,
-    fsdp_layout,
+    fsdp_mesh,
     is_dtensor,
     iter_tensors,
-    shard_layout,
+    shard_width,
     shard_mesh,
 )
 from .placement import GroupSpec, Plan, RowSharding
 from .state import GroupBlocks, StatePool, pool_lengths
-from .state.record import encode_layout, layout_difference
+from .state.loading import check_state_dict
+from .state.record import blocking_record
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
@@ -195,7 +196,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 f"torch.float16, torch.float64, got {communication_dtype!r}"
             )
         params = _materialize(params)
-        self._fsdp = fsdp_layout(params)
+        self._fsdp = fsdp_mesh(params)
         if self._fsdp is not None and (mesh is not None or num_trainers_per_group is not None):
             raise ValueError(
                 "with FSDP2/HSDP (DTensor) parameters the optimizer shards over the whole "
@@ -203,7 +204,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             )
         # The mesh is created only once the ranks agreed on the settings (_after_plan_change).
         blocks = None if self._fsdp is not None else _count_blocks(params, defaults)
-        shards, self._rank = shard_layout(mesh, num_trainers_per_group, blocks)
+        shards, self._rank = shard_width(mesh, num_trainers_per_group, blocks)
         self._mesh = mesh if shards > 1 else None
         self._agreement_group = mesh.get_group() if self._mesh is not None else None
         self._distributed = shards > 1 or self._fsdp is not None
@@ -298,14 +299,14 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._blocks.append(blocks)
         self._structure.append(opts.structure())
         # Besides the views of the blocks this rank owns, every parameter's state holds its
-        # layout record and the group's step (one tensor shared by the group), on every rank:
+        # blocking record and the group's step (one tensor shared by the group), on every rank:
         # checkpoints then record both whoever owned what, and a regrouped load finds the step.
         step = torch.zeros((), dtype=torch.int64)
         self._step_tensors.append(step)
         for i, p in enumerate(params):
             self.state[p] = {
                 **blocks.block_views(i),
-                "layout": encode_layout(blocks.blockings[i], opts),
+                "blocking": blocking_record(blocks.blockings[i], opts),
                 "step": step,
             }
 
@@ -626,11 +627,11 @@ class ShardedShampoo(torch.optim.Optimizer):
         """Loads state saved by ``state_dict`` (at any world size, in any mode).
 
         Per parameter the state holds ``blocks.<id>.<name>`` for the blocks this rank owns
-        (views of the live state: ``state_dict`` copies nothing), ``layout`` (what the blocks
-        depend on, see ``state.record``) and ``step``.
+        (see ``state_dict``), ``blocking`` (what the blocks depend on, see ``state.record``) and
+        ``step``.
 
         Everything is checked before anything changes: the number of groups and parameters, each
-        parameter's layout record, the options that shape the state, and the name and shape of
+        parameter's blocking record, the options that shape the state, and the name and shape of
         every state tensor. A mismatch raises ValueError naming the first offending parameter;
         every rank holds every parameter's record, so every rank raises.
         """
@@ -639,81 +640,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups = state_dict["param_groups"]
-        saved_state = state_dict["state"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"the state dict has {len(saved_groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        new_options, copies = [], []
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {gi}: the state dict has {len(saved['params'])} parameters, "
-                    f"this optimizer has {len(group['params'])}"
-                )
-            options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
-            current = GroupOptions.from_group(group)
-            steps = set()
-            for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
-                theirs = saved_state.get(pid, {})
-                name = self._param_name(gi, pi)
-                if "layout" not in theirs or "step" not in theirs:
-                    raise ValueError(
-                        f"the state dict has no layout record for {name}: it was not saved by "
-                        "ShardedShampoo (or by an older version)"
-                    )
-                diff = layout_difference(
-                    theirs["layout"], encode_layout(self._blocks[gi].blockings[pi], current)
-                )
-                if diff is not None:
-                    raise ValueError(
-                        f"the state of {name} does not fit this optimizer: {diff}. Load it into "
-                        "an optimizer built with the same model and options."
-                    )
-                steps.add(int(theirs["step"]))
-            # Each parameter's own step decides: a flattened state dict gives a group the
-            # options (and step) of its first parameter only, and a regrouped load none.
-            if len(steps) > 1:
-                raise ValueError(
-                    f"param group {gi}: its parameters were saved at different steps "
-                    f"{sorted(steps)} (they were in different param groups then); load the "
-                    "state into an optimizer with the same grouping"
-                )
-            if steps:
-                options["step"] = steps.pop()
-            candidate = {**group, **options}
-            try:
-                opts = GroupOptions.from_group(candidate)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"param group {gi} of the state dict: {e}") from None
-            changed = self._structure_changes(gi, opts)
-            if changed:
-                raise ValueError(
-                    f"param group {gi}: the state dict was saved with a different "
-                    f"{changed}; its state does not fit this optimizer's blocks"
-                )
-            new_options.append(options)
-            for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
-                mine = {k: v for k, v in self.state[p].items() if k not in ("layout", "step")}
-                theirs = {k: v for k, v in saved_state[pid].items() if k not in ("layout", "step")}
-                name = self._param_name(gi, pi)
-                if set(mine) != set(theirs):
-                    missing = sorted(set(mine) - set(theirs))[:3]
-                    extra = sorted(set(theirs) - set(mine))[:3]
-                    raise ValueError(
-                        f"state of {name} does not fit this optimizer's blocks "
-                        f"(missing {missing}, unexpected {extra})"
-                    )
-                for key, t in mine.items():
-                    src = theirs[key]
-                    if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(t.shape):
-                        got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src)
-                        raise ValueError(
-                            f"state {key!r} of {name} has shape {got}, expected {tuple(t.shape)}"
-                        )
-                    copies.append((t, src))
+        new_options, copies = check_state_dict(self, state_dict)
         for dst, src in copies:
             if dst.data_ptr() != src.data_ptr():  # DCP may have loaded into the live views
                 dst.copy_(src)

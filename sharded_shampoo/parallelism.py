@@ -14,15 +14,15 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "FsdpLayout",
+    "FsdpMesh",
     "MIN_BLOCKS_PER_RANK",
     "auto_shard_width",
     "check_fsdp_param",
     "device_type",
-    "fsdp_layout",
+    "fsdp_mesh",
     "is_dtensor",
     "iter_tensors",
-    "shard_layout",
+    "shard_width",
     "shard_mesh",
 ]
 
@@ -34,7 +34,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class FsdpLayout:
+class FsdpMesh:
     """How FSDP2/HSDP spreads row shards over the world: ``coords[rank] = (replica, shard)``,
     ``holders[shard]`` = the ranks holding that shard, one per replica group."""
 
@@ -56,7 +56,7 @@ def iter_tensors(params: list):
                 yield t
 
 
-def fsdp_layout(params: list) -> FsdpLayout | None:
+def fsdp_mesh(params: list) -> FsdpMesh | None:
     """The row-sharding layout of the DTensor parameters, or None when there are none."""
     mesh = None
     for t in iter_tensors(params):
@@ -81,14 +81,14 @@ def fsdp_layout(params: list) -> FsdpLayout | None:
         for k, r in enumerate(row):
             coords[r] = (q, k)
             holders[k] = holders.get(k, ()) + (r,)
-    layout = FsdpLayout(mesh, ranks.shape[1], coords, holders)
+    layout = FsdpMesh(mesh, ranks.shape[1], coords, holders)
     for t in iter_tensors(params):
         if is_dtensor(t):
             check_fsdp_param(t, layout)
     return layout
 
 
-def check_fsdp_param(p: torch.Tensor, layout: FsdpLayout | None) -> None:
+def check_fsdp_param(p: torch.Tensor, layout: FsdpMesh | None) -> None:
     from torch.distributed.tensor import Replicate, Shard
 
     if layout is None:
@@ -119,7 +119,7 @@ def auto_shard_width(world: int, num_blocks: int) -> int:
     return max(fits, default=1)
 
 
-def shard_layout(
+def shard_width(
     mesh: Any, num_trainers_per_group: int | None, num_blocks: int | None = None
 ) -> tuple[int, int]:
     """``(k, i)``: blocks are sharded over k ranks, of which this one is the i-th (k = 1: every
@@ -153,7 +153,7 @@ def shard_layout(
 
 
 def shard_mesh(k: int, device_type: str):
-    """The 1-D DeviceMesh of the k ranks this one shards blocks with (see ``shard_layout``)."""
+    """The 1-D DeviceMesh of the k ranks this one shards blocks with (see ``shard_width``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()

@@ -269,3 +269,14 @@ def test_unknown_group_keys_are_refused_and_framework_hints_tolerated():
         [{"params": model.parameters(), "fused": False, "foreach": True, "initial_lr": 0.1}], **OPTS
     )
     train(model, opt, 1)
+
+
+def test_sparse_gradients_are_refused_naming_the_parameter():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = ShardedShampoo(emb.named_parameters(), **OPTS)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"sparse gradients \(weight \(10, 4\)\)"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
+    assert opt.param_groups[0]["step"] == 0

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from sharded_shampoo.blocking import make_blocking
 from sharded_shampoo.options import DEFAULTS, GroupOptions
-from sharded_shampoo.placement import GroupSpec, Plan, RowSharding, band, block_pieces
+from sharded_shampoo.placement import (
+    GroupSpec, Piece, Plan, RowSharding, band, band_pieces, pieces_of_block,
+)
 from sharded_shampoo.placement.routes import RowRoutes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -22,6 +24,27 @@ def torch_chunk_rows(n0, shards):
     """Rows per shard as FSDP2 lays them out (torch.chunk)."""
     sizes = [c.shape[0] for c in torch.arange(n0).chunk(shards)] if n0 else []
     return sizes + [0] * (shards - len(sizes))
+
+
+def block_pieces(b, shards):
+    """Per block, the rows of it each shard holds, from FSDP2's split of dim 0 (torch.chunk),
+    visiting every block and every shard."""
+    n0 = b.shape[0] if b.shape else 1
+    per_row = b.numel // n0 // torch.Size(b.merged[1:]).numel() if n0 else 0
+    bounds, start = [], 0
+    for rows in torch_chunk_rows(n0, shards):
+        bounds.append((start * per_row, (start + rows) * per_row))
+        start += rows
+    out = []
+    for bid in range(b.num_blocks):
+        rows = b.block_slices(bid)[0]
+        pieces = []
+        for k, (lo, hi) in enumerate(bounds):
+            a, z = max(rows.start, lo), min(rows.stop, hi)
+            if a < z:
+                pieces.append(Piece(k, a - rows.start, z - rows.start, a - lo, z - lo))
+        out.append(pieces)
+    return out
 
 
 @settings(max_examples=200, deadline=None)
@@ -42,8 +65,16 @@ def test_bands_and_pieces_tile_every_block(shape, shards, max_dim, merge):
     numel_per_row = torch.Size(b.merged[1:]).numel()
     for (lo, hi), rows in zip(bands, torch_chunk_rows(shape[0], shards)):
         assert (hi - lo) * numel_per_row == rows * torch.Size(shape[1:]).numel()
+    # What the optimizer computes (only the shards a block touches; only the blocks a band
+    # touches) is every block's and shard's intersection.
+    expected = block_pieces(b, shards)
+    assert [pieces_of_block(b, sharding, bid) for bid in range(b.num_blocks)] == expected
+    for k in range(shards):
+        assert band_pieces(b, sharding, k) == [
+            (bid, p) for bid, ps in enumerate(expected) for p in ps if p.shard == k
+        ]
     # Each block's pieces cover its rows once, in order, each inside its shard's band.
-    for bid, pieces in enumerate(block_pieces(b, sharding)):
+    for bid, pieces in enumerate(expected):
         rows = b.block_slices(bid)[0]
         covered = 0
         for piece in pieces:
@@ -93,7 +124,7 @@ def rows_that_must_move(plan, coords, rank):
     sent = 0
     for g in plan.groups:
         for pi, b in enumerate(g.blockings):
-            for bid, pieces in enumerate(block_pieces(b, g.spec.sharding(pi))):
+            for bid, pieces in enumerate(block_pieces(b, g.spec.sharding(pi).num_shards)):
                 owner = g.owners[pi][bid]
                 qo, ko = coords[owner]
                 cols = torch.Size(b.block_shape(bid)[1:]).numel()

@@ -86,9 +86,9 @@ def test_state_dict_names_blocks_of_full_parameters():
     linear_weight = sd["state"][2]
     blocks = {k.split(".")[1] for k in linear_weight if k.startswith("blocks.")}
     assert sorted(blocks, key=int) == [str(i) for i in range(18)]
-    # Every parameter carries its layout record and step, whoever owns its blocks.
+    # Every parameter carries its blocking record and step, whoever owns its blocks.
     assert set(linear_weight) - {k for k in linear_weight if k.startswith("blocks.")} == {
-        "layout", "step"
+        "blocking", "step"
     }
     assert int(linear_weight["step"]) == 1
     assert linear_weight["blocks.0.factor_0"].shape == (16, 16)

@@ -2,7 +2,7 @@ from .cost import block_cost, block_state_elements
 from .layout import Part, StackLayout, group_stacks
 from .plan import GroupPlan, GroupSpec, Plan
 from .planner import Assignment, assign_blocks
-from .sharding import Piece, RowSharding, band, block_pieces
+from .sharding import Piece, RowSharding, band, band_pieces, pieces_of_block
 
 __all__ = [
     "Assignment",
@@ -12,7 +12,8 @@ __all__ = [
     "Piece",
     "RowSharding",
     "band",
-    "block_pieces",
+    "band_pieces",
+    "pieces_of_block",
     "Plan",
     "StackLayout",
     "assign_blocks",

@@ -16,9 +16,9 @@ eigendecomposition costs about 12-17 matrix-product FLOPs per d^3. ``ELEMENTWISE
 same kind of estimate for the dozen memory-bound passes over a block each step.
 
 Its memory is ``block_state_elements``: a factor and a root per dim (2 d_i^2) plus the vector
-states. The planner balances the cost above, not the memory: within one block shape the two are
-proportional; across shapes a rank holds what its blocks need (pools are not padded), so its
-memory follows the compute balance only roughly.
+states. Within one block shape the two are proportional; across shapes they are not (a 1-D
+block of 1024 holds as large a factor as a 1024 x 1024 block and costs almost no compute), so
+the planner balances both (``planner``).
 
 So a 1024 x 1024 block (8.6 GFLOP per step plus 2 x 15 GFLOP every f steps) costs far more
 than sixteen 256 x 256 blocks (16 x 0.54 GFLOP), though their bytes are the same.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..blocking import ParamBlocking
 
 __all__ = [
-    "RowSharding", "Piece", "band", "band_pieces", "block_pieces", "pieces_of_block",
+    "RowSharding", "Piece", "band", "band_pieces", "pieces_of_block",
     "most_rows_shard",
 ]
 
@@ -111,20 +111,4 @@ def band_pieces(blocking: ParamBlocking, sharding: RowSharding, shard: int) -> l
             piece = _piece(blocking, sharding, shard, blocking.block_slices(bid)[0])
             if piece is not None:
                 out.append((bid, piece))
-    return out
-
-
-def block_pieces(blocking: ParamBlocking, sharding: RowSharding) -> list[list[Piece]]:
-    """For each block, the non-empty pieces of it each shard holds, in shard order (every
-    block and shard: for tests and small layouts; the optimizer uses the functions above)."""
-    bands = [band(blocking, sharding, k) for k in range(sharding.num_shards)]
-    out = []
-    for bid in range(blocking.num_blocks):
-        rows = blocking.block_slices(bid)[0]
-        pieces = []
-        for k, (lo, hi) in enumerate(bands):
-            a, b = max(rows.start, lo), min(rows.stop, hi)
-            if a < b:
-                pieces.append(Piece(k, a - rows.start, b - rows.start, a - lo, b - lo))
-        out.append(pieces)
     return out

@@ -13,7 +13,7 @@ import torch
 from ..blocking import ParamBlocking
 from ..options import GRAFTING_TYPES, GroupOptions
 
-__all__ = ["RECORD_SIZE", "encode_layout", "layout_difference"]
+__all__ = ["RECORD_SIZE", "blocking_record", "record_difference"]
 
 RECORD_SIZE = 32
 _VERSION = 1
@@ -30,7 +30,7 @@ def _dims(shape: tuple[int, ...]) -> list[int]:
     return [len(shape)] + dims + [-1] * (_MAX_DIMS - len(dims))
 
 
-def encode_layout(blocking: ParamBlocking, opts: GroupOptions) -> torch.Tensor:
+def blocking_record(blocking: ParamBlocking, opts: GroupOptions) -> torch.Tensor:
     grafting = -1 if opts.grafting is None else GRAFTING_TYPES.index(opts.grafting)
     values = [
         _VERSION,
@@ -62,16 +62,16 @@ def _decode(record: torch.Tensor) -> dict[str, object]:
     )))
 
 
-def layout_difference(saved: torch.Tensor, current: torch.Tensor) -> str | None:
+def record_difference(saved: torch.Tensor, current: torch.Tensor) -> str | None:
     """None when the records agree, else what differs, e.g. ``max_preconditioner_dim: 8 saved,
     16 here``."""
     if tuple(saved.shape) != (RECORD_SIZE,):
-        return f"the saved layout record has shape {tuple(saved.shape)}, not ({RECORD_SIZE},)"
+        return f"the saved blocking record has shape {tuple(saved.shape)}, not ({RECORD_SIZE},)"
     if torch.equal(saved.to(torch.int64), current):
         return None
     try:
         a, b = _decode(saved.to(torch.int64)), _decode(current)
     except (IndexError, ValueError):
-        return "the saved layout record is not one this version can read"
+        return "the saved blocking record is not one this version can read"
     diffs = [f"{k}: {a[k]} saved, {b[k]} here" for k in _FIELDS if a[k] != b[k]]
-    return "; ".join(diffs) or "the layout records differ"
+    return "; ".join(diffs) or "the blocking records differ"

@@ -59,7 +59,15 @@ def make_net():
 NAN_ROW = 16
 
 
-def train_reference(steps=STEPS, nan_step=None, **overrides):
+def drop_some_grads(model, step):
+    """Every 7th step from step 3 some parameters have no gradient (as when a branch of the
+    model is not used): their pieces must neither be sent nor applied."""
+    if step % 7 == 3:
+        model.out.weight.grad = None
+        model.inp.bias.grad = None
+
+
+def train_reference(steps=STEPS, nan_step=None, drop_grads=False, **overrides):
     import warnings
 
     model = make_net()
@@ -72,6 +80,8 @@ def train_reference(steps=STEPS, nan_step=None, **overrides):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         if step == nan_step:
             model.inp.weight.grad[NAN_ROW, 0] = float("nan")
+        if drop_grads:
+            drop_some_grads(model, step)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt.step()
@@ -80,7 +90,7 @@ def train_reference(steps=STEPS, nan_step=None, **overrides):
 
 def fsdp(
     rank, world, hsdp=False, mixed=False, mixed_precision=False, steps=STEPS, nan_step=None,
-    **overrides,
+    drop_grads=False, **overrides,
 ):
     import warnings
 
@@ -121,6 +131,8 @@ def fsdp(
         for p in plain:
             dist.all_reduce(p.grad)
             p.grad /= world
+        if drop_grads:
+            drop_some_grads(model, step)
         if step == nan_step:  # on every holder of the row (one per replica group)
             shards = world // 2 if hsdp else world
             chunk = -(-33 // shards)

@@ -38,11 +38,12 @@ NAN_CASE = dict(nan_step=3, momentum=0.0)
 
 @pytest.fixture(scope="module")
 def world2():
-    names = ["fsdp", "mixed", "nan", *WEIGHT_DECAY_VARIANTS]
+    names = ["fsdp", "mixed", "nan", "drop_grads", *WEIGHT_DECAY_VARIANTS]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"mixed": True}),
         (fsdp_cases.fsdp, NAN_CASE),
+        (fsdp_cases.fsdp, {"drop_grads": True}),
     ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
     return dict(zip(names, run_cases(2, cases)))
@@ -147,3 +148,8 @@ def test_a_block_with_a_nan_gradient_is_skipped_on_every_holder(world2, world4, 
     check_against_reference(values, reference)
     plain = fsdp_cases.train_reference(momentum=0.0)
     assert not torch.allclose(reference[0][0], plain[0][0], atol=1e-6)  # the skip mattered
+
+
+def test_parameters_without_a_gradient_in_some_steps(world2):
+    values = world2["drop_grads"].ok()
+    check_against_reference(values, fsdp_cases.train_reference(drop_grads=True))

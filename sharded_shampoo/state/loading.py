@@ -1,0 +1,96 @@
+"""Whether a state dict fits an optimizer, checked in full before anything is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..options import GroupOptions
+from .record import blocking_record, record_difference
+
+__all__ = ["check_state_dict"]
+
+
+def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[tuple]]:
+    """For ``ShardedShampoo.load_state_dict``: returns each group's options to take and the
+    (live tensor, saved tensor) pairs to copy, or raises ValueError naming the first parameter
+    or group that does not fit: the number of groups and parameters, each parameter's blocking
+    record, its saved step, the options that shape the state, and the name and shape of every
+    state tensor. Every rank holds every parameter's record, so every rank raises alike."""
+    saved_groups = state_dict["param_groups"]
+    saved_state = state_dict["state"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} param groups, this optimizer has "
+            f"{len(opt.param_groups)}"
+        )
+    new_options, copies = [], []
+    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {gi}: the state dict has {len(saved['params'])} parameters, "
+                f"this optimizer has {len(group['params'])}"
+            )
+        options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+        current = GroupOptions.from_group(group)
+        steps = set()
+        for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+            theirs = saved_state.get(pid, {})
+            name = opt._param_name(gi, pi)
+            if "blocking" not in theirs or "step" not in theirs:
+                raise ValueError(
+                    f"the state dict has no blocking record for {name}: it was not saved by "
+                    "ShardedShampoo (or by an older version)"
+                )
+            diff = record_difference(
+                theirs["blocking"], blocking_record(opt._blocks[gi].blockings[pi], current)
+            )
+            if diff is not None:
+                raise ValueError(
+                    f"the state of {name} does not fit this optimizer: {diff}. Load it into "
+                    "an optimizer built with the same model and options."
+                )
+            steps.add(int(theirs["step"]))
+        # Each parameter's own step decides: a flattened state dict gives a group the
+        # options (and step) of its first parameter only, and a regrouped load none.
+        if len(steps) > 1:
+            raise ValueError(
+                f"param group {gi}: its parameters were saved at different steps "
+                f"{sorted(steps)} (they were in different param groups then); load the "
+                "state into an optimizer with the same grouping"
+            )
+        if steps:
+            options["step"] = steps.pop()
+        candidate = {**group, **options}
+        try:
+            opts = GroupOptions.from_group(candidate)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"param group {gi} of the state dict: {e}") from None
+        changed = opt._structure_changes(gi, opts)
+        if changed:
+            raise ValueError(
+                f"param group {gi}: the state dict was saved with a different "
+                f"{changed}; its state does not fit this optimizer's blocks"
+            )
+        new_options.append(options)
+        for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+            mine = {k: v for k, v in opt.state[p].items() if k not in ("blocking", "step")}
+            theirs = {k: v for k, v in saved_state[pid].items() if k not in ("blocking", "step")}
+            name = opt._param_name(gi, pi)
+            if set(mine) != set(theirs):
+                missing = sorted(set(mine) - set(theirs))[:3]
+                extra = sorted(set(theirs) - set(mine))[:3]
+                raise ValueError(
+                    f"state of {name} does not fit this optimizer's blocks "
+                    f"(missing {missing}, unexpected {extra})"
+                )
+            for key, t in mine.items():
+                src = theirs[key]
+                if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(t.shape):
+                    got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src)
+                    raise ValueError(
+                        f"state {key!r} of {name} has shape {got}, expected {tuple(t.shape)}"
+                    )
+                copies.append((t, src))
+    return new_options, copies
