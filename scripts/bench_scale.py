@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
     ap.add_argument("--parallelism", default="all", choices=["all", "fsdp2", "hsdp", "ddp"])
     ap.add_argument("--world-sizes", default="8,64,512,4096")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default="")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # model,parallelism,world: run in-process
     args = ap.parse_args()

@@ -91,7 +91,7 @@ def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> 
         old = state[f"root_{i}"]
         old.copy_(torch.where(ok.view(-1, 1, 1), r, old))
     failures = state["root_failures"]
-    failures.copy_(torch.where(ok, torch.zeros_like(failures), failures + 1))
+    failures.copy_(torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1))
     return ok
 
 

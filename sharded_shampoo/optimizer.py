@@ -31,7 +31,15 @@ from .distributors import (
     Step,
 )
 from .functional import stack_step
-from .options import DEFAULTS, STRUCTURAL, GroupOptions, check_dtype_range, check_group_keys
+from .options import (
+    DEFAULTS,
+    STRUCTURAL,
+    GroupOptions,
+    check_dtype_range,
+    check_group_keys,
+    factor_dtype_name,
+    parse_factor_dtype,
+)
 from .parallelism import (
     check_fsdp_param,
     device_type,
@@ -43,6 +51,7 @@ from .parallelism import (
 )
 from .placement import GroupSpec, Plan, RowSharding
 from .state import GroupBlocks, StatePool, pool_lengths
+from .state.consolidation import full_state_request, gather_blocks
 from .state.loading import check_state_dict
 from .state.record import blocking_record
 
@@ -131,13 +140,17 @@ class ShardedShampoo(torch.optim.Optimizer):
 
     Data parallelism: with a process group of more than one rank (or ``mesh``, a 1-D
     DeviceMesh), every block gets one owner rank (:mod:`sharded_shampoo.placement`); only the
-    owner keeps its state and computes its direction, and one AllGather per step (in
-    ``communication_dtype``) gives every rank all directions (:mod:`sharded_shampoo.communication`).
-    ``num_trainers_per_group=k`` shards within groups of k consecutive ranks instead, replicated
-    across groups. Gradients must already be averaged (DDP) and identical on every rank; the
-    result is the single-process one, whatever the world size. Every option may differ per param group; options that
-    shape the state (block size, merging, factor dtype, grafting type, whether beta1 and momentum
-    are on) cannot change once the optimizer is built.
+    owner keeps its state and computes its direction. Plain (DDP) parameters share directions
+    by one AllGather per step (in ``communication_dtype``); FSDP2/HSDP row shards send gradient
+    rows to the owners and direction rows back by ``all_to_all`` (:mod:`sharded_shampoo.
+    distributors`). Without ``num_trainers_per_group`` plain parameters are sharded over as many
+    ranks as leave each about 8 blocks; ``num_trainers_per_group=k`` shards within groups of k
+    consecutive ranks, replicated across groups. DDP gradients must already be averaged and
+    identical on every rank. The result is the single-process one, whatever the world size.
+
+    Every option may differ per param group; options that shape the state (block size,
+    merging, factor dtype, grafting type, whether beta1 and momentum are on) cannot change once
+    the optimizer is built.
     """
 
     def __init__(
@@ -190,6 +203,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         )
         # Fail on bad defaults even when every group overrides them.
         GroupOptions.from_group(defaults)
+        defaults["factor_dtype"] = factor_dtype_name(parse_factor_dtype(factor_dtype))
         if communication_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(
                 "communication_dtype must be one of torch.float32, torch.bfloat16, "
@@ -284,6 +298,8 @@ class ShardedShampoo(torch.optim.Optimizer):
         except ValueError as e:
             raise ValueError(f"param group {gi}: {e}") from None
         group["step"] = 0
+        # By name: torch's state-dict utilities do not traverse a torch.dtype.
+        group["factor_dtype"] = factor_dtype_name(opts.factor_dtype)
         shardings = tuple(
             RowSharding(self._fsdp.num_shards) if is_dtensor(p) else None for p in params
         )
@@ -611,6 +627,19 @@ class ShardedShampoo(torch.optim.Optimizer):
                 k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
                 for k, s in sd["state"].items()
             }
+        request = full_state_request()
+        if request is not None and request.full_state_dict and self._plan.world_size > 1:
+            # torch's get_optimizer_state_dict(full_state_dict=True): every block, on every
+            # rank, or on rank 0 only with cpu_offload (as torch keeps it).
+            keep = not request.cpu_offload or dist.get_rank() == 0
+            others = gather_blocks(
+                self._plan, self._rank, self._pools, self._mesh.get_group(), keep
+            )
+            index = 0
+            for gi, group in enumerate(self.param_groups):
+                for pi in range(len(group["params"])):
+                    sd["state"][index].update(others.get((gi, pi), {}))
+                    index += 1
         return sd
 
     @contextlib.contextmanager
@@ -646,6 +675,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                 dst.copy_(src)
         for gi, (group, options) in enumerate(zip(self.param_groups, new_options)):
             group.update(options)
+            group["factor_dtype"] = factor_dtype_name(parse_factor_dtype(group["factor_dtype"]))
             self._step_tensors[gi].fill_(group["step"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -51,6 +51,32 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# Factor dtypes by name: param groups hold the name (torch's state-dict utilities traverse
+# numbers, strings, lists and dicts, not torch.dtype); either form is accepted.
+FACTOR_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64,
+    "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def parse_factor_dtype(value: Any) -> torch.dtype:
+    """``value`` (a torch.dtype, or its name with or without ``torch.``) as a factor dtype."""
+    if isinstance(value, str):
+        dtype = FACTOR_DTYPES.get(value.removeprefix("torch."))
+    else:
+        dtype = value if value in FACTOR_DTYPES.values() else None
+    if dtype is None:
+        raise ValueError(
+            "factor_dtype must be one of torch.float32, torch.float64, torch.bfloat16, "
+            f"torch.float16 (or their names, such as 'float64'), got {value!r}"
+        )
+    return dtype
+
+
+def factor_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class GroupOptions:
     lr: float
@@ -117,12 +143,7 @@ class GroupOptions:
                     f"inverse_exponent_override keys are tensor orders (ints >= 1), got {k!r}"
                 )
             _real_value(f"inverse_exponent_override[{k}]", e, lo=0.0, lo_open=True)
-        factor_dtype = g["factor_dtype"]
-        if factor_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(
-                "factor_dtype must be one of torch.float32, torch.float64, torch.bfloat16, "
-                f"torch.float16, got {factor_dtype!r}"
-            )
+        factor_dtype = parse_factor_dtype(g["factor_dtype"])
         return cls(
             lr=lr,
             beta1=beta1,

@@ -38,7 +38,8 @@ BAD = [
     ("inverse_exponent_override", {2: -0.5}),
     ("inverse_exponent_override", [0.5]),
     ("factor_dtype", torch.int32),
-    ("factor_dtype", "float32"),
+    ("factor_dtype", "float8"),
+    ("factor_dtype", "int32"),
     ("max_consecutive_root_failures", 0),
 ]
 

@@ -128,6 +128,16 @@ def test_loading_a_mismatched_state_dict_raises_and_changes_nothing():
     with pytest.raises(ValueError, match=r"params'\]\[0\].*missing \['blocks.0.root_0'\]"):
         opt.load_state_dict(bad)
 
+    # Keys of blocks the parameter does not have, or of another block's shape, are refused
+    # (a full state dict may carry blocks other ranks own, but only real ones).
+    for key, value in (("blocks.99.factor_0", torch.zeros(16, 16)),
+                       ("blocks.0.factor_0x", torch.zeros(16, 16)),
+                       ("extra", torch.zeros(1))):
+        bad = copy.deepcopy(opt.state_dict())
+        bad["state"][0][key] = value
+        with pytest.raises(ValueError, match=rf"unexpected \['{key}'\]"):
+            opt.load_state_dict(bad)
+
     bad = copy.deepcopy(opt.state_dict())
     bad["param_groups"][0]["lr"] = -1.0
     with pytest.raises(ValueError, match="lr must be"):

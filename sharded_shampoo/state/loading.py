@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 
+from ..blocking import ParamBlocking
 from ..options import GroupOptions
 from .record import blocking_record, record_difference
+from .stacks import block_state_spec
 
 __all__ = ["check_state_dict"]
 
@@ -78,9 +80,15 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
             mine = {k: v for k, v in opt.state[p].items() if k not in ("blocking", "step")}
             theirs = {k: v for k, v in saved_state[pid].items() if k not in ("blocking", "step")}
             name = opt._param_name(gi, pi)
-            if set(mine) != set(theirs):
-                missing = sorted(set(mine) - set(theirs))[:3]
-                extra = sorted(set(theirs) - set(mine))[:3]
+            blocking = opt._blocks[gi].blockings[pi]
+            # A full state dict (or one process's) also holds the blocks other ranks own: each
+            # rank takes its own, and checks that the others are blocks of this parameter.
+            missing = sorted(set(mine) - set(theirs))[:3]
+            extra = sorted(
+                k for k in theirs
+                if k not in mine and not _fits_block(k, theirs[k], blocking, p.dtype, opts)
+            )[:3]
+            if missing or extra:
                 raise ValueError(
                     f"state of {name} does not fit this optimizer's blocks "
                     f"(missing {missing}, unexpected {extra})"
@@ -94,3 +102,21 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
                     )
                 copies.append((t, src))
     return new_options, copies
+
+
+def _fits_block(
+    key: str, value: Any, blocking: ParamBlocking, param_dtype: torch.dtype, opts: GroupOptions
+) -> bool:
+    """Whether ``key`` (``blocks.<id>.<name>``) names a state tensor of one of the parameter's
+    blocks, and ``value`` has its shape."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        return False
+    bid = int(parts[1])
+    if bid >= blocking.num_blocks:
+        return False
+    spec = {k: shape for k, shape, _ in block_state_spec(blocking.block_shape(bid), param_dtype, opts)}
+    return (
+        parts[2] in spec and isinstance(value, torch.Tensor)
+        and tuple(value.shape) == tuple(spec[parts[2]])
+    )

@@ -12,7 +12,9 @@ Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
     graft_v        (n, *shape)    grafting second moment (adam, rmsprop, adagrad grafting only)
     filtered_grad  (n, *shape)    EMA of gradients (beta1 > 0 only)
     momentum       (n, *shape)    momentum buffer (momentum > 0 only)
-    root_failures  (n,)           consecutive failed root computations (int32)
+    root_failures  (n, 1)         consecutive failed root computations (int32); (1,) per block,
+                                  not 0-d: torch's full state-dict loading mishandles 0-d
+                                  tensors a rank does not own (it adds them without their key)
 
 The math dtype is the parameter dtype promoted to at least float32. The tensors are views into
 the rank's ``StatePool``; state is only ever updated in place, so per-block views
@@ -32,31 +34,41 @@ from ..options import GroupOptions
 from ..placement.layout import StackLayout
 from .pool import StatePool, pooled_sizes
 
-__all__ = ["BlockStack", "GroupBlocks", "math_dtype", "state_spec"]
+__all__ = ["BlockStack", "GroupBlocks", "block_state_spec", "math_dtype", "state_spec"]
 
 
 def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
+def block_state_spec(
+    block_shape: tuple[int, ...], param_dtype: torch.dtype, opts: GroupOptions
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(key, shape, dtype) of every state tensor of one block."""
+    dtype = math_dtype(param_dtype)
+    spec = []
+    for i, m in enumerate(block_shape):
+        spec.append((f"factor_{i}", (m, m), opts.factor_dtype))
+        spec.append((f"root_{i}", (m, m), dtype))
+    if opts.grafting in ("adam", "rmsprop", "adagrad"):
+        spec.append(("graft_v", block_shape, dtype))
+    if opts.beta1 > 0:
+        spec.append(("filtered_grad", block_shape, dtype))
+    if opts.momentum > 0:
+        spec.append(("momentum", block_shape, dtype))
+    spec.append(("root_failures", (1,), torch.int32))
+    return spec
+
+
 def state_spec(
     layout: StackLayout, opts: GroupOptions
 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(key, shape, dtype) of every state tensor of a stack."""
-    n, shape = layout.num_rows, layout.block_shape
-    dtype = math_dtype(layout.param_dtype)
-    spec = []
-    for i, m in enumerate(shape):
-        spec.append((f"factor_{i}", (n, m, m), opts.factor_dtype))
-        spec.append((f"root_{i}", (n, m, m), dtype))
-    if opts.grafting in ("adam", "rmsprop", "adagrad"):
-        spec.append(("graft_v", (n, *shape), dtype))
-    if opts.beta1 > 0:
-        spec.append(("filtered_grad", (n, *shape), dtype))
-    if opts.momentum > 0:
-        spec.append(("momentum", (n, *shape), dtype))
-    spec.append(("root_failures", (n,), torch.int32))
-    return spec
+    """(key, shape, dtype) of every state tensor of a stack: its blocks' (``block_state_spec``)
+    stacked along a first dim."""
+    return [
+        (key, (layout.num_rows, *shape), dtype)
+        for key, shape, dtype in block_state_spec(layout.block_shape, layout.param_dtype, opts)
+    ]
 
 
 @dataclass

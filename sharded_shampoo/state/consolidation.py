@@ -1,0 +1,88 @@
+"""Consolidated ("full") state dicts: every block's state, from the ranks that own them.
+
+A rank keeps only the blocks it owns, and ``state_dict()`` presents only those: that is what
+DCP's sharded save wants (each block written once, by its owner, with no copy). torch's
+``get_optimizer_state_dict(..., StateDictOptions(full_state_dict=True))`` wants every block on
+rank 0 (or on every rank): it gathers DTensors and leaves plain tensors as they are, so the
+blocks other ranks own would silently be missing. When torch asks for a full state dict
+(``full_state_request``), the optimizer gathers them itself (``gather_blocks``).
+
+Why not present the state as DTensors that torch would gather: a block's state lives on one
+arbitrary rank (the planner's choice), which no DTensor placement expresses without a global
+shape that depends on the world size; a layout that DTensor does express (contiguous chunks in
+rank order) would cost an all_to_all of the whole state on every save, sharded ones included.
+Gathering on request costs nothing on the sharded path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..placement import Plan
+from .pool import StatePool
+from .stacks import pool_lengths, state_spec
+
+__all__ = ["full_state_request", "gather_blocks"]
+
+_TORCH_CALLER = ("torch.distributed.checkpoint.state_dict", "_get_optim_state_dict")
+
+
+def full_state_request() -> Any | None:
+    """torch's state-dict options (``full_state_dict``, ``cpu_offload``) when the caller of
+    ``state_dict()`` is ``torch.distributed.checkpoint.state_dict``'s
+    ``get_optimizer_state_dict`` (directly, or through a wrapper a frame or two up), else None.
+    torch passes no options to an optimizer's ``state_dict()``; this reads them from its
+    caller. A test asserts it still finds them (``tests/distributed/test_full_state_dict.py``):
+    a torch that moved them would fail it, not silently save half the state."""
+    frame = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return None
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == _TORCH_CALLER:
+            info = frame.f_locals.get("info")
+            return info if hasattr(info, "full_state_dict") else None
+        frame = frame.f_back
+    return None
+
+
+def gather_blocks(
+    plan: Plan, rank: int, pools: list[StatePool], group, keep: bool
+) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """The state of the blocks other ranks of ``group`` (the ranks blocks are sharded over:
+    plan rank r is its group rank r) own, as ``{(group index, parameter index):
+    {"blocks.<id>.<name>": tensor}}``; empty unless ``keep``. Every rank must call it.
+
+    Rank r's state is one flat buffer per dtype per param group whose layout every rank knows
+    from the plan (``state.pool``: stacks in order, each stack's tensors in ``state_spec``
+    order): each is broadcast from its owner, and the others cut it into blocks. One broadcast
+    per (param group, rank, dtype): O(world) collectives, the price of a consolidated dict."""
+    out: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for gi, g in enumerate(plan.groups):
+        opts = g.spec.opts
+        mine = pools[gi].buffers
+        device = next(iter(mine.values())).device if mine else torch.device("cpu")
+        for r in range(plan.world_size):
+            layouts = g.layout(r)
+            buffers = {}
+            for dtype, n in pool_lengths(layouts, opts).items():
+                if n == 0:
+                    continue
+                buf = mine[dtype] if r == rank else torch.empty(n, dtype=dtype, device=device)
+                dist.broadcast(buf, src=dist.get_global_rank(group, r), group=group)
+                buffers[dtype] = buf
+            if r == rank or not keep:
+                continue
+            used = dict.fromkeys(buffers, 0)
+            for layout in layouts:
+                for key, shape, dtype in state_spec(layout, opts):
+                    n = math.prod(shape)
+                    stacked = buffers[dtype][used[dtype] : used[dtype] + n].view(shape)
+                    used[dtype] += n
+                    for j, (pi, bid) in enumerate(layout.row_owner):
+                        out.setdefault((gi, pi), {})[f"blocks.{bid}.{key}"] = stacked[j]
+    return out

@@ -1,0 +1,81 @@
+"""Cases for test_full_state_dict.py: consolidated state dicts through torch's own API."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ckpt_cases import FIRST, THEN, build, full_params, train
+
+
+def to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+def save_full(rank, world, mode, root, cpu_offload):
+    """Trains FIRST steps and takes torch's full state dicts; rank 0 writes them with
+    torch.save. Returns, per rank, what torch handed it (the optimizer's, on CPU)."""
+    model, wrapped, opt = build(mode, world)
+    train(model, wrapped, opt, 0, FIRST, rank, world)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+    osd = get_optimizer_state_dict(wrapped, opt, options=options)
+    msd = get_model_state_dict(wrapped, options=options)
+    if rank == 0:
+        torch.save({"model": msd, "optim": osd}, os.path.join(root, f"{mode}{world}.pt"))
+    return to_cpu(osd)
+
+
+def load_full(rank, world, mode, root, source, broadcast):
+    """Loads a full state dict saved by ``save_full`` (only rank 0 reads the file when
+    ``broadcast``), then trains THEN steps."""
+    model, wrapped, opt = build(mode, world)
+    saved = {"model": {}, "optim": {}}
+    if rank == 0 or not broadcast:
+        saved = torch.load(os.path.join(root, f"{source}.pt"), weights_only=False)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_model_state_dict(wrapped, saved["model"], options=options)
+    set_optimizer_state_dict(wrapped, opt, saved["optim"], options=options)
+    assert all(g["step"] == FIRST for g in opt.param_groups)
+    train(model, wrapped, opt, FIRST, THEN, rank, world)
+    return full_params(model)
+
+
+def load_plain(rank, world, mode, root):
+    """Loads one process's plain ``opt.state_dict()`` (torch.save'd, keyed by parameter
+    index) with ``opt.load_state_dict`` on every rank, then trains THEN steps."""
+    model, wrapped, opt = build(mode, world)
+    saved = torch.load(os.path.join(root, "single1-plain.pt"), weights_only=False)
+    set_model_state_dict(
+        wrapped, saved["model"], options=StateDictOptions(full_state_dict=True)
+    )
+    opt.load_state_dict(saved["optim"])
+    train(model, wrapped, opt, FIRST, THEN, rank, world)
+    return full_params(model)
+
+
+def save_single(root):
+    """One process (no process group): the reference full state dict, the same as a plain
+    ``opt.state_dict()`` torch.save'd, and the uninterrupted run's parameters."""
+    reference = save_full(0, 1, "single", root, cpu_offload=False)
+    model, wrapped, opt = build("single", 1)
+    train(model, wrapped, opt, 0, FIRST, 0, 1)
+    torch.save(
+        {"model": model.state_dict(), "optim": opt.state_dict()},
+        os.path.join(root, "single1-plain.pt"),
+    )
+    train(model, wrapped, opt, FIRST, THEN, 0, 1)
+    return reference, full_params(model)
