@@ -95,6 +95,19 @@ def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> 
     return ok
 
 
+def _refresh_rows(
+    state: TensorDict, opts: GroupOptions, t: int, order: int, rows: torch.Tensor
+) -> torch.Tensor:
+    """``refresh_roots`` for the blocks ``rows`` only (one batched eigh per dim over them)."""
+    keys = [f"factor_{i}" for i in range(order)] + [f"root_{i}" for i in range(order)]
+    idx = rows.to(state.device) if state.device is not None else rows
+    sub = state.select(*keys, "root_failures")[idx]
+    ok = refresh_roots(sub, opts, t, order)
+    for key in [f"root_{i}" for i in range(order)] + ["root_failures"]:
+        state[key][idx] = sub[key]
+    return ok
+
+
 def _grafting_direction(
     m: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int
 ) -> torch.Tensor:
@@ -118,12 +131,15 @@ def stack_step(
     param: torch.Tensor | None,
     opts: GroupOptions,
     t: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Steps 3 to 9 of the algorithm for one stack; returns ``(direction, roots_ok)``.
+    phases: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Steps 3 to 9 of the algorithm for one stack; returns ``(direction, roots_ok, rows)``.
 
     ``grad`` (n, *shape) is consumed (it may be modified in place). ``param`` holds the blocks of
-    the parameters, needed only with weight decay. ``state`` is updated in place. ``roots_ok`` is
-    None unless this was an amortized step. The direction may share memory with the state.
+    the parameters, needed only with weight decay. ``state`` is updated in place. ``phases``
+    (n,) on the CPU: each block's phase with ``stagger_roots``. ``roots_ok`` says which of the
+    blocks ``rows`` (CPU indices) computed roots in this step, if any did. The direction may
+    share memory with the state.
     """
     order = grad.dim() - 1
     wd = opts.weight_decay
@@ -139,7 +155,21 @@ def stack_step(
     elif opts.grafting == "adagrad":
         v.addcmul_(grad, grad)
 
-    roots_ok = refresh_roots(state, opts, t, order) if opts.is_amortized_step(t) else None
+    roots_ok, due, ready = None, None, None
+    if phases is None:
+        if opts.is_amortized_step(t):
+            due = torch.arange(grad.shape[0])
+            roots_ok = refresh_roots(state, opts, t, order)
+        ready = t >= opts.start_preconditioning_step
+    else:
+        if t >= opts.start_preconditioning_step:
+            due = (phases == t % opts.precondition_frequency).nonzero().flatten()
+        if due is not None and due.numel():
+            roots_ok = _refresh_rows(state, opts, t, order, due)
+        else:
+            due = None
+        first = opts.first_refresh(phases) <= t
+        ready = True if bool(first.all()) else (False if not bool(first.any()) else first)
 
     filtered = state.get("filtered_grad", None)
     if filtered is not None:
@@ -148,7 +178,7 @@ def stack_step(
     else:
         m = grad
 
-    if t < opts.start_preconditioning_step:
+    if ready is False:
         # Roots are still the identity: the Shampoo direction would be m itself.
         d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
     else:
@@ -158,6 +188,8 @@ def stack_step(
             graft = _grafting_direction(m, v, opts, t)
             scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
             d.mul_(scale.view(-1, *([1] * order)))
+            if ready is not True:  # staggered: blocks before their first roots take grafting
+                d = torch.where(ready.to(d.device).view(-1, *([1] * order)), d, graft)
     if d is filtered:
         # Weight decay and momentum below write into d: keep the state out of it.
         d = d.clone()
@@ -169,4 +201,4 @@ def stack_step(
         buf = state["momentum"]
         buf.mul_(opts.momentum).add_(d, alpha=1.0 - opts.dampening)
         d = d.add_(buf, alpha=opts.momentum) if opts.nesterov else buf
-    return d, roots_ok
+    return d, roots_ok, due

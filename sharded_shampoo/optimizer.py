@@ -175,6 +175,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         inverse_exponent_override: dict[int, float] | None = DEFAULTS["inverse_exponent_override"],
         factor_dtype: torch.dtype = DEFAULTS["factor_dtype"],
         max_consecutive_root_failures: int = DEFAULTS["max_consecutive_root_failures"],
+        stagger_roots: bool = DEFAULTS["stagger_roots"],
         *,
         mesh: Any = None,
         communication_dtype: torch.dtype = torch.float32,
@@ -200,6 +201,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             inverse_exponent_override=inverse_exponent_override,
             factor_dtype=factor_dtype,
             max_consecutive_root_failures=max_consecutive_root_failures,
+            stagger_roots=stagger_roots,
         )
         # Fail on bad defaults even when every group overrides them.
         GroupOptions.from_group(defaults)
@@ -503,21 +505,26 @@ class ShardedShampoo(torch.optim.Optimizer):
         error = None
         for w in work:
             t = self.param_groups[w.group]["step"] + 1
+            phases = w.stack.layout.row_phases
             if w.rows is None:
-                w.direction, ok = stack_step(w.stack.state, w.grad, w.param, w.opts, t)
-                ok_rows = None if ok is None else torch.arange(w.stack.num_rows)
+                w.direction, ok, ok_rows = stack_step(
+                    w.stack.state, w.grad, w.param, w.opts, t, phases
+                )
             else:
-                idx = w.rows.nonzero().flatten().to(w.grad.device)
+                rows = w.rows.nonzero().flatten()
+                idx = rows.to(w.grad.device)
                 w.direction = torch.zeros_like(w.grad)
                 if idx.numel() == 0:
                     continue
                 sub = w.stack.state[idx]
-                d_sub, ok = stack_step(
-                    sub, w.grad[idx], None if w.param is None else w.param[idx], w.opts, t
+                d_sub, ok, ok_rows = stack_step(
+                    sub, w.grad[idx], None if w.param is None else w.param[idx], w.opts, t,
+                    None if phases is None else phases[rows],
                 )
                 w.stack.state[idx] = sub
                 w.direction[idx] = d_sub
-                ok_rows = idx.cpu()
+                if ok_rows is not None:
+                    ok_rows = rows[ok_rows]
             if ok is not None:
                 error = check_roots(
                     w.group, w.opts, w.stack, ok, ok_rows, self._block_name, t

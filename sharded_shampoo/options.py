@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = dict(
     inverse_exponent_override=None,
     factor_dtype=torch.float32,
     max_consecutive_root_failures=3,
+    stagger_roots=False,
 )
 
 
@@ -99,6 +100,7 @@ class GroupOptions:
     inverse_exponent_override: Mapping[int, float]
     factor_dtype: torch.dtype
     max_consecutive_root_failures: int
+    stagger_roots: bool
 
     @classmethod
     def from_group(cls, group: Mapping[str, Any]) -> "GroupOptions":
@@ -165,6 +167,7 @@ class GroupOptions:
             inverse_exponent_override={int(k): float(v) for k, v in override.items()},
             factor_dtype=factor_dtype,
             max_consecutive_root_failures=_int(g, "max_consecutive_root_failures", lo=1),
+            stagger_roots=_bool(g, "stagger_roots"),
         )
 
     def fields_text(self) -> tuple[str, ...]:
@@ -183,8 +186,16 @@ class GroupOptions:
         return self.inverse_exponent_override.get(order, 1.0 / (2 * order))
 
     def is_amortized_step(self, t: int) -> bool:
+        """Whether every block's roots are recomputed at step ``t`` (without staggering)."""
         start = self.start_preconditioning_step
         return t == start or (t > start and t % self.precondition_frequency == 0)
+
+    def first_refresh(self, phases: torch.Tensor) -> torch.Tensor:
+        """With staggering: the first step at which blocks of these phases compute roots (the
+        first ``t >= start_preconditioning_step`` with ``t % precondition_frequency ==
+        phase``); until then they take the grafting direction."""
+        start, f = self.start_preconditioning_step, self.precondition_frequency
+        return start + (phases - start) % f
 
     def structure(self) -> tuple:
         """What decides the blocks and which state they carry: fixed once state exists."""
@@ -201,6 +212,11 @@ STRUCTURAL: dict[str, Any] = {
     "grafting": lambda o: o.grafting,
     "betas[0] > 0": lambda o: o.beta1 > 0,
     "momentum > 0": lambda o: o.momentum > 0,
+    "stagger_roots": lambda o: o.stagger_roots,
+    # Blocks' phases are taken modulo the frequency they were assigned with.
+    "precondition_frequency (with stagger_roots)": lambda o: (
+        o.precondition_frequency if o.stagger_roots else None
+    ),
 }
 
 OPTION_NAMES = tuple(DEFAULTS)

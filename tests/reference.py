@@ -64,8 +64,11 @@ def ref_blocks(shape, max_dim, merge):
 class ReferenceShampoo:
     """Holds float64 copies of the parameters and updates them with per-block loops."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, phases=None):
         # groups: list of dicts with "params" (tensors, copied to float64) and options.
+        # phases: {(group, param, block): phase} for staggered roots (the schedule is given:
+        # which phase a block gets is the package's choice, checked elsewhere).
+        self.phases = phases or {}
         self.groups = []
         for g in groups:
             opts = {**DEFAULTS, **{k: v for k, v in g.items() if k != "params"}}
@@ -76,15 +79,15 @@ class ReferenceShampoo:
 
     def step(self, grads):
         """grads: per group, a list with a tensor or None per parameter."""
-        for group, group_grads in zip(self.groups, grads):
+        for gi, (group, group_grads) in enumerate(zip(self.groups, grads)):
             if all(g is None for g in group_grads):
                 continue
             group["t"] += 1
             for pi, (w, g) in enumerate(zip(group["params"], group_grads)):
                 if g is not None:
-                    self._step_param(group, pi, w, g.to(torch.float64))
+                    self._step_param(gi, group, pi, w, g.to(torch.float64))
 
-    def _step_param(self, group, pi, w, g):
+    def _step_param(self, gi, group, pi, w, g):
         o = group["opts"]
         t = group["t"]
         beta1, beta2 = o["betas"]
@@ -118,9 +121,18 @@ class ReferenceShampoo:
                 st["v"] = g2 * st["v"] + (1 - g2) * G * G
             elif o["grafting"] == "adagrad":
                 st["v"] = st["v"] + G * G
-            # 5. amortized roots
-            start = o["start_preconditioning_step"]
-            if t == start or (t > start and t % o["precondition_frequency"] == 0):
+            # 5. amortized roots: all blocks at start and every f steps; or, staggered, each
+            # block at the steps t >= start with t % f == its phase (grafting before the first)
+            start, f = o["start_preconditioning_step"], o["precondition_frequency"]
+            phase = self.phases.get((gi, pi, bid))
+            if phase is None:
+                refresh = t == start or (t > start and t % f == 0)
+                preconditioned = t >= start
+            else:
+                refresh = t >= start and t % f == phase
+                first = next(s for s in range(start, start + f) if s % f == phase)
+                preconditioned = t >= first
+            if refresh:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 e = (o["inverse_exponent_override"] or {}).get(k, 1.0 / (2 * k))
                 for i in range(k):
@@ -144,7 +156,7 @@ class ReferenceShampoo:
                     return M / (torch.sqrt(st["v"]) + eps)
                 return M
 
-            if t < start and o["grafting"] is not None:
+            if not preconditioned and o["grafting"] is not None:
                 D = graft(M)
             else:
                 D = M

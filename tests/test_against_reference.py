@@ -38,8 +38,8 @@ def run_pair(group_options, dtype=torch.float64, steps=STEPS, skip=0, seed=0):
     groups = [
         {"params": params[i::n], **opts} for i, opts in enumerate(group_options)
     ]
-    ref = ReferenceShampoo(groups)
     opt = ShardedShampoo(groups)
+    ref = ReferenceShampoo(groups, phases_of(opt))
     for step in range(steps):
         per_group = []
         for g in groups:
@@ -50,6 +50,16 @@ def run_pair(group_options, dtype=torch.float64, steps=STEPS, skip=0, seed=0):
         opt.step()
         ref.step(per_group)
         yield step, groups, ref
+
+
+def phases_of(opt):
+    """{(group, param, block): phase} of the staggered groups, as the plan gave them."""
+    return {
+        (gi, pi, bid): phase
+        for gi, g in enumerate(opt.plan.groups) if g.phases is not None
+        for pi, row in enumerate(g.phases)
+        for bid, phase in enumerate(row)
+    }
 
 
 def max_rel_err(groups, ref):
@@ -79,6 +89,11 @@ CONFIGS = {
         inverse_exponent_override={1: 0.5, 2: 0.5}, start_preconditioning_step=1
     ),
     "large_blocks": dict(max_preconditioner_dim=64),
+    # Staggered roots: 24 steps are almost 5 periods of 5; blocks precondition from the first
+    # step of their phase on (grafting before), with a late start and without grafting too.
+    "staggered": dict(stagger_roots=True),
+    "staggered_late_start": dict(stagger_roots=True, start_preconditioning_step=7),
+    "staggered_no_grafting": dict(stagger_roots=True, grafting=None, epsilon=1e-2),
 }
 
 
@@ -145,3 +160,28 @@ def test_parameter_without_gradient_is_untouched():
     for k, v in opt.state[q].items():
         if k != "step":  # the group's step count, shared by its parameters
             assert torch.equal(v, state_before[k]), k
+
+
+def test_staggered_blocks_compute_roots_in_their_phase_only():
+    """Every block gets its phase, the phases spread the blocks' eigendecompositions over the
+    period, and a block's roots change exactly at the steps of its phase."""
+    opts = {**BASE, "factor_dtype": torch.float64, "stagger_roots": True}
+    params = make_params(torch.float64)
+    opt = ShardedShampoo([{"params": params, **opts}])
+    phases = phases_of(opt)
+    f = opts["precondition_frequency"]
+    assert len(set(phases.values())) == f  # 20 blocks over 5 phases: every phase used
+    roots = {}
+    for step in range(1, 13):
+        for p, g in zip(params, gradients(params, step, 0, 0)):
+            p.grad = g
+        opt.step()
+        for (gi, pi, bid), phase in phases.items():
+            state = opt.state[params[pi]]
+            now = state[f"blocks.{bid}.root_0"].clone()
+            before = roots.get((pi, bid))
+            if before is not None:
+                assert (not torch.equal(now, before)) == (step >= 5 and step % f == phase), (
+                    step, pi, bid, phase
+                )
+            roots[(pi, bid)] = now

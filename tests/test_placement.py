@@ -227,3 +227,26 @@ def test_same_plan_whatever_the_hash_seed():
         assert out.returncode == 0, out.stderr
         outs.add(out.stdout.strip())
     assert len(outs) == 1
+
+
+@pytest.mark.parametrize("world", [1, 4, 8])
+def test_staggered_root_work_is_even_per_rank_and_step(world):
+    """With stagger_roots, each rank's eigendecomposition work (sum of d^3 over the factors it
+    refreshes) in each step of a period is within 1.2x of its mean over the period; the
+    phases do not depend on the world size."""
+    f = 10
+    plan = plan_for(gpt2_small_shapes(), world, max_preconditioner_dim=256,
+                    precondition_frequency=f, stagger_roots=True)
+    (group,) = plan.groups
+    work = [[0.0] * f for _ in range(world)]
+    for pi, blocking in enumerate(group.blockings):
+        for bid in range(blocking.num_blocks):
+            cubes = sum(d**3 for d in blocking.block_shape(bid))
+            work[group.owners[pi][bid]][group.phases[pi][bid]] += cubes
+    for r, per_step in enumerate(work):
+        mean = sum(per_step) / f
+        assert max(per_step) <= 1.2 * mean, (r, max(per_step) / mean)
+    check_balance(plan)
+    alone = plan_for(gpt2_small_shapes(), 1, max_preconditioner_dim=256,
+                     precondition_frequency=f, stagger_roots=True)
+    assert alone.groups[0].phases == group.phases

@@ -22,24 +22,42 @@ the planner balances both (``planner``).
 
 So a 1024 x 1024 block (8.6 GFLOP per step plus 2 x 15 GFLOP every f steps) costs far more
 than sixteen 256 x 256 blocks (16 x 0.54 GFLOP), though their bytes are the same.
+
+With ``stagger_roots`` a block computes its roots in one step of each period, its *phase*
+(``phases``), not amortized: the step at phase p costs a rank ``S_r + R_{r,p}``, its
+``step_cost`` sum plus the ``root_cost`` of its blocks of phase p. The planner then balances
+``S_r`` and, for each block, ``R_{r,p}`` of the block's phase, separately: with every rank near
+the mean in both, the slowest step of the period is near ``mean S + max_p mean R_p``, and the
+phases are chosen (before owners, from shapes alone) so that the ``R_p`` are even.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["EIGH_COST", "ELEMENTWISE_COST", "block_cost", "block_state_elements"]
+__all__ = [
+    "EIGH_COST", "ELEMENTWISE_COST", "block_cost", "block_state_elements", "root_cost", "step_cost",
+]
 
 EIGH_COST = 15.0
 ELEMENTWISE_COST = 20.0
 
 
 def block_cost(shape: tuple[int, ...], precondition_frequency: int) -> float:
-    """Estimated matrix-product FLOPs per step for the owner of a block of ``shape``."""
+    """Estimated matrix-product FLOPs per step for the owner of a block of ``shape``, its roots
+    amortized over the frequency."""
+    return step_cost(shape) + root_cost(shape) / precondition_frequency
+
+
+def step_cost(shape: tuple[int, ...]) -> float:
+    """What a block costs its owner in every step: Grams, preconditioning, elementwise work."""
     numel = math.prod(shape)
-    per_step = sum(4.0 * d * numel for d in shape) + ELEMENTWISE_COST * numel
-    amortized = sum(EIGH_COST * float(d) ** 3 for d in shape) / precondition_frequency
-    return per_step + amortized
+    return sum(4.0 * d * numel for d in shape) + ELEMENTWISE_COST * numel
+
+
+def root_cost(shape: tuple[int, ...]) -> float:
+    """What a block's root computation costs, in the step it happens."""
+    return sum(EIGH_COST * float(d) ** 3 for d in shape)
 
 
 def block_state_elements(shape: tuple[int, ...], vector_states: int) -> int:

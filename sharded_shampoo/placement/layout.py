@@ -62,6 +62,8 @@ class StackLayout:
     parts: list[Part] = field(default_factory=list)
     # Per row: (index of the parameter in its group, block id within the parameter).
     row_owner: list[tuple[int, int]] = field(default_factory=list)
+    # Per row, with stagger_roots: the step of the period in which the block computes roots.
+    row_phases: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -139,11 +141,13 @@ def group_stacks(
     dtypes: list[torch.dtype],
     owned: dict[int, set[int]],
     row_sharded: list[bool] | None = None,
+    phases: tuple[tuple[int, ...], ...] | None = None,
 ) -> list[StackLayout]:
     """The stacks of one param group on one rank.
 
     ``owned[p]`` holds the ids of the blocks of parameter ``p`` this rank owns (parameters with
-    none are absent, and not visited); ``row_sharded[p]`` whether parameter ``p`` is
+    none are absent, and not visited); ``phases[p][b]`` the phase of block b (stagger_roots);
+    ``row_sharded[p]`` whether parameter ``p`` is
     row-sharded (its blocks get stacks of their own, exchanged by all_to_all instead of the
     AllGather). Stacks come in order of first appearance, rows in canonical order: both depend
     only on the inputs.
@@ -166,4 +170,9 @@ def group_stacks(
                 positions = tuple(torch.tensor(c, dtype=torch.long) for c in coords)
             stack.parts.append(Part(pi, region, stack.num_rows, len(mine), positions))
             stack.row_owner.extend((pi, region.block_ids[j]) for j in mine)
+    if phases is not None:
+        for stack in stacks.values():
+            stack.row_phases = torch.tensor(
+                [phases[pi][bid] for pi, bid in stack.row_owner], dtype=torch.long
+            )
     return list(stacks.values())

@@ -9,8 +9,9 @@ import torch
 
 from ..blocking import ParamBlocking, make_blocking
 from ..options import GroupOptions
-from .cost import block_cost, block_state_elements
+from .cost import block_cost, block_state_elements, root_cost, step_cost
 from .layout import StackLayout, group_stacks
+from .phases import assign_phases
 from .planner import assign_blocks
 from .sharding import RowSharding, most_rows_shard
 
@@ -50,6 +51,8 @@ class GroupPlan:
     owners: tuple[tuple[int, ...], ...]
     # owned[r]: {parameter: block ids} of the blocks rank r owns (ranks that own none absent).
     owned: dict[int, dict[int, set[int]]]
+    # phases[p][b]: the phase of block b of parameter p (stagger_roots), else None.
+    phases: tuple[tuple[int, ...], ...] | None = None
     _layouts: dict[int, tuple[StackLayout, ...]] = field(default_factory=dict, compare=False)
 
     def layout(self, rank: int) -> tuple[StackLayout, ...]:
@@ -61,6 +64,7 @@ class GroupPlan:
                 list(self.spec.dtypes),
                 self.owned.get(rank, {}),
                 [self.spec.sharding(pi) is not None for pi in range(len(self.blockings))],
+                self.phases,
             ))
         return self._layouts[rank]
 
@@ -83,18 +87,40 @@ class Plan:
         self.loads = [0.0] * world_size  # per rank: cost of its blocks
         self.memory = [0.0] * world_size  # per rank: state elements of its blocks
         self.costs: list[float] = []
-        self._loads_before: list[tuple[list[float], list[float]]] = []
+        # Staggered roots: per frequency, root work per phase; per (frequency, phase), per rank.
+        self.phase_loads: dict[int, list[float]] = {}
+        self.roots: dict[tuple[int, int], list[float]] = {}
+        self._before: list[tuple] = []
 
     def add_group(self, spec: GroupSpec) -> GroupPlan:
         opts = spec.opts
         blockings = tuple(
             make_blocking(s, opts.max_preconditioner_dim, opts.merge_dims) for s in spec.shapes
         )
-        costs = [
-            block_cost(b.block_shape(bid), opts.precondition_frequency)
-            for b in blockings
-            for bid in range(b.num_blocks)
-        ]
+        shapes = [b.block_shape(bid) for b in blockings for bid in range(b.num_blocks)]
+        # What pop_group restores (a refused add_param_group leaves the plan as it was).
+        before = (
+            self.loads, self.memory, {f: list(v) for f, v in self.phase_loads.items()},
+            {k: list(v) for k, v in self.roots.items()},
+        )
+        try:
+            return self._place(spec, blockings, shapes, before)
+        except BaseException:
+            self.loads, self.memory, self.phase_loads, self.roots = before
+            raise
+
+    def _place(self, spec: GroupSpec, blockings, shapes, before) -> GroupPlan:
+        opts = spec.opts
+        keys = root_costs = None
+        if opts.stagger_roots:
+            # Roots in one step of the period (the block's phase), not amortized: see cost.py.
+            f = opts.precondition_frequency
+            root_costs = [root_cost(s) for s in shapes]
+            flat, self.phase_loads[f] = assign_phases(root_costs, f, self.phase_loads.get(f))
+            keys = [(f, p) for p in flat]
+            costs = [step_cost(s) for s in shapes]
+        else:
+            costs = [block_cost(s, opts.precondition_frequency) for s in shapes]
         preferred = []
         for pi, b in enumerate(blockings):
             sharding = spec.sharding(pi)
@@ -113,7 +139,8 @@ class Plan:
             for bid in range(b.num_blocks)
         ]
         assignment = assign_blocks(
-            costs, self.world_size, self.loads, preferred, memory, self.memory
+            costs, self.world_size, self.loads, preferred, memory, self.memory,
+            keys, root_costs, self.roots,
         )
         owners, i = [], 0
         owned: dict[int, dict[int, set[int]]] = {}
@@ -122,9 +149,16 @@ class Plan:
             for bid, r in enumerate(owners[-1]):
                 owned.setdefault(r, {}).setdefault(pi, set()).add(bid)
             i += b.num_blocks
-        plan = GroupPlan(spec, blockings, tuple(owners), owned)
+        phases = None
+        if keys is not None:
+            flat = [p for _, p in keys]
+            starts = [sum(b.num_blocks for b in blockings[:j]) for j in range(len(blockings))]
+            phases = tuple(
+                tuple(flat[s : s + b.num_blocks]) for s, b in zip(starts, blockings)
+            )
+        plan = GroupPlan(spec, blockings, tuple(owners), owned, phases)
+        self._before.append(before)
         self.groups.append(plan)
-        self._loads_before.append((self.loads, self.memory))
         self.loads = list(assignment.loads)
         self.memory = list(assignment.memory)
         self.costs.extend(costs)
@@ -133,7 +167,7 @@ class Plan:
     def pop_group(self) -> None:
         """Removes the last group (a refused ``add_param_group``)."""
         group = self.groups.pop()
-        self.loads, self.memory = self._loads_before.pop()
+        self.loads, self.memory, self.phase_loads, self.roots = self._before.pop()
         del self.costs[len(self.costs) - sum(b.num_blocks for b in group.blockings) :]
 
     @property

@@ -80,6 +80,9 @@ def assign_blocks(
     preferred: Sequence[Sequence[int]] | None = None,
     memory: Sequence[float] | None = None,
     initial_memory: Sequence[float] | None = None,
+    phases: Sequence | None = None,
+    root_costs: Sequence[float] | None = None,
+    roots: dict | None = None,
 ) -> Assignment:
     """Gives each block (by its cost, in canonical order) an owner among ``world_size`` ranks.
 
@@ -87,6 +90,11 @@ def assign_blocks(
     later): earlier blocks keep their owners, and the balance is that of all blocks together.
     ``memory[i]`` is block i's state elements; ``preferred[i]`` lists ranks that already hold
     block i's data (see the module docstring).
+
+    Staggered roots: ``phases[i]`` (a key, or None) is the step of the period in which block i
+    computes its roots, at cost ``root_costs[i]``; each rank's root work per phase is a third
+    figure balanced like the other two. ``roots[key]`` (per rank) holds the earlier groups'
+    root work per phase and is updated in place.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -98,11 +106,24 @@ def assign_blocks(
     # Relative slack: sums of floats in another order must not exclude the least loaded rank.
     cap = (mean_load + max(costs, default=0.0)) * (1 + 1e-12)
     by_load, by_memory = _Heap(loads), _Heap(mem)
+    roots = roots if roots is not None else {}
+    phases = phases if phases is not None else [None] * len(costs)
+    mean_root: dict = {}
+    for i, key in enumerate(phases):
+        if key is not None:
+            mean_root[key] = mean_root.get(key, 0.0) + root_costs[i] / world_size
+    for key in mean_root:
+        mean_root[key] += sum(roots.setdefault(key, [0.0] * world_size)) / world_size
+    by_root = {key: _Heap(roots[key]) for key in mean_root}
 
     def score(r: int, i: int) -> tuple[float, float, int]:
         a = (loads[r] + costs[i]) / mean_load if mean_load > 0 else 0.0
         b = (mem[r] + memory[i]) / mean_mem if mean_mem > 0 else 0.0
-        return max(a, b), loads[r], r
+        key = phases[i]
+        c = 0.0
+        if key is not None and mean_root[key] > 0:
+            c = (roots[key][r] + root_costs[i]) / mean_root[key]
+        return max(a, b, c), loads[r], r
 
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     owner = [0] * len(costs)
@@ -110,6 +131,9 @@ def assign_blocks(
         candidates = by_load.lowest(1)
         if mean_mem > 0:
             candidates += by_memory.lowest(CANDIDATES)
+        key = phases[i]
+        if key is not None:
+            candidates += by_root[key].lowest(CANDIDATES)
         fits = [r for r in candidates if loads[r] + costs[i] <= cap]
         r = min(fits, key=lambda q: score(q, i))
         if preferred is not None and preferred[i]:
@@ -121,4 +145,7 @@ def assign_blocks(
         mem[r] += memory[i]
         by_load.changed(r)
         by_memory.changed(r)
+        if key is not None:
+            roots[key][r] += root_costs[i]
+            by_root[key].changed(r)
     return Assignment(world_size, tuple(owner), tuple(loads), tuple(mem))

@@ -57,21 +57,28 @@ def full_params(model):
     ]
 
 
-def save(rank, world, mode, root, flatten=True):
+# A checkpoint name ending in this was saved with staggered roots (and loads into them).
+STAGGERED = "-staggered"
+
+
+def save(rank, world, mode, root, flatten=True, stagger=False):
     """An uninterrupted run of FIRST + THEN steps, and a run saved after FIRST steps."""
-    model, wrapped, opt = build(mode, world)
+    overrides = {"stagger_roots": True} if stagger else {}
+    model, wrapped, opt = build(mode, world, **overrides)
     losses = train(model, wrapped, opt, 0, FIRST + THEN, rank, world)
     uninterrupted = {"params": full_params(model), "losses": losses[FIRST:]}
-    model, wrapped, opt = build(mode, world)
+    model, wrapped, opt = build(mode, world, **overrides)
     train(model, wrapped, opt, 0, FIRST, rank, world)
-    name = f"{mode}{world}" + ("" if flatten else "-nested")
+    name = f"{mode}{world}" + ("" if flatten else "-nested") + (STAGGERED if stagger else "")
     save_checkpoint(os.path.join(root, name), wrapped, opt, extra={"step": FIRST}, flatten=flatten)
     return uninterrupted
 
 
 def resume(rank, world, mode, root, source):
     """Loads the checkpoint ``source`` and trains THEN more steps."""
-    model, wrapped, opt = build(mode, world)
+    model, wrapped, opt = build(
+        mode, world, **({"stagger_roots": True} if source.endswith(STAGGERED) else {})
+    )
     flatten = not source.endswith("-nested")
     extra = load_checkpoint(
         os.path.join(root, source), wrapped, opt, extra={"step": -1}, flatten=flatten

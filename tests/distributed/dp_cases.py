@@ -12,7 +12,7 @@ import sharded_shampoo.roots as roots_module
 from sharded_shampoo import ShardedShampoo
 
 
-def same_grads(rank, world, tiny=False, explicit_mesh=False, **kwargs):
+def same_grads(rank, world, tiny=False, explicit_mesh=False, stagger=False, **kwargs):
     if kwargs.get("num_trainers_per_group") == "world":
         kwargs["num_trainers_per_group"] = world
     if explicit_mesh:
@@ -24,6 +24,8 @@ def same_grads(rank, world, tiny=False, explicit_mesh=False, **kwargs):
         if tiny
         else (scenarios.GROUP_SHAPES, scenarios.GROUP_OPTIONS)
     )
+    if stagger:
+        options = scenarios.STAGGERED_OPTIONS
     params, opt = scenarios.train_with_same_grads(shapes=shapes, options=options, **kwargs)
     return {
         "params": params,

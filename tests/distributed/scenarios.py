@@ -30,6 +30,8 @@ GROUP_OPTIONS = [
         nesterov=True, momentum=0.8,
     ),
 ]
+# The same with staggered roots (each block in its phase of the period).
+STAGGERED_OPTIONS = [dict(o, stagger_roots=True) for o in GROUP_OPTIONS]
 TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
 TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dtype=torch.float64)]
 

@@ -25,9 +25,10 @@ SAVES = {2: ["ddp", "fsdp"], 4: ["fsdp", "hsdp"]}
 LOADS = {
     2: [("ddp", "ddp2"), ("fsdp", "fsdp2"), ("ddp", "single1"), ("fsdp", "fsdp4"),
         ("fsdp", "fsdp2-nested")],
-    3: [("fsdp", "ddp2"), ("ddp", "single1"), ("ddp", "fsdp4"), ("ddp", "fsdp2-nested")],
+    3: [("fsdp", "ddp2"), ("ddp", "single1"), ("ddp", "fsdp4"), ("ddp", "fsdp2-nested"),
+        ("fsdp", "ddp2-staggered")],
     4: [("fsdp", "fsdp4"), ("hsdp", "hsdp4"), ("ddp", "hsdp4"), ("fsdp", "ddp2"),
-        ("hsdp", "single1")],
+        ("hsdp", "single1"), ("hsdp", "ddp2-staggered")],
 }
 
 
@@ -42,13 +43,15 @@ def saved(root):
     out = {"single1": [ckpt_cases.save(0, 1, "single", root)]}
     for world, modes in SAVES.items():
         cases = [(ckpt_cases.save, {"mode": m, "root": root}) for m in modes]
-        if world == 2:  # also with flatten_optimizer_state_dict off
+        if world == 2:  # also with flatten_optimizer_state_dict off, and staggered roots
             cases.append((ckpt_cases.save, {"mode": "fsdp", "root": root, "flatten": False}))
+            cases.append((ckpt_cases.save, {"mode": "ddp", "root": root, "stagger": True}))
         results = run_cases(world, cases)
         for mode, res in zip(modes, results):
             out[f"{mode}{world}"] = res.ok()  # per rank
         if world == 2:
-            out["fsdp2-nested"] = results[-1].ok()
+            out["fsdp2-nested"] = results[-2].ok()
+            out["ddp2-staggered"] = results[-1].ok()
     return out
 
 
@@ -95,7 +98,10 @@ def test_resume_in_one_process_is_bitwise(root, saved):
 
 
 RESHARDED = [(k, s) for w, loads in LOADS.items() for m, s in loads
-             if (k := f"{m}{w}") != s.removesuffix("-nested")]
+             if (k := f"{m}{w}") != s.removesuffix("-nested")
+             and not s.endswith(ckpt_cases.STAGGERED)]
+STAGGERED_LOADS = [(f"{m}{w}", s) for w, loads in LOADS.items() for m, s in loads
+                   if s.endswith(ckpt_cases.STAGGERED)]
 
 
 @pytest.mark.parametrize("target, source", RESHARDED)
@@ -103,6 +109,18 @@ def test_resharded_resume_continues_training(loaded, reference, target, source):
     values = loaded[(target, source)].ok()
     for v in values[1:]:
         assert all(torch.equal(a, b) for a, b in zip(v["params"], values[0]["params"]))
+    err = scenarios.max_rel_err([values[0]["params"]], [reference])
+    assert err <= DDP_TOLERANCE, f"{source} -> {target}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("target, source", STAGGERED_LOADS)
+def test_staggered_checkpoint_reshards(loaded, target, source):
+    """Saved at 2 ranks (DDP) with staggered roots, loaded at 3 (FSDP2) and 4 (HSDP): the
+    phases do not depend on the world size, so training continues as one process would."""
+    values = loaded[(target, source)].ok()
+    reference, _ = fsdp_cases.train_reference(
+        steps=ckpt_cases.FIRST + ckpt_cases.THEN, stagger_roots=True
+    )
     err = scenarios.max_rel_err([values[0]["params"]], [reference])
     assert err <= DDP_TOLERANCE, f"{source} -> {target}: relative error {err:.2e}"
 

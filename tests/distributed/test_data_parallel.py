@@ -25,6 +25,7 @@ CASES = {
     "root_failure": (dp_cases.root_failure, {}),
     "explicit_mesh": (dp_cases.same_grads, {"explicit_mesh": True}),
     "added_group": (dp_cases.added_group, {}),
+    "staggered": (dp_cases.same_grads, {"stagger": True}),
 }
 TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
 
@@ -61,7 +62,10 @@ def reference():
     tiny, _ = scenarios.train_with_same_grads(
         shapes=scenarios.TINY_SHAPES, options=scenarios.TINY_OPTIONS
     )
-    return {"params": params, "state_bytes": opt.state_bytes(), "tiny": tiny}
+    staggered, _ = scenarios.train_with_same_grads(options=scenarios.STAGGERED_OPTIONS)
+    return {
+        "params": params, "state_bytes": opt.state_bytes(), "tiny": tiny, "staggered": staggered,
+    }
 
 
 def assert_replicas_identical(values):
@@ -193,3 +197,15 @@ def test_explicit_mesh_and_added_group_match_single_process(group, reference, ca
     assert sum(v["owned_blocks"] for v in values) == sum(
         v["owned_blocks"] for v in results["fp64"].ok()
     )
+
+
+def test_staggered_roots_match_single_process(group, reference):
+    """Phases come from shapes alone, so the staggered schedule is the same at every world size
+    and the result is one process's (float64, as test_fp64_matches_single_process)."""
+    world, results = group
+    values = results["staggered"].ok()
+    assert_replicas_identical(values)
+    err = scenarios.max_rel_err(values[0]["params"], reference["staggered"])
+    assert err <= EXACT_TOLERANCE, f"world {world}: relative error {err:.2e}"
+    plain = scenarios.max_rel_err(reference["params"], reference["staggered"])
+    assert plain > 1e-3  # staggering changed the result: the comparison means something

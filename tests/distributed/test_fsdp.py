@@ -38,12 +38,13 @@ NAN_CASE = dict(nan_step=3, momentum=0.0)
 
 @pytest.fixture(scope="module")
 def world2():
-    names = ["fsdp", "mixed", "nan", "drop_grads", *WEIGHT_DECAY_VARIANTS]
+    names = ["fsdp", "mixed", "nan", "drop_grads", "staggered", *WEIGHT_DECAY_VARIANTS]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"mixed": True}),
         (fsdp_cases.fsdp, NAN_CASE),
         (fsdp_cases.fsdp, {"drop_grads": True}),
+        (fsdp_cases.fsdp, {"stagger_roots": True}),
     ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
     return dict(zip(names, run_cases(2, cases)))
@@ -58,7 +59,7 @@ def world3():
 
 @pytest.fixture(scope="module")
 def world4():
-    names = ["fsdp", "hsdp", "mixed_precision", "failures", "nan", "hsdp_nan"]
+    names = ["fsdp", "hsdp", "mixed_precision", "failures", "nan", "hsdp_nan", "staggered"]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"hsdp": True}),
@@ -66,6 +67,7 @@ def world4():
         (fsdp_cases.failures, {}),
         (fsdp_cases.fsdp, NAN_CASE),
         (fsdp_cases.fsdp, {"hsdp": True, **NAN_CASE}),
+        (fsdp_cases.fsdp, {"stagger_roots": True}),
     ]
     return dict(zip(names, run_cases(4, cases)))
 
@@ -153,3 +155,9 @@ def test_a_block_with_a_nan_gradient_is_skipped_on_every_holder(world2, world4, 
 def test_parameters_without_a_gradient_in_some_steps(world2):
     values = world2["drop_grads"].ok()
     check_against_reference(values, fsdp_cases.train_reference(drop_grads=True))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_staggered_roots_match_single_process(world2, world4, world):
+    values = {2: world2, 4: world4}[world]["staggered"].ok()
+    check_against_reference(values, fsdp_cases.train_reference(stagger_roots=True))

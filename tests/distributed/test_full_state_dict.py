@@ -6,7 +6,6 @@ and modes, also with ``broadcast_from_rank0``, and training continues as if unin
 from __future__ import annotations
 
 import pytest
-import torch
 
 import full_cases
 import scenarios
