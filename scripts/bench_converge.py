@@ -52,8 +52,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default=",".join(f"{g:g}" for g in GRID))
     ap.add_argument("--out-dir", default=os.path.join("runs", "converge"))
+    ap.add_argument("--stagger-seeds", type=int, default=0,
+                    help="instead: Shampoo on lm with and without stagger_roots, this many seeds")
     ap.add_argument("extra", nargs="*", help="more train.py arguments, after --")
     args = ap.parse_args()
+    if args.stagger_seeds:
+        return stagger_convergence(args)
     grid = [float(g) for g in args.grid.split(",")]
     summary = {}
     for workload in args.workloads.split(","):
@@ -98,6 +102,46 @@ def main() -> None:
             print(f"{workload:9s} Shampoo did not reach the target within the budget")
     with open(os.path.join(args.out_dir, "converge.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
+
+
+def stagger_convergence(args) -> None:
+    """Final validation loss on lm with staggered roots against the seed-to-seed spread
+    without them (Shampoo at its tuned lr, 3e-3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extra, finals, base = list(args.extra), {}, args.out_dir
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stagger, color in ((False, "tab:blue"), (True, "tab:orange")):
+        label = "staggered" if stagger else "all at once"
+        for seed in range(args.stagger_seeds):
+            args.extra = extra + ["--seed", str(seed)] + (["--stagger-roots"] if stagger else [])
+            args.out_dir = os.path.join(base, f"{'staggered' if stagger else 'plain'}-seed{seed}")
+            rows = run("lm", "shampoo", 3e-3, args)
+            val = [r for r in rows if "val_loss" in r]
+            finals.setdefault(label, []).append(val[-1]["val_loss"])
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], color=color,
+                    alpha=0.7, label=label if seed == 0 else None)
+    off, on = finals["all at once"], finals["staggered"]
+    lo, hi = min(off), max(off)
+    print(f"final validation loss, {args.stagger_seeds} seeds each:")
+    print("  all at once: " + ", ".join(f"{v:.4f}" for v in off) + f" (spread {lo:.4f}-{hi:.4f})")
+    print("  staggered:   " + ", ".join(f"{v:.4f}" for v in on))
+    inside = lo <= sum(on) / len(on) <= hi
+    print(f"  staggered mean {sum(on) / len(on):.4f}: "
+          f"{'within' if inside else 'OUTSIDE'} the seed-to-seed spread without staggering")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("lm: ShardedShampoo with and without stagger_roots")
+    fig.tight_layout()
+    os.makedirs(base, exist_ok=True)
+    fig.savefig(os.path.join(base, "stagger.png"), dpi=100)
+    with open(os.path.join(base, "stagger.json"), "w") as fh:
+        json.dump(finals, fh, indent=2)
 
 
 def plot(workload: str, tuned: dict, target: float, out_dir: str) -> None:

@@ -226,6 +226,77 @@ def measure(rank: int, world: int, args) -> dict:
     return r
 
 
+def spikes(rank: int, world: int, args) -> dict:
+    """Per-step optimizer time over two periods (from the first root refresh on), with and
+    without staggered roots, at each of ``args.spike_frequencies``. Gradients are random and
+    the same on every rank (as after DDP's averaging; FSDP2: each rank's shard of them), so
+    what is timed is the optimizer alone."""
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(args.threads)
+    cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers)
+    out = {}
+    for freq in [int(f) for f in args.spike_frequencies.split(",")]:
+        for stagger in (False, True):
+            torch.manual_seed(0)
+            model = GPT(cfg)
+            if world > 1 and args.parallelism == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+
+                for block in model.blocks:
+                    fully_shard(block)
+                fully_shard(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = ShardedShampoo(
+                params, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
+                precondition_frequency=freq, stagger_roots=stagger,
+                communication_dtype=getattr(torch, args.communication_dtype),
+            )
+            times = []
+            for step in range(1, 3 * freq):
+                gen = torch.Generator().manual_seed(step)
+                for p in params:
+                    g = torch.randn(p.shape, generator=gen) * 1e-2
+                    if isinstance(p, DTensor):  # this rank's rows (torch.chunk layout)
+                        lo = -(-p.shape[0] // world) * rank
+                        g = DTensor.from_local(
+                            g[lo : lo + p.to_local().shape[0]], p.device_mesh, p.placements,
+                            run_check=False, shape=p.shape, stride=p.stride(),
+                        )
+                    p.grad = g
+                t0 = time.perf_counter()
+                opt.step()
+                if step >= freq:  # two periods from the first refresh (at step freq) on
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            out[f"f{freq}_{'staggered' if stagger else 'all_at_once'}"] = {
+                "median_ms": statistics.median(times) * 1e3,
+                "p95_ms": times[int(0.95 * (len(times) - 1))] * 1e3,
+                "max_ms": times[-1] * 1e3,
+                "mean_ms": statistics.mean(times) * 1e3,
+                "steps": len(times),
+            }
+    return {"world": world, "parallelism": args.parallelism if world > 1 else "none",
+            "spikes": out}
+
+
+def report_spikes(r: dict) -> None:
+    print(f"world size {r['world']} ({r['parallelism']}): optimizer step over two periods")
+    print(f"  {'':24s} {'median':>8s} {'p95':>8s} {'max':>8s} {'mean':>8s} {'max/median':>11s}")
+    rows = r["spikes"]
+    for name, s in rows.items():
+        print(f"  {name:24s} {s['median_ms']:8.1f} {s['p95_ms']:8.1f} {s['max_ms']:8.1f} "
+              f"{s['mean_ms']:8.1f} {s['max_ms'] / s['median_ms']:11.2f}")
+    for name, s in rows.items():
+        if name.endswith("staggered"):
+            base = rows[name.replace("staggered", "all_at_once")]
+            ratio = s["max_ms"] / s["median_ms"]
+            print(f"  goal {name}: max/median {ratio:.2f} "
+                  f"({'met' if ratio <= 1.5 else 'MISSED'}: <= 1.5); mean {s['mean_ms']:.1f} vs "
+                  f"{base['mean_ms']:.1f} ms without ("
+                  f"{'met' if s['mean_ms'] <= base['mean_ms'] else 'MISSED'}: no slower)")
+
+
 def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
     import datetime
 
@@ -235,7 +306,7 @@ def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
         "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )
-    result = measure(rank, world, args)
+    result = spikes(rank, world, args) if args.spikes else measure(rank, world, args)
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(result, fh)
@@ -296,6 +367,10 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--no-others", action="store_true",
                     help="skip other Shampoo/SOAP implementations even when installed")
+    ap.add_argument("--spikes", action="store_true",
+                    help="per-step optimizer time (median, p95, max) over two periods, with and "
+                    "without stagger_roots, instead of the default figures")
+    ap.add_argument("--spike-frequencies", default="50,100")
     args = ap.parse_args()
 
     import tempfile
@@ -305,7 +380,7 @@ def main() -> None:
     results = []
     for world in [int(w) for w in args.world_sizes.split(",")]:
         if world == 1:
-            results.append(measure(0, 1, args))
+            results.append(spikes(0, 1, args) if args.spikes else measure(0, 1, args))
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "result.json")
@@ -315,7 +390,7 @@ def main() -> None:
                 )
                 with open(out) as fh:
                     results.append(json.load(fh))
-        report(results[-1], args)
+        (report_spikes if args.spikes else lambda r: report(r, args))(results[-1])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -107,6 +107,7 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
         precondition_frequency=args.precondition_frequency,
         start_preconditioning_step=args.precondition_frequency,
         grafting=args.grafting,
+        stagger_roots=args.stagger_roots,
     ), args.shampoo_lr
 
 
@@ -276,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grafting", default="adam")
     ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
     ap.add_argument("--precondition-frequency", type=int, default=20)
+    ap.add_argument("--stagger-roots", action="store_true",
+                    help="each block computes its roots in its own step of the period")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)

@@ -41,6 +41,7 @@ BAD = [
     ("factor_dtype", "float8"),
     ("factor_dtype", "int32"),
     ("max_consecutive_root_failures", 0),
+    ("stagger_roots", 1),
 ]
 
 
@@ -126,3 +127,18 @@ def test_distribution_options_are_validated():
     opt = ShardedShampoo([p], num_trainers_per_group=1)
     assert opt.bytes_sent_per_step() == 0 and opt.owned_blocks() == 1
     assert [type(d).__name__ for d in opt.distributors] == ["LocalDistributor"]
+
+
+def test_frequency_is_frozen_only_with_staggered_roots():
+    """Staggered blocks hold phases modulo the frequency: it cannot change after construction
+    then; without staggering, schedulers may change it."""
+    p = torch.zeros(3, 4, requires_grad=True)
+    plain = ShardedShampoo([p], precondition_frequency=5)
+    plain.param_groups[0]["precondition_frequency"] = 7
+    p.grad = torch.ones(3, 4)
+    plain.step()
+    staggered = ShardedShampoo([p], precondition_frequency=5, stagger_roots=True)
+    staggered.param_groups[0]["precondition_frequency"] = 7
+    with pytest.raises(ValueError, match=r"precondition_frequency \(with stagger_roots\) cannot "
+                       "change"):
+        staggered.step()

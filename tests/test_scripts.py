@@ -96,3 +96,24 @@ def test_calls_per_step_do_not_grow_with_the_world(simulated_jobs):
     copies = {w: r["copy_calls"] for w, r in simulated_jobs.items()}
     assert len(set(copies.values())) == 1, copies
     assert simulated_jobs[4096]["torch_calls"] <= simulated_jobs[512]["torch_calls"]
+
+
+def test_bench_step_reports_spikes(tmp_path):
+    path = tmp_path / "spikes.json"
+    out = run("bench_step.py", "--spikes", "--spike-frequencies", "4", "--width", "32",
+              "--layers", "1", "--context", "16", "--world-sizes", "1", "--json", str(path))
+    (r,) = json.loads(path.read_text())
+    for name in ("f4_all_at_once", "f4_staggered"):
+        s = r["spikes"][name]
+        assert s["steps"] == 8 and 0 < s["median_ms"] <= s["p95_ms"] <= s["max_ms"], s
+    assert "goal f4_staggered: max/median" in out
+
+
+def test_bench_converge_compares_staggered_roots(tmp_path):
+    out = run("bench_converge.py", "--stagger-seeds", "1", "--steps", "6", "--eval-every", "3",
+              "--threads", "1", "--out-dir", str(tmp_path), "--", "--precondition-frequency",
+              "2", "--width", "32", "--layers", "1", "--context", "16", "--batch", "4",
+              "--data-bytes", "300000")
+    assert "staggered mean" in out
+    finals = json.loads((tmp_path / "stagger.json").read_text())
+    assert set(finals) == {"all at once", "staggered"} and all(len(v) == 1 for v in finals.values())
