@@ -303,6 +303,44 @@ def verdicts(rows: list[dict]) -> None:
               f"{mem:.2f}, {met(mem <= 1.1)}")
 
 
+def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> dict:
+    """From the plan and the cost model alone (nothing timed): the slowest rank's step in each
+    phase of a period, without and with stagger_roots, in units of the slowest rank's
+    ordinary step. Ranks wait for each other every step, so a step costs the maximum over ranks
+    of (per-step work + the root work of that rank's blocks due in it)."""
+    import torch
+
+    from sharded_shampoo.options import DEFAULTS, GroupOptions
+    from sharded_shampoo.placement import GroupSpec, Plan, RowSharding
+    from sharded_shampoo.placement.cost import root_cost, step_cost
+
+    shapes = tuple(tuple(p.shape) for p in build_model(model_name).parameters())
+    out = {"model": model_name, "world": world, "frequency": frequency}
+    for stagger in (False, True):
+        opts = GroupOptions.from_group(
+            dict(DEFAULTS, precondition_frequency=frequency, stagger_roots=stagger)
+        )
+        plan = Plan(world, {k: (k,) for k in range(world)} if fsdp else None)
+        shardings = tuple(RowSharding(world) for _ in shapes) if fsdp else None
+        (g,) = [plan.add_group(GroupSpec(shapes, (torch.float32,) * len(shapes), opts, shardings))]
+        per_step = [0.0] * world
+        roots: dict[tuple[int, int], float] = {}
+        for pi, blocking in enumerate(g.blockings):
+            for bid in range(blocking.num_blocks):
+                r, shape = g.owners[pi][bid], blocking.block_shape(bid)
+                per_step[r] += step_cost(shape)
+                phase = g.phases[pi][bid] if g.phases else 0
+                roots[(r, phase)] = roots.get((r, phase), 0.0) + root_cost(shape)
+        slowest = [max(per_step)] * frequency
+        for (r, phase), work in roots.items():
+            slowest[phase] = max(slowest[phase], per_step[r] + work)
+        unit = max(per_step)
+        name = "staggered" if stagger else "all_at_once"
+        out[f"{name}_mean"] = statistics.mean(slowest) / unit
+        out[f"{name}_max"] = max(slowest) / unit
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
@@ -311,7 +349,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default="")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # model,parallelism,world: run in-process
+    ap.add_argument("--stagger-model", action="store_true",
+                    help="instead: the cost model's step per phase with and without stagger_roots")
     args = ap.parse_args()
+    if args.stagger_model:
+        print("slowest rank's step over a period, in units of its ordinary step "
+              "(cost model, from the plan; nothing timed)")
+        print(f"{'model':9s} {'W':>5s} {'f':>4s}  all at once: mean / max   staggered: mean / max")
+        for model, worlds, f, fsdp in (("gpt2", (1, 2, 8, 64), 50, False),
+                                       ("llama8b", (64, 512, 4096), 100, True)):
+            for world in worlds:
+                r = stagger_model(model, world, f, fsdp)
+                print(f"{model:9s} {world:5d} {f:4d}  {r['all_at_once_mean']:11.2f} / "
+                      f"{r['all_at_once_max']:5.2f}   {r['staggered_mean']:9.2f} / "
+                      f"{r['staggered_max']:5.2f}")
+        return
     if args.one:
         model, mode, world = args.one.split(",")
         print(json.dumps(one_run(model, mode, int(world), args.steps)))

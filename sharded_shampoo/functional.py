@@ -137,7 +137,8 @@ def stack_step(
 
     ``grad`` (n, *shape) is consumed (it may be modified in place). ``param`` holds the blocks of
     the parameters, needed only with weight decay. ``state`` is updated in place. ``phases``
-    (n,) on the CPU: each block's phase with ``stagger_roots``. ``roots_ok`` says which of the
+    (n,) on the CPU: each block's phase with ``stagger_roots`` (roots at ``start``, then at the
+    steps ``t > start`` with ``t % precondition_frequency == phase``). ``roots_ok`` says which of the
     blocks ``rows`` (CPU indices) computed roots in this step, if any did. The direction may
     share memory with the state.
     """
@@ -155,21 +156,20 @@ def stack_step(
     elif opts.grafting == "adagrad":
         v.addcmul_(grad, grad)
 
-    roots_ok, due, ready = None, None, None
-    if phases is None:
+    start = opts.start_preconditioning_step
+    roots_ok, due = None, None
+    if phases is None or t == start:
+        # Every block at the start (staggered too: no block waits for its phase to be
+        # preconditioned), and every f steps after it without staggering.
         if opts.is_amortized_step(t):
             due = torch.arange(grad.shape[0])
             roots_ok = refresh_roots(state, opts, t, order)
-        ready = t >= opts.start_preconditioning_step
-    else:
-        if t >= opts.start_preconditioning_step:
-            due = (phases == t % opts.precondition_frequency).nonzero().flatten()
-        if due is not None and due.numel():
+    elif t > start:  # staggered: the blocks whose phase this step is
+        due = (phases == t % opts.precondition_frequency).nonzero().flatten()
+        if due.numel():
             roots_ok = _refresh_rows(state, opts, t, order, due)
         else:
             due = None
-        first = opts.first_refresh(phases) <= t
-        ready = True if bool(first.all()) else (False if not bool(first.any()) else first)
 
     filtered = state.get("filtered_grad", None)
     if filtered is not None:
@@ -178,7 +178,7 @@ def stack_step(
     else:
         m = grad
 
-    if ready is False:
+    if t < start:
         # Roots are still the identity: the Shampoo direction would be m itself.
         d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
     else:
@@ -188,8 +188,6 @@ def stack_step(
             graft = _grafting_direction(m, v, opts, t)
             scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
             d.mul_(scale.view(-1, *([1] * order)))
-            if ready is not True:  # staggered: blocks before their first roots take grafting
-                d = torch.where(ready.to(d.device).view(-1, *([1] * order)), d, graft)
     if d is filtered:
         # Weight decay and momentum below write into d: keep the state out of it.
         d = d.clone()

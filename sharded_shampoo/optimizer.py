@@ -118,7 +118,8 @@ class ShardedShampoo(torch.optim.Optimizer):
         G   <- G + wd W                                    (weight decay, if not decoupled)
         F_i <- beta2 F_i + (1 - beta2) G_(i) G_(i)^T       (beta2 = 1: F_i <- F_i + G_(i) G_(i)^T)
         v   <- grafting second moment of G                 (adam, rmsprop: EMA; adagrad: sum)
-        every precondition_frequency steps from start_preconditioning_step:
+        at start_preconditioning_step, then every precondition_frequency steps
+        (stagger_roots: then at the steps t with t % precondition_frequency == the block's phase):
             P_i <- (F_i / c + epsilon I)^(-e),  c = 1 - beta2^t (bias correction), e = 1 / (2k)
         M   <- beta1 M + (1 - beta1) G,  divided by 1 - beta1^t (bias correction)
         D   <- grafting direction of M                     (t < start_preconditioning_step)

@@ -190,12 +190,6 @@ class GroupOptions:
         start = self.start_preconditioning_step
         return t == start or (t > start and t % self.precondition_frequency == 0)
 
-    def first_refresh(self, phases: torch.Tensor) -> torch.Tensor:
-        """With staggering: the first step at which blocks of these phases compute roots (the
-        first ``t >= start_preconditioning_step`` with ``t % precondition_frequency ==
-        phase``); until then they take the grafting direction."""
-        start, f = self.start_preconditioning_step, self.precondition_frequency
-        return start + (phases - start) % f
 
     def structure(self) -> tuple:
         """What decides the blocks and which state they carry: fixed once state exists."""

@@ -121,18 +121,11 @@ class ReferenceShampoo:
                 st["v"] = g2 * st["v"] + (1 - g2) * G * G
             elif o["grafting"] == "adagrad":
                 st["v"] = st["v"] + G * G
-            # 5. amortized roots: all blocks at start and every f steps; or, staggered, each
-            # block at the steps t >= start with t % f == its phase (grafting before the first)
+            # 5. amortized roots: all blocks at start, then every f steps; or, staggered, each
+            # block at the steps t > start with t % f == its phase
             start, f = o["start_preconditioning_step"], o["precondition_frequency"]
-            phase = self.phases.get((gi, pi, bid))
-            if phase is None:
-                refresh = t == start or (t > start and t % f == 0)
-                preconditioned = t >= start
-            else:
-                refresh = t >= start and t % f == phase
-                first = next(s for s in range(start, start + f) if s % f == phase)
-                preconditioned = t >= first
-            if refresh:
+            phase = self.phases.get((gi, pi, bid), 0)
+            if t == start or (t > start and t % f == phase):
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 e = (o["inverse_exponent_override"] or {}).get(k, 1.0 / (2 * k))
                 for i in range(k):
@@ -156,7 +149,7 @@ class ReferenceShampoo:
                     return M / (torch.sqrt(st["v"]) + eps)
                 return M
 
-            if not preconditioned and o["grafting"] is not None:
+            if t < start and o["grafting"] is not None:
                 D = graft(M)
             else:
                 D = M

@@ -89,8 +89,8 @@ CONFIGS = {
         inverse_exponent_override={1: 0.5, 2: 0.5}, start_preconditioning_step=1
     ),
     "large_blocks": dict(max_preconditioner_dim=64),
-    # Staggered roots: 24 steps are almost 5 periods of 5; blocks precondition from the first
-    # step of their phase on (grafting before), with a late start and without grafting too.
+    # Staggered roots: 24 steps are almost 5 periods of 5 (every block's roots at the start,
+    # then each in its phase), with a late start and without grafting too.
     "staggered": dict(stagger_roots=True),
     "staggered_late_start": dict(stagger_roots=True, start_preconditioning_step=7),
     "staggered_no_grafting": dict(stagger_roots=True, grafting=None, epsilon=1e-2),
@@ -164,7 +164,7 @@ def test_parameter_without_gradient_is_untouched():
 
 def test_staggered_blocks_compute_roots_in_their_phase_only():
     """Every block gets its phase, the phases spread the blocks' eigendecompositions over the
-    period, and a block's roots change exactly at the steps of its phase."""
+    period, and a block's roots change exactly at the start and at the steps of its phase."""
     opts = {**BASE, "factor_dtype": torch.float64, "stagger_roots": True}
     params = make_params(torch.float64)
     opt = ShardedShampoo([{"params": params, **opts}])
@@ -181,7 +181,6 @@ def test_staggered_blocks_compute_roots_in_their_phase_only():
             now = state[f"blocks.{bid}.root_0"].clone()
             before = roots.get((pi, bid))
             if before is not None:
-                assert (not torch.equal(now, before)) == (step >= 5 and step % f == phase), (
-                    step, pi, bid, phase
-                )
+                due = step == 5 or (step > 5 and step % f == phase)
+                assert (not torch.equal(now, before)) == due, (step, pi, bid, phase)
             roots[(pi, bid)] = now

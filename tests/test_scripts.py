@@ -106,6 +106,7 @@ def test_bench_step_reports_spikes(tmp_path):
     for name in ("f4_all_at_once", "f4_staggered"):
         s = r["spikes"][name]
         assert s["steps"] == 8 and 0 < s["median_ms"] <= s["p95_ms"] <= s["max_ms"], s
+        assert s["first_roots_ms"] > 0
     assert "goal f4_staggered: max/median" in out
 
 
