@@ -284,6 +284,59 @@ def spikes(rank: int, world: int, args) -> dict:
             "spikes": out}
 
 
+PRECONDITIONERS = {
+    "root_inverse": {},
+    "eigenvalue_corrected_eigh": {"preconditioner": "eigenvalue_corrected"},
+    "eigenvalue_corrected_qr": {"preconditioner": "eigenvalue_corrected", "eigenbasis": "qr"},
+}
+
+
+def preconditioner_costs(args) -> dict:
+    """One process, random gradients: each preconditioner's ordinary optimizer step (median
+    of ``args.steps``) and its amortized step (every block's roots or eigenbasis: the
+    refresh at step 2, after one step of statistics)."""
+    torch.set_num_threads(args.threads)
+    cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers)
+    out = {}
+    for name, options in PRECONDITIONERS.items():
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        params = list(model.parameters())
+        opt = ShardedShampoo(
+            params, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
+            precondition_frequency=10**6, start_preconditioning_step=2, **options,
+        )
+        times = []
+        for step in range(1, args.steps + 3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[name] = {"step_ms": statistics.median(times[2:]) * 1e3, "refresh_ms": times[1] * 1e3}
+    return {"world": 1, "preconditioners": out}
+
+
+def report_preconditioners(r: dict) -> None:
+    rows = r["preconditioners"]
+    print("optimizer step by preconditioner (one process, ms): ordinary step (median), refresh step")
+    for name, x in rows.items():
+        print(f"  {name:28s} {x['step_ms']:8.1f} {x['refresh_ms']:9.1f}")
+    base = rows["root_inverse"]["step_ms"]
+    for name in ("eigenvalue_corrected_eigh", "eigenvalue_corrected_qr"):
+        ratio = rows[name]["step_ms"] / base
+        print(f"  goal {name}: step {ratio:.2f}x root-inverse "
+              f"({'met' if ratio <= 1.6 else 'MISSED'}: <= 1.6x)")
+    def extra(name):  # what the refresh adds to an ordinary step
+        return rows[name]["refresh_ms"] - rows[name]["step_ms"]
+
+    cheaper = extra("eigenvalue_corrected_eigh") / extra("eigenvalue_corrected_qr")
+    print(f"  goal: the refresh's extra time with QR ({extra('eigenvalue_corrected_qr'):.0f} ms) "
+          f"{cheaper:.2f}x cheaper than with eigh ({extra('eigenvalue_corrected_eigh'):.0f} ms) "
+          f"({'met' if cheaper >= 3 else 'MISSED'}: >= 3x)")
+
+
 def report_spikes(r: dict) -> None:
     print(f"world size {r['world']} ({r['parallelism']}): optimizer step (ms) over the two "
           "periods after the first roots (every block's, once, at the start: timed apart)")
@@ -378,7 +431,16 @@ def main() -> None:
                     help="per-step optimizer time (median, p95, max) over two periods, with and "
                     "without stagger_roots, instead of the default figures")
     ap.add_argument("--spike-frequencies", default="50,100")
+    ap.add_argument("--preconditioners", action="store_true",
+                    help="instead: root-inverse vs eigenvalue-corrected (eigh, QR) step times")
     args = ap.parse_args()
+    if args.preconditioners:
+        result = preconditioner_costs(args)
+        report_preconditioners(result)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump([result], fh, indent=2)
+        return
 
     import tempfile
 

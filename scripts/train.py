@@ -106,8 +106,10 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
         max_preconditioner_dim=args.max_preconditioner_dim,
         precondition_frequency=args.precondition_frequency,
         start_preconditioning_step=args.precondition_frequency,
-        grafting=args.grafting,
+        grafting=args.grafting if args.grafting != "none" else None,
         stagger_roots=args.stagger_roots,
+        preconditioner=args.preconditioner,
+        eigenbasis=args.eigenbasis,
     ), args.shampoo_lr
 
 
@@ -277,6 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grafting", default="adam")
     ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
     ap.add_argument("--precondition-frequency", type=int, default=20)
+    ap.add_argument("--preconditioner", choices=["shampoo", "eigenvalue_corrected"],
+                    default="shampoo", help="for --optimizer shampoo")
+    ap.add_argument("--eigenbasis", choices=["eigh", "qr"], default="eigh",
+                    help="with --preconditioner eigenvalue_corrected")
     ap.add_argument("--stagger-roots", action="store_true",
                     help="each block computes its roots in its own step of the period")
     ap.add_argument("--warmup", type=int, default=20)

@@ -103,6 +103,7 @@ def check_roots(
     if bool(ok.all()):
         return None
     failures = stack.state["root_failures"]
+    what = "eigenbasis" if opts.eigenvalue_corrected else "inverse roots"
     error = None
     for j in (~ok).nonzero().flatten().tolist():
         r = int(rows[j])
@@ -110,7 +111,7 @@ def check_roots(
         count = int(failures[r])
         if count >= opts.max_consecutive_root_failures:
             error = error or (
-                f"the inverse roots of {name(gi, pi, bid)} failed {count} times in a row (also "
+                f"the {what} of {name(gi, pi, bid)} failed {count} times in a row (also "
                 "in float64); its factors are likely non-finite or badly scaled, or epsilon "
                 "is too small for the roots to fit the parameter dtype. Parameters were not "
                 "updated in this step."
@@ -118,8 +119,8 @@ def check_roots(
             continue
         warn(
             RootFailureWarning(
-                f"inverse roots of {name(gi, pi, bid)} could not be computed (failure {count} "
-                f"of {opts.max_consecutive_root_failures} allowed); keeping its previous roots"
+                f"{what} of {name(gi, pi, bid)} could not be computed (failure {count} "
+                f"of {opts.max_consecutive_root_failures} allowed); keeping its previous ones"
             ),
             step,
         )

@@ -11,8 +11,9 @@ import math
 import torch
 from tensordict import TensorDict
 
+from .eigenbasis import refresh_eigenbasis
 from .options import GroupOptions
-from .roots import inverse_roots
+from .roots import inverse_roots, keep_successes
 
 __all__ = ["stack_step", "factor_gram_inputs", "precondition", "refresh_roots"]
 
@@ -87,25 +88,51 @@ def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> 
         new_roots.append(r)
         ok = good if ok is None else ok & good
     assert ok is not None
-    for i, r in enumerate(new_roots):
-        old = state[f"root_{i}"]
-        old.copy_(torch.where(ok.view(-1, 1, 1), r, old))
-    failures = state["root_failures"]
-    failures.copy_(torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1))
+    keep_successes(state, "root", new_roots, ok)
     return ok
+
+
+def _refresh(state: TensorDict, opts: GroupOptions, t: int, order: int) -> torch.Tensor:
+    """Roots, or eigenvectors with the eigenvalue-corrected preconditioner, of every block."""
+    if opts.eigenvalue_corrected:
+        return refresh_eigenbasis(state, opts, order)
+    return refresh_roots(state, opts, t, order)
 
 
 def _refresh_rows(
     state: TensorDict, opts: GroupOptions, t: int, order: int, rows: torch.Tensor
 ) -> torch.Tensor:
-    """``refresh_roots`` for the blocks ``rows`` only (one batched eigh per dim over them)."""
-    keys = [f"factor_{i}" for i in range(order)] + [f"root_{i}" for i in range(order)]
+    """``_refresh`` for the blocks ``rows`` only (one batched decomposition per dim)."""
+    basis = "eigenvectors" if opts.eigenvalue_corrected else "root"
+    changed = [f"{basis}_{i}" for i in range(order)] + ["root_failures"]
+    if opts.eigenvalue_corrected:
+        changed.append("corrected_eigenvalues")
     idx = rows.to(state.device) if state.device is not None else rows
-    sub = state.select(*keys, "root_failures")[idx]
-    ok = refresh_roots(sub, opts, t, order)
-    for key in [f"root_{i}" for i in range(order)] + ["root_failures"]:
+    sub = state.select(*[f"factor_{i}" for i in range(order)], *changed)[idx]
+    ok = _refresh(sub, opts, t, order)
+    for key in changed:
         state[key][idx] = sub[key]
     return ok
+
+
+def _corrected_direction(
+    state: TensorDict, grad: torch.Tensor, m: torch.Tensor, opts: GroupOptions, t: int
+) -> torch.Tensor:
+    """Updates the corrected eigenvalues from the gradient in the current eigenbasis and
+    returns the direction: Adam's, in the eigenbasis, rotated back."""
+    order = grad.dim() - 1
+    q = [state[f"eigenvectors_{i}"] for i in range(order)]
+    q_t = [x.mT for x in q]
+    rotated = precondition(grad, q_t)
+    v = state["corrected_eigenvalues"]
+    if opts.beta2 == 1.0:
+        v.addcmul_(rotated, rotated)
+    else:
+        v.mul_(opts.beta2).addcmul_(rotated, rotated, value=1.0 - opts.beta2)
+    c2 = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
+    exponent = opts.inverse_exponent_override.get(order, 0.5)
+    denom = (v / c2).pow_(exponent).add_(opts.epsilon)
+    return precondition(precondition(m, q_t) / denom, q)
 
 
 def _grafting_direction(
@@ -163,7 +190,7 @@ def stack_step(
         # preconditioned), and every f steps after it without staggering.
         if opts.is_amortized_step(t):
             due = torch.arange(grad.shape[0])
-            roots_ok = refresh_roots(state, opts, t, order)
+            roots_ok = _refresh(state, opts, t, order)
     elif t > start:  # staggered: the blocks whose phase this step is
         due = (phases == t % opts.precondition_frequency).nonzero().flatten()
         if due.numel():
@@ -178,12 +205,18 @@ def stack_step(
     else:
         m = grad
 
-    if t < start:
+    if opts.eigenvalue_corrected:
+        # The corrected eigenvalues follow every gradient, from step 1 (in the identity basis
+        # until the first refresh); without grafting the direction is used from step 1 too.
+        corrected = _corrected_direction(state, grad, m, opts, t)
+    if t < start and (opts.grafting is not None or not opts.eigenvalue_corrected):
         # Roots are still the identity: the Shampoo direction would be m itself.
         d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
     else:
-        roots = [state[f"root_{i}"] for i in range(order)]
-        d = precondition(m, roots)
+        if opts.eigenvalue_corrected:
+            d = corrected
+        else:
+            d = precondition(m, [state[f"root_{i}"] for i in range(order)])
         if opts.grafting is not None:
             graft = _grafting_direction(m, v, opts, t)
             scale = _block_norms(graft) / (_block_norms(d) + 1e-16)

@@ -128,6 +128,20 @@ class ShardedShampoo(torch.optim.Optimizer):
         B   <- momentum B + (1 - dampening) D;  D <- D + momentum B (nesterov) or B
         W   <- W - lr D
 
+    With ``preconditioner="eigenvalue_corrected"`` (SOAP: Adam in the factors' eigenbasis) the
+    roots are replaced by each factor's eigenvectors ``Q_i`` (``eigenbasis="eigh"``, or
+    ``qr_iterations`` steps of a QR iteration warm-started from the previous ``Q_i`` with the
+    columns and the corrected eigenvalues first ordered by decreasing ``diag(Q^T F Q)``),
+    refreshed on the same schedule, and grafting is off unless set:
+
+    .. code-block:: text
+
+        V   <- beta2 V + (1 - beta2) (G x_1 Q_1^T ... x_k Q_k^T)^2   (beta2 = 1: a sum)
+        D   <- ((M x_1 Q_1^T ...) / ((V / c)^(1/2) + epsilon)) x_1 Q_1 ... x_k Q_k
+
+    then weight decay, momentum and the update as above; without grafting this direction is
+    used from step 1 (with ``Q_i = I`` until the first refresh).
+
     ``t`` counts the steps in which at least one parameter of the group had a gradient. A
     parameter without a gradient is skipped and its state untouched. A block whose gradient
     holds a NaN or Inf is skipped the same way (its part of the parameter is not changed) and a
@@ -177,6 +191,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         factor_dtype: torch.dtype = DEFAULTS["factor_dtype"],
         max_consecutive_root_failures: int = DEFAULTS["max_consecutive_root_failures"],
         stagger_roots: bool = DEFAULTS["stagger_roots"],
+        preconditioner: str = DEFAULTS["preconditioner"],
+        eigenbasis: str = DEFAULTS["eigenbasis"],
+        qr_iterations: int = DEFAULTS["qr_iterations"],
         *,
         mesh: Any = None,
         communication_dtype: torch.dtype = torch.float32,
@@ -203,6 +220,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             factor_dtype=factor_dtype,
             max_consecutive_root_failures=max_consecutive_root_failures,
             stagger_roots=stagger_roots,
+            preconditioner=preconditioner,
+            eigenbasis=eigenbasis,
+            qr_iterations=qr_iterations,
         )
         # Fail on bad defaults even when every group overrides them.
         GroupOptions.from_group(defaults)
@@ -303,6 +323,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         group["step"] = 0
         # By name: torch's state-dict utilities do not traverse a torch.dtype.
         group["factor_dtype"] = factor_dtype_name(opts.factor_dtype)
+        group["grafting"] = opts.grafting  # "default" resolved for this preconditioner
         shardings = tuple(
             RowSharding(self._fsdp.num_shards) if is_dtensor(p) else None for p in params
         )

@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
+PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
+EIGENBASES = ("eigh", "qr")
 GraftingType = str | None
 
 DEFAULTS: dict[str, Any] = dict(
@@ -41,7 +43,9 @@ DEFAULTS: dict[str, Any] = dict(
     merge_dims=True,
     precondition_frequency=100,
     start_preconditioning_step=None,
-    grafting="adam",
+    # "default": adam for root-inverse Shampoo, none for the eigenvalue-corrected preconditioner
+    # (as the reference's SOAP configuration).
+    grafting="default",
     grafting_beta2=0.999,
     grafting_epsilon=1e-8,
     use_bias_correction=True,
@@ -49,6 +53,9 @@ DEFAULTS: dict[str, Any] = dict(
     factor_dtype=torch.float32,
     max_consecutive_root_failures=3,
     stagger_roots=False,
+    preconditioner="shampoo",
+    eigenbasis="eigh",
+    qr_iterations=1,
 )
 
 
@@ -101,6 +108,13 @@ class GroupOptions:
     factor_dtype: torch.dtype
     max_consecutive_root_failures: int
     stagger_roots: bool
+    preconditioner: str
+    eigenbasis: str
+    qr_iterations: int
+
+    @property
+    def eigenvalue_corrected(self) -> bool:
+        return self.preconditioner == "eigenvalue_corrected"
 
     @classmethod
     def from_group(cls, group: Mapping[str, Any]) -> "GroupOptions":
@@ -126,10 +140,18 @@ class GroupOptions:
         freq = _int(g, "precondition_frequency", lo=1)
         start = g["start_preconditioning_step"]
         start = freq if start is None else _int_value("start_preconditioning_step", start, lo=1)
+        preconditioner = g["preconditioner"]
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+        eigenbasis = g["eigenbasis"]
+        if eigenbasis not in EIGENBASES:
+            raise ValueError(f"eigenbasis must be one of {EIGENBASES}, got {eigenbasis!r}")
         grafting = g["grafting"]
+        if grafting == "default":
+            grafting = "adam" if preconditioner == "shampoo" else None
         if grafting is not None and grafting not in GRAFTING_TYPES:
             raise ValueError(
-                f"grafting must be one of {GRAFTING_TYPES} or None, got {grafting!r}"
+                f"grafting must be one of {GRAFTING_TYPES}, None or 'default', got {grafting!r}"
             )
         grafting_beta2 = _real(g, "grafting_beta2", lo=0.0, hi=1.0, hi_open=True)
         grafting_epsilon = _real(g, "grafting_epsilon", lo=0.0, lo_open=True)
@@ -168,6 +190,9 @@ class GroupOptions:
             factor_dtype=factor_dtype,
             max_consecutive_root_failures=_int(g, "max_consecutive_root_failures", lo=1),
             stagger_roots=_bool(g, "stagger_roots"),
+            preconditioner=preconditioner,
+            eigenbasis=eigenbasis,
+            qr_iterations=_int(g, "qr_iterations", lo=1),
         )
 
     def fields_text(self) -> tuple[str, ...]:
@@ -207,6 +232,9 @@ STRUCTURAL: dict[str, Any] = {
     "betas[0] > 0": lambda o: o.beta1 > 0,
     "momentum > 0": lambda o: o.momentum > 0,
     "stagger_roots": lambda o: o.stagger_roots,
+    "preconditioner": lambda o: o.preconditioner,
+    "eigenbasis": lambda o: o.eigenbasis,
+    "qr_iterations": lambda o: o.qr_iterations,
     # Blocks' phases are taken modulo the frequency they were assigned with.
     "precondition_frequency (with stagger_roots)": lambda o: (
         o.precondition_frequency if o.stagger_roots else None

@@ -14,7 +14,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["inverse_roots", "eigh"]
+__all__ = ["inverse_roots", "eigh", "keep_successes"]
+
+
+def keep_successes(state, prefix: str, new: list[torch.Tensor], ok: torch.Tensor) -> None:
+    """Writes ``new[i]`` into ``state[f"{prefix}_{i}"]`` for the blocks where ``ok``; the others
+    keep their previous matrices and count one more consecutive failure, a success resets it."""
+    for i, q in enumerate(new):
+        old = state[f"{prefix}_{i}"]
+        old.copy_(torch.where(ok.view(-1, 1, 1), q, old))
+    failures = state["root_failures"]
+    failures.copy_(torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1))
 
 
 def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,14 @@ DEFAULTS = dict(
     merge_dims=True,
     precondition_frequency=100,
     start_preconditioning_step=None,
-    grafting="adam",
+    grafting="default",
     grafting_beta2=0.999,
     grafting_epsilon=1e-8,
     use_bias_correction=True,
     inverse_exponent_override=None,
+    preconditioner="shampoo",
+    eigenbasis="eigh",
+    qr_iterations=1,
 )
 
 
@@ -74,6 +77,8 @@ class ReferenceShampoo:
             opts = {**DEFAULTS, **{k: v for k, v in g.items() if k != "params"}}
             if opts["start_preconditioning_step"] is None:
                 opts["start_preconditioning_step"] = opts["precondition_frequency"]
+            if opts["grafting"] == "default":
+                opts["grafting"] = "adam" if opts["preconditioner"] == "shampoo" else None
             params = [p.detach().to(torch.float64).clone() for p in g["params"]]
             self.groups.append({"opts": opts, "params": params, "t": 0, "state": {}})
 
@@ -102,6 +107,8 @@ class ReferenceShampoo:
             if not st:
                 st["F"] = [torch.zeros(d, d, dtype=torch.float64) for d in G.shape]
                 st["P"] = [torch.eye(d, dtype=torch.float64) for d in G.shape]
+                st["Q"] = [torch.eye(d, dtype=torch.float64) for d in G.shape]
+                st["V"] = torch.zeros_like(G)
                 st["v"] = torch.zeros_like(G)
                 st["M"] = torch.zeros_like(G)
                 st["B"] = torch.zeros_like(G)
@@ -125,7 +132,29 @@ class ReferenceShampoo:
             # block at the steps t > start with t % f == its phase
             start, f = o["start_preconditioning_step"], o["precondition_frequency"]
             phase = self.phases.get((gi, pi, bid), 0)
-            if t == start or (t > start and t % f == phase):
+            corrected = o["preconditioner"] == "eigenvalue_corrected"
+            if corrected and (t == start or (t > start and t % f == phase)):
+                new_Q, perms = [], []
+                for i in range(k):
+                    F = st["F"][i]
+                    d = F.shape[0]  # ties broken by a diagonal ramp of 1e-6 x mean eigenvalue
+                    F = F + torch.diag(torch.trace(F) / d * 1e-6 * torch.arange(1, d + 1) / d)
+                    if o["eigenbasis"] == "eigh":
+                        L, Q = torch.linalg.eigh(F)
+                        new_Q.append(Q[:, torch.argsort(L, descending=True, stable=True)])
+                    else:
+                        Q = st["Q"][i]
+                        estimates = torch.diagonal(Q.T @ F @ Q)
+                        perm = torch.argsort(estimates, descending=True, stable=True)
+                        Q = Q[:, perm]
+                        for _ in range(o["qr_iterations"]):
+                            Q, _ = torch.linalg.qr(F @ Q)
+                        new_Q.append(Q)
+                        perms.append((i, perm))
+                st["Q"] = new_Q
+                for i, perm in perms:  # corrected eigenvalues follow their eigenvectors
+                    st["V"] = st["V"].index_select(i, perm)
+            if not corrected and (t == start or (t > start and t % f == phase)):
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 e = (o["inverse_exponent_override"] or {}).get(k, 1.0 / (2 * k))
                 for i in range(k):
@@ -149,12 +178,28 @@ class ReferenceShampoo:
                     return M / (torch.sqrt(st["v"]) + eps)
                 return M
 
-            if t < start and o["grafting"] is not None:
-                D = graft(M)
-            else:
-                D = M
+            def mode_product(X, mats):  # X x_1 mats[0] ... x_k mats[k-1]
                 for i in range(k):
-                    D = torch.tensordot(st["P"][i], D, dims=([1], [i])).movedim(0, i)
+                    X = torch.tensordot(mats[i], X, dims=([1], [i])).movedim(0, i)
+                return X
+
+            if corrected:  # the second moment of G in the eigenbasis, every step
+                Gq = mode_product(G, [Q.T for Q in st["Q"]])
+                if beta2 == 1.0:
+                    st["V"] = st["V"] + Gq * Gq
+                else:
+                    st["V"] = beta2 * st["V"] + (1 - beta2) * Gq * Gq
+            if t < start and (o["grafting"] is not None or not corrected):
+                D = graft(M)
+            elif corrected:
+                c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
+                e = (o["inverse_exponent_override"] or {}).get(k, 0.5)
+                Mq = mode_product(M, [Q.T for Q in st["Q"]])
+                D = mode_product(Mq / ((st["V"] / c) ** e + o["epsilon"]), st["Q"])
+                if o["grafting"] is not None:
+                    D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
+            else:
+                D = mode_product(M, st["P"])
                 if o["grafting"] is not None:
                     D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
             # 8. decoupled weight decay

@@ -94,6 +94,26 @@ CONFIGS = {
     "staggered": dict(stagger_roots=True),
     "staggered_late_start": dict(stagger_roots=True, start_preconditioning_step=7),
     "staggered_no_grafting": dict(stagger_roots=True, grafting=None, epsilon=1e-2),
+    # Eigenvalue-corrected Shampoo (SOAP): eigh and warm-started QR eigenbases, without
+    # grafting (its default: used from step 1) and with it, betas[1] = 1 without bias
+    # correction, both kinds of weight decay, staggered refreshes.
+    "ec_eigh": dict(preconditioner="eigenvalue_corrected", betas=(0.9, 0.99)),
+    "ec_qr": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr", qr_iterations=2),
+    "ec_qr_one_iteration": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr"),
+    "ec_grafting": dict(preconditioner="eigenvalue_corrected", grafting="adam"),
+    "ec_sum_no_bias_correction": dict(
+        preconditioner="eigenvalue_corrected", betas=(0.5, 1.0), use_bias_correction=False,
+        eigenbasis="qr",
+    ),
+    "ec_l2_weight_decay": dict(
+        preconditioner="eigenvalue_corrected", weight_decay=0.1, decoupled_weight_decay=False
+    ),
+    "ec_decoupled_wd_nesterov": dict(
+        preconditioner="eigenvalue_corrected", weight_decay=0.1, momentum=0.8, nesterov=True
+    ),
+    "ec_staggered": dict(
+        preconditioner="eigenvalue_corrected", eigenbasis="qr", stagger_roots=True
+    ),
 }
 
 

@@ -42,6 +42,10 @@ BAD = [
     ("factor_dtype", "int32"),
     ("max_consecutive_root_failures", 0),
     ("stagger_roots", 1),
+    ("preconditioner", "soap"),
+    ("eigenbasis", "power"),
+    ("qr_iterations", 0),
+    ("qr_iterations", 1.5),
 ]
 
 

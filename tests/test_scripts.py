@@ -118,3 +118,15 @@ def test_bench_converge_compares_staggered_roots(tmp_path):
     assert "staggered mean" in out
     finals = json.loads((tmp_path / "stagger.json").read_text())
     assert set(finals) == {"all at once", "staggered"} and all(len(v) == 1 for v in finals.values())
+
+
+def test_bench_step_compares_preconditioners(tmp_path):
+    path = tmp_path / "prec.json"
+    out = run("bench_step.py", "--preconditioners", "--steps", "2", "--width", "32",
+              "--layers", "1", "--context", "16", "--json", str(path))
+    (r,) = json.loads(path.read_text())
+    assert set(r["preconditioners"]) == {
+        "root_inverse", "eigenvalue_corrected_eigh", "eigenvalue_corrected_qr"
+    }
+    assert all(x["step_ms"] > 0 and x["refresh_ms"] > 0 for x in r["preconditioners"].values())
+    assert "goal: the refresh's extra time with QR" in out

@@ -250,3 +250,15 @@ def test_channels_last_parameter_is_updated_like_a_contiguous_one():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+
+
+def test_root_inverse_state_refused_by_an_eigenvalue_corrected_optimizer():
+    model = make_model()
+    shampoo = ShardedShampoo(model.parameters(), **OPTS)
+    corrected = ShardedShampoo(model.parameters(), **OPTS, preconditioner="eigenvalue_corrected")
+    before = copy.deepcopy(corrected.state_dict())
+    with pytest.raises(ValueError, match="preconditioner: shampoo saved, eigenvalue_corrected here"):
+        corrected.load_state_dict(shampoo.state_dict())
+    after = corrected.state_dict()
+    assert all(torch.equal(v, after["state"][i][k])
+               for i, st in before["state"].items() for k, v in st.items())

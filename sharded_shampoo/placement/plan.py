@@ -132,7 +132,7 @@ class Plan:
                 preferred.append(self.shard_holders.get(0 if most is None else most, ()))
         vectors = (opts.grafting in ("adam", "rmsprop", "adagrad")) + (opts.beta1 > 0) + (
             opts.momentum > 0
-        )
+        ) + opts.eigenvalue_corrected
         memory = [
             block_state_elements(b.block_shape(bid), vectors)
             for b in blockings

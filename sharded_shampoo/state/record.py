@@ -21,7 +21,7 @@ _MAX_DIMS = 8
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _FIELDS = (
     "version", "numel", "shape", "merged shape", "max_preconditioner_dim", "merge_dims",
-    "factor_dtype", "grafting", "betas[0] > 0", "momentum > 0", "blocks",
+    "factor_dtype", "grafting", "betas[0] > 0", "momentum > 0", "blocks", "preconditioner",
 )
 
 
@@ -44,6 +44,8 @@ def blocking_record(blocking: ParamBlocking, opts: GroupOptions) -> torch.Tensor
         int(opts.beta1 > 0),
         int(opts.momentum > 0),
         blocking.num_blocks,
+        # -1 (the padding) for root-inverse Shampoo: records written before this field match.
+        1 if opts.eigenvalue_corrected else -1,
     ]
     values += [-1] * (RECORD_SIZE - len(values))
     return torch.tensor(values, dtype=torch.int64)
@@ -59,6 +61,7 @@ def _decode(record: torch.Tensor) -> dict[str, object]:
     return dict(zip(_FIELDS, (
         v[0], v[1], shape, merged, rest[0], bool(rest[1]), _DTYPES[rest[2]], grafting,
         bool(rest[4]), bool(rest[5]), rest[6],
+        "eigenvalue_corrected" if rest[7] == 1 else "shampoo",
     )))
 
 

@@ -9,6 +9,9 @@ number of distinct block shapes, not with the number of blocks.
 Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
     factor_i       (n, m_i, m_i)  Kronecker factor of dim i, in ``factor_dtype``
     root_i         (n, m_i, m_i)  its inverse root, in the math dtype (identity until computed)
+    eigenvectors_i (n, m_i, m_i)  instead of root_i with the eigenvalue-corrected preconditioner:
+                                  the factor's eigenbasis (identity until computed)
+    corrected_eigenvalues (n, *shape)  with it: second moment of the rotated gradient
     graft_v        (n, *shape)    grafting second moment (adam, rmsprop, adagrad grafting only)
     filtered_grad  (n, *shape)    EMA of gradients (beta1 > 0 only)
     momentum       (n, *shape)    momentum buffer (momentum > 0 only)
@@ -47,9 +50,12 @@ def block_state_spec(
     """(key, shape, dtype) of every state tensor of one block."""
     dtype = math_dtype(param_dtype)
     spec = []
+    basis = "eigenvectors" if opts.eigenvalue_corrected else "root"
     for i, m in enumerate(block_shape):
         spec.append((f"factor_{i}", (m, m), opts.factor_dtype))
-        spec.append((f"root_{i}", (m, m), dtype))
+        spec.append((f"{basis}_{i}", (m, m), dtype))
+    if opts.eigenvalue_corrected:
+        spec.append(("corrected_eigenvalues", block_shape, dtype))
     if opts.grafting in ("adam", "rmsprop", "adagrad"):
         spec.append(("graft_v", block_shape, dtype))
     if opts.beta1 > 0:
@@ -111,8 +117,11 @@ class GroupBlocks:
             tensors = {
                 key: pool.take(shape, dtype) for key, shape, dtype in state_spec(layout, opts)
             }
+            # Roots and eigenvectors start as the identity.
+            basis = "eigenvectors" if opts.eigenvalue_corrected else "root"
             for i, m in enumerate(layout.block_shape):
-                tensors[f"root_{i}"].copy_(torch.eye(m, dtype=tensors[f"root_{i}"].dtype))
+                t = tensors[f"{basis}_{i}"]
+                t.copy_(torch.eye(m, dtype=t.dtype))
             device = next(iter(tensors.values())).device
             td = TensorDict(tensors, batch_size=[layout.num_rows], device=device)
             si = len(self.stacks)

@@ -57,28 +57,33 @@ def full_params(model):
     ]
 
 
-# A checkpoint name ending in this was saved with staggered roots (and loads into them).
-STAGGERED = "-staggered"
+# A checkpoint name ending in one of these was saved with these options (and loads into them).
+VARIANTS = {
+    "-staggered": {"stagger_roots": True},
+    "-ec": {"preconditioner": "eigenvalue_corrected", "eigenbasis": "qr"},
+}
 
 
-def save(rank, world, mode, root, flatten=True, stagger=False):
+def variant_of(name: str) -> dict:
+    return next((v for suffix, v in VARIANTS.items() if name.endswith(suffix)), {})
+
+
+def save(rank, world, mode, root, flatten=True, variant=""):
     """An uninterrupted run of FIRST + THEN steps, and a run saved after FIRST steps."""
-    overrides = {"stagger_roots": True} if stagger else {}
+    overrides = VARIANTS.get(variant, {})
     model, wrapped, opt = build(mode, world, **overrides)
     losses = train(model, wrapped, opt, 0, FIRST + THEN, rank, world)
     uninterrupted = {"params": full_params(model), "losses": losses[FIRST:]}
     model, wrapped, opt = build(mode, world, **overrides)
     train(model, wrapped, opt, 0, FIRST, rank, world)
-    name = f"{mode}{world}" + ("" if flatten else "-nested") + (STAGGERED if stagger else "")
+    name = f"{mode}{world}" + ("" if flatten else "-nested") + variant
     save_checkpoint(os.path.join(root, name), wrapped, opt, extra={"step": FIRST}, flatten=flatten)
     return uninterrupted
 
 
 def resume(rank, world, mode, root, source):
     """Loads the checkpoint ``source`` and trains THEN more steps."""
-    model, wrapped, opt = build(
-        mode, world, **({"stagger_roots": True} if source.endswith(STAGGERED) else {})
-    )
+    model, wrapped, opt = build(mode, world, **variant_of(source))
     flatten = not source.endswith("-nested")
     extra = load_checkpoint(
         os.path.join(root, source), wrapped, opt, extra={"step": -1}, flatten=flatten

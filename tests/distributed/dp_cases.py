@@ -12,7 +12,10 @@ import sharded_shampoo.roots as roots_module
 from sharded_shampoo import ShardedShampoo
 
 
-def same_grads(rank, world, tiny=False, explicit_mesh=False, stagger=False, **kwargs):
+def same_grads(
+    rank, world, tiny=False, explicit_mesh=False, stagger=False, eigenvalue_corrected=False,
+    **kwargs,
+):
     if kwargs.get("num_trainers_per_group") == "world":
         kwargs["num_trainers_per_group"] = world
     if explicit_mesh:
@@ -26,6 +29,8 @@ def same_grads(rank, world, tiny=False, explicit_mesh=False, stagger=False, **kw
     )
     if stagger:
         options = scenarios.STAGGERED_OPTIONS
+    if eigenvalue_corrected:
+        options = scenarios.EC_OPTIONS
     params, opt = scenarios.train_with_same_grads(shapes=shapes, options=options, **kwargs)
     return {
         "params": params,

@@ -32,6 +32,11 @@ GROUP_OPTIONS = [
 ]
 # The same with staggered roots (each block in its phase of the period).
 STAGGERED_OPTIONS = [dict(o, stagger_roots=True) for o in GROUP_OPTIONS]
+# Eigenvalue-corrected (SOAP): group 0 with eigh eigenbases, group 1 with warm-started QR.
+EC_OPTIONS = [
+    dict(o, preconditioner="eigenvalue_corrected", eigenbasis=basis)
+    for o, basis in zip(GROUP_OPTIONS, ("eigh", "qr"))
+]
 TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
 TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dtype=torch.float64)]
 

@@ -26,9 +26,9 @@ LOADS = {
     2: [("ddp", "ddp2"), ("fsdp", "fsdp2"), ("ddp", "single1"), ("fsdp", "fsdp4"),
         ("fsdp", "fsdp2-nested")],
     3: [("fsdp", "ddp2"), ("ddp", "single1"), ("ddp", "fsdp4"), ("ddp", "fsdp2-nested"),
-        ("fsdp", "ddp2-staggered")],
+        ("fsdp", "ddp2-staggered"), ("fsdp", "ddp2-ec")],
     4: [("fsdp", "fsdp4"), ("hsdp", "hsdp4"), ("ddp", "hsdp4"), ("fsdp", "ddp2"),
-        ("hsdp", "single1"), ("hsdp", "ddp2-staggered")],
+        ("hsdp", "single1"), ("hsdp", "ddp2-staggered"), ("hsdp", "ddp2-ec")],
 }
 
 
@@ -45,13 +45,15 @@ def saved(root):
         cases = [(ckpt_cases.save, {"mode": m, "root": root}) for m in modes]
         if world == 2:  # also with flatten_optimizer_state_dict off, and staggered roots
             cases.append((ckpt_cases.save, {"mode": "fsdp", "root": root, "flatten": False}))
-            cases.append((ckpt_cases.save, {"mode": "ddp", "root": root, "stagger": True}))
+            for variant in ckpt_cases.VARIANTS:
+                cases.append((ckpt_cases.save, {"mode": "ddp", "root": root, "variant": variant}))
         results = run_cases(world, cases)
         for mode, res in zip(modes, results):
             out[f"{mode}{world}"] = res.ok()  # per rank
         if world == 2:
-            out["fsdp2-nested"] = results[-2].ok()
-            out["ddp2-staggered"] = results[-1].ok()
+            out["fsdp2-nested"] = results[len(modes)].ok()
+            for variant, res in zip(ckpt_cases.VARIANTS, results[len(modes) + 1 :]):
+                out[f"ddp2{variant}"] = res.ok()
     return out
 
 
@@ -99,9 +101,9 @@ def test_resume_in_one_process_is_bitwise(root, saved):
 
 RESHARDED = [(k, s) for w, loads in LOADS.items() for m, s in loads
              if (k := f"{m}{w}") != s.removesuffix("-nested")
-             and not s.endswith(ckpt_cases.STAGGERED)]
-STAGGERED_LOADS = [(f"{m}{w}", s) for w, loads in LOADS.items() for m, s in loads
-                   if s.endswith(ckpt_cases.STAGGERED)]
+             and not ckpt_cases.variant_of(s)]
+VARIANT_LOADS = [(f"{m}{w}", s) for w, loads in LOADS.items() for m, s in loads
+                 if ckpt_cases.variant_of(s)]
 
 
 @pytest.mark.parametrize("target, source", RESHARDED)
@@ -113,13 +115,14 @@ def test_resharded_resume_continues_training(loaded, reference, target, source):
     assert err <= DDP_TOLERANCE, f"{source} -> {target}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("target, source", STAGGERED_LOADS)
-def test_staggered_checkpoint_reshards(loaded, target, source):
-    """Saved at 2 ranks (DDP) with staggered roots, loaded at 3 (FSDP2) and 4 (HSDP): the
-    phases do not depend on the world size, so training continues as one process would."""
+@pytest.mark.parametrize("target, source", VARIANT_LOADS)
+def test_staggered_and_eigenvalue_corrected_checkpoints_reshard(loaded, target, source):
+    """Saved at 2 ranks (DDP) with staggered roots, or with the eigenvalue-corrected
+    preconditioner (QR eigenbases), loaded at 3 (FSDP2) and 4 (HSDP): training continues as
+    one process would."""
     values = loaded[(target, source)].ok()
     reference, _ = fsdp_cases.train_reference(
-        steps=ckpt_cases.FIRST + ckpt_cases.THEN, stagger_roots=True
+        steps=ckpt_cases.FIRST + ckpt_cases.THEN, **ckpt_cases.variant_of(source)
     )
     err = scenarios.max_rel_err([values[0]["params"]], [reference])
     assert err <= DDP_TOLERANCE, f"{source} -> {target}: relative error {err:.2e}"

@@ -26,6 +26,7 @@ CASES = {
     "explicit_mesh": (dp_cases.same_grads, {"explicit_mesh": True}),
     "added_group": (dp_cases.added_group, {}),
     "staggered": (dp_cases.same_grads, {"stagger": True}),
+    "eigenvalue_corrected": (dp_cases.same_grads, {"eigenvalue_corrected": True}),
 }
 TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
 
@@ -63,8 +64,10 @@ def reference():
         shapes=scenarios.TINY_SHAPES, options=scenarios.TINY_OPTIONS
     )
     staggered, _ = scenarios.train_with_same_grads(options=scenarios.STAGGERED_OPTIONS)
+    corrected, _ = scenarios.train_with_same_grads(options=scenarios.EC_OPTIONS)
     return {
         "params": params, "state_bytes": opt.state_bytes(), "tiny": tiny, "staggered": staggered,
+        "eigenvalue_corrected": corrected,
     }
 
 
@@ -199,13 +202,14 @@ def test_explicit_mesh_and_added_group_match_single_process(group, reference, ca
     )
 
 
-def test_staggered_roots_match_single_process(group, reference):
-    """Phases come from shapes alone, so the staggered schedule is the same at every world size
-    and the result is one process's (float64, as test_fp64_matches_single_process)."""
+@pytest.mark.parametrize("variant", ["staggered", "eigenvalue_corrected"])
+def test_variant_matches_single_process(group, reference, variant):
+    """Staggered roots (phases come from shapes alone) and SOAP (eigh and QR eigenbases): the
+    result is one process's at every world size (float64, as test_fp64_matches_single_process)."""
     world, results = group
-    values = results["staggered"].ok()
+    values = results[variant].ok()
     assert_replicas_identical(values)
-    err = scenarios.max_rel_err(values[0]["params"], reference["staggered"])
+    err = scenarios.max_rel_err(values[0]["params"], reference[variant])
     assert err <= EXACT_TOLERANCE, f"world {world}: relative error {err:.2e}"
-    plain = scenarios.max_rel_err(reference["params"], reference["staggered"])
-    assert plain > 1e-3  # staggering changed the result: the comparison means something
+    # The variant changed the result: the comparison means something.
+    assert scenarios.max_rel_err(reference["params"], reference[variant]) > 1e-3

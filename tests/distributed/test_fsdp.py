@@ -34,6 +34,7 @@ WEIGHT_DECAY_VARIANTS = {
 # decoupled weight decay with the direction (W - lr (D + wd W)): a skipped block's rows would
 # still change if its holders were not told it was skipped.
 NAN_CASE = dict(nan_step=3, momentum=0.0)
+EC_CASE = dict(preconditioner="eigenvalue_corrected")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,8 @@ def world2():
         (fsdp_cases.fsdp, {"stagger_roots": True}),
     ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
+    names.append("eigenvalue_corrected")
+    cases.append((fsdp_cases.fsdp, EC_CASE))
     return dict(zip(names, run_cases(2, cases)))
 
 
@@ -59,7 +62,8 @@ def world3():
 
 @pytest.fixture(scope="module")
 def world4():
-    names = ["fsdp", "hsdp", "mixed_precision", "failures", "nan", "hsdp_nan", "staggered"]
+    names = ["fsdp", "hsdp", "mixed_precision", "failures", "nan", "hsdp_nan", "staggered",
+             "eigenvalue_corrected", "hsdp_eigenvalue_corrected"]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"hsdp": True}),
@@ -68,6 +72,8 @@ def world4():
         (fsdp_cases.fsdp, NAN_CASE),
         (fsdp_cases.fsdp, {"hsdp": True, **NAN_CASE}),
         (fsdp_cases.fsdp, {"stagger_roots": True}),
+        (fsdp_cases.fsdp, EC_CASE),
+        (fsdp_cases.fsdp, {"hsdp": True, **EC_CASE, "eigenbasis": "qr"}),
     ]
     return dict(zip(names, run_cases(4, cases)))
 
@@ -161,3 +167,11 @@ def test_parameters_without_a_gradient_in_some_steps(world2):
 def test_staggered_roots_match_single_process(world2, world4, world):
     values = {2: world2, 4: world4}[world]["staggered"].ok()
     check_against_reference(values, fsdp_cases.train_reference(stagger_roots=True))
+
+
+@pytest.mark.parametrize("world, case", [(2, "eigenvalue_corrected"), (4, "eigenvalue_corrected"),
+                                         (4, "hsdp_eigenvalue_corrected")])
+def test_eigenvalue_corrected_matches_single_process(world2, world4, world, case):
+    values = {2: world2, 4: world4}[world][case].ok()
+    basis = "qr" if case.startswith("hsdp") else "eigh"
+    check_against_reference(values, fsdp_cases.train_reference(**EC_CASE, eigenbasis=basis))
