@@ -204,3 +204,26 @@ def test_staggered_blocks_compute_roots_in_their_phase_only():
                 due = step == 5 or (step > 5 and step % f == phase)
                 assert (not torch.equal(now, before)) == due, (step, pi, bid, phase)
             roots[(pi, bid)] = now
+
+
+def test_eigenvalue_corrected_and_root_inverse_groups_together():
+    """One group of each preconditioner in one optimizer, the second added later."""
+    a = {**BASE, "factor_dtype": torch.float64, "preconditioner": "eigenvalue_corrected",
+         "eigenbasis": "qr"}
+    b = {**BASE, "factor_dtype": torch.float64, "grafting": "adagrad", "max_preconditioner_dim": 4}
+    params = make_params(torch.float64)
+    groups = [{"params": params[0::2], **a}, {"params": params[1::2], **b}]
+    opt = ShardedShampoo([groups[0]])
+    opt.add_param_group(groups[1])
+    ref = ReferenceShampoo(groups)
+    for step in range(STEPS):
+        per_group = []
+        for i, g in enumerate(groups):
+            grads = gradients(g["params"], step, i, 7)
+            for p, gr in zip(g["params"], grads):
+                p.grad = gr
+            per_group.append(grads)
+        opt.step()
+        ref.step(per_group)
+        err = max_rel_err(groups, ref)
+        assert err < 1e-9, f"step {step}: relative error {err:.3e}"
