@@ -48,8 +48,8 @@ def world2():
         (fsdp_cases.fsdp, {"stagger_roots": True}),
     ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
-    names.append("eigenvalue_corrected")
-    cases.append((fsdp_cases.fsdp, EC_CASE))
+    names += ["eigenvalue_corrected", "mixed_eigenvalue_corrected"]
+    cases += [(fsdp_cases.fsdp, EC_CASE), (fsdp_cases.fsdp, {"mixed": True, **EC_CASE})]
     return dict(zip(names, run_cases(2, cases)))
 
 
@@ -170,7 +170,8 @@ def test_staggered_roots_match_single_process(world2, world4, world):
 
 
 @pytest.mark.parametrize("world, case", [(2, "eigenvalue_corrected"), (4, "eigenvalue_corrected"),
-                                         (4, "hsdp_eigenvalue_corrected")])
+                                         (4, "hsdp_eigenvalue_corrected"),
+                                         (2, "mixed_eigenvalue_corrected")])
 def test_eigenvalue_corrected_matches_single_process(world2, world4, world, case):
     values = {2: world2, 4: world4}[world][case].ok()
     basis = "qr" if case.startswith("hsdp") else "eigh"
