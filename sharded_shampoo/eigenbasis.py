@@ -9,8 +9,9 @@ Every refresh replaces each factor's eigenvectors ``Q_i`` (columns by decreasing
   ``diag(Q^T F Q)``, and the corrected eigenvalues are permuted along dim i the same way, so
   that each entry keeps following its eigenvector; then ``Q <- qr(F Q)`` each iteration.
 
-A block for which any dim fails keeps all its previous eigenvectors (and the order of its
-corrected eigenvalues), and its failure count goes up; a success resets it.
+The filtered gradient, kept in the eigenbasis, is rotated into the new one. A block for which
+any dim fails keeps all its previous eigenvectors (and its corrected eigenvalues' order and
+filtered gradient), and its failure count goes up; a success resets it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
+from .modes import precondition
 from .options import GroupOptions
 from .roots import eigh, keep_successes
 
@@ -84,6 +86,11 @@ def refresh_eigenbasis(state: TensorDict, opts: GroupOptions, order: int) -> tor
         ok = good if ok is None else ok & good
     assert ok is not None
     keep = ok.view(-1, *([1] * (values.dim() - 1)))
+    filtered = state.get("filtered_grad", None)
+    if filtered is not None:  # kept in the eigenbasis: into the new one
+        old_q = [state[f"eigenvectors_{i}"] for i in range(order)]
+        moved = precondition(precondition(filtered, old_q), [q.mT for q in new])
+        filtered.copy_(torch.where(keep, moved, filtered))
     for i, perm in permutations:
         # Entry j of dim i follows column perm[j] of the old eigenvectors.
         shape = [1] * values.dim()

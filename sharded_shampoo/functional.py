@@ -12,6 +12,7 @@ import torch
 from tensordict import TensorDict
 
 from .eigenbasis import refresh_eigenbasis
+from .modes import precondition
 from .options import GroupOptions
 from .roots import inverse_roots, keep_successes
 
@@ -47,21 +48,6 @@ def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float) -> 
         if decay != 1.0:
             f.mul_(decay)
         f.add_(gram, alpha=weight)
-
-
-def precondition(m: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
-    """``m x_1 P_1 x_2 P_2 ... x_k P_k`` for each block of the stack ``m`` (n, *shape).
-
-    Each mode product contracts the leading block dim and moves the result to the back, so after
-    k products the dims are in their original order again; every product is one ``bmm`` with no
-    copy of its input.
-    """
-    n, shape = m.shape[0], m.shape[1:]
-    x = m
-    for p, d in zip(roots, shape):
-        # x as (n, d, rest): (P @ x)^T = x^T @ P^T, laid out (n, rest, d).
-        x = torch.bmm(x.reshape(n, d, -1).mT, p.mT.to(m.dtype))
-    return x.reshape(m.shape)
 
 
 def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> torch.Tensor:
@@ -107,6 +93,8 @@ def _refresh_rows(
     changed = [f"{basis}_{i}" for i in range(order)] + ["root_failures"]
     if opts.eigenvalue_corrected:
         changed.append("corrected_eigenvalues")
+        if "filtered_grad" in state.keys():
+            changed.append("filtered_grad")  # kept in the eigenbasis
     idx = rows.to(state.device) if state.device is not None else rows
     sub = state.select(*[f"factor_{i}" for i in range(order)], *changed)[idx]
     ok = _refresh(sub, opts, t, order)
@@ -115,24 +103,40 @@ def _refresh_rows(
     return ok
 
 
-def _corrected_direction(
-    state: TensorDict, grad: torch.Tensor, m: torch.Tensor, opts: GroupOptions, t: int
+def _corrected_step(
+    state: TensorDict, grad: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int
 ) -> torch.Tensor:
-    """Updates the corrected eigenvalues from the gradient in the current eigenbasis and
-    returns the direction: Adam's, in the eigenbasis, rotated back."""
+    """The eigenvalue-corrected direction: the corrected eigenvalues and the filtered gradient
+    follow the gradient in the current eigenbasis (the filtered gradient is kept there, and
+    re-rotated when the basis changes: ``eigenbasis.refresh_eigenbasis``), Adam's direction is
+    taken there and rotated back. Two mode-product chains per step (in, out), a third with
+    grafting."""
     order = grad.dim() - 1
     q = [state[f"eigenvectors_{i}"] for i in range(order)]
-    q_t = [x.mT for x in q]
-    rotated = precondition(grad, q_t)
-    v = state["corrected_eigenvalues"]
+    rotated = precondition(grad, [x.mT for x in q])
+    corrected = state["corrected_eigenvalues"]
     if opts.beta2 == 1.0:
-        v.addcmul_(rotated, rotated)
+        corrected.addcmul_(rotated, rotated)
     else:
-        v.mul_(opts.beta2).addcmul_(rotated, rotated, value=1.0 - opts.beta2)
+        corrected.mul_(opts.beta2).addcmul_(rotated, rotated, value=1.0 - opts.beta2)
+    filtered = state.get("filtered_grad", None)
+    if filtered is not None:
+        filtered.lerp_(rotated, 1.0 - opts.beta1)
+        m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
+    else:
+        m = rotated
+    graft = None
+    if opts.grafting is not None:
+        graft = _grafting_direction(precondition(m, q), v, opts, t)
+        if t < opts.start_preconditioning_step:
+            return graft
     c2 = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
     exponent = opts.inverse_exponent_override.get(order, 0.5)
-    denom = (v / c2).pow_(exponent).add_(opts.epsilon)
-    return precondition(precondition(m, q_t) / denom, q)
+    denom = (corrected / c2).pow_(exponent).add_(opts.epsilon)
+    d = precondition(m / denom, q)
+    if graft is not None:
+        d.mul_((_block_norms(graft) / (_block_norms(d) + 1e-16)).view(-1, *([1] * order)))
+    return d
 
 
 def _grafting_direction(
@@ -199,28 +203,24 @@ def stack_step(
             due = None
 
     filtered = state.get("filtered_grad", None)
-    if filtered is not None:
-        filtered.lerp_(grad, 1.0 - opts.beta1)
-        m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
-    else:
-        m = grad
-
     if opts.eigenvalue_corrected:
-        # The corrected eigenvalues follow every gradient, from step 1 (in the identity basis
-        # until the first refresh); without grafting the direction is used from step 1 too.
-        corrected = _corrected_direction(state, grad, m, opts, t)
-    if t < start and (opts.grafting is not None or not opts.eigenvalue_corrected):
-        # Roots are still the identity: the Shampoo direction would be m itself.
-        d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
+        # From step 1 (in the identity basis until the first refresh) unless grafting is on.
+        d = _corrected_step(state, grad, v, opts, t)
     else:
-        if opts.eigenvalue_corrected:
-            d = corrected
+        if filtered is not None:
+            filtered.lerp_(grad, 1.0 - opts.beta1)
+            m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
+        else:
+            m = grad
+        if t < start:
+            # Roots are still the identity: the Shampoo direction would be m itself.
+            d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
         else:
             d = precondition(m, [state[f"root_{i}"] for i in range(order)])
-        if opts.grafting is not None:
-            graft = _grafting_direction(m, v, opts, t)
-            scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
-            d.mul_(scale.view(-1, *([1] * order)))
+            if opts.grafting is not None:
+                graft = _grafting_direction(m, v, opts, t)
+                scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
+                d.mul_(scale.view(-1, *([1] * order)))
     if d is filtered:
         # Weight decay and momentum below write into d: keep the state out of it.
         d = d.clone()

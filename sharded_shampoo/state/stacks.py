@@ -11,7 +11,8 @@ Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
     root_i         (n, m_i, m_i)  its inverse root, in the math dtype (identity until computed)
     eigenvectors_i (n, m_i, m_i)  instead of root_i with the eigenvalue-corrected preconditioner:
                                   the factor's eigenbasis (identity until computed)
-    corrected_eigenvalues (n, *shape)  with it: second moment of the rotated gradient
+    corrected_eigenvalues (n, *shape)  with it: second moment of the rotated gradient; and
+                                  filtered_grad is then kept in the eigenbasis
     graft_v        (n, *shape)    grafting second moment (adam, rmsprop, adagrad grafting only)
     filtered_grad  (n, *shape)    EMA of gradients (beta1 > 0 only)
     momentum       (n, *shape)    momentum buffer (momentum > 0 only)
