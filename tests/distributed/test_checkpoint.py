@@ -24,7 +24,7 @@ SAVES = {2: ["ddp", "fsdp"], 4: ["fsdp", "hsdp"]}
 # reshard (saved at 1, 2, 4; loaded at 1, 2, 3, 4) and cross modes.
 LOADS = {
     2: [("ddp", "ddp2"), ("fsdp", "fsdp2"), ("ddp", "single1"), ("fsdp", "fsdp4"),
-        ("fsdp", "fsdp2-nested")],
+        ("fsdp", "fsdp2-nested"), ("ddp", "ddp2-staggered"), ("ddp", "ddp2-ec")],
     3: [("fsdp", "ddp2"), ("ddp", "single1"), ("ddp", "fsdp4"), ("ddp", "fsdp2-nested"),
         ("fsdp", "ddp2-staggered"), ("fsdp", "ddp2-ec")],
     4: [("fsdp", "fsdp4"), ("hsdp", "hsdp4"), ("ddp", "hsdp4"), ("fsdp", "ddp2"),
@@ -116,11 +116,15 @@ def test_resharded_resume_continues_training(loaded, reference, target, source):
 
 
 @pytest.mark.parametrize("target, source", VARIANT_LOADS)
-def test_staggered_and_eigenvalue_corrected_checkpoints_reshard(loaded, target, source):
+def test_staggered_and_eigenvalue_corrected_checkpoints_reshard(loaded, saved, target, source):
     """Saved at 2 ranks (DDP) with staggered roots, or with the eigenvalue-corrected
-    preconditioner (QR eigenbases), loaded at 3 (FSDP2) and 4 (HSDP): training continues as
-    one process would."""
+    preconditioner (QR eigenbases), loaded at 2 (DDP: bitwise the uninterrupted run), 3 (FSDP2)
+    and 4 (HSDP): training continues as one process would."""
     values = loaded[(target, source)].ok()
+    if target == source.split("-")[0]:
+        for r, (v, expected) in enumerate(zip(values, saved[source])):
+            assert v["losses"] == expected["losses"], f"rank {r}"
+            assert all(torch.equal(a, b) for a, b in zip(v["params"], expected["params"]))
     reference, _ = fsdp_cases.train_reference(
         steps=ckpt_cases.FIRST + ckpt_cases.THEN, **ckpt_cases.variant_of(source)
     )
