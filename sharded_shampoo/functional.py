@@ -89,8 +89,7 @@ def _refresh_rows(
     state: TensorDict, opts: GroupOptions, t: int, order: int, rows: torch.Tensor
 ) -> torch.Tensor:
     """``_refresh`` for the blocks ``rows`` only (one batched decomposition per dim)."""
-    basis = "eigenvectors" if opts.eigenvalue_corrected else "root"
-    changed = [f"{basis}_{i}" for i in range(order)] + ["root_failures"]
+    changed = [f"{opts.basis}_{i}" for i in range(order)] + ["root_failures"]
     if opts.eigenvalue_corrected:
         changed.append("corrected_eigenvalues")
         if "filtered_grad" in state.keys():

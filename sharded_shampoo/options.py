@@ -116,6 +116,12 @@ class GroupOptions:
     def eigenvalue_corrected(self) -> bool:
         return self.preconditioner == "eigenvalue_corrected"
 
+    @property
+    def basis(self) -> str:
+        """The state name of the per-dim matrices a refresh computes: ``root_i`` or
+        ``eigenvectors_i``."""
+        return "eigenvectors" if self.eigenvalue_corrected else "root"
+
     @classmethod
     def from_group(cls, group: Mapping[str, Any]) -> "GroupOptions":
         """Validates a param group's options; raises ValueError naming the first bad one."""

@@ -142,21 +142,18 @@ class Plan:
             costs, self.world_size, self.loads, preferred, memory, self.memory,
             keys, root_costs, self.roots,
         )
-        owners, i = [], 0
+        owners, phases, i = [], [], 0
         owned: dict[int, dict[int, set[int]]] = {}
         for pi, b in enumerate(blockings):
             owners.append(tuple(assignment.owner[i : i + b.num_blocks]))
             for bid, r in enumerate(owners[-1]):
                 owned.setdefault(r, {}).setdefault(pi, set()).add(bid)
+            if keys is not None:
+                phases.append(tuple(p for _, p in keys[i : i + b.num_blocks]))
             i += b.num_blocks
-        phases = None
-        if keys is not None:
-            flat = [p for _, p in keys]
-            starts = [sum(b.num_blocks for b in blockings[:j]) for j in range(len(blockings))]
-            phases = tuple(
-                tuple(flat[s : s + b.num_blocks]) for s, b in zip(starts, blockings)
-            )
-        plan = GroupPlan(spec, blockings, tuple(owners), owned, phases)
+        plan = GroupPlan(
+            spec, blockings, tuple(owners), owned, tuple(phases) if keys is not None else None
+        )
         self._before.append(before)
         self.groups.append(plan)
         self.loads = list(assignment.loads)

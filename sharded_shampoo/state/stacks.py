@@ -51,10 +51,9 @@ def block_state_spec(
     """(key, shape, dtype) of every state tensor of one block."""
     dtype = math_dtype(param_dtype)
     spec = []
-    basis = "eigenvectors" if opts.eigenvalue_corrected else "root"
     for i, m in enumerate(block_shape):
         spec.append((f"factor_{i}", (m, m), opts.factor_dtype))
-        spec.append((f"{basis}_{i}", (m, m), dtype))
+        spec.append((f"{opts.basis}_{i}", (m, m), dtype))
     if opts.eigenvalue_corrected:
         spec.append(("corrected_eigenvalues", block_shape, dtype))
     if opts.grafting in ("adam", "rmsprop", "adagrad"):
@@ -119,9 +118,8 @@ class GroupBlocks:
                 key: pool.take(shape, dtype) for key, shape, dtype in state_spec(layout, opts)
             }
             # Roots and eigenvectors start as the identity.
-            basis = "eigenvectors" if opts.eigenvalue_corrected else "root"
             for i, m in enumerate(layout.block_shape):
-                t = tensors[f"{basis}_{i}"]
+                t = tensors[f"{opts.basis}_{i}"]
                 t.copy_(torch.eye(m, dtype=t.dtype))
             device = next(iter(tensors.values())).device
             td = TensorDict(tensors, batch_size=[layout.num_rows], device=device)
