@@ -74,6 +74,41 @@ def build_model(name: str):
         return Model()
 
 
+# FSDP2 x TP: the tensor-parallel degree (torchtitan's within one 8-GPU host).
+TP = 8
+
+
+def tensor_parallel_params(model, world: int) -> list:
+    """Rank 0's parameters as FSDP2 x TP (``fully_shard`` over "dp" after torchtitan's Llama
+    plan over "tp") places them on a (world / TP, TP) mesh: column-parallel weights and the
+    embedding ``(_StridedShard(0), Shard(0))``, row-parallel ones ``(Shard(0), Shard(1))``,
+    norms ``(Shard(0), Replicate())``. Built directly (the benchmark's model has no modules to
+    parallelize), rank 0 allocating only its local shards."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (world // TP, TP), mesh_dim_names=("dp", "tp"))
+    params = []
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.dim() == 1:
+            placements = (Shard(0), Replicate())
+        elif leaf in ("wo", "w2"):
+            placements = (Shard(0), Shard(1))
+        else:
+            placements = (_StridedShard(0, split_factor=TP), Shard(0))
+        shape, _ = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+        local = torch.empty(shape)
+        params.append(torch.nn.Parameter(DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=p.shape,
+            stride=torch.empty(p.shape, device="meta").stride(),
+        )))
+    return params
+
+
 def numel(model) -> int:
     return sum(math.prod(p.shape) for p in model.parameters())
 
@@ -92,6 +127,9 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
     total = numel(model)
     local = total if parallelism == "ddp" else total / world * (2 if parallelism == "hsdp" else 1)
     r = {"model": model_name, "parallelism": parallelism, "world": world, "params": total}
+    if parallelism == "fsdp2_tp" and world % TP:
+        r["skipped"] = f"world size not a multiple of the tensor-parallel degree {TP}"
+        return r
     if local > MAX_LOCAL_PARAMS:
         r["skipped"] = f"rank 0 would hold {local / 1e6:.0f}M parameters"
         return r
@@ -105,9 +143,12 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    model.to_empty(device="cpu")
+    if parallelism == "fsdp2_tp":
+        params = tensor_parallel_params(model, world)
+    else:
+        model.to_empty(device="cpu")
+        params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
-    params = list(model.parameters())
     for p in params:
         local_p = p.to_local() if hasattr(p, "to_local") else p
         with torch.no_grad():
@@ -206,15 +247,14 @@ def pretend_peers_answered(opt) -> None:
 def plan_figures(opt, parallelism: str, world: int) -> dict:
     """Bytes sent by rank 0 against the minimum for the mode; state bytes and blocks per rank."""
     from sharded_shampoo.placement.cost import block_state_elements
-    from sharded_shampoo.placement.sharding import band_pieces, pieces_of_block
+    from sharded_shampoo.placement.sharding import pieces_of_block, shard_pieces
 
     plan = opt.plan
     comm = 4  # float32 communication and gradients
     minimum = 0
     per_rank_state = [0] * plan.world_size
     per_rank_blocks = [0] * plan.world_size
-    replicas = len(plan.shard_holders[0]) if plan.shard_holders else 1
-    coords = opt._fsdp.coords if opt._fsdp is not None else {}
+    mesh = plan.mesh
     for g in plan.groups:
         o = g.spec.opts
         vectors = (o.grafting in ("adam", "rmsprop", "adagrad")) + (o.beta1 > 0) + (o.momentum > 0)
@@ -226,19 +266,18 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
             sharding = g.spec.sharding(pi)
             if sharding is None:
                 continue
-            # Rank 0 is (replica 0, shard 0): only its own rows and blocks are visited.
-            for bid, piece in band_pieces(blocking, sharding, 0):
-                n = piece.rows * math.prod(blocking.block_shape(bid)[1:]) * comm
+            # Only rank 0's own pieces and blocks are visited.
+            replica = [mesh.coord(0)[m] for m in sharding.replica_dims()]
+            for bid, piece in shard_pieces(blocking, sharding, mesh.coord(0)):
                 owner = g.owners[pi][bid]
-                if coords[owner][0] == 0:
-                    if owner != 0:
-                        minimum += n  # my gradient rows to the owner (in my replica group)
-                    minimum += (replicas - 1) * n  # HSDP: my rows to the other groups
+                if owner not in mesh.holders(sharding, piece.shard) and replica == [
+                    mesh.coord(owner)[m] for m in sharding.replica_dims()
+                ]:
+                    minimum += piece.numel * comm  # my gradient piece to the owner
             for bid in g.owned.get(0, {}).get(pi, ()):
-                cols = math.prod(blocking.block_shape(bid)[1:])
                 for piece in pieces_of_block(blocking, sharding, bid):
-                    if piece.shard != 0:  # my block's direction rows to their holder
-                        minimum += piece.rows * cols * comm
+                    others = [h for h in mesh.holders(sharding, piece.shard) if h != 0]
+                    minimum += len(others) * piece.numel * comm  # directions to the holders
     if parallelism == "ddp":
         minimum = (plan.world_size - 1) / plan.world_size * sum(
             math.prod(s) for g in plan.groups for s in g.spec.shapes
@@ -255,15 +294,15 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"{'model':9s} {'mode':6s} {'W':>5s} {'build s':>8s} {'step ms':>9s} {'math ms':>8s} "
+    print(f"{'model':9s} {'mode':8s} {'W':>5s} {'build s':>8s} {'step ms':>9s} {'math ms':>8s} "
           f"{'sent MB':>9s} {'min MB':>8s} {'sent/min':>8s} {'state max/mean':>14s} "
           f"{'blocks r0 (min-max)':>19s}")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['model']:9s} {r['parallelism']:6s} {r['world']:5d}  skipped: {r['skipped']}")
+            print(f"{r['model']:9s} {r['parallelism']:8s} {r['world']:5d}  skipped: {r['skipped']}")
             continue
         ratio = r["bytes_sent"] / r["bytes_minimum"] if r["bytes_minimum"] else float("nan")
-        print(f"{r['model']:9s} {r['parallelism']:6s} {r['world']:5d} {r['construction_s']:8.2f} "
+        print(f"{r['model']:9s} {r['parallelism']:8s} {r['world']:5d} {r['construction_s']:8.2f} "
               f"{1e3 * r['step_s']:9.1f} {1e3 * r['math_s']:8.1f} {r['bytes_sent'] / 1e6:9.2f} "
               f"{r['bytes_minimum'] / 1e6:8.2f} {ratio:8.2f} "
               f"{r['state_max_bytes'] / r['state_mean_bytes']:14.2f} "
@@ -311,7 +350,10 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
     import torch
 
     from sharded_shampoo.options import DEFAULTS, GroupOptions
-    from sharded_shampoo.placement import GroupSpec, Plan, RowSharding
+    from torch.distributed.tensor import Shard
+
+    from sharded_shampoo.parallelism import sharding_of
+    from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh
     from sharded_shampoo.placement.cost import root_cost, step_cost
 
     shapes = tuple(tuple(p.shape) for p in build_model(model_name).parameters())
@@ -320,8 +362,10 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
         opts = GroupOptions.from_group(
             dict(DEFAULTS, precondition_frequency=frequency, stagger_roots=stagger)
         )
-        plan = Plan(world, {k: (k,) for k in range(world)} if fsdp else None)
-        shardings = tuple(RowSharding(world) for _ in shapes) if fsdp else None
+        plan = Plan(world, WorldMesh(list(range(world)), (world,)) if fsdp else None)
+        shardings = tuple(
+            sharding_of([Shard(0)], [0], (world,), len(s), "p") for s in shapes
+        ) if fsdp else None
         (g,) = [plan.add_group(GroupSpec(shapes, (torch.float32,) * len(shapes), opts, shardings))]
         per_step = [0.0] * world
         roots: dict[tuple[int, int], float] = {}
@@ -344,7 +388,7 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
-    ap.add_argument("--parallelism", default="all", choices=["all", "fsdp2", "hsdp", "ddp"])
+    ap.add_argument("--parallelism", default="all", choices=["all", "fsdp2", "hsdp", "fsdp2_tp", "ddp"])
     ap.add_argument("--world-sizes", default="8,64,512,4096")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default="")
@@ -369,7 +413,8 @@ def main() -> None:
         print(json.dumps(one_run(model, mode, int(world), args.steps)))
         return
     if args.model == "all":
-        runs = [("llama8b", "fsdp2"), ("llama8b", "hsdp"), ("llama70b", "fsdp2"), ("gpt2", "ddp")]
+        runs = [("llama8b", "fsdp2"), ("llama8b", "hsdp"), ("llama8b", "fsdp2_tp"),
+                ("llama70b", "fsdp2"), ("gpt2", "ddp")]
     else:
         runs = [(args.model, "ddp" if args.model == "gpt2" else "fsdp2")]
     if args.parallelism != "all":

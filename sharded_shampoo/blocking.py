@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "merged_shape",
+    "merge_groups",
     "block_grid",
     "Region",
     "ParamBlocking",
@@ -38,17 +39,31 @@ def merged_shape(shape: tuple[int, ...], max_dim: int, merge_dims: bool) -> tupl
 
     A 0-d tensor counts as shape ``(1,)``. Without ``merge_dims`` the shape is kept as it is.
     """
-    shape = tuple(int(s) for s in shape) or (1,)
+    return merge_groups(shape, max_dim, merge_dims)[0]
+
+
+def merge_groups(
+    shape: tuple[int, ...], max_dim: int, merge_dims: bool
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """The merged shape, and per merged dim the dims of ``shape`` it is made of (size-1 dims
+    dropped by merging belong to none; a group of two or more is at most ``max_dim`` long)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return (1,), ((),)
     if not merge_dims:
-        return shape
-    squeezed = [s for s in shape if s != 1] or [1]
-    merged = [squeezed[-1]]
-    for s in reversed(squeezed[:-1]):
-        if s * merged[0] <= max_dim:
-            merged[0] *= s
+        return shape, tuple((d,) for d in range(len(shape)))
+    kept = [d for d, s in enumerate(shape) if s != 1]
+    if not kept:
+        return (1,), ((),)
+    merged, groups = [shape[kept[-1]]], [[kept[-1]]]
+    for d in reversed(kept[:-1]):
+        if shape[d] * merged[0] <= max_dim:
+            merged[0] *= shape[d]
+            groups[0].insert(0, d)
         else:
-            merged.insert(0, s)
-    return tuple(merged)
+            merged.insert(0, shape[d])
+            groups.insert(0, [d])
+    return tuple(merged), tuple(tuple(g) for g in groups)
 
 
 def _chunks(size: int, max_dim: int) -> list[int]:
@@ -102,6 +117,8 @@ class ParamBlocking:
     merged: tuple[int, ...]
     grid: tuple[tuple[int, ...], ...]
     regions: tuple[Region, ...]
+    # Per merged dim, the dims of ``shape`` it is made of (``merge_groups``).
+    groups: tuple[tuple[int, ...], ...]
 
     @property
     def num_blocks(self) -> int:
@@ -136,11 +153,11 @@ def _unravel(index: int, dims: tuple[int, ...]) -> tuple[int, ...]:
 def make_blocking(shape: torch.Size | tuple[int, ...], max_dim: int, merge_dims: bool) -> ParamBlocking:
     """The block partition of a parameter of full shape ``shape``."""
     shape = tuple(int(s) for s in shape)
-    merged = merged_shape(shape, max_dim, merge_dims)
+    merged, groups = merge_groups(shape, max_dim, merge_dims)
     grid = tuple(tuple(c) for c in block_grid(merged, max_dim))
     if math.prod(shape) == 0:
         # An empty parameter has nothing to precondition.
-        return ParamBlocking(shape, merged, grid, ())
+        return ParamBlocking(shape, merged, grid, (), groups)
     grid_dims = tuple(len(c) for c in grid)
     # Along each dim the chunks form at most two runs: the full chunks and the remainder.
     runs_per_dim = []
@@ -163,7 +180,7 @@ def make_blocking(shape: torch.Size | tuple[int, ...], max_dim: int, merge_dims:
             gidx = [first + j for (first, _, _), j in zip(combo, local)]
             ids.append(_ravel(gidx, grid_dims))
         regions.append(Region(start, counts, bshape, tuple(ids)))
-    return ParamBlocking(shape, merged, grid, tuple(regions))
+    return ParamBlocking(shape, merged, grid, tuple(regions), groups)
 
 
 def _ravel(index: list[int], dims: tuple[int, ...]) -> int:

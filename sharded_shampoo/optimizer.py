@@ -25,7 +25,7 @@ from .distributors import (
     Distributor,
     LocalDistributor,
     ReplicatedDistributor,
-    RowShardedDistributor,
+    ShardedDistributor,
     StackWork,
     Status,
     Step,
@@ -41,15 +41,15 @@ from .options import (
     parse_factor_dtype,
 )
 from .parallelism import (
-    check_fsdp_param,
     device_type,
-    fsdp_mesh,
+    dtensor_mesh,
+    dtensor_sharding,
     is_dtensor,
     iter_tensors,
     shard_width,
     shard_mesh,
 )
-from .placement import GroupSpec, Plan, RowSharding
+from .placement import GroupSpec, Plan
 from .state import GroupBlocks, StatePool, pool_lengths
 from .state.consolidation import full_state_request, gather_blocks
 from .state.loading import check_state_dict
@@ -156,9 +156,11 @@ class ShardedShampoo(torch.optim.Optimizer):
     Data parallelism: with a process group of more than one rank (or ``mesh``, a 1-D
     DeviceMesh), every block gets one owner rank (:mod:`sharded_shampoo.placement`); only the
     owner keeps its state and computes its direction. Plain (DDP) parameters share directions
-    by one AllGather per step (in ``communication_dtype``); FSDP2/HSDP row shards send gradient
-    rows to the owners and direction rows back by ``all_to_all`` (:mod:`sharded_shampoo.
-    distributors`). Without ``num_trainers_per_group`` plain parameters are sharded over as many
+    by one AllGather per step (in ``communication_dtype``); DTensor parameters (FSDP2, HSDP,
+    tensor parallel and their combinations: ``Shard``, ``_StridedShard`` and ``Replicate``
+    placements on meshes of any dims) send each piece of a gradient from a rank holding it to
+    the block's owner and the direction back to every rank holding it, by ``all_to_all``
+    (:mod:`sharded_shampoo.distributors`). Without ``num_trainers_per_group`` plain parameters are sharded over as many
     ranks as leave each about 8 blocks; ``num_trainers_per_group=k`` shards within groups of k
     consecutive ranks, replicated across groups. DDP gradients must already be averaged and
     identical on every rank. The result is the single-process one, whatever the world size.
@@ -233,18 +235,20 @@ class ShardedShampoo(torch.optim.Optimizer):
                 f"torch.float16, torch.float64, got {communication_dtype!r}"
             )
         params = _materialize(params)
-        self._fsdp = fsdp_mesh(params)
-        if self._fsdp is not None and (mesh is not None or num_trainers_per_group is not None):
+        self._world_mesh = dtensor_mesh(params)
+        if self._world_mesh is not None and (
+            mesh is not None or num_trainers_per_group is not None
+        ):
             raise ValueError(
-                "with FSDP2/HSDP (DTensor) parameters the optimizer shards over the whole "
+                "with DTensor parameters the optimizer shards over the whole "
                 "world: mesh and num_trainers_per_group must be left at None"
             )
         # The mesh is created only once the ranks agreed on the settings (_after_plan_change).
-        blocks = None if self._fsdp is not None else _count_blocks(params, defaults)
+        blocks = None if self._world_mesh is not None else _count_blocks(params, defaults)
         shards, self._rank = shard_width(mesh, num_trainers_per_group, blocks)
         self._mesh = mesh if shards > 1 else None
         self._agreement_group = mesh.get_group() if self._mesh is not None else None
-        self._distributed = shards > 1 or self._fsdp is not None
+        self._distributed = shards > 1 or self._world_mesh is not None
         # Ranks check that they built the same optimizer whenever there are several, sharded
         # or not (a replicated optimizer whose ranks disagree diverges silently).
         self._check_agreement = self._distributed or (
@@ -255,16 +259,16 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._settings = [
             ("setting", "the number of ranks blocks are sharded over", shards),
             ("setting", "communication_dtype", str(communication_dtype)),
-            ("setting", "the FSDP2/HSDP mesh",
-             None if self._fsdp is None else tuple(self._fsdp.mesh.mesh.shape)),
+            ("setting", "the DTensor parameters' world mesh",
+             None if self._world_mesh is None else self._world_mesh.shape),
         ]
         # Built before torch.distributed was initialized (the optimizer is then not sharded):
         # worth a warning at the first step if a process group exists by then.
         self._check_late_process_group = (
-            mesh is None and num_trainers_per_group is None and self._fsdp is None
+            mesh is None and num_trainers_per_group is None and self._world_mesh is None
             and not (dist.is_available() and dist.is_initialized())
         )
-        self._plan = Plan(shards, self._fsdp.holders if self._fsdp is not None else None)
+        self._plan = Plan(shards, self._world_mesh)
         self._communication_dtype = communication_dtype
         self._distributors: list[Distributor] = []
         self._blocks: list[GroupBlocks] = []
@@ -308,13 +312,16 @@ class ShardedShampoo(torch.optim.Optimizer):
         try:
             opts = GroupOptions.from_group(group)
             devices = {p.device for p in params}
-            for p in params:
+            shardings = []
+            for pi, p in enumerate(params):
                 if not p.is_floating_point() or p.is_complex():
                     raise ValueError(
                         f"ShardedShampoo supports real floating-point parameters, got {p.dtype}"
                     )
-                if is_dtensor(p):
-                    check_fsdp_param(p, self._fsdp)
+                shardings.append(
+                    dtensor_sharding(p, self._world_mesh, self._param_name(gi, pi))
+                    if is_dtensor(p) else None
+                )
             if len(devices) > 1:
                 raise ValueError(f"all parameters of a group must be on one device, got {devices}")
             check_dtype_range(opts, (p.dtype for p in params))
@@ -324,11 +331,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         # By name: torch's state-dict utilities do not traverse a torch.dtype.
         group["factor_dtype"] = factor_dtype_name(opts.factor_dtype)
         group["grafting"] = opts.grafting  # "default" resolved for this preconditioner
-        shardings = tuple(
-            RowSharding(self._fsdp.num_shards) if is_dtensor(p) else None for p in params
-        )
         spec = GroupSpec(
-            tuple(tuple(p.shape) for p in params), tuple(p.dtype for p in params), opts, shardings
+            tuple(tuple(p.shape) for p in params), tuple(p.dtype for p in params), opts,
+            tuple(shardings),
         )
         plan = self._plan.add_group(spec)
         device = params[0].device if params else torch.device("cpu")
@@ -393,9 +398,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             )
             if replicated.status_index > 0:  # some rank has blocks of plain parameters
                 self._distributors.append(replicated)
-        if self._fsdp is not None:
+        if self._world_mesh is not None:
             self._distributors.append(
-                RowShardedDistributor(self._blocks, self._plan, self._rank, self._fsdp, dtype, device)
+                ShardedDistributor(self._blocks, self._plan, self._rank, dtype, device)
             )
 
     def _device(self) -> torch.device:

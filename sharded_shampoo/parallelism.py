@@ -1,25 +1,27 @@
 """How the parameters are spread over processes, read from the parameters and the process group.
 
 Plain parameters with a process group of more than one rank are sharded by block over a 1-D
-mesh (DDP style); DTensor parameters are FSDP2 (``Shard(0)``) or HSDP
-(``(Replicate(), Shard(0))``) row shards, and their mesh says which rank holds which rows.
+mesh (DDP style); DTensor parameters (FSDP2, HSDP, tensor parallel, FSDP2 x TP) are split over
+their world mesh as their placements say (``placement.sharding``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .placement.sharding import Sharding, WorldMesh
+
 __all__ = [
-    "FsdpMesh",
     "MIN_BLOCKS_PER_RANK",
     "auto_shard_width",
-    "check_fsdp_param",
     "device_type",
-    "fsdp_mesh",
+    "dtensor_mesh",
+    "dtensor_sharding",
+    "sharding_of",
     "is_dtensor",
     "iter_tensors",
     "shard_width",
@@ -31,17 +33,6 @@ def is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-@dataclass(frozen=True)
-class FsdpMesh:
-    """How FSDP2/HSDP spreads row shards over the world: ``coords[rank] = (replica, shard)``,
-    ``holders[shard]`` = the ranks holding that shard, one per replica group."""
-
-    mesh: Any
-    num_shards: int
-    coords: dict[int, tuple[int, int]]
-    holders: dict[int, tuple[int, ...]]
 
 
 def iter_tensors(params: list):
@@ -56,49 +47,103 @@ def iter_tensors(params: list):
                 yield t
 
 
-def fsdp_mesh(params: list) -> FsdpMesh | None:
-    """The row-sharding layout of the DTensor parameters, or None when there are none."""
+def dtensor_mesh(params: list) -> WorldMesh | None:
+    """The world mesh of the DTensor parameters, or None when there are none."""
     mesh = None
     for t in iter_tensors(params):
         if is_dtensor(t):
-            mesh = t.device_mesh
+            mesh = t.device_mesh._get_root_mesh()
             break
     if mesh is None:
         return None
     if not dist.is_initialized():
         raise ValueError("DTensor parameters need an initialized process group")
-    ranks = mesh.mesh.reshape(-1, mesh.mesh.shape[-1]) if mesh.ndim <= 2 else None
-    if ranks is None:
-        raise ValueError(f"FSDP2/HSDP meshes have 1 or 2 dims, got {mesh.ndim}")
     world = dist.get_world_size()
-    if sorted(ranks.flatten().tolist()) != list(range(world)):
+    if sorted(mesh.mesh.flatten().tolist()) != list(range(world)):
         raise ValueError(
-            "the FSDP2/HSDP mesh must span the whole world (ranks 0..world_size-1); "
+            "the DTensor parameters' mesh must span the whole world (ranks 0..world_size-1); "
             f"got {mesh.mesh.tolist()}"
         )
-    coords, holders = {}, {}
-    for q, row in enumerate(ranks.tolist()):
-        for k, r in enumerate(row):
-            coords[r] = (q, k)
-            holders[k] = holders.get(k, ()) + (r,)
-    layout = FsdpMesh(mesh, ranks.shape[1], coords, holders)
-    for t in iter_tensors(params):
-        if is_dtensor(t):
-            check_fsdp_param(t, layout)
-    return layout
+    return WorldMesh(mesh.mesh.flatten().tolist(), tuple(mesh.mesh.shape), mesh)
 
 
-def check_fsdp_param(p: torch.Tensor, layout: FsdpMesh | None) -> None:
-    from torch.distributed.tensor import Replicate, Shard
-
-    if layout is None:
-        raise ValueError("DTensor parameters must be passed when the optimizer is built")
-    expected = (Shard(0),) if layout.mesh.ndim == 1 else (Replicate(), Shard(0))
-    if p.device_mesh != layout.mesh or tuple(p.placements) != expected:
+def _mesh_dims(p: Any, world: WorldMesh, name: str) -> list[int]:
+    """The world-mesh dim of each dim of ``p``'s mesh (the world mesh, or a slice of it)."""
+    mesh = p.device_mesh
+    if mesh._get_root_mesh() != world.mesh:
+        raise ValueError(f"{name}: its mesh is not on the same root mesh as the other DTensors")
+    if mesh == world.mesh:
+        return list(range(len(world.shape)))
+    names = mesh.mesh_dim_names
+    if not names or not world.names or any(n not in world.names for n in names):
         raise ValueError(
-            "DTensor parameters must be FSDP2 (Shard(0)) or HSDP (Replicate(), Shard(0)) "
-            f"shards on one mesh; got {tuple(p.placements)} on {p.device_mesh}"
+            f"{name}: its mesh (dims {names}) is not a slice by dim names of the world mesh "
+            f"(dims {world.names}); flattened meshes are not supported"
         )
+    return [world.names.index(n) for n in names]
+
+
+def sharding_of(
+    placements, mesh_dims: list[int], world_shape: tuple[int, ...], ndim: int, name: str
+) -> Sharding:
+    """How a tensor of ``ndim`` dims with ``placements`` on the world-mesh dims ``mesh_dims``
+    is split over a world mesh of shape ``world_shape``.
+
+    Placements: ``Replicate()``; ``Shard(d)`` (nested left to right); ``_StridedShard(d)`` whose
+    ``split_factor`` is the size of the one later mesh dim splitting d (FSDP2 over a
+    tensor-parallel dim: it splits inside it). Anything else raises ValueError naming ``name``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    by_dim: dict[int, list[tuple[int, Any]]] = {}
+    for i, pl in enumerate(placements):
+        if isinstance(pl, Replicate):
+            continue
+        if not isinstance(pl, (Shard, _StridedShard)):
+            raise ValueError(f"{name}: placement {pl!r} on mesh dim {i} is not supported "
+                             "(Shard, _StridedShard and Replicate are)")
+        by_dim.setdefault(pl.dim, []).append((mesh_dims[i], pl))
+    splits: list[tuple[int, ...]] = []
+    for d in range(ndim):
+        entries = by_dim.get(d, [])
+        strided = [k for k, (_, pl) in enumerate(entries) if isinstance(pl, _StridedShard)]
+        order = [m for m, _ in entries]
+        if strided:
+            k = strided[0]
+            later = entries[k + 1 :]
+            factor = math.prod(world_shape[m] for m, _ in later)
+            # DTensor's strided layout is the nested one only inside one later mesh dim (with
+            # two, uneven sizes place elements elsewhere): FSDP2 over tensor parallelism.
+            if len(strided) > 1 or len(later) != 1 or entries[k][1].split_factor != factor:
+                raise ValueError(
+                    f"{name}: placements {tuple(placements)} are not supported (a "
+                    "_StridedShard must split inside the one later mesh dim sharding its dim)"
+                )
+            order = [m for m, _ in entries[:k]] + [m for m, _ in later] + [entries[k][0]]
+        splits.append(tuple(order))
+    return Sharding(world_shape, tuple(splits))
+
+
+def dtensor_sharding(p: Any, world: WorldMesh | None, name: str) -> Sharding:
+    """How DTensor ``p`` is split over the world mesh (``sharding_of``), checked against what
+    this rank holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if world is None:
+        raise ValueError("DTensor parameters must be passed when the optimizer is built")
+    sharding = sharding_of(p.placements, _mesh_dims(p, world, name), world.shape, p.dim(), name)
+    box = sharding.box(tuple(p.shape), world.coord(dist.get_rank()))
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    local = tuple(p.to_local().shape)
+    if tuple(hi - lo for lo, hi in box) != local or tuple(shape) != local or any(
+        hi > lo and lo != o for (lo, hi), o in zip(box, offset)
+    ):
+        raise ValueError(
+            f"{name}: placements {tuple(p.placements)} give this rank a local tensor of "
+            f"{local} at {tuple(offset)}, not the nested-chunk box {box} this optimizer assumes"
+        )
+    return sharding
 
 
 def device_type(params: list) -> str:

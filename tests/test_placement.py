@@ -10,11 +10,13 @@ import time
 
 import pytest
 import torch
+from torch.distributed.tensor import Shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharded_shampoo.options import DEFAULTS, GroupOptions
-from sharded_shampoo.placement import GroupSpec, Plan, RowSharding, assign_blocks, block_cost
+from sharded_shampoo.parallelism import sharding_of
+from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh, assign_blocks, block_cost
 from sharded_shampoo.placement.routes import allgather_segments
 
 
@@ -178,8 +180,10 @@ def test_memory_is_balanced_with_compute(fsdp):
     # and root each but cost almost no compute. Balancing compute alone gave the ranks short
     # on compute 13 of them: 1.21x the mean memory.
     shapes, world = llama8b_shapes(), 512
-    plan = Plan(world, {k: (k,) for k in range(world)} if fsdp else None)
-    shardings = tuple(RowSharding(world) for _ in shapes) if fsdp else None
+    plan = Plan(world, WorldMesh(list(range(world)), (world,)) if fsdp else None)
+    shardings = tuple(
+        sharding_of([Shard(0)], [0], (world,), len(s), "p") for s in shapes
+    ) if fsdp else None
     opts = options(precondition_frequency=100)  # adam grafting and beta1: 2 vector states
     plan.add_group(GroupSpec(tuple(shapes), (torch.float32,) * len(shapes), opts, shardings))
     state = [0] * world

@@ -5,7 +5,8 @@ per way the parameters are held, behind one interface.
   process, or every rank replicating the work).
 - ``ReplicatedDistributor``: plain parameters every rank holds whole (DDP); each block has one
   owner on a 1-D mesh and an AllGather shares the directions.
-- ``RowShardedDistributor``: FSDP2/HSDP DTensor row shards; rows travel by ``all_to_all``.
+- ``ShardedDistributor``: DTensor parameters (FSDP2, HSDP, TP, FSDP2 x TP); pieces travel by
+  ``all_to_all``.
 
 A model may need several (FSDP2 with a few plain parameters). The optimizer's step is then the
 same whatever the mode: ``collect`` (each distributor fills its stacks' gradient buffers) ->
@@ -17,13 +18,13 @@ exchange came back clean, so a failure anywhere changes no parameter anywhere).
 from .base import Distributor, Status, Step, StackWork
 from .local import LocalDistributor
 from .replicated import ReplicatedDistributor
-from .row_sharded import RowShardedDistributor
+from .sharded import ShardedDistributor
 
 __all__ = [
     "Distributor",
     "LocalDistributor",
     "ReplicatedDistributor",
-    "RowShardedDistributor",
+    "ShardedDistributor",
     "Status",
     "StackWork",
     "Step",

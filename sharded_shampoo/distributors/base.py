@@ -61,13 +61,13 @@ class Distributor:
 
     collective = False
 
-    def __init__(self, blocks: list[GroupBlocks], row_sharded: bool) -> None:
+    def __init__(self, blocks: list[GroupBlocks], sharded: bool) -> None:
         # (group, stack index, stack) of the stacks this distributor serves.
         self.stacks = [
             (gi, si, stack)
             for gi, group in enumerate(blocks)
             for si, stack in enumerate(group.stacks)
-            if stack.layout.row_sharded == row_sharded
+            if stack.layout.sharded == sharded
         ]
         self.blocks = blocks
         self._grads: dict[tuple[int, int], torch.Tensor] = {}

@@ -13,7 +13,7 @@ class LocalDistributor(Distributor):
     job that does not shard): no communication."""
 
     def __init__(self, blocks: list[GroupBlocks]) -> None:
-        super().__init__(blocks, row_sharded=False)
+        super().__init__(blocks, sharded=False)
 
     def collect(self, step: Step) -> list[StackWork]:
         work = self._stack_work(step, lambda opts: (opts, opts.weight_decay > 0))

@@ -2,7 +2,7 @@ from .cost import block_cost, block_state_elements
 from .layout import Part, StackLayout, group_stacks
 from .plan import GroupPlan, GroupSpec, Plan
 from .planner import Assignment, assign_blocks
-from .sharding import Piece, RowSharding, band, band_pieces, pieces_of_block
+from .sharding import Piece, Sharding, WorldMesh, pieces_of_block, shard_pieces
 
 __all__ = [
     "Assignment",
@@ -10,14 +10,14 @@ __all__ = [
     "GroupSpec",
     "Part",
     "Piece",
-    "RowSharding",
-    "band",
-    "band_pieces",
-    "pieces_of_block",
     "Plan",
+    "Sharding",
     "StackLayout",
+    "WorldMesh",
     "assign_blocks",
     "block_cost",
     "block_state_elements",
     "group_stacks",
+    "pieces_of_block",
+    "shard_pieces",
 ]

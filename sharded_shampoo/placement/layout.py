@@ -57,8 +57,8 @@ class StackLayout:
 
     param_dtype: torch.dtype
     block_shape: tuple[int, ...]
-    # Blocks of row-sharded parameters (FSDP2) reach the stack by all_to_all, not by parts.
-    row_sharded: bool = False
+    # Blocks of DTensor parameters reach the stack by all_to_all, not by parts.
+    sharded: bool = False
     parts: list[Part] = field(default_factory=list)
     # Per row: (index of the parameter in its group, block id within the parameter).
     row_owner: list[tuple[int, int]] = field(default_factory=list)
@@ -140,15 +140,15 @@ def group_stacks(
     blockings: list[ParamBlocking],
     dtypes: list[torch.dtype],
     owned: dict[int, set[int]],
-    row_sharded: list[bool] | None = None,
+    dtensor: list[bool] | None = None,
     phases: tuple[tuple[int, ...], ...] | None = None,
 ) -> list[StackLayout]:
     """The stacks of one param group on one rank.
 
     ``owned[p]`` holds the ids of the blocks of parameter ``p`` this rank owns (parameters with
     none are absent, and not visited); ``phases[p][b]`` the phase of block b (stagger_roots);
-    ``row_sharded[p]`` whether parameter ``p`` is
-    row-sharded (its blocks get stacks of their own, exchanged by all_to_all instead of the
+    ``dtensor[p]`` whether parameter ``p`` is a
+    DTensor (its blocks get stacks of their own, exchanged by all_to_all instead of the
     AllGather). Stacks come in order of first appearance, rows in canonical order: both depend
     only on the inputs.
     """
@@ -159,7 +159,7 @@ def group_stacks(
             mine = [j for j, bid in enumerate(region.block_ids) if bid in owned[pi]]
             if not mine:
                 continue
-            sharded = bool(row_sharded and row_sharded[pi])
+            sharded = bool(dtensor and dtensor[pi])
             key = (dtype, region.block_shape, sharded)
             stack = stacks.setdefault(key, StackLayout(dtype, region.block_shape, sharded))
             if len(mine) == region.num_blocks:

@@ -13,25 +13,30 @@ from .cost import block_cost, block_state_elements, root_cost, step_cost
 from .layout import StackLayout, group_stacks
 from .phases import assign_phases
 from .planner import assign_blocks
-from .sharding import RowSharding, most_rows_shard
+from .sharding import Sharding, WorldMesh, largest_piece
 
 __all__ = ["GroupSpec", "GroupPlan", "Plan"]
+
+# Holders of a block's largest piece the planner may prefer as its owner: under HSDP or with
+# replicated dims every replica holds it, and considering all of them costs the planner time
+# per block in proportion to the replicas for no better balance.
+PREFERRED = 8
 
 
 @dataclass(frozen=True)
 class GroupSpec:
     """What the plan needs to know of a param group.
 
-    ``shardings[p]`` is None for a parameter every rank holds whole (plain or DDP), or how its
-    rows are split (FSDP2, HSDP).
+    ``shardings[p]`` is None for a parameter every rank holds whole (plain or DDP), or how it
+    is split over the world mesh (a DTensor).
     """
 
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
     opts: GroupOptions
-    shardings: tuple[RowSharding | None, ...] | None = None
+    shardings: tuple[Sharding | None, ...] | None = None
 
-    def sharding(self, p: int) -> RowSharding | None:
+    def sharding(self, p: int) -> Sharding | None:
         return None if self.shardings is None else self.shardings[p]
 
     def param_fingerprints(self) -> list[str]:
@@ -74,15 +79,12 @@ class Plan:
     each rank keeps. Computed identically on every rank from the same inputs; param groups
     added later are placed on top of the existing plan without moving earlier blocks."""
 
-    def __init__(
-        self, world_size: int, shard_holders: dict[int, tuple[int, ...]] | None = None
-    ) -> None:
-        """``shard_holders[k]``: the ranks holding shard k of every row-sharded parameter (one
-        per replicate group under HSDP)."""
+    def __init__(self, world_size: int, mesh: WorldMesh | None = None) -> None:
+        """``mesh``: the world mesh of the DTensor parameters (their shardings' ranks)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
-        self.shard_holders = shard_holders or {}
+        self.mesh = mesh
         self.groups: list[GroupPlan] = []
         self.loads = [0.0] * world_size  # per rank: cost of its blocks
         self.memory = [0.0] * world_size  # per rank: state elements of its blocks
@@ -127,9 +129,13 @@ class Plan:
             if sharding is None:
                 preferred += [()] * b.num_blocks
                 continue
+            assert self.mesh is not None
             for bid in range(b.num_blocks):
-                most = most_rows_shard(b, sharding, bid)
-                preferred.append(self.shard_holders.get(0 if most is None else most, ()))
+                shard = largest_piece(b, sharding, bid)
+                # Any holder saves sending the piece; a few candidates are enough.
+                preferred.append(
+                    () if shard is None else self.mesh.holders(sharding, shard, PREFERRED)
+                )
         vectors = (opts.grafting in ("adam", "rmsprop", "adagrad")) + (opts.beta1 > 0) + (
             opts.momentum > 0
         ) + opts.eigenvalue_corrected

@@ -1,40 +1,42 @@
-"""Where blocks' rows travel in a step, computed once from the plan.
+"""Where blocks' elements travel in a step, computed once from the plan.
 
 Plain parameters held whole by every rank (DDP): each rank's owned blocks' directions form its
 piece of an AllGather, stack after stack (``allgather_segments``).
 
-Row-sharded parameters (FSDP2, HSDP), for one rank (``RowRoutes``):
+DTensor parameters (FSDP2, HSDP, tensor parallel, FSDP2 x TP), for one rank (``PieceRoutes``):
 
-A row-sharded parameter's blocks are cut from its full shape, and the rows of a block are held
-by one or more shards (``sharding.py``). Per step, gradient rows go from their holders to the
-block's owner and direction rows back. This module lists, for one rank, every *route*: a piece
-of a block (which rows, where they sit in the holder's band) and where its elements lie in the
-flat buffers of the step's ``all_to_all_single`` calls. Both sides of a pair derive the same
-routes in the same canonical order (group, parameter, block) from the plan, so no sizes are
-ever exchanged, and a rank visits only its own pieces: those of the rows it holds and of the
-blocks it owns, never another pair's, so building them does not grow with the world size.
+A DTensor parameter's blocks are cut from its full shape, and each block meets the shards of
+the ranks holding it in *pieces* (``sharding.py``). Per step, each piece's gradient goes from
+one of its holders to the block's owner and its direction back to every holder. This module
+lists, for one rank, every *route*: a piece of a block and where its elements lie in the flat
+buffers of the step's two ``all_to_all_single`` calls over the world. Both sides of a pair
+derive the same routes in the same canonical order (group, parameter, block) from the plan, so
+no sizes are ever exchanged, and a rank visits only its own pieces: those of the shards it
+holds and of the blocks it owns, never another pair's, so building them does not grow with
+the world size.
 
-Under HSDP (R replica groups of S shards), a block's owner sits in one replica group; the
-holders in that group exchange rows with it, and each holder forwards the direction rows its
-group computed to the holders of the same shard in the other groups (``forward``).
+A piece held by several ranks (HSDP replica groups, dims a parameter is replicated on) sends
+its gradient from the holder that agrees with the owner on those mesh dims (under HSDP: the
+one in the owner's replica group, so gradients never cross replica groups), and its direction
+to every holder. This moves the same bytes as forwarding rows between replica groups, in one
+collective instead of two.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..communication import STATUS_WORDS
 from .layout import StackLayout
 from .plan import Plan
-from .sharding import Piece, band_pieces, pieces_of_block
+from .sharding import Piece, pieces_of_block, shard_pieces
 
-__all__ = ["Chunks", "Route", "RowRoutes", "allgather_segments"]
+__all__ = ["Chunks", "PieceRoutes", "Route", "allgather_segments"]
 
 
 def allgather_segments(plan: Plan) -> list[list[tuple[int, int, StackLayout, int]]]:
     """Per rank of the plan, ``(group, stack index, layout, start)`` of each of its stacks of
-    plain parameters in its AllGather piece (row-sharded stacks travel by ``RowRoutes``).
+    plain parameters in its AllGather piece (DTensor stacks travel by ``PieceRoutes``).
     Every rank reads every piece, so it needs every rank's; there are at most as many ranks as
     blocks / ``MIN_BLOCKS_PER_RANK`` (``parallelism.auto_shard_width``) unless the user sets a
     wider mesh."""
@@ -43,7 +45,7 @@ def allgather_segments(plan: Plan) -> list[list[tuple[int, int, StackLayout, int
         start, segments = 0, []
         for gi, group in enumerate(plan.groups):
             for si, layout in enumerate(group.layout(r)):
-                if not layout.row_sharded:
+                if not layout.sharded:
                     segments.append((gi, si, layout, start))
                     start += layout.num_rows * layout.row_numel
         out.append(segments)
@@ -52,14 +54,16 @@ def allgather_segments(plan: Plan) -> list[list[tuple[int, int, StackLayout, int
 
 @dataclass(frozen=True)
 class Route:
-    """The rows ``piece`` of block ``block`` of parameter ``param`` in param group ``group``:
-    ``numel`` elements, ``piece.rows`` rows of the block's trailing shape."""
+    """Piece ``piece`` of block ``block`` of parameter ``param`` in param group ``group``."""
 
     group: int
     param: int
     block: int
     piece: Piece
-    numel: int
+
+    @property
+    def numel(self) -> int:
+        return self.piece.numel
 
 
 class Chunks:
@@ -99,63 +103,52 @@ class Chunks:
         self.total = start
 
 
-class RowRoutes:
-    """Every route of one rank (``rank`` at ``coords[rank] = (replica group, shard)``).
+class PieceRoutes:
+    """Every route of one rank, by peer (global rank):
 
-    - ``grad_send`` / ``grad_recv``: gradient (and weight) rows, by shard in my replica group:
-      mine to the blocks' owners; my blocks' rows from their holders.
-    - ``dir_send`` / ``dir_recv``: direction rows back, each route with a flag, each chunk
-      with status words.
-    - My own rows of my own blocks go through my own chunk (``shard``), like anyone's.
-    - ``forward`` (HSDP only, else None): by replica group, the rows of my shard whose blocks
-      are owned in that group; my own group's chunk is what I send every other group.
+    - ``grad_send`` / ``grad_recv``: gradient (and weight) pieces: mine to the blocks' owners;
+      my blocks' pieces from their sources.
+    - ``dir_send`` / ``dir_recv``: direction pieces back, to every holder, each route with a
+      flag, each chunk with status words.
+    - My own pieces of my own blocks go through my own chunk, like anyone's.
     """
 
-    def __init__(
-        self, plan: Plan, rank: int, coords: dict[int, tuple[int, int]], sections: int
-    ) -> None:
-        holders = plan.shard_holders
-        self.num_shards = S = len(holders)
-        self.num_replicas = R = len(holders[0]) if holders else 1
-        self.replica, self.shard = q, k = coords[rank]
-        grad_out: list[list[Route]] = [[] for _ in range(S)]  # by owner's shard
-        dir_in: list[list[Route]] = [[] for _ in range(S)]
-        forward: list[list[Route]] = [[] for _ in range(R)]  # by owner's replica group
-        grad_in: list[list[Route]] = [[] for _ in range(S)]  # by holder's shard
+    def __init__(self, plan: Plan, rank: int, sections: int) -> None:
+        mesh = plan.mesh
+        W = plan.world_size
+        grad_out: list[list[Route]] = [[] for _ in range(W)]  # by owner
+        dir_in: list[list[Route]] = [[] for _ in range(W)]
+        grad_in: list[list[Route]] = [[] for _ in range(W)]  # by source
+        dir_out: list[list[Route]] = [[] for _ in range(W)]  # by holder
+        coord = mesh.coord(rank) if mesh is not None else ()
         for gi, group in enumerate(plan.groups):
             mine = group.owned.get(rank, {})
             for pi, blocking in enumerate(group.blockings):
                 sharding = group.spec.sharding(pi)
                 if sharding is None:
                     continue
-                for bid, piece in band_pieces(blocking, sharding, k):
-                    route = Route(gi, pi, bid, piece, piece.rows * _cols(blocking, bid))
-                    qo, ko = coords[group.owners[pi][bid]]
-                    if qo == q:
-                        grad_out[ko].append(route)
-                        dir_in[ko].append(route)
-                    forward[qo].append(route)
+                replica = [coord[m] for m in sharding.replica_dims()]
+                for bid, piece in shard_pieces(blocking, sharding, coord):
+                    route = Route(gi, pi, bid, piece)
+                    owner = group.owners[pi][bid]
+                    if [mesh.coord(owner)[m] for m in sharding.replica_dims()] == replica:
+                        grad_out[owner].append(route)
+                    dir_in[owner].append(route)
                 for bid in sorted(mine.get(pi, ())):
-                    cols = _cols(blocking, bid)
                     for piece in pieces_of_block(blocking, sharding, bid):
-                        grad_in[piece.shard].append(Route(gi, pi, bid, piece, piece.rows * cols))
+                        route = Route(gi, pi, bid, piece)
+                        grad_in[mesh.source(sharding, piece.shard, rank)].append(route)
+                        for h in mesh.holders(sharding, piece.shard):
+                            dir_out[h].append(route)
+        self.rank = rank
         self.sections = sections
         self.grad_send = Chunks(grad_out, sections, flags=False, status=False)
         self.grad_recv = Chunks(grad_in, sections, flags=False, status=False)
-        self.dir_send = Chunks(grad_in, 1, flags=True, status=True)
+        self.dir_send = Chunks(dir_out, 1, flags=True, status=True)
         self.dir_recv = Chunks(dir_in, 1, flags=True, status=True)
-        self.forward = Chunks(forward, 1, flags=True, status=True) if R > 1 else None
 
     def bytes_sent(self, grad_itemsize: int, dir_itemsize: int) -> int:
         """Exactly what this rank sends to other ranks in one step."""
-        others = [j for j in range(self.num_shards) if j != self.shard]
+        others = [j for j in range(len(self.grad_send.sizes)) if j != self.rank]
         sent = sum(self.grad_send.sizes[j] for j in others) * grad_itemsize
-        sent += sum(self.dir_send.sizes[j] for j in others) * dir_itemsize
-        if self.forward is not None:
-            sent += (self.num_replicas - 1) * self.forward.sizes[self.replica] * dir_itemsize
-        return sent
-
-
-def _cols(blocking, bid: int) -> int:
-    """Elements of one row of block ``bid``."""
-    return math.prod(blocking.block_shape(bid)[1:])
+        return sent + sum(self.dir_send.sizes[j] for j in others) * dir_itemsize

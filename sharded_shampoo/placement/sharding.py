@@ -1,114 +1,242 @@
-"""Row-sharded parameters (FSDP2, HSDP): which rows of which block each rank holds.
+"""DTensor parameters: which part of which block each rank holds, for every placement.
 
-FSDP2 splits a parameter's dim 0 in the torch.chunk layout: with K shards, chunk c = ceil(n/K),
-shard k holds rows [k c, min((k + 1) c, n)) (empty when k c >= n). Blocks are cut from the
-merged full shape, whose dim 0 is the product of the parameter's leading dims (size-1 dims
-dropped), so a shard is always a band of consecutive rows of merged dim 0 with every other
-merged dim complete: its local tensor, viewed with the merged trailing dims, is exactly that
-band. Every edge case (uneven shards, empty shards, a dim 0 of 1, fewer rows than shards) is a
-band of some length, possibly zero, and is handled here only.
+Every shard-shape edge case is handled here, and only here.
+
+A DTensor parameter (FSDP2, HSDP, tensor parallel, or FSDP2 x TP) lives on a *world mesh*
+(the root mesh of its mesh, spanning every rank). On each mesh dim its placement is
+``Shard(d)``, ``_StridedShard(d)`` or ``Replicate()``. Along a tensor dim d, the mesh dims that
+shard it split it by nested torch.chunk (chunk size ceil(n / k), trailing chunks possibly
+short or empty), outermost first: left to right for ``Shard``; a ``_StridedShard`` (FSDP2 over
+a tensor-parallel dim) splits *inside* the later mesh dims that shard the same tensor dim, as
+its ``split_factor`` says. So what a rank holds is a *box*, one interval per tensor dim, fixed
+by its coordinates on the mesh dims that shard the parameter (its *shard*); the ranks that
+differ only on the other mesh dims hold copies (its *holders*).
+
+Blocks are boxes too, in the parameter's own dims: a merged dim made of two or more dims is
+at most ``max_preconditioner_dim`` long (``blocking.merged_shape``), so it is one chunk, which
+spans those dims whole. A block and a shard therefore meet in a box, a *piece*, which is a
+strided view of the holder's local tensor and of the owner's block alike: no shape is ever
+special-cased, and an empty intersection is just absent.
+
+Pieces are found by arithmetic on chunk sizes, visiting only the chunks a box meets, so that
+nothing here grows with the number of ranks but the pieces themselves.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 from ..blocking import ParamBlocking
 
 __all__ = [
-    "RowSharding", "Piece", "band", "band_pieces", "pieces_of_block",
-    "most_rows_shard",
+    "Box", "Piece", "Sharding", "WorldMesh", "block_box", "largest_piece", "pieces_of_block", "shard_pieces",
 ]
+
+Box = tuple[tuple[int, int], ...]  # per tensor dim, [lo, hi)
 
 
 @dataclass(frozen=True)
-class RowSharding:
-    """Dim 0 of a parameter split over ``num_shards`` shards (torch.chunk layout)."""
+class Sharding:
+    """How a parameter is split over the world mesh of shape ``mesh_shape``: ``splits[d]``
+    lists the mesh dims splitting tensor dim d, outermost first. Mesh dims in no split
+    replicate the parameter."""
 
-    num_shards: int
+    mesh_shape: tuple[int, ...]
+    splits: tuple[tuple[int, ...], ...]
+
+    @property
+    def shard_dims(self) -> tuple[int, ...]:
+        """The mesh dims a rank's coordinates on which fix what it holds, in mesh order."""
+        return tuple(sorted(m for dims in self.splits for m in dims))
+
+    def replica_dims(self) -> tuple[int, ...]:
+        sharding = set(self.shard_dims)
+        return tuple(m for m in range(len(self.mesh_shape)) if m not in sharding)
+
+    def box(self, shape: tuple[int, ...], coord: tuple[int, ...]) -> Box:
+        """What the rank at mesh coordinate ``coord`` holds."""
+        out = []
+        for n, dims in zip(shape, self.splits):
+            lo, hi = 0, n
+            for m in dims:
+                chunk = -(-(hi - lo) // self.mesh_shape[m])
+                lo, hi = min(lo + coord[m] * chunk, hi), min(lo + (coord[m] + 1) * chunk, hi)
+            out.append((lo, hi))
+        return tuple(out)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """The rows ``[block_lo, block_hi)`` of a block that shard ``shard`` holds, at rows
-    ``[band_lo, band_hi)`` of that shard's band."""
+    """The part ``box`` (in the parameter's dims) of a block that the ranks of shard ``shard``
+    (their coordinates on ``Sharding.shard_dims``, in that order) hold."""
 
-    shard: int
-    block_lo: int
-    block_hi: int
-    band_lo: int
-    band_hi: int
+    shard: tuple[int, ...]
+    box: Box
 
     @property
-    def rows(self) -> int:
-        return self.block_hi - self.block_lo
+    def numel(self) -> int:
+        return math.prod(hi - lo for lo, hi in self.box)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(hi - lo for lo, hi in self.box)
 
 
-def band(blocking: ParamBlocking, sharding: RowSharding, shard: int) -> tuple[int, int]:
-    """Merged-dim-0 rows ``[lo, hi)`` held by ``shard``."""
-    shape, merged = blocking.shape, blocking.merged
-    n0 = shape[0] if shape else 1
-    chunk = -(-n0 // sharding.num_shards)
-    rows_lo = min(shard * chunk, n0)
-    rows_hi = min((shard + 1) * chunk, n0)
-    # One row of dim 0 is numel / n0 elements, i.e. that many / prod(merged[1:]) merged rows.
-    per_row = math.prod(shape) // n0 // math.prod(merged[1:]) if n0 else 0
-    return rows_lo * per_row, rows_hi * per_row
+def block_box(blocking: ParamBlocking, bid: int) -> Box:
+    """Block ``bid`` in the parameter's dims."""
+    box = [(0, n) for n in blocking.shape]
+    for group, sl in zip(blocking.groups, blocking.block_slices(bid)):
+        if len(group) == 1:  # a dim of its own: its chunk (a merged dim is one whole chunk)
+            box[group[0]] = (sl.start, sl.stop)
+    return tuple(box)
 
 
-def _rows_per_shard(blocking: ParamBlocking, sharding: RowSharding) -> int:
-    """Merged rows of a full shard (every shard but the tail ones holds this many)."""
-    lo, hi = band(blocking, sharding, 0)
-    return hi - lo
+def _meets(lo: int, hi: int, a: int, b: int, sizes: list[int]):
+    """``(coords, (lo', hi'))`` for every nested chunk of ``[lo, hi)`` (split by ``sizes``,
+    outermost first) that meets ``[a, b)``, with that intersection; only those are visited."""
+    if not sizes:
+        if max(lo, a) < min(hi, b):
+            yield (), (max(lo, a), min(hi, b))
+        return
+    chunk = -(-(hi - lo) // sizes[0])
+    if chunk == 0:
+        return
+    first = max(a - lo, 0) // chunk
+    last = min((min(b, hi) - 1 - lo) // chunk, sizes[0] - 1)
+    for c in range(first, last + 1):
+        c_lo, c_hi = lo + c * chunk, min(lo + (c + 1) * chunk, hi)
+        for rest, inter in _meets(c_lo, c_hi, a, b, sizes[1:]):
+            yield (c, *rest), inter
 
 
-def _piece(blocking, sharding, shard: int, rows: slice) -> Piece | None:
-    lo, hi = band(blocking, sharding, shard)
-    a, b = max(rows.start, lo), min(rows.stop, hi)
-    return Piece(shard, a - rows.start, b - rows.start, a - lo, b - lo) if a < b else None
+def _largest(lo: int, hi: int, a: int, b: int, sizes: list[int]) -> tuple[int, tuple]:
+    """The longest intersection of a nested chunk of ``[lo, hi)`` with ``[a, b)``: (length,
+    coords), the lowest coords among equals. Chunks strictly inside ``[a, b)`` are all full
+    chunks, alike inside, so the first, the second and the last that meet it are enough."""
+    if not sizes:
+        return max(0, min(hi, b) - max(lo, a)), ()
+    chunk = -(-(hi - lo) // sizes[0])
+    if chunk == 0:
+        return 0, (0,) * len(sizes)
+    first = max(a - lo, 0) // chunk
+    last = min((max(min(b, hi), lo + 1) - 1 - lo) // chunk, sizes[0] - 1)
+    best = (-1, ())
+    for c in dict.fromkeys((first, min(first + 1, last), last)):
+        n, rest = _largest(lo + c * chunk, min(lo + (c + 1) * chunk, hi), a, b, sizes[1:])
+        if n > best[0]:
+            best = (n, (c, *rest))
+    return best
 
 
-def pieces_of_block(blocking: ParamBlocking, sharding: RowSharding, bid: int) -> list[Piece]:
-    """The non-empty pieces of block ``bid``, in shard order; only the shards its rows touch
-    are visited, so the cost does not grow with the number of shards."""
-    per = _rows_per_shard(blocking, sharding)
-    if per == 0:
+def _shard_coord(sharding: Sharding, per_dim: list[tuple]) -> tuple[int, ...]:
+    """Coordinates on ``shard_dims`` from each tensor dim's chunk coordinates."""
+    at = {m: c for dims, coords in zip(sharding.splits, per_dim) for m, c in zip(dims, coords)}
+    return tuple(at[m] for m in sharding.shard_dims)
+
+
+def pieces_of_block(blocking: ParamBlocking, sharding: Sharding, bid: int) -> list[Piece]:
+    """The non-empty pieces of block ``bid``, in shard order."""
+    box = block_box(blocking, bid)
+    sizes = [[sharding.mesh_shape[m] for m in dims] for dims in sharding.splits]
+    per_dim = [list(_meets(0, n, a, b, s)) for n, (a, b), s in zip(blocking.shape, box, sizes)]
+    pieces = [
+        Piece(_shard_coord(sharding, [c for c, _ in combo]), tuple(i for _, i in combo))
+        for combo in itertools.product(*per_dim)
+    ]
+    return sorted(pieces, key=lambda p: p.shard)
+
+
+def largest_piece(blocking: ParamBlocking, sharding: Sharding, bid: int) -> tuple[int, ...] | None:
+    """The shard holding the largest piece of block ``bid`` (the lowest among equals), or
+    None when no shard holds any of it; the size of a piece is a product over dims, so each
+    dim's longest intersection is found on its own."""
+    box = block_box(blocking, bid)
+    found = []
+    for n, (a, b), dims in zip(blocking.shape, box, sharding.splits):
+        length, coords = _largest(0, n, a, b, [sharding.mesh_shape[m] for m in dims])
+        if length <= 0:
+            return None
+        found.append(coords)
+    return _shard_coord(sharding, found)
+
+
+def shard_pieces(
+    blocking: ParamBlocking, sharding: Sharding, coord: tuple[int, ...]
+) -> list[tuple[int, Piece]]:
+    """``(block id, piece)`` for every block the rank at mesh coordinate ``coord`` holds part
+    of, in block order; only those blocks are visited."""
+    mine = sharding.box(blocking.shape, coord)
+    if not blocking.num_blocks or any(lo >= hi for lo, hi in mine):
         return []
-    rows = blocking.block_slices(bid)[0]
-    first = rows.start // per
-    last = min((rows.stop - 1) // per, sharding.num_shards - 1)
-    return [p for k in range(first, last + 1) if (p := _piece(blocking, sharding, k, rows))]
-
-
-def most_rows_shard(blocking: ParamBlocking, sharding: RowSharding, bid: int) -> int | None:
-    """The shard holding the most rows of block ``bid`` (the lowest among equals), or None.
-    Shards strictly inside the block's rows all hold a full shard, so only the first, the
-    second and the last of the shards it touches can hold the most."""
-    per = _rows_per_shard(blocking, sharding)
-    if per == 0:
-        return None
-    rows = blocking.block_slices(bid)[0]
-    first = rows.start // per
-    last = min((rows.stop - 1) // per, sharding.num_shards - 1)
-    candidates = [k for k in dict.fromkeys((first, first + 1, last)) if first <= k <= last]
-    pieces = [p for k in candidates if (p := _piece(blocking, sharding, k, rows))]
-    return max(pieces, key=lambda q: (q.rows, -q.shard)).shard if pieces else None
-
-
-def band_pieces(blocking: ParamBlocking, sharding: RowSharding, shard: int) -> list[tuple[int, Piece]]:
-    """``(block id, piece)`` for every block the band of ``shard`` intersects, in block order;
-    only those blocks are visited."""
-    lo, hi = band(blocking, sharding, shard)
-    if lo >= hi or not blocking.num_blocks:
-        return []
-    row_chunks = blocking.grid[0]
-    per_row_block = blocking.num_blocks // len(row_chunks)
-    step = row_chunks[0]  # every row chunk but the last has this many rows
+    shard = tuple(coord[m] for m in sharding.shard_dims)
+    # Per merged dim, the chunks that meet my box: a dim of its own by its interval; a merged
+    # dim (one chunk) always.
+    ranges = []
+    for group, chunks in zip(blocking.groups, blocking.grid):
+        if len(group) != 1:
+            ranges.append(range(len(chunks)))
+            continue
+        (lo, hi), step = mine[group[0]], chunks[0]
+        ranges.append(range(lo // step, min((hi - 1) // step, len(chunks) - 1) + 1))
+    dims = [len(c) for c in blocking.grid]
     out = []
-    for rb in range(lo // step, min((hi - 1) // step, len(row_chunks) - 1) + 1):
-        for bid in range(rb * per_row_block, (rb + 1) * per_row_block):
-            piece = _piece(blocking, sharding, shard, blocking.block_slices(bid)[0])
-            if piece is not None:
-                out.append((bid, piece))
+    for idx in itertools.product(*ranges):
+        bid = 0
+        for i, d in zip(idx, dims):
+            bid = bid * d + i
+        box = tuple(
+            (max(a, lo), min(b, hi)) for (a, b), (lo, hi) in zip(block_box(blocking, bid), mine)
+        )
+        out.append((bid, Piece(shard, box)))
     return out
+
+
+class WorldMesh:
+    """The mesh that every DTensor parameter lives on, or on a slice of (by dim names): the
+    root mesh of theirs, spanning the whole world: ``ranks`` in row-major order over ``shape``
+    (``mesh``: the DeviceMesh, None in plans built without one). Ranks are found by
+    coordinates and back."""
+
+    def __init__(self, ranks: list[int], shape: tuple[int, ...], mesh=None) -> None:
+        self.mesh = mesh
+        self.shape = shape
+        self.names = mesh.mesh_dim_names if mesh is not None else None
+        self._ranks = ranks
+        self._at = {r: i for i, r in enumerate(self._ranks)}
+        self._strides = [math.prod(self.shape[m + 1 :]) for m in range(len(self.shape))]
+
+    def rank(self, coord: tuple[int, ...]) -> int:
+        return self._ranks[sum(c * s for c, s in zip(coord, self._strides))]
+
+    def coord(self, rank: int) -> tuple[int, ...]:
+        i = self._at[rank]
+        return tuple((i // s) % n for s, n in zip(self._strides, self.shape))
+
+    def holders(
+        self, sharding: Sharding, shard: tuple[int, ...], limit: int | None = None
+    ) -> list[int]:
+        """The ranks holding shard ``shard`` (coordinates on ``sharding.shard_dims``): every
+        coordinate on the other mesh dims, in mesh order (the first ``limit`` of them)."""
+        coord = [0] * len(self.shape)
+        for m, c in zip(sharding.shard_dims, shard):
+            coord[m] = c
+        free = sharding.replica_dims()
+        out = []
+        for values in itertools.product(*(range(self.shape[m]) for m in free)):
+            for m, c in zip(free, values):
+                coord[m] = c
+            out.append(self.rank(tuple(coord)))
+            if len(out) == limit:
+                break
+        return out
+
+    def source(self, sharding: Sharding, shard: tuple[int, ...], owner: int) -> int:
+        """The holder of ``shard`` that sends its gradient to ``owner``: the one whose
+        coordinates on the replicating mesh dims are the owner's (under HSDP, the holder in the
+        owner's replica group), so that gradients never cross those dims."""
+        coord = list(self.coord(owner))
+        for m, c in zip(sharding.shard_dims, shard):
+            coord[m] = c
+        return self.rank(tuple(coord))

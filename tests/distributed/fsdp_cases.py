@@ -160,9 +160,6 @@ def fsdp(
 def failures(rank, world, hsdp=True):
     """Rank 0's roots always fail, and rank 1 sees a NaN gradient once: every rank must raise
     together on the root failure (no hang), and the NaN must not reach any parameter."""
-    import warnings
-
-    import sharded_shampoo.roots as roots_module
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -176,6 +173,23 @@ def failures(rank, world, hsdp=True):
         [p for p in model.parameters() if p.requires_grad],
         **{**OPTIONS, "precondition_frequency": 2}, max_consecutive_root_failures=2,
     )
+
+    def backward(step):
+        x, y = batch(step)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if step == 1 and rank == 1:
+            model.inp.weight.grad.to_local()[0, 0] = float("nan")
+
+    return fail_roots_on_rank0(rank, model, opt, backward)
+
+
+def fail_roots_on_rank0(rank, model, opt, backward, steps=12):
+    """Trains with ``backward(step)`` while every root computation of rank 0 fails: returns
+    ``(how the step that raised ended, whether every parameter is finite)``."""
+    import warnings
+
+    import sharded_shampoo.roots as roots_module
+
     original = roots_module.eigh
     if rank == 0:
         def broken(a):
@@ -185,12 +199,9 @@ def failures(rank, world, hsdp=True):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for step in range(12):
-                x, y = batch(step)
+            for step in range(steps):
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                if step == 1 and rank == 1:
-                    model.inp.weight.grad.to_local()[0, 0] = float("nan")
+                backward(step)
                 before = [p.to_local().clone() for p in model.parameters()]
                 try:
                     opt.step()

@@ -1,0 +1,359 @@
+"""DTensor parameters (FSDP2, HSDP, tensor parallel, FSDP2 x TP): pieces travel by all_to_all.
+
+Whatever the placements, per step (``placement.routes``):
+
+1. each piece of a block's gradient goes from one rank holding it to the block's owner, by
+   one ``all_to_all_single`` over the world;
+2. each piece of the direction (``communication_dtype``) goes from the owner to every rank
+   holding it, by one more ``all_to_all_single``.
+
+Exactly the pieces that must move are sent, with ``all_to_all_single``'s split sizes: the routes
+are computed once. A rank's own pieces of its own blocks take the same path through its own
+chunk, so they are rounded to ``communication_dtype`` like everyone else's: every copy of an
+element applies the same values.
+
+Host work per step does not depend on the world size: every buffer is allocated once, the views
+of the buffers' pieces are computed once, and each phase is one ``torch._foreach_copy_`` (or
+``_foreach_add_``) over the pieces of the active parameters. Only the gradients' views are
+taken anew each step (one slice per piece this rank sends, which falls as the world grows):
+autograd hands out new gradient tensors, and holding views of last step's would keep them
+alive.
+
+Every direction piece carries a flag, set when its block was skipped (a non-finite gradient),
+and every chunk ends with status words (``communication``): a failure or a disagreement
+anywhere reaches every rank before any rank applies anything.
+
+Weight decay of a DTensor parameter is applied where the weights already are, so that they
+travel only when they must: L2 (``G + wd W`` is elementwise) by the sending holder;
+decoupled without momentum (``W - lr (D + wd W)``) by every holder when applying; decoupled
+with momentum feeds ``D + wd W`` into the owner's momentum buffer, so then the weights travel
+with the gradient (whenever a DTensor group has momentum: sized from what cannot change after
+construction, so every rank sends the same amount even in a step in which ranks disagree on
+the options, which the status words then report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+import torch
+import torch.distributed as dist
+
+from ..communication import FAILED, STATUS_WORDS, read_status, status_words
+from ..options import GroupOptions
+from ..placement import Plan
+from ..placement.routes import PieceRoutes, Route
+from ..placement.sharding import block_box, shard_pieces
+from ..state import GroupBlocks
+from .base import Distributor, Status, StackWork, Step
+
+__all__ = ["ShardedDistributor", "weight_decay_place"]
+
+
+def weight_decay_place(opts: GroupOptions) -> str:
+    """Where weight decay of a DTensor parameter is applied (see the module docstring):
+    ``"holder-grad"``, ``"holder-step"``, ``"owner"`` or ``"none"``."""
+    if opts.weight_decay == 0:
+        return "none"
+    if not opts.decoupled_weight_decay:
+        return "holder-grad"
+    return "holder-step" if opts.momentum == 0 else "owner"
+
+
+def _slices(piece, box) -> tuple[slice, ...]:
+    """Where ``piece`` sits in a tensor holding ``box`` of the parameter."""
+    return tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(piece.box, box))
+
+
+def _piece_view(flat: torch.Tensor, offset: int, route: Route) -> torch.Tensor:
+    return flat[offset : offset + route.numel].view(route.piece.shape)
+
+
+@dataclasses.dataclass
+class _Param:
+    """One DTensor parameter's part in the exchange, on this rank: the pieces of its local
+    shard, and the pieces of its blocks this rank owns. Views of the persistent buffers,
+    computed once."""
+
+    # Per local piece: where it sits in the local shard; where its direction arrives; and its
+    # flag (position in dir_recv).
+    index: list[tuple[slice, ...]] = field(default_factory=list)
+    dir_src: list[torch.Tensor] = field(default_factory=list)
+    dir_flag: list[int] = field(default_factory=list)
+    # The local pieces whose gradient I send: their positions among the local pieces, and where
+    # their gradient and weights go.
+    send_at: list[int] = field(default_factory=list)
+    grad_dst: list[torch.Tensor] = field(default_factory=list)
+    weight_dst: list[torch.Tensor] = field(default_factory=list)
+    # Per piece of the blocks I own: where it sits in the stack's gradient buffer (which holds
+    # the direction after the math) and in its weight buffer; where its gradient and weights
+    # arrive.
+    stack_piece: list[torch.Tensor] = field(default_factory=list)
+    weight_piece: list[torch.Tensor] = field(default_factory=list)
+    grad_src: list[torch.Tensor] = field(default_factory=list)
+    weight_src: list[torch.Tensor] = field(default_factory=list)
+    # Per (piece of a block I own, holder): the direction's source in the stack, where it
+    # goes, and (stack index, row, flag position in dir_send).
+    dir_out_src: list[torch.Tensor] = field(default_factory=list)
+    dir_out_dst: list[torch.Tensor] = field(default_factory=list)
+    owned: list[tuple[int, int, int]] = field(default_factory=list)
+    # (key of the local shard's memory, views of its pieces).
+    views: tuple | None = None
+
+
+class ShardedDistributor(Distributor):
+    """The stacks of blocks of DTensor parameters, and their pieces' routes."""
+
+    collective = True
+
+    def __init__(self, blocks: list[GroupBlocks], plan: Plan, rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(blocks, sharded=True)
+        self.dtype = dtype
+        sharded = {
+            (gi, pi)
+            for gi, g in enumerate(plan.groups)
+            for pi in range(len(g.blockings))
+            if g.spec.sharding(pi) is not None
+        }
+        self.grad_dtype = torch.float32
+        for gi, pi in sharded:
+            self.grad_dtype = torch.promote_types(self.grad_dtype, plan.groups[gi].spec.dtypes[pi])
+        self.with_weights = any(plan.groups[gi].spec.opts.momentum > 0 for gi, _ in sharded)
+        self.rank = rank
+        self.routes = routes = PieceRoutes(plan, rank, 2 if self.with_weights else 1)
+        zeros = lambda n, dtype: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        self._bufs = {
+            "grad_send": zeros(routes.grad_send.total, self.grad_dtype),
+            "grad_recv": zeros(routes.grad_recv.total, self.grad_dtype),
+            "dir_send": zeros(routes.dir_send.total, dtype),
+            "dir_recv": zeros(routes.dir_recv.total, dtype),
+        }
+        # all_to_all_single's split sizes, as the lists it takes.
+        self._splits = {
+            "grad": (list(routes.grad_recv.sizes), list(routes.grad_send.sizes)),
+            "dir": (list(routes.dir_recv.sizes), list(routes.dir_send.sizes)),
+        }
+        for gi, si, stack in self.stacks:
+            self._buffer(self._grads, gi, si, stack)
+            if self.with_weights:
+                self._buffer(self._weights, gi, si, stack)
+        self.params = self._param_routes(plan)
+        self._flags_set = False  # some flag of dir_send is set (from an earlier step)
+        self._skipped = False  # some piece that arrived in this step is flagged
+        # Where status words and flags sit, to write them and read them with one operation.
+        long = lambda xs: torch.tensor(list(xs), dtype=torch.long, device=device)  # noqa: E731
+        peers = range(plan.world_size)
+        self._words = {
+            name: long(c.status_at[j] + w for j in peers for w in range(STATUS_WORDS))
+            for name, c in (("dir_send", routes.dir_send), ("dir_recv", routes.dir_recv))
+        }
+        self._send_flags = long(f for j in peers for f in routes.dir_send.flag_at[j])
+        self._recv_flags = long(f for j in peers for f in routes.dir_recv.flag_at[j])
+
+    def _param_routes(self, plan: Plan) -> dict[tuple[int, int], _Param]:
+        routes, bufs = self.routes, self._bufs
+        mesh = plan.mesh
+        out: dict[tuple[int, int], _Param] = {}
+        local_pos: dict[tuple[int, int, int], int] = {}
+        boxes = {}
+        coord = mesh.coord(self.rank) if mesh is not None else ()
+        for gi, group in enumerate(plan.groups):
+            for pi, blocking in enumerate(group.blockings):
+                sharding = group.spec.sharding(pi)
+                if sharding is None:
+                    continue
+                prm = out[(gi, pi)] = _Param()
+                mine = boxes[(gi, pi)] = sharding.box(blocking.shape, coord)
+                for i, (bid, piece) in enumerate(shard_pieces(blocking, sharding, coord)):
+                    local_pos[(gi, pi, bid)] = i
+                    prm.index.append(_slices(piece, mine))
+                prm.dir_src = [None] * len(prm.index)
+                prm.dir_flag = [None] * len(prm.index)
+
+        send = routes.grad_send
+        for j, entries in enumerate(send.entries):
+            for off, r in entries:
+                prm = out[(r.group, r.param)]
+                prm.send_at.append(local_pos[(r.group, r.param, r.block)])
+                prm.grad_dst.append(_piece_view(bufs["grad_send"], off, r))
+                if self.with_weights:
+                    prm.weight_dst.append(_piece_view(bufs["grad_send"], off + send.data[j], r))
+        recv = routes.dir_recv
+        for j, entries in enumerate(recv.entries):
+            for (off, r), flag in zip(entries, recv.flag_at[j]):
+                prm = out[(r.group, r.param)]
+                i = local_pos[(r.group, r.param, r.block)]
+                prm.dir_src[i] = _piece_view(bufs["dir_recv"], off, r)
+                prm.dir_flag[i] = flag
+
+        def block_piece(buf: torch.Tensor, r: Route, row: int) -> torch.Tensor:
+            blocking = plan.groups[r.group].blockings[r.param]
+            box = block_box(blocking, r.block)
+            return buf[row].view([hi - lo for lo, hi in box])[_slices(r.piece, box)]
+
+        recv = routes.grad_recv
+        for j, entries in enumerate(recv.entries):
+            for off, r in entries:
+                prm = out[(r.group, r.param)]
+                si, row = self.blocks[r.group].where[(r.param, r.block)]
+                prm.stack_piece.append(block_piece(self._grads[(r.group, si)], r, row))
+                prm.grad_src.append(_piece_view(bufs["grad_recv"], off, r))
+                if self.with_weights:
+                    prm.weight_piece.append(block_piece(self._weights[(r.group, si)], r, row))
+                    prm.weight_src.append(_piece_view(bufs["grad_recv"], off + recv.data[j], r))
+        dirs = routes.dir_send
+        for j, entries in enumerate(dirs.entries):
+            for (off, r), flag in zip(entries, dirs.flag_at[j]):
+                prm = out[(r.group, r.param)]
+                si, row = self.blocks[r.group].where[(r.param, r.block)]
+                prm.dir_out_src.append(block_piece(self._grads[(r.group, si)], r, row))
+                prm.dir_out_dst.append(_piece_view(bufs["dir_send"], off, r))
+                prm.owned.append((si, row, flag))
+        return out
+
+    def bytes_sent_per_step(self) -> int:
+        """Exactly what this rank sends to other ranks in one step."""
+        return self.routes.bytes_sent(
+            torch.empty((), dtype=self.grad_dtype).element_size(),
+            torch.empty((), dtype=self.dtype).element_size(),
+        )
+
+    # ------------------------------------------------------------------ per step
+
+    def _active(self, step: Step):
+        """(group, parameter index, _Param, options) of the active DTensor parameters."""
+        for (gi, pi), prm in self.params.items():
+            active = step.active.get(gi)
+            if active is not None and active[pi]:
+                yield gi, pi, prm, step.options[gi]
+
+    def _param_views(self, prm: _Param, p: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the pieces of parameter ``p``'s local shard, kept while it is the same
+        memory (a parameter's shard is not reallocated by training; a load may swap it)."""
+        local = p.to_local()
+        key = (local.data_ptr(), tuple(local.shape), tuple(local.stride()))
+        if prm.views is None or prm.views[0] != key:
+            prm.views = (key, [local[ix] for ix in prm.index])
+        return prm.views[1]
+
+    def collect(self, step: Step) -> list[StackWork]:
+        def math_options(opts: GroupOptions):
+            place = weight_decay_place(opts)
+            if place in ("holder-grad", "holder-step"):
+                opts = dataclasses.replace(opts, weight_decay=0.0)
+            return opts, place == "owner"
+
+        work = self._stack_work(step, math_options)
+        dst, src = [], []
+        decay: dict[int, tuple[list, list]] = {}
+        for gi, pi, prm, opts in self._active(step):
+            p = step.params[gi][pi]
+            grad = p.grad
+            if grad.placements != p.placements:
+                # Tensor parallelism hands out gradients of other placements: Partial for the
+                # sequence-parallel norms (a collective: every rank takes it, in the same
+                # order, whether it sends or not), Replicate for a row-parallel embedding.
+                grad = grad.redistribute(p.device_mesh, p.placements)
+            if not prm.send_at:
+                continue
+            local = grad.to_local()
+            dst += prm.grad_dst
+            src += [local[prm.index[i]] for i in prm.send_at]
+            place = weight_decay_place(opts)
+            if place in ("holder-grad", "owner"):
+                views = self._param_views(prm, p)
+                mine = [views[i] for i in prm.send_at]
+                if place == "holder-grad":  # G + wd W, elementwise, before sending
+                    d = decay.setdefault(gi, ([], []))
+                    d[0].extend(prm.grad_dst)
+                    d[1].extend(mine)
+                else:  # the owner needs the weights
+                    dst += prm.weight_dst
+                    src += mine
+        if dst:
+            torch._foreach_copy_(dst, src)
+        for gi, (d, w) in decay.items():
+            torch._foreach_add_(d, w, alpha=step.options[gi].weight_decay)
+        self._all_to_all("grad")
+        dst, src = [], []
+        for gi, pi, prm, opts in self._active(step):
+            dst += prm.stack_piece
+            src += prm.grad_src
+            if weight_decay_place(opts) == "owner":
+                dst += prm.weight_piece
+                src += prm.weight_src
+        if dst:
+            torch._foreach_copy_(dst, src)
+        return work
+
+    def exchange(self, step: Step, failed: bool) -> Status:
+        send, recv = self._bufs["dir_send"], self._bufs["dir_recv"]
+        for w in self._work:
+            if w.direction is not w.grad:  # the gradient is spent: its buffer takes the direction
+                w.grad.copy_(w.direction)
+        dst, src = [], []
+        for _, _, prm, _ in self._active(step):
+            dst += prm.dir_out_dst
+            src += prm.dir_out_src
+        if dst:
+            torch._foreach_copy_(dst, src)
+        self._write_flags(step, send)
+        words = torch.tensor(status_words(FAILED if failed else 0, step.digest), dtype=self.dtype)
+        send[self._words["dir_send"]] = words.repeat(len(self._splits["dir"][1]))
+        self._all_to_all("dir")
+        # One host sync: anyone failed, anyone's digest differs, any block skipped anywhere.
+        status = read_status(recv[self._words["dir_recv"]].view(-1, STATUS_WORDS), step.digest)
+        skipped = recv[self._recv_flags].ne(0).any().view(1)
+        seen = torch.cat([status.any(0), skipped]).tolist()
+        self._skipped = bool(seen[3])
+        return Status(bool(failed or seen[0]), bool(seen[1] or seen[2]))
+
+    def _write_flags(self, step: Step, send: torch.Tensor) -> None:
+        """Flags the pieces of the blocks skipped in this step (rare: a slow path)."""
+        skipped = {
+            (w.group, w.stack_index, r)
+            for w in self._work
+            if w.skipped is not None
+            for r in w.skipped.nonzero().flatten().tolist()
+        }
+        if not skipped and not self._flags_set:
+            return
+        send[self._send_flags] = 0.0
+        for gi, _, prm, _ in self._active(step):
+            for si, row, flag in prm.owned:
+                if (gi, si, row) in skipped:
+                    send[flag] = 1.0
+        self._flags_set = bool(skipped)
+
+    def apply(self, step: Step) -> None:
+        flags = None
+        if self._skipped:  # some block was skipped: read which pieces (a second host sync)
+            flags = self._bufs["dir_recv"].tolist()
+        by_group: dict[int, tuple[list, list]] = {}
+        for gi, pi, prm, _ in self._active(step):
+            views = self._param_views(prm, step.params[gi][pi])
+            dst, src = by_group.setdefault(gi, ([], []))
+            if flags is None:
+                dst += views
+                src += prm.dir_src
+            else:
+                for view, piece, at in zip(views, prm.dir_src, prm.dir_flag):
+                    if flags[at] == 0:
+                        dst.append(view)
+                        src.append(piece)
+        for gi, (dst, src) in by_group.items():
+            opts = step.options[gi]
+            if weight_decay_place(opts) == "holder-step":  # W <- W - lr (D + wd W)
+                src = torch._foreach_add(src, dst, alpha=opts.weight_decay)
+            if dst:
+                torch._foreach_add_(dst, src, alpha=-opts.lr)
+
+    def _all_to_all(self, kind: str) -> None:
+        recv, send = self._bufs[f"{kind}_recv"], self._bufs[f"{kind}_send"]
+        recv_sizes, send_sizes = self._splits[kind]
+        if len(send_sizes) == 1:  # a world of one rank: its chunk to itself
+            recv.copy_(send)
+        else:
+            dist.all_to_all_single(recv, send, recv_sizes, send_sizes)

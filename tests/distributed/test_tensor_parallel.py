@@ -1,0 +1,150 @@
+"""ShardedShampoo under tensor parallelism, FSDP2 x TP and HSDP x TP against one process.
+
+A small Llama (attention q/k/v/o, SwiGLU, RMSNorm, untied embedding) is parallelized with
+torchtitan's plan (``workloads.llama_tp_plan``): its parameters are DTensors placed
+``Shard(0)``, ``Shard(1)`` and ``Replicate()`` on the tensor-parallel dim, and under FSDP2
+``(_StridedShard(0), Shard(0))``, ``(Shard(0), Shard(1))`` and ``(Shard(0), Replicate())``
+on a 2-D mesh (3-D with HSDP). Blocks come from the full shapes, so every mode must give the
+one-process result (float64, ``DDP_TOLERANCE``) over 16 steps with four root refreshes, and
+checkpoints must cross modes and world sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import scenarios
+import tp_cases
+from harness import run_cases
+from test_data_parallel import DDP_TOLERANCE
+
+NAN = dict(nan_at=3, momentum=0.0)  # holders apply decay with the direction: must skip too
+VARIANTS = {  # name: options, each against one process with the same options
+    "base": {},  # momentum with decoupled weight decay: the weights travel to the owner
+    "l2": dict(decoupled_weight_decay=False),  # decay added by the sending holder
+    "no_momentum": dict(momentum=0.0),  # decay applied by every holder
+    "nan": NAN,
+    "staggered": dict(stagger_roots=True),
+    "eigenvalue_corrected": dict(preconditioner="eigenvalue_corrected"),
+    "eigenvalue_corrected_qr": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr"),
+}
+# (mode, world): variants run there.
+RUNS = {
+    ("tp", 2): ["base", "nan", "eigenvalue_corrected"],
+    ("fsdp_tp", 4): list(VARIANTS),
+    ("hsdp_tp", 4): ["base", "eigenvalue_corrected_qr"],
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tp_checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def groups(root):
+    """Three process groups: 2 ranks (TP; DDP and TP checkpoints saved), 4 ranks (FSDP2 x TP,
+    HSDP x TP; loads across modes), 2 ranks again (loads of the 4-rank checkpoint)."""
+    out = {}
+
+    def run(world, named):
+        for name, res in zip([n for n, _ in named], run_cases(world, [c for _, c in named])):
+            out[name] = res
+
+    def runs(mode, world):
+        return [((mode, v), (tp_cases.run, {"mode": mode, **VARIANTS[v]}))
+                for v in RUNS[(mode, world)]]
+
+    run(2, runs("tp", 2) + [
+        ("save ddp", (tp_cases.save, {"mode": "ddp", "root": root})),
+        ("save tp", (tp_cases.save, {"mode": "tp", "root": root})),
+    ])
+    run(4, runs("fsdp_tp", 4) + runs("hsdp_tp", 4) + [
+        ("failures", (tp_cases.failures, {})),
+        ("partial", (tp_cases.partial_placement, {})),
+        ("save fsdp_tp", (tp_cases.save, {"mode": "fsdp_tp", "root": root})),
+        ("fsdp from fsdp_tp", (tp_cases.resume, {"mode": "fsdp", "root": root, "source": "fsdp_tp"})),
+        ("fsdp_tp from ddp", (tp_cases.resume, {"mode": "fsdp_tp", "root": root, "source": "ddp"})),
+        ("hsdp_tp from tp", (tp_cases.resume, {"mode": "hsdp_tp", "root": root, "source": "tp"})),
+    ])
+    run(2, [
+        ("ddp from fsdp_tp", (tp_cases.resume, {"mode": "ddp", "root": root, "source": "fsdp_tp"})),
+        ("tp from fsdp_tp", (tp_cases.resume, {"mode": "tp", "root": root, "source": "fsdp_tp"})),
+    ])
+    return out
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {v: tp_cases.run(0, 1, "single", **o) for v, o in VARIANTS.items()}
+
+
+def check(values, reference):
+    """Every rank ends with the same full parameters, those of one process."""
+    names = list(reference["params"])
+    for r, v in enumerate(values):
+        assert list(v["params"]) == names
+        if r:
+            assert all(v["params"][n].equal(values[0]["params"][n]) for n in names), r
+    err = scenarios.max_rel_err([[values[0]["params"][n] for n in names]],
+                                [[reference["params"][n] for n in names]])
+    assert err <= DDP_TOLERANCE, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode, world, variant", [
+    (mode, world, v) for (mode, world), vs in RUNS.items() for v in vs
+])
+def test_matches_single_process(groups, references, mode, world, variant):
+    values = groups[(mode, variant)].ok()
+    check(values, references[variant])
+    if variant == "base":
+        placements = set(values[0]["placements"].values())
+        expected = {
+            "tp": {"(Shard(dim=0),)", "(Shard(dim=1),)", "(Replicate(),)"},
+            "fsdp_tp": {"(_StridedShard(dim=0, sf=2), Shard(dim=0))",
+                        "(Shard(dim=0), Shard(dim=1))", "(Shard(dim=0), Replicate())"},
+            "hsdp_tp": {"(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))",
+                        "(Replicate(), Shard(dim=0), Shard(dim=1))",
+                        "(Replicate(), Shard(dim=0), Replicate())"},
+        }[mode]
+        assert placements == expected  # the layouts this test is about were exercised
+
+
+def test_nan_block_is_skipped_everywhere(groups, references):
+    values = groups[("fsdp_tp", "nan")].ok()
+    assert not all(
+        values[0]["params"][n].equal(references["base"]["params"][n])
+        for n in references["base"]["params"]
+    )  # the skip changed the result: the case is not vacuous
+    check(values, references["nan"])
+
+
+def test_root_failures_raise_on_every_rank_together(groups):
+    values = groups["failures"].ok()
+    steps = set()
+    for r, (outcome, finite) in enumerate(values):
+        assert finite and "unchanged=True" in outcome, (r, outcome)
+        steps.add(outcome.split(":")[0])
+    assert "failed 2 times in a row" in values[0][0], values[0][0]
+    assert len(steps) == 1, steps
+
+
+def test_partial_placement_is_refused_by_name(groups):
+    for message in groups["partial"].ok():
+        assert "encoder.weight" in message and "Partial" in message, message
+
+
+@pytest.mark.parametrize("name", [
+    "fsdp from fsdp_tp", "fsdp_tp from ddp", "hsdp_tp from tp", "ddp from fsdp_tp",
+    "tp from fsdp_tp",
+])
+def test_checkpoints_cross_modes_and_world_sizes(groups, references, name):
+    """Saved after FIRST steps, loaded in another mode (and world size), THEN more steps: the
+    uninterrupted one-process run of FIRST + THEN steps."""
+    assert tp_cases.FIRST + tp_cases.THEN == tp_cases.STEPS
+    check(groups[name].ok(), references["base"])
+
+
+def test_one_process_loads_a_tensor_parallel_checkpoint(groups, root, references):
+    groups["save fsdp_tp"].ok()
+    check([tp_cases.resume(0, 1, "single", root, "fsdp_tp")], references["base"])
