@@ -244,17 +244,41 @@ def pretend_peers_answered(opt) -> None:
     opt._step_digest = lambda active, options: 0
 
 
+def minimum_bytes(plan, rank: int, itemsize: int) -> int:
+    """What ``rank`` must send per step for its DTensor parameters, from every piece it holds
+    or owns (not from the exchange's buffers): its gradient pieces of blocks whose owner does
+    not hold them (when it is the owner's replica, as every scheme sends one copy), and its
+    blocks' direction pieces to every other holder."""
+    from sharded_shampoo.placement.sharding import pieces_of_block, shard_pieces
+
+    mesh, total = plan.mesh, 0
+    for g in plan.groups:
+        for pi, blocking in enumerate(g.blockings):
+            sharding = g.spec.sharding(pi)
+            if sharding is None:
+                continue
+            replica = [mesh.coord(rank)[m] for m in sharding.replica_dims()]
+            for bid, piece in shard_pieces(blocking, sharding, mesh.coord(rank)):
+                owner = g.owners[pi][bid]
+                if owner not in mesh.holders(sharding, piece.shard) and replica == [
+                    mesh.coord(owner)[m] for m in sharding.replica_dims()
+                ]:
+                    total += piece.numel * itemsize
+            for bid in g.owned.get(rank, {}).get(pi, ()):
+                for piece in pieces_of_block(blocking, sharding, bid):
+                    others = [h for h in mesh.holders(sharding, piece.shard) if h != rank]
+                    total += len(others) * piece.numel * itemsize
+    return total
+
+
 def plan_figures(opt, parallelism: str, world: int) -> dict:
     """Bytes sent by rank 0 against the minimum for the mode; state bytes and blocks per rank."""
     from sharded_shampoo.placement.cost import block_state_elements
-    from sharded_shampoo.placement.sharding import pieces_of_block, shard_pieces
 
     plan = opt.plan
     comm = 4  # float32 communication and gradients
-    minimum = 0
     per_rank_state = [0] * plan.world_size
     per_rank_blocks = [0] * plan.world_size
-    mesh = plan.mesh
     for g in plan.groups:
         o = g.spec.opts
         vectors = (o.grafting in ("adam", "rmsprop", "adagrad")) + (o.beta1 > 0) + (o.momentum > 0)
@@ -263,21 +287,7 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
                 owner = g.owners[pi][bid]
                 per_rank_state[owner] += block_state_elements(blocking.block_shape(bid), vectors) * 4
                 per_rank_blocks[owner] += 1
-            sharding = g.spec.sharding(pi)
-            if sharding is None:
-                continue
-            # Only rank 0's own pieces and blocks are visited.
-            replica = [mesh.coord(0)[m] for m in sharding.replica_dims()]
-            for bid, piece in shard_pieces(blocking, sharding, mesh.coord(0)):
-                owner = g.owners[pi][bid]
-                if owner not in mesh.holders(sharding, piece.shard) and replica == [
-                    mesh.coord(owner)[m] for m in sharding.replica_dims()
-                ]:
-                    minimum += piece.numel * comm  # my gradient piece to the owner
-            for bid in g.owned.get(0, {}).get(pi, ()):
-                for piece in pieces_of_block(blocking, sharding, bid):
-                    others = [h for h in mesh.holders(sharding, piece.shard) if h != 0]
-                    minimum += len(others) * piece.numel * comm  # directions to the holders
+    minimum = minimum_bytes(plan, 0, comm) if plan.mesh is not None else 0
     if parallelism == "ddp":
         minimum = (plan.world_size - 1) / plan.world_size * sum(
             math.prod(s) for g in plan.groups for s in g.spec.shapes

@@ -23,6 +23,7 @@ import time
 import torch
 
 from sharded_shampoo import ShardedShampoo
+from bench_scale import minimum_bytes
 from workloads import GPT, GPTConfig, lm_batch, param_count
 
 
@@ -132,12 +133,29 @@ def measure(rank: int, world: int, args) -> dict:
 
     torch.set_num_threads(args.threads)
     data = torch.randint(0, 256, (1_000_000,))  # timing only: content does not matter
-    cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers)
+    tensor_parallel = world > 1 and args.parallelism == "fsdp2_tp"
+    if tensor_parallel:
+        # FSDP2 x TP on a (world / 2, 2) mesh: a Llama of the GPT's width and depth (the GPT's
+        # fused q/k/v does not split by heads), torchtitan's plan.
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from workloads import Llama, LlamaConfig, parallelize_llama
+
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        config = LlamaConfig(width=args.width, layers=args.layers, hidden=8 * args.width // 3)
+        make = lambda: Llama(config)  # noqa: E731
+        data_rank = rank // 2  # the two ranks of a TP group read the same batch
+    else:
+        make = lambda: GPT(GPTConfig(context=args.context, width=args.width, layers=args.layers))  # noqa: E731
+        data_rank = rank
+
     def wrap(m):
         if world == 1:
             return m
         if args.parallelism == "ddp":
             return DistributedDataParallel(m)
+        if tensor_parallel:
+            return parallelize_llama(m, mesh["tp"], mesh["dp"])
         from torch.distributed.fsdp import fully_shard
 
         for block in m.blocks:
@@ -149,14 +167,14 @@ def measure(rank: int, world: int, args) -> dict:
          "parallelism": args.parallelism if world > 1 else "none"}
 
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = make()
     r["params"] = param_count(model)
     ddp = wrap(model)
     adamw = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
-    fb_a, opt_a = time_steps(ddp, adamw, data, args, torch.Generator().manual_seed(rank))
+    fb_a, opt_a = time_steps(ddp, adamw, data, args, torch.Generator().manual_seed(data_rank))
 
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = make()
     ddp = wrap(model)
     # Preconditioning starts at step 1, so the timed steps are ordinary ones; the amortized
     # step (every root computed) is timed apart.
@@ -168,7 +186,7 @@ def measure(rank: int, world: int, args) -> dict:
         start_preconditioning_step=1,
         communication_dtype=getattr(torch, args.communication_dtype),
     )
-    gen = torch.Generator().manual_seed(rank)
+    gen = torch.Generator().manual_seed(data_rank)
     x, y = lm_batch(data, args.batch, args.context, gen)
     ddp(x, y).backward()
     t0 = time.perf_counter()
@@ -211,6 +229,8 @@ def measure(rank: int, world: int, args) -> dict:
         allgather_minimum_bytes=(world - 1) / world * r["params"]
         * torch.tensor([], dtype=getattr(torch, args.communication_dtype)).element_size(),
         buffer_bytes_sent=shampoo.bytes_sent_per_step(),
+        # DTensor parameters: what this rank must send, from its pieces (bench_scale.py).
+        minimum_bytes_sent=minimum_bytes(shampoo.plan, rank, 4) if shampoo.plan.mesh else None,
         state_dict_copy_ms=copy_s * 1e3,
         state_dict_views_ms=views_s * 1e3,
     )
@@ -219,7 +239,7 @@ def measure(rank: int, world: int, args) -> dict:
     elif not args.no_others:
         r["others_opt_ms"] = {}
         torch.manual_seed(0)
-        model = GPT(cfg)
+        model = make()
         for label, opt in other_optimizers(model):
             _, times = time_steps(model, opt, data, args, torch.Generator().manual_seed(0))
             r["others_opt_ms"][label] = med(times) * 1e3
@@ -377,7 +397,8 @@ def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
 
 def report(r: dict, args) -> None:
     w = r["world"]
-    print(f"world size {w} ({r['parallelism']}): GPT {args.layers} layers x {args.width} wide, {r['params']:,} "
+    arch = "Llama" if r["parallelism"] == "fsdp2_tp" else "GPT"
+    print(f"world size {w} ({r['parallelism']}): {arch} {args.layers} layers x {args.width} wide, {r['params']:,} "
           f"parameters; batch {args.batch} x {args.context} tokens per rank; "
           f"{r['threads']} thread(s) per rank")
     print(f"  {'':10s} {'fwd+bwd ms':>11s} {'opt ms':>8s}")
@@ -404,9 +425,16 @@ def report(r: dict, args) -> None:
         measured = r.get("measured_bytes_sent")
         m = f"{measured / 1e6:.2f} MB measured on loopback" if measured else "not measurable here"
         print(f"  bytes sent per rank per optimizer step: {m}; "
-              f"{r['buffer_bytes_sent'] / 1e6:.2f} MB in the optimizer's buffers; parameter "
-              f"bytes / W: {4 * r['params'] / w / 1e6:.2f} MB; AllGather minimum "
-              f"(W-1)/W x parameter bytes: {r['allgather_minimum_bytes'] / 1e6:.2f} MB")
+              f"{r['buffer_bytes_sent'] / 1e6:.3f} MB in rank 0's buffers; parameter "
+              f"bytes / W: {4 * r['params'] / w / 1e6:.2f} MB")
+        if r.get("minimum_bytes_sent"):
+            ratio = r["buffer_bytes_sent"] / r["minimum_bytes_sent"]
+            print(f"  rank 0 must send {r['minimum_bytes_sent'] / 1e6:.3f} MB (its pieces: "
+                  f"gradients to owners elsewhere, its blocks' directions to their other "
+                  f"holders): sent / minimum {ratio:.4f} ({met(ratio <= 1.01)}: <= 1.01)")
+        else:
+            print(f"  AllGather minimum (W-1)/W x parameter bytes: "
+                  f"{r['allgather_minimum_bytes'] / 1e6:.2f} MB")
 
 
 def main() -> None:
@@ -422,7 +450,7 @@ def main() -> None:
     ap.add_argument("--communication-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1, help="per rank")
     ap.add_argument("--world-sizes", default="1", help="comma-separated, e.g. 1,2")
-    ap.add_argument("--parallelism", choices=["ddp", "fsdp2"], default="ddp",
+    ap.add_argument("--parallelism", choices=["ddp", "fsdp2", "fsdp2_tp"], default="ddp",
                     help="how ranks share the model when the world size is above 1")
     ap.add_argument("--json", default="")
     ap.add_argument("--no-others", action="store_true",

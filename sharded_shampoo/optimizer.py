@@ -385,7 +385,7 @@ class ShardedShampoo(torch.optim.Optimizer):
     def _build_distributors(self) -> None:
         """One distributor per way the parameters are held (see ``distributors``).
 
-        FSDP2 on a single rank still goes through the row-sharded one (with nothing to send):
+        FSDP2 on a single rank still goes through the DTensor one (with nothing to send):
         its parameters are DTensors, which only it reads and writes.
         """
         device, dtype = self._device(), self._communication_dtype

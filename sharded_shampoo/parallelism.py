@@ -172,8 +172,8 @@ def shard_width(
     (a mesh built from settings that differ between ranks hangs in ``new_group``).
 
     Without ``mesh`` or ``num_trainers_per_group``, k is ``auto_shard_width`` of
-    ``num_blocks``, or the whole world when ``num_blocks`` is None (FSDP2/HSDP: their blocks are
-    placed over every rank)."""
+    ``num_blocks``, or the whole world when ``num_blocks`` is None (DTensor parameters: their
+    blocks are placed over every rank)."""
     if mesh is not None:
         if num_trainers_per_group is not None:
             raise ValueError("pass either mesh or num_trainers_per_group, not both")

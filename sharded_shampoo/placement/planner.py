@@ -16,9 +16,9 @@ candidate, and no rank ends above ``mean + largest block`` (hence at most ``1.05
 whenever the largest block costs at most 5% of the mean).
 
 Candidates per block, so that planning stays O(blocks x log(world)): the least loaded rank, the
-``CANDIDATES`` ranks holding the least memory, and the block's preferred ranks (FSDP2: the ranks
-already holding its rows, which then send fewer of them). A preferred rank wins whenever taking
-the block leaves both its load and its memory at most the mean.
+``CANDIDATES`` ranks holding the least memory, and the block's preferred ranks (DTensor
+parameters: ranks already holding its largest piece, which then send less of it). A preferred
+rank wins whenever taking the block leaves both its load and its memory at most the mean.
 
 The plan depends only on the sequences given, which every rank derives in the same canonical
 order (param groups, parameters, block ids) from the same shapes: no dict or set iteration order
