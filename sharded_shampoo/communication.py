@@ -28,6 +28,18 @@ __all__ = [
 ]
 
 
+def raise_anywhere(group, error: Exception | None) -> None:
+    """Raises on every rank of ``group`` when any rank has an ``error``: its own, or the
+    first failing rank's message. One collective; every rank must call it."""
+    messages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if error is None else str(error), group=group)
+    if error is not None:
+        raise error
+    for r, message in enumerate(messages):
+        if message is not None:
+            raise ValueError(f"rank {r} refused it: {message}")
+
+
 class PlanMismatchError(ValueError):
     """Ranks built different plans (different models or options)."""
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .blocking import make_blocking
-from .communication import check_agreement
+from .communication import check_agreement, raise_anywhere
 from .diagnostics import (
     NonFiniteGradientWarning,
     RootFailureWarning,
@@ -655,17 +655,29 @@ class ShardedShampoo(torch.optim.Optimizer):
         it would change the optimizer before a refused or failed load. Inside ``saving()`` the
         tensors are views instead, which costs no copy; a save only reads them.
         """
+        request = full_state_request()
+        if request is not None and request.full_state_dict:
+            # torch's get_optimizer_state_dict(full_state_dict=True): every block, on every
+            # rank, or on rank 0 only with cpu_offload (as torch keeps it).
+            return self._state_dict(keep=not request.cpu_offload or dist.get_rank() == 0)
+        return self._state_dict(keep=None)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """``state_dict()`` with every block of every parameter, on every rank: for a framework
+        that saves one rank's ``state_dict()`` (the Hugging Face Trainer and Lightning under
+        DDP). When sharded it is a collective: every rank must call it."""
+        return self._state_dict(keep=True)
+
+    def _state_dict(self, keep: bool | None) -> dict[str, Any]:
+        """This rank's blocks; with ``keep`` set, the other ranks' blocks are gathered too
+        (every rank takes part) and kept where ``keep`` is True."""
         sd = super().state_dict()
         if not self._views_for_saving:
             sd["state"] = {
                 k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
                 for k, s in sd["state"].items()
             }
-        request = full_state_request()
-        if request is not None and request.full_state_dict and self._plan.world_size > 1:
-            # torch's get_optimizer_state_dict(full_state_dict=True): every block, on every
-            # rank, or on rank 0 only with cpu_offload (as torch keeps it).
-            keep = not request.cpu_offload or dist.get_rank() == 0
+        if keep is not None and self._plan.world_size > 1:
             others = gather_blocks(
                 self._plan, self._rank, self._pools, self._mesh.get_group(), keep
             )
@@ -695,15 +707,26 @@ class ShardedShampoo(torch.optim.Optimizer):
 
         Everything is checked before anything changes: the number of groups and parameters, each
         parameter's blocking record, the options that shape the state, and the name and shape of
-        every state tensor. A mismatch raises ValueError naming the first offending parameter;
-        every rank holds every parameter's record, so every rank raises.
+        every state tensor. A mismatch raises ValueError naming the first offending parameter.
+        When sharded, every rank must call it (as ``set_optimizer_state_dict`` and the
+        frameworks' loaders do): the ranks compare outcomes in one collective, and if any rank
+        refuses (a dict that lacks the blocks it owns: one rank's ``state_dict()`` saved alone),
+        every rank raises, naming that rank's reason.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        new_options, copies = check_state_dict(self, state_dict)
+        try:
+            new_options, copies = check_state_dict(self, state_dict)
+            error = None
+        except ValueError as e:
+            error = e
+        if self._distributed:
+            raise_anywhere(self._agreement_group, error)
+        elif error is not None:
+            raise error
         for dst, src in copies:
             if dst.data_ptr() != src.data_ptr():  # DCP may have loaded into the live views
                 dst.copy_(src)
