@@ -276,6 +276,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._step_tensors: list[torch.Tensor] = []
         self._structure: list[tuple] = []
         self._views_for_saving = False
+        self._consolidated: dict[str, Any] | None = None  # see consolidate_state_dict
         self._built = False
         super().__init__(params, defaults)
         self._built = True
@@ -450,6 +451,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._warn_late_process_group()
+        self._consolidated = None  # a consolidated state dict is stale once the state changes
         step, invalid = self._begin_step()
         if step is None:
             return loss
@@ -655,12 +657,27 @@ class ShardedShampoo(torch.optim.Optimizer):
         it would change the optimizer before a refused or failed load. Inside ``saving()`` the
         tensors are views instead, which costs no copy; a save only reads them.
         """
+        if self._consolidated is not None:  # consolidate_state_dict() ran: once, as gathered
+            sd, self._consolidated = self._consolidated, None
+            return sd
         request = full_state_request()
         if request is not None and request.full_state_dict:
             # torch's get_optimizer_state_dict(full_state_dict=True): every block, on every
             # rank, or on rank 0 only with cpu_offload (as torch keeps it).
             return self._state_dict(keep=not request.cpu_offload or dist.get_rank() == 0)
         return self._state_dict(keep=None)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """torch's ``ZeroRedundancyOptimizer`` protocol, which Lightning follows under DDP:
+        gathers every block onto global rank ``to``, whose next ``state_dict()`` returns them
+        all (the others' is unchanged). When sharded it is a collective: every rank must call
+        it."""
+        if not self._distributed or self._plan.world_size == 1:
+            self._consolidated = None
+            return
+        keep = dist.get_rank() == to
+        sd = self._state_dict(keep=keep)
+        self._consolidated = sd if keep else None
 
     def full_state_dict(self) -> dict[str, Any]:
         """``state_dict()`` with every block of every parameter, on every rank: for a framework
