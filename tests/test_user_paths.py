@@ -4,9 +4,15 @@ plain run of the same optimizer that it must equal (float64), or the behaviour i
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from sharded_shampoo import ShardedShampoo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+import scenarios  # noqa: E402  (the DDP tests' float64 model and batches)
 
 OPTS = dict(lr=0.02, betas=(0.9, 0.99), momentum=0.5, weight_decay=0.01,
             max_preconditioner_dim=8, precondition_frequency=3, epsilon=1e-6,
@@ -14,17 +20,11 @@ OPTS = dict(lr=0.02, betas=(0.9, 0.99), momentum=0.5, weight_decay=0.01,
 
 
 def model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10), torch.nn.Tanh(),
-        torch.nn.Linear(10, 3),
-    ).double()
+    return scenarios.make_mlp(seed)
 
 
-def batch(step, size=16):
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(size, 12, generator=g, dtype=torch.float64)
-    return x, torch.randint(0, 3, (size,), generator=g)
+def batch(step):
+    return scenarios.global_batch(step, 16)
 
 
 def loss_of(net, step, reduction="mean"):
