@@ -21,8 +21,10 @@ __all__ = [
     "DISAGREED",
     "FAILED",
     "PlanMismatchError",
+    "RankFailedError",
     "STATUS_WORDS",
     "check_agreement",
+    "raise_anywhere",
     "read_status",
     "status_words",
 ]
@@ -40,12 +42,22 @@ def raise_anywhere(group, error: Exception | None) -> None:
             raise ValueError(f"rank {r} refused it: {message}")
 
 
+class RankFailedError(ValueError):
+    """Another rank could not build the optimizer (its reason is in the message)."""
+
+
 class PlanMismatchError(ValueError):
     """Ranks built different plans (different models or options)."""
 
 
-def check_agreement(group, items: list[tuple[str, str, Any]], owners: str) -> None:
+def check_agreement(
+    group, items: list[tuple[str, str, Any]], owners: str, error: Exception | None = None
+) -> None:
     """Checks that every rank of ``group`` (None: the default group) built the same optimizer.
+
+    A rank whose construction failed (``error``, raised on that rank alone, e.g. an option only
+    it got wrong) takes part in the same first collective with its error instead of a digest,
+    so that the others raise too instead of waiting for it.
 
     ``items`` are ``(kind, description, value)``: kind ``"setting"`` (an optimizer-wide
     setting), ``"group"`` (a param group's options, a tuple of ``name=value``) or ``"param"``
@@ -54,10 +66,16 @@ def check_agreement(group, items: list[tuple[str, str, Any]], owners: str) -> No
     details, and every rank raises the same PlanMismatchError naming the first difference.
     Every rank sees the same digests, so every rank takes the second collective or none.
     """
-    digest = hashlib.sha1(repr((items, owners)).encode()).hexdigest()[:16]
+    digest = None if error is not None else hashlib.sha1(repr((items, owners)).encode()).hexdigest()[:16]
     world = dist.get_world_size(group)
-    digests: list = [None] * world
-    dist.all_gather_object(digests, digest, group=group)
+    first: list = [None] * world
+    dist.all_gather_object(first, (None if error is None else str(error), digest), group=group)
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, (message, _) in enumerate(first) if message is not None]
+    if failed:
+        raise RankFailedError(f"rank {failed[0][0]} could not build the optimizer: {failed[0][1]}")
+    digests = [d for _, d in first]
     if len(set(digests)) == 1:
         return
     everyone: list = [None] * world

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .blocking import make_blocking
-from .communication import check_agreement, raise_anywhere
+from .communication import PlanMismatchError, RankFailedError, check_agreement, raise_anywhere
 from .diagnostics import (
     NonFiniteGradientWarning,
     RootFailureWarning,
@@ -73,6 +73,20 @@ def _materialize_group(group: dict[str, Any]) -> dict[str, Any]:
     if ps is None or isinstance(ps, (torch.Tensor, set, list)):
         return group  # torch.optim checks these (a set is refused: its order is arbitrary)
     return {**group, "params": list(ps)}
+
+
+def _peers(mesh: Any) -> Any:
+    """The group whose ranks check, at construction, that they built the same optimizer (None:
+    the default group), or False when there is none: ``mesh``'s ranks, or every rank of an
+    initialized process group of more than one."""
+    if mesh is not None:
+        size = getattr(mesh, "size", None)
+        if callable(size) and getattr(mesh, "ndim", None) == 1 and size() > 1:
+            return mesh.get_group()
+        return False
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    return False
 
 
 def _count_blocks(params: list, defaults: dict[str, Any]) -> int:
@@ -226,61 +240,71 @@ class ShardedShampoo(torch.optim.Optimizer):
             eigenbasis=eigenbasis,
             qr_iterations=qr_iterations,
         )
-        # Fail on bad defaults even when every group overrides them.
-        GroupOptions.from_group(defaults)
-        defaults["factor_dtype"] = factor_dtype_name(parse_factor_dtype(factor_dtype))
-        if communication_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise ValueError(
-                "communication_dtype must be one of torch.float32, torch.bfloat16, "
-                f"torch.float16, torch.float64, got {communication_dtype!r}"
+        try:
+            # Fail on bad defaults even when every group overrides them.
+            GroupOptions.from_group(defaults)
+            defaults["factor_dtype"] = factor_dtype_name(parse_factor_dtype(factor_dtype))
+            if communication_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(
+                    "communication_dtype must be one of torch.float32, torch.bfloat16, "
+                    f"torch.float16, torch.float64, got {communication_dtype!r}"
+                )
+            params = _materialize(params)
+            self._world_mesh = dtensor_mesh(params)
+            if self._world_mesh is not None and (
+                mesh is not None or num_trainers_per_group is not None
+            ):
+                raise ValueError(
+                    "with DTensor parameters the optimizer shards over the whole "
+                    "world: mesh and num_trainers_per_group must be left at None"
+                )
+            # The mesh is created only once the ranks agreed on the settings (_after_plan_change).
+            blocks = None if self._world_mesh is not None else _count_blocks(params, defaults)
+            shards, self._rank = shard_width(mesh, num_trainers_per_group, blocks)
+            self._mesh = mesh if shards > 1 else None
+            self._agreement_group = mesh.get_group() if self._mesh is not None else None
+            self._distributed = shards > 1 or self._world_mesh is not None
+            # Ranks check that they built the same optimizer whenever there are several, sharded
+            # or not (a replicated optimizer whose ranks disagree diverges silently).
+            self._check_agreement = self._distributed or (
+                mesh is None and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1
             )
-        params = _materialize(params)
-        self._world_mesh = dtensor_mesh(params)
-        if self._world_mesh is not None and (
-            mesh is not None or num_trainers_per_group is not None
-        ):
-            raise ValueError(
-                "with DTensor parameters the optimizer shards over the whole "
-                "world: mesh and num_trainers_per_group must be left at None"
+            self._device_type = device_type(params)
+            self._settings = [
+                ("setting", "the number of ranks blocks are sharded over", shards),
+                ("setting", "communication_dtype", str(communication_dtype)),
+                ("setting", "the DTensor parameters' world mesh",
+                 None if self._world_mesh is None else self._world_mesh.shape),
+            ]
+            # Built before torch.distributed was initialized (the optimizer is then not sharded):
+            # worth a warning at the first step if a process group exists by then.
+            self._check_late_process_group = (
+                mesh is None and num_trainers_per_group is None and self._world_mesh is None
+                and not (dist.is_available() and dist.is_initialized())
             )
-        # The mesh is created only once the ranks agreed on the settings (_after_plan_change).
-        blocks = None if self._world_mesh is not None else _count_blocks(params, defaults)
-        shards, self._rank = shard_width(mesh, num_trainers_per_group, blocks)
-        self._mesh = mesh if shards > 1 else None
-        self._agreement_group = mesh.get_group() if self._mesh is not None else None
-        self._distributed = shards > 1 or self._world_mesh is not None
-        # Ranks check that they built the same optimizer whenever there are several, sharded
-        # or not (a replicated optimizer whose ranks disagree diverges silently).
-        self._check_agreement = self._distributed or (
-            mesh is None and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1
-        )
-        self._device_type = device_type(params)
-        self._settings = [
-            ("setting", "the number of ranks blocks are sharded over", shards),
-            ("setting", "communication_dtype", str(communication_dtype)),
-            ("setting", "the DTensor parameters' world mesh",
-             None if self._world_mesh is None else self._world_mesh.shape),
-        ]
-        # Built before torch.distributed was initialized (the optimizer is then not sharded):
-        # worth a warning at the first step if a process group exists by then.
-        self._check_late_process_group = (
-            mesh is None and num_trainers_per_group is None and self._world_mesh is None
-            and not (dist.is_available() and dist.is_initialized())
-        )
-        self._plan = Plan(shards, self._world_mesh)
-        self._communication_dtype = communication_dtype
-        self._distributors: list[Distributor] = []
-        self._blocks: list[GroupBlocks] = []
-        self._pools: list[StatePool] = []
-        self._step_tensors: list[torch.Tensor] = []
-        self._structure: list[tuple] = []
-        self._views_for_saving = False
-        self._consolidated: dict[str, Any] | None = None  # see consolidate_state_dict
-        self._built = False
-        super().__init__(params, defaults)
-        self._built = True
-        self._after_plan_change()
+            self._plan = Plan(shards, self._world_mesh)
+            self._communication_dtype = communication_dtype
+            self._distributors: list[Distributor] = []
+            self._blocks: list[GroupBlocks] = []
+            self._pools: list[StatePool] = []
+            self._step_tensors: list[torch.Tensor] = []
+            self._structure: list[tuple] = []
+            self._views_for_saving = False
+            self._consolidated: dict[str, Any] | None = None  # see consolidate_state_dict
+            self._built = False
+            super().__init__(params, defaults)
+            self._built = True
+            self._after_plan_change()
+        except (PlanMismatchError, RankFailedError):
+            raise  # raised on every rank already
+        except ValueError as e:
+            # Raised here alone (an option only this rank got wrong): the other ranks are in
+            # the agreement's collective, which this rank joins with its error.
+            group = _peers(mesh)
+            if group is not False:
+                check_agreement(group, [], "", error=e)
+            raise
 
     # ---------------------------------------------------------------- param groups
 
@@ -299,7 +323,12 @@ class ShardedShampoo(torch.optim.Optimizer):
             raise ValueError(f"param group {gi}: {e}") from None
         super().add_param_group(param_group)
         try:
-            self._place_group(gi)
+            try:
+                self._place_group(gi)
+            except ValueError as e:
+                if self._built and self._check_agreement:  # the others are in the agreement
+                    check_agreement(self._agreement_group, [], "", error=e)
+                raise
             if self._built:
                 self._after_plan_change()
         except BaseException:

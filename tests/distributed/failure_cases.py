@@ -123,6 +123,23 @@ def construction_differs(rank, world, what):
     return _outcome(lambda: ShardedShampoo(params, **{**OPTIONS, **kwargs})), _group_still_works(world)
 
 
+def bad_option_on_one_rank(rank, world, when):
+    """An option only rank 1 gets wrong, at construction or in a later add_param_group: rank 1
+    raises its ValueError, the others learn of it in the agreement's collective and raise too,
+    at once (before, they waited there for rank 1 until the timeout)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    bad = -1.0 if rank == 1 else 0.01
+    start = time.monotonic()
+    if when == "construction":
+        message = _outcome(lambda: ShardedShampoo(model.parameters(), **{**OPTIONS, "lr": bad}))
+    else:
+        opt = ShardedShampoo(model[0].parameters(), **OPTIONS)
+        message = _outcome(lambda: opt.add_param_group({"params": model[1].parameters(), "lr": bad}))
+        assert len(opt.param_groups) == 1  # refused: the optimizer is as it was
+    return message, time.monotonic() - start, _group_still_works(world)
+
+
 def trainer_groups_differ(rank, world):
     """num_trainers_per_group 2 on ranks 0-1 and 4 on ranks 2-3: before, ranks hung in
     init_device_mesh; now the settings are compared before any mesh exists."""

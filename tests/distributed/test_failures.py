@@ -25,6 +25,8 @@ CASES_2 = {
     "memory": (fc.per_layer_groups_memory, {}),
     "before_pg": (fc.built_before_process_group, {}),
     "copy": (fc.copy_refused, {}),
+    "bad_at_construction": (fc.bad_option_on_one_rank, {"when": "construction"}),
+    "bad_added_group": (fc.bad_option_on_one_rank, {"when": "add_param_group"}),
 }
 CASES_4 = {
     "trainer_groups": (fc.trainer_groups_differ, {}),
@@ -70,6 +72,16 @@ def test_invalid_options_on_one_rank_raise_everywhere(world2):
     assert m0.startswith("RuntimeError: "), m0
     assert params0 and params1 and works0 and works1
     assert all1  # the rank with the bad option changed nothing at all
+
+
+@pytest.mark.parametrize("case", ["bad_at_construction", "bad_added_group"])
+def test_an_option_bad_on_one_rank_raises_everywhere_at_once(world2, case):
+    (m0, s0, works0), (m1, s1, works1) = world2[case].ok()
+    assert "lr must be in [0.0, inf], got -1.0" in m1 and m1.startswith("ValueError"), m1
+    assert m0.startswith("RankFailedError: rank 1 could not build the optimizer:"), m0
+    assert "lr must be" in m0, m0
+    assert max(s0, s1) < COLLECTIVE_TIMEOUT_S / 3, (s0, s1)
+    assert works0 and works1
 
 
 def test_a_rank_without_gradients_does_not_leave_the_others_waiting(world2):

@@ -98,7 +98,6 @@ def test_matches_single_process(groups, references, mode, world, variant):
     values = groups[(mode, variant)].ok()
     check(values, references[variant])
     if variant == "base":
-        placements = set(values[0]["placements"].values())
         expected = {
             "tp": {"(Shard(dim=0),)", "(Shard(dim=1),)", "(Replicate(),)"},
             "fsdp_tp": {"(_StridedShard(dim=0, sf=2), Shard(dim=0))",
@@ -107,7 +106,12 @@ def test_matches_single_process(groups, references, mode, world, variant):
                         "(Replicate(), Shard(dim=0), Shard(dim=1))",
                         "(Replicate(), Shard(dim=0), Replicate())"},
         }[mode]
+        scale = values[0]["placements"].pop("scale", None)
+        placements = set(values[0]["placements"].values())
         assert placements == expected  # the layouts this test is about were exercised
+        # The logit scale: plain under TP alone, on the data-parallel slice under FSDP2 x TP.
+        assert scale == {"tp": None, "fsdp_tp": "(Shard(dim=0),)",
+                         "hsdp_tp": "(Replicate(), Shard(dim=0))"}[mode], scale
 
 
 def test_nan_block_is_skipped_everywhere(groups, references):

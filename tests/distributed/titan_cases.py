@@ -24,7 +24,10 @@ def build(mode, world, root, folder, async_mode="disabled"):
 
     from sharded_shampoo.integrations.torchtitan import sharded_shampoo_config
 
-    model = tp_cases.make_llama()
+    # Without the logit scale: under FSDP2 x TP it would sit on the "dp" slice of the mesh, and
+    # torchtitan's clip_grad_norm_ stacks the norms of all parameters, which DTensor refuses
+    # across meshes (torchtitan's models keep every parameter on one mesh).
+    model = tp_cases.make_llama(scaled=False)
     wrapped, dp, index = tp_cases.parallelize(model, mode, world)
     options = {k: v for k, v in OPTIONS.items() if k != "communication_dtype"}
     optimizers = sharded_shampoo_config(

@@ -38,13 +38,32 @@ OPTIONS = dict(
 CONFIG = LlamaConfig(vocab=37, width=16, layers=2, heads=4, hidden=24)
 
 
-def make_llama() -> Llama:
+class ScaledLlama(Llama):
+    """The Llama with a per-class logit scale that tensor parallelism leaves alone: under TP
+    alone it stays a plain parameter beside the DTensors (a mixed optimizer); under FSDP2 x TP
+    FSDP2 makes it a DTensor on the "dp" slice of the mesh, not on the 2-D mesh itself."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__(cfg)
+        self.scale = nn.Parameter(torch.ones(cfg.vocab))
+
+    def forward(self, idx, targets=None):
+        logits = super().forward(idx) * self.scale
+        if targets is None:
+            return logits
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def make_llama(scaled: bool = True) -> Llama:
+    """The test model (``scaled``: with the logit scale of ``ScaledLlama``)."""
     torch.manual_seed(0)
-    model = Llama(CONFIG).double()
-    with torch.no_grad():  # norms away from 1, so that their blocks see real gradients
+    model = (ScaledLlama if scaled else Llama)(CONFIG).double()
+    with torch.no_grad():  # norms and scale away from 1, so that their blocks see real gradients
         for m in model.modules():
             if isinstance(m, nn.RMSNorm):
                 m.weight.uniform_(0.5, 1.5)
+        if scaled:
+            model.scale.uniform_(0.5, 1.5)
     return model
 
 
