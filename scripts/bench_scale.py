@@ -260,6 +260,7 @@ def minimum_bytes(plan, rank: int, itemsize: int) -> int:
             replica = [mesh.coord(rank)[m] for m in sharding.replica_dims()]
             for bid, piece in shard_pieces(blocking, sharding, mesh.coord(rank)):
                 owner = g.owners[pi][bid]
+                # Counted where the owner's replica holds it (whichever copy one scheme sends).
                 if owner not in mesh.holders(sharding, piece.shard) and replica == [
                     mesh.coord(owner)[m] for m in sharding.replica_dims()
                 ]:

@@ -127,11 +127,10 @@ class PieceRoutes:
                 sharding = group.spec.sharding(pi)
                 if sharding is None:
                     continue
-                replica = [coord[m] for m in sharding.replica_dims()]
                 for bid, piece in shard_pieces(blocking, sharding, coord):
                     route = Route(gi, pi, bid, piece)
                     owner = group.owners[pi][bid]
-                    if [mesh.coord(owner)[m] for m in sharding.replica_dims()] == replica:
+                    if mesh.source(sharding, piece.shard, owner) == rank:
                         grad_out[owner].append(route)
                     dir_in[owner].append(route)
                 for bid in sorted(mine.get(pi, ())):

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from ..blocking import ParamBlocking
 
 __all__ = [
-    "Box", "Piece", "Sharding", "WorldMesh", "block_box", "largest_piece", "pieces_of_block", "shard_pieces",
+    "Box", "Piece", "Sharding", "WorldMesh", "block_box", "largest_piece", "pieces_of_block",
+    "shard_pieces",
 ]
 
 Box = tuple[tuple[int, int], ...]  # per tensor dim, [lo, hi)
@@ -52,6 +53,7 @@ class Sharding:
         return tuple(sorted(m for dims in self.splits for m in dims))
 
     def replica_dims(self) -> tuple[int, ...]:
+        """The mesh dims along which ranks hold copies of the same part."""
         sharding = set(self.shard_dims)
         return tuple(m for m in range(len(self.mesh_shape)) if m not in sharding)
 
