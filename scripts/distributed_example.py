@@ -1,8 +1,8 @@
 """Distributed training with ShardedShampoo under DDP, FSDP2 or HSDP.
 
 Each rank computes the Shampoo update of the blocks it owns: under DDP one AllGather per step
-shares the directions; under FSDP2/HSDP gradient rows travel to block owners and direction rows
-back to the ranks holding them (all_to_all), so nothing is ever gathered whole.
+shares the directions; under FSDP2/HSDP pieces of gradients travel to block owners and pieces of
+directions back to the ranks holding them (all_to_all), so nothing is ever gathered whole.
 
 Checkpoints (DCP) every K steps with --checkpoint-dir DIR --checkpoint-every K; --resume continues
 from the newest complete one, at any world size and in any mode.

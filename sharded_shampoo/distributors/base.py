@@ -88,7 +88,7 @@ class Distributor:
 
     def _buffer(self, store: dict, gi: int, si: int, stack: BlockStack) -> torch.Tensor:
         # Persistent: a fresh allocation of this size each step costs page faults on CPU and
-        # allocator churn on GPU; the row exchange also keeps views into them.
+        # allocator churn on GPU; the DTensor exchange also keeps views into them.
         buf = store.get((gi, si))
         if buf is None:
             buf = store[(gi, si)] = torch.empty(
