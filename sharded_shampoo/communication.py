@@ -35,11 +35,16 @@ def raise_anywhere(group, error: Exception | None) -> None:
     first failing rank's message. One collective; every rank must call it."""
     messages: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, None if error is None else str(error), group=group)
+    _raise_first(error, messages, ValueError, "refused it")
+
+
+def _raise_first(error: Exception | None, messages: list, kind: type, what: str) -> None:
+    """Raises this rank's ``error``, or else ``kind`` naming the first rank with a message."""
     if error is not None:
         raise error
     for r, message in enumerate(messages):
         if message is not None:
-            raise ValueError(f"rank {r} refused it: {message}")
+            raise kind(f"rank {r} {what}: {message}")
 
 
 class RankFailedError(ValueError):
@@ -70,11 +75,7 @@ def check_agreement(
     world = dist.get_world_size(group)
     first: list = [None] * world
     dist.all_gather_object(first, (None if error is None else str(error), digest), group=group)
-    if error is not None:
-        raise error
-    failed = [(r, message) for r, (message, _) in enumerate(first) if message is not None]
-    if failed:
-        raise RankFailedError(f"rank {failed[0][0]} could not build the optimizer: {failed[0][1]}")
+    _raise_first(error, [m for m, _ in first], RankFailedError, "could not build the optimizer")
     digests = [d for _, d in first]
     if len(set(digests)) == 1:
         return

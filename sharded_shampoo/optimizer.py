@@ -76,9 +76,10 @@ def _materialize_group(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peers(mesh: Any) -> Any:
-    """The group whose ranks check, at construction, that they built the same optimizer (None:
-    the default group), or False when there is none: ``mesh``'s ranks, or every rank of an
-    initialized process group of more than one."""
+    """The group whose ranks check that they built the same optimizer (None: the default
+    group), or False when there is none: ``mesh``'s ranks when it has several, or every rank
+    of an initialized process group of more than one. Derived from the arguments alone, so that
+    a rank whose construction failed early still finds the group the others check in."""
     if mesh is not None:
         size = getattr(mesh, "size", None)
         if callable(size) and getattr(mesh, "ndim", None) == 1 and size() > 1:
@@ -262,14 +263,12 @@ class ShardedShampoo(torch.optim.Optimizer):
             blocks = None if self._world_mesh is not None else _count_blocks(params, defaults)
             shards, self._rank = shard_width(mesh, num_trainers_per_group, blocks)
             self._mesh = mesh if shards > 1 else None
-            self._agreement_group = mesh.get_group() if self._mesh is not None else None
             self._distributed = shards > 1 or self._world_mesh is not None
             # Ranks check that they built the same optimizer whenever there are several, sharded
             # or not (a replicated optimizer whose ranks disagree diverges silently).
-            self._check_agreement = self._distributed or (
-                mesh is None and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1
-            )
+            peers = _peers(mesh)
+            self._check_agreement = peers is not False
+            self._agreement_group = peers if peers is not False else None
             self._device_type = device_type(params)
             self._settings = [
                 ("setting", "the number of ranks blocks are sharded over", shards),

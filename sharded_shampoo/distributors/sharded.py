@@ -157,7 +157,6 @@ class ShardedDistributor(Distributor):
         mesh = plan.mesh
         out: dict[tuple[int, int], _Param] = {}
         local_pos: dict[tuple[int, int, int], int] = {}
-        boxes = {}
         coord = mesh.coord(self.rank) if mesh is not None else ()
         for gi, group in enumerate(plan.groups):
             for pi, blocking in enumerate(group.blockings):
@@ -165,7 +164,7 @@ class ShardedDistributor(Distributor):
                 if sharding is None:
                     continue
                 prm = out[(gi, pi)] = _Param()
-                mine = boxes[(gi, pi)] = sharding.box(blocking.shape, coord)
+                mine = sharding.box(blocking.shape, coord)
                 for i, (bid, piece) in enumerate(shard_pieces(blocking, sharding, coord)):
                     local_pos[(gi, pi, bid)] = i
                     prm.index.append(_slices(piece, mine))
