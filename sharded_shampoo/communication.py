@@ -11,6 +11,7 @@ a collective or replicas drifting apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any
 
@@ -23,11 +24,23 @@ __all__ = [
     "PlanMismatchError",
     "RankFailedError",
     "STATUS_WORDS",
+    "StatusWords",
     "check_agreement",
+    "on_device",
     "raise_anywhere",
     "read_status",
     "status_words",
 ]
+
+
+def on_device(device: torch.device | None):
+    """A context in which object collectives (``all_gather_object``) and barriers run on this
+    rank's accelerator: NCCL puts their tensors on the current CUDA device, which is cuda:0
+    unless the script called ``torch.cuda.set_device(local_rank)``; inside, it is ``device``,
+    where this rank's parameters are."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def raise_anywhere(group, error: Exception | None) -> None:
@@ -151,12 +164,37 @@ def status_words(flags: int, digest: int) -> list[float]:
     return [float(flags)] + [float((digest >> (8 * i)) & 0xFF) for i in range(4)]
 
 
-def read_status(words: torch.Tensor, digest: int) -> torch.Tensor:
+class StatusWords:
+    """This rank's status words for a step, on ``device``: written on the host into pinned
+    memory and copied without blocking, the one host-to-device copy a step needs (the digest
+    is computed on the host). The host buffer is rewritten only once the previous copy is done
+    (it always is: the step's host read comes after it)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        device = torch.device(device)
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(STATUS_WORDS, dtype=dtype, device="cpu", pin_memory=pinned)
+        self.device = torch.zeros(STATUS_WORDS, dtype=dtype, device=device)
+        self._copied = torch.cuda.Event() if pinned else None
+
+    def write(self, flags: int, digest: int) -> torch.Tensor:
+        if self._copied is not None and not self._copied.query():
+            self._copied.synchronize()
+        words = torch.tensor(status_words(flags, digest), dtype=self.host.dtype, device="cpu")
+        self.host.copy_(words)
+        self.device.copy_(self.host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return self.device
+
+
+def read_status(words: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
     """Per row of ``words`` (n, STATUS_WORDS): (FAILED set, DISAGREED set, digest differs from
-    ``digest``), as an (n, 3) bool tensor. Tensor operations, not a Python loop over peers:
-    a rank reads a status from every peer, thousands of them at scale."""
+    this rank's, whose words are ``mine``), as an (n, 3) bool tensor on their device. Tensor
+    operations, not a Python loop over peers: a rank reads a status from every peer, thousands
+    of them at scale."""
     w = words.to(torch.int64)
-    mine = torch.tensor(status_words(0, digest)[1:], device=w.device).to(torch.int64)
+    digest = mine[1:].to(torch.int64)
     return torch.stack(
-        [(w[:, 0] & FAILED) != 0, (w[:, 0] & DISAGREED) != 0, (w[:, 1:] != mine).any(1)], dim=1
+        [(w[:, 0] & FAILED) != 0, (w[:, 0] & DISAGREED) != 0, (w[:, 1:] != digest).any(1)], dim=1
     )

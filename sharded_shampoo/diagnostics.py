@@ -4,6 +4,7 @@ that keep failing)."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -21,8 +22,9 @@ __all__ = [
     "RootFailureWarning",
     "block_name",
     "check_roots",
-    "skip_nonfinite",
+    "largest_norm",
     "warn",
+    "warn_skipped",
 ]
 
 
@@ -66,21 +68,24 @@ def block_name(blocking: ParamBlocking, param_name: str, bid: int) -> str:
 BlockNamer = Callable[[int, int, int], str]
 
 
-def skip_nonfinite(w: StackWork, name: BlockNamer, step: int) -> None:
-    """Warns about, and drops from ``w.rows`` (into ``w.skipped``), the blocks whose gradient
-    is not finite."""
-    bad = ~w.finite.cpu()
-    if w.rows is not None:
-        bad &= w.rows
+def largest_norm(dtype: torch.dtype) -> float:
+    """The largest block gradient norm whose square ``dtype`` holds (a larger one would make
+    the block's factor infinite)."""
+    return math.sqrt(torch.finfo(dtype).max)
+
+
+def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
+    """Warns about the blocks of ``w`` skipped for a non-finite (or too large) gradient. A slow
+    path, taken only when the step's host read said some block was: it reads the step's
+    per-block masks and norms back."""
+    bad = (~w.keep).cpu()
+    norms = w.norms.cpu()
     for r in bad.nonzero().flatten().tolist():
         pi, bid = w.stack.row_owner[r]
-        g = w.grad[r]
-        if bool(torch.isfinite(g).all()):
-            # The squared norm overflowed: the block's factor would become infinite.
-            what = (
-                f"too large a gradient (largest |g| {float(g.abs().max()):.3g}; its squared "
-                f"norm overflows {g.dtype})"
-            )
+        norm = float(norms[r])
+        if math.isfinite(norm):
+            # The squared norm overflows: the block's factor would become infinite.
+            what = f"too large a gradient (norm {norm:.3g}; its squared norm overflows {w.grad.dtype})"
         else:
             what = "a non-finite gradient (NaN or Inf)"
         warn(
@@ -89,10 +94,6 @@ def skip_nonfinite(w: StackWork, name: BlockNamer, step: int) -> None:
             ),
             step,
         )
-    if bad.any():
-        base = torch.ones(w.stack.num_rows, dtype=torch.bool) if w.rows is None else w.rows
-        w.rows = base & ~bad
-        w.skipped = bad
 
 
 def check_roots(

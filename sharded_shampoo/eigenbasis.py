@@ -60,8 +60,11 @@ def _tie_broken(a: torch.Tensor) -> torch.Tensor:
     return a + torch.diag_embed((TIE_BREAK * mean).unsqueeze(-1) * ramp)
 
 
-def refresh_eigenbasis(state: TensorDict, opts: GroupOptions, order: int) -> torch.Tensor:
-    """Recomputes the eigenvectors of every block of the stack; returns which succeeded."""
+def refresh_eigenbasis(
+    state: TensorDict, opts: GroupOptions, order: int, keep: torch.Tensor
+) -> torch.Tensor:
+    """Recomputes the eigenvectors of the kept blocks (``keep``) of the stack; returns which
+    succeeded, True for the blocks not kept (they change nothing)."""
     values = state["corrected_eigenvalues"]
     new, permutations, ok = [], [], None
     for i in range(order):
@@ -85,17 +88,16 @@ def refresh_eigenbasis(state: TensorDict, opts: GroupOptions, order: int) -> tor
         new.append(q.to(old.dtype))
         ok = good if ok is None else ok & good
     assert ok is not None
-    keep = ok.view(-1, *([1] * (values.dim() - 1)))
+    take = (ok & keep).view(-1, *([1] * (values.dim() - 1)))
     filtered = state.get("filtered_grad", None)
     if filtered is not None:  # kept in the eigenbasis: into the new one
         old_q = [state[f"eigenvectors_{i}"] for i in range(order)]
         moved = precondition(precondition(filtered, old_q), [q.mT for q in new])
-        filtered.copy_(torch.where(keep, moved, filtered))
+        filtered.copy_(torch.where(take, moved, filtered))
     for i, perm in permutations:
         # Entry j of dim i follows column perm[j] of the old eigenvectors.
         shape = [1] * values.dim()
         shape[0], shape[i + 1] = perm.shape[0], perm.shape[1]
         index = perm.view(shape).expand_as(values)
-        values.copy_(torch.where(keep, values.gather(i + 1, index), values))
-    keep_successes(state, "eigenvectors", new, ok)
-    return ok
+        values.copy_(torch.where(take, values.gather(i + 1, index), values))
+    return keep_successes(state, "eigenvectors", new, ok, keep)

@@ -2,6 +2,10 @@
 
 Everything here is batched over the leading (block) dim and knows nothing about parameters,
 param groups or processes: the same stack gives the same result wherever it is computed.
+
+Nothing here reads a value back to the host in a step without a refresh: which blocks step
+(a non-finite gradient skips a block) is a mask on the device (``RowGate``), applied with
+per-row constants, so that the decision never waits for the device.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from .modes import precondition
 from .options import GroupOptions
 from .roots import inverse_roots, keep_successes
 
-__all__ = ["stack_step", "factor_gram_inputs", "precondition", "refresh_roots"]
+__all__ = ["RowGate", "due_rows", "factor_gram_inputs", "precondition", "refresh", "stack_step"]
 
 
 def factor_gram_inputs(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,20 +42,53 @@ def factor_gram_inputs(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.T
     return a, a.mT
 
 
-def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float) -> None:
-    a, b = factor_gram_inputs(g, dim)
-    decay, weight = (1.0, 1.0) if beta2 == 1.0 else (beta2, 1.0 - beta2)
+class RowGate:
+    """Which blocks of a stack step: ``keep`` (n,) bool, on the stack's device. A block not
+    kept (its gradient is not finite) leaves its state bitwise unchanged and gets a zero
+    direction: its gradient is zeroed, each moving average decays it by 1 instead of beta, and
+    its direction is zeroed at the end. All of it on the device, whatever ``keep`` holds."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self.keep = keep
+        self.skip = ~keep
+
+    def rows(self, value: float, other: float, like: torch.Tensor) -> torch.Tensor:
+        """(n, 1, ..., 1) in ``like``'s dtype: ``value`` for the kept blocks, ``other`` for the
+        others. Filled on the device (no host-to-device copy)."""
+        shape = (self.keep.shape[0],) + (1,) * (like.dim() - 1)
+        full = torch.full(shape, value, dtype=like.dtype, device=like.device)
+        return full.masked_fill_(self.skip.view(shape), other)
+
+    def zero_skipped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the rows of skipped blocks set to 0, in place."""
+        return x.masked_fill_(self.skip.view(-1, *([1] * (x.dim() - 1))), 0.0)
+
+    def kept(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``x`` where kept, else 0, written into ``out`` (``x`` may be state: left as it is)."""
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(self.keep.view(-1, *([1] * (x.dim() - 1))), x, zero, out=out)
+
+
+def _ema(x: torch.Tensor, beta: float, gate: RowGate) -> torch.Tensor:
+    """``x`` multiplied by ``beta`` in the kept rows, in place (``beta == 1``: unchanged)."""
+    return x if beta == 1.0 else x.mul_(gate.rows(beta, 1.0, x))
+
+
+def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float, gate: RowGate) -> None:
+    a, b = factor_gram_inputs(g, dim)  # zero for skipped blocks
+    weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    _ema(f, beta2, gate)
     if f.dtype == g.dtype:
-        f.baddbmm_(a, b, beta=decay, alpha=weight)
+        f.baddbmm_(a, b, alpha=weight)
     else:
-        gram = torch.bmm(a, b).to(f.dtype)
-        if decay != 1.0:
-            f.mul_(decay)
-        f.add_(gram, alpha=weight)
+        f.add_(torch.bmm(a, b).to(f.dtype), alpha=weight)
 
 
-def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> torch.Tensor:
-    """Recomputes every root of the stack; returns which blocks succeeded (n,) bool.
+def refresh_roots(
+    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
+) -> torch.Tensor:
+    """Recomputes the roots of the kept blocks of the stack; returns which succeeded (n,) bool,
+    True for the blocks not kept (they keep their roots, as they keep all their state).
 
     A block for which any factor's root fails keeps all its previous roots, and its
     ``root_failures`` count goes up; a success resets the count.
@@ -74,36 +111,56 @@ def refresh_roots(state: TensorDict, opts: GroupOptions, t: int, order: int) -> 
         new_roots.append(r)
         ok = good if ok is None else ok & good
     assert ok is not None
-    keep_successes(state, "root", new_roots, ok)
-    return ok
+    return keep_successes(state, "root", new_roots, ok, keep)
 
 
-def _refresh(state: TensorDict, opts: GroupOptions, t: int, order: int) -> torch.Tensor:
+def _refresh(
+    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
+) -> torch.Tensor:
     """Roots, or eigenvectors with the eigenvalue-corrected preconditioner, of every block."""
     if opts.eigenvalue_corrected:
-        return refresh_eigenbasis(state, opts, order)
-    return refresh_roots(state, opts, t, order)
+        return refresh_eigenbasis(state, opts, order, keep)
+    return refresh_roots(state, opts, t, order, keep)
 
 
-def _refresh_rows(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, rows: torch.Tensor
+def refresh(
+    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``_refresh`` for the blocks ``rows`` only (one batched decomposition per dim)."""
+    """Recomputes the roots (or eigenbases) of the blocks ``rows`` (indices on the stack's
+    device; None: all), one batched decomposition per dim; returns per row whether it
+    succeeded (see ``refresh_roots``)."""
+    if rows is None:
+        return _refresh(state, opts, t, order, keep)
     changed = [f"{opts.basis}_{i}" for i in range(order)] + ["root_failures"]
     if opts.eigenvalue_corrected:
         changed.append("corrected_eigenvalues")
         if "filtered_grad" in state.keys():
             changed.append("filtered_grad")  # kept in the eigenbasis
-    idx = rows.to(state.device) if state.device is not None else rows
-    sub = state.select(*[f"factor_{i}" for i in range(order)], *changed)[idx]
-    ok = _refresh(sub, opts, t, order)
+    sub = state.select(*[f"factor_{i}" for i in range(order)], *changed)[rows]
+    ok = _refresh(sub, opts, t, order, keep[rows])
     for key in changed:
-        state[key][idx] = sub[key]
+        state[key][rows] = sub[key]
     return ok
 
 
+def due_rows(opts: GroupOptions, t: int, phases: torch.Tensor | None) -> torch.Tensor | bool:
+    """Which blocks refresh their roots at step ``t``: True (all), False (none), or the host
+    indices of those whose phase (``phases``, host tensor, with ``stagger_roots``) is due."""
+    start = opts.start_preconditioning_step
+    if phases is None or t == start:
+        # Every block at the start (staggered too: no block waits for its phase to be
+        # preconditioned), and every f steps after it without staggering.
+        return opts.is_amortized_step(t)
+    if t < start:
+        return False
+    due = (phases == t % opts.precondition_frequency).nonzero().flatten()
+    return due if due.numel() else False
+
+
 def _corrected_step(
-    state: TensorDict, grad: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int
+    state: TensorDict, grad: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int,
+    gate: RowGate,
 ) -> torch.Tensor:
     """The eigenvalue-corrected direction: the corrected eigenvalues and the filtered gradient
     follow the gradient in the current eigenbasis (the filtered gradient is kept there, and
@@ -114,13 +171,11 @@ def _corrected_step(
     q = [state[f"eigenvectors_{i}"] for i in range(order)]
     rotated = precondition(grad, [x.mT for x in q])
     corrected = state["corrected_eigenvalues"]
-    if opts.beta2 == 1.0:
-        corrected.addcmul_(rotated, rotated)
-    else:
-        corrected.mul_(opts.beta2).addcmul_(rotated, rotated, value=1.0 - opts.beta2)
+    weight = 1.0 if opts.beta2 == 1.0 else 1.0 - opts.beta2
+    _ema(corrected, opts.beta2, gate).addcmul_(rotated, rotated, value=weight)
     filtered = state.get("filtered_grad", None)
     if filtered is not None:
-        filtered.lerp_(rotated, 1.0 - opts.beta1)
+        filtered.lerp_(rotated, gate.rows(1.0 - opts.beta1, 0.0, filtered))
         m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
     else:
         m = rotated
@@ -161,57 +216,54 @@ def stack_step(
     param: torch.Tensor | None,
     opts: GroupOptions,
     t: int,
-    phases: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Steps 3 to 9 of the algorithm for one stack; returns ``(direction, roots_ok, rows)``.
+    keep: torch.Tensor | None = None,
+    due: torch.Tensor | bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 3 to 9 of the algorithm for one stack; returns ``(direction, roots_ok)``.
 
     ``grad`` (n, *shape) is consumed (it may be modified in place). ``param`` holds the blocks of
-    the parameters, needed only with weight decay. ``state`` is updated in place. ``phases``
-    (n,) on the CPU: each block's phase with ``stagger_roots`` (roots at ``start``, then at the
-    steps ``t > start`` with ``t % precondition_frequency == phase``). ``roots_ok`` says which of the
-    blocks ``rows`` (CPU indices) computed roots in this step, if any did. The direction may
-    share memory with the state.
+    the parameters, needed only with weight decay. ``state`` is updated in place. ``keep``
+    (n,) bool on the stack's device: the blocks that step (see ``RowGate``; None: all).
+    ``due``: the blocks whose roots are recomputed in this step (``due_rows``): True, False,
+    or their indices on the stack's device; ``roots_ok`` then says, per such block, whether
+    its roots were computed (True for blocks not kept). The direction never shares memory with
+    the state.
     """
     order = grad.dim() - 1
+    if keep is None:
+        keep = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    gate = RowGate(keep)
     wd = opts.weight_decay
     if wd > 0 and not opts.decoupled_weight_decay:
         assert param is not None
         grad.add_(param, alpha=wd)
+    gate.zero_skipped(grad)
 
     for i in range(order):
-        _update_factor(state[f"factor_{i}"], grad, i, opts.beta2)
+        _update_factor(state[f"factor_{i}"], grad, i, opts.beta2, gate)
     v = state.get("graft_v", None)
     if opts.grafting in ("adam", "rmsprop"):
-        v.mul_(opts.grafting_beta2).addcmul_(grad, grad, value=1.0 - opts.grafting_beta2)
+        _ema(v, opts.grafting_beta2, gate).addcmul_(grad, grad, value=1.0 - opts.grafting_beta2)
     elif opts.grafting == "adagrad":
         v.addcmul_(grad, grad)
 
-    start = opts.start_preconditioning_step
-    roots_ok, due = None, None
-    if phases is None or t == start:
-        # Every block at the start (staggered too: no block waits for its phase to be
-        # preconditioned), and every f steps after it without staggering.
-        if opts.is_amortized_step(t):
-            due = torch.arange(grad.shape[0])
-            roots_ok = _refresh(state, opts, t, order)
-    elif t > start:  # staggered: the blocks whose phase this step is
-        due = (phases == t % opts.precondition_frequency).nonzero().flatten()
-        if due.numel():
-            roots_ok = _refresh_rows(state, opts, t, order, due)
-        else:
-            due = None
+    roots_ok = None
+    if due is True:
+        roots_ok = refresh(state, opts, t, order, keep)
+    elif due is not False:
+        roots_ok = refresh(state, opts, t, order, keep, due)
 
     filtered = state.get("filtered_grad", None)
     if opts.eigenvalue_corrected:
         # From step 1 (in the identity basis until the first refresh) unless grafting is on.
-        d = _corrected_step(state, grad, v, opts, t)
+        d = _corrected_step(state, grad, v, opts, t, gate)
     else:
         if filtered is not None:
-            filtered.lerp_(grad, 1.0 - opts.beta1)
+            filtered.lerp_(grad, gate.rows(1.0 - opts.beta1, 0.0, filtered))
             m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
         else:
             m = grad
-        if t < start:
+        if t < opts.start_preconditioning_step:
             # Roots are still the identity: the Shampoo direction would be m itself.
             d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
         else:
@@ -221,14 +273,18 @@ def stack_step(
                 scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
                 d.mul_(scale.view(-1, *([1] * order)))
     if d is filtered:
-        # Weight decay and momentum below write into d: keep the state out of it.
+        # Weight decay and the gate below write into d: keep the state out of it.
         d = d.clone()
 
     if wd > 0 and opts.decoupled_weight_decay:
         assert param is not None
         d.add_(param, alpha=wd)
+    gate.zero_skipped(d)
     if opts.momentum > 0:
         buf = state["momentum"]
-        buf.mul_(opts.momentum).add_(d, alpha=1.0 - opts.dampening)
-        d = d.add_(buf, alpha=opts.momentum) if opts.nesterov else buf
-    return d, roots_ok, due
+        _ema(buf, opts.momentum, gate).add_(d, alpha=1.0 - opts.dampening)
+        if opts.nesterov:
+            gate.zero_skipped(d.add_(buf, alpha=opts.momentum))
+        else:
+            d = gate.kept(buf, out=d)
+    return d, roots_ok

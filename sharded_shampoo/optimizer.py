@@ -12,14 +12,21 @@ import torch
 import torch.distributed as dist
 
 from .blocking import make_blocking
-from .communication import PlanMismatchError, RankFailedError, check_agreement, raise_anywhere
+from .communication import (
+    PlanMismatchError,
+    RankFailedError,
+    check_agreement,
+    on_device,
+    raise_anywhere,
+)
 from .diagnostics import (
     NonFiniteGradientWarning,
     RootFailureWarning,
     block_name,
     check_roots,
-    skip_nonfinite,
+    largest_norm,
     warn,
+    warn_skipped,
 )
 from .distributors import (
     Distributor,
@@ -30,7 +37,7 @@ from .distributors import (
     Status,
     Step,
 )
-from .functional import stack_step
+from .functional import due_rows, stack_step
 from .options import (
     DEFAULTS,
     STRUCTURAL,
@@ -41,11 +48,12 @@ from .options import (
     parse_factor_dtype,
 )
 from .parallelism import (
-    device_type,
+    check_backend,
     dtensor_mesh,
     dtensor_sharding,
     is_dtensor,
     iter_tensors,
+    param_device,
     shard_width,
     shard_mesh,
 )
@@ -269,7 +277,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             peers = _peers(mesh)
             self._check_agreement = peers is not False
             self._agreement_group = peers if peers is not False else None
-            self._device_type = device_type(params)
+            self._param_device = param_device(params)
+            if self._distributed:
+                check_backend(self._param_device)
             self._settings = [
                 ("setting", "the number of ranks blocks are sharded over", shards),
                 ("setting", "communication_dtype", str(communication_dtype)),
@@ -292,9 +302,11 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._views_for_saving = False
             self._consolidated: dict[str, Any] | None = None  # see consolidate_state_dict
             self._built = False
-            super().__init__(params, defaults)
-            self._built = True
-            self._after_plan_change()
+            # Object collectives (the agreement) on this rank's accelerator, not cuda:0.
+            with on_device(self._param_device):
+                super().__init__(params, defaults)
+                self._built = True
+                self._after_plan_change()
         except (PlanMismatchError, RankFailedError):
             raise  # raised on every rank already
         except ValueError as e:
@@ -302,7 +314,8 @@ class ShardedShampoo(torch.optim.Optimizer):
             # the agreement's collective, which this rank joins with its error.
             group = _peers(mesh)
             if group is not False:
-                check_agreement(group, [], "", error=e)
+                with on_device(getattr(self, "_param_device", None)):
+                    check_agreement(group, [], "", error=e)
             raise
 
     # ---------------------------------------------------------------- param groups
@@ -322,14 +335,15 @@ class ShardedShampoo(torch.optim.Optimizer):
             raise ValueError(f"param group {gi}: {e}") from None
         super().add_param_group(param_group)
         try:
-            try:
-                self._place_group(gi)
-            except ValueError as e:
-                if self._built and self._check_agreement:  # the others are in the agreement
-                    check_agreement(self._agreement_group, [], "", error=e)
-                raise
-            if self._built:
-                self._after_plan_change()
+            with on_device(self._param_device):
+                try:
+                    self._place_group(gi)
+                except ValueError as e:
+                    if self._built and self._check_agreement:  # the others are in the agreement
+                        check_agreement(self._agreement_group, [], "", error=e)
+                    raise
+                if self._built:
+                    self._after_plan_change()
         except BaseException:
             self._discard_group(gi)
             raise
@@ -351,8 +365,11 @@ class ShardedShampoo(torch.optim.Optimizer):
                     dtensor_sharding(p, self._world_mesh, self._param_name(gi, pi))
                     if is_dtensor(p) else None
                 )
-            if len(devices) > 1:
-                raise ValueError(f"all parameters of a group must be on one device, got {devices}")
+            if devices - {self._param_device}:
+                raise ValueError(
+                    f"all parameters must be on one device: this group has {sorted(map(str, devices))}, "
+                    f"the optimizer's are on {self._param_device}"
+                )
             check_dtype_range(opts, (p.dtype for p in params))
         except ValueError as e:
             raise ValueError(f"param group {gi}: {e}") from None
@@ -375,7 +392,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         # Besides the views of the blocks this rank owns, every parameter's state holds its
         # blocking record and the group's step (one tensor shared by the group), on every rank:
         # checkpoints then record both whoever owned what, and a regrouped load finds the step.
-        step = torch.zeros((), dtype=torch.int64)
+        step = torch.zeros((), dtype=torch.int64, device="cpu")  # host metadata, as torch keeps it
         self._step_tensors.append(step)
         for i, p in enumerate(params):
             self.state[p] = {
@@ -408,7 +425,7 @@ class ShardedShampoo(torch.optim.Optimizer):
                     items.append(("param", name, f"{fingerprint}:{name}"))
             check_agreement(self._agreement_group, items, self._plan.owners_fingerprint())
         if self._plan.world_size > 1 and self._mesh is None:
-            self._mesh = shard_mesh(self._plan.world_size, self._device_type)
+            self._mesh = shard_mesh(self._plan.world_size, self._param_device.type)
         self._build_distributors()
 
     def _build_distributors(self) -> None:
@@ -417,7 +434,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         FSDP2 on a single rank still goes through the DTensor one (with nothing to send):
         its parameters are DTensors, which only it reads and writes.
         """
-        device, dtype = self._device(), self._communication_dtype
+        device, dtype = self._param_device, self._communication_dtype
         self._distributors = []
         if self._mesh is None:
             self._distributors.append(LocalDistributor(self._blocks))
@@ -431,12 +448,6 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._distributors.append(
                 ShardedDistributor(self._blocks, self._plan, self._rank, dtype, device)
             )
-
-    def _device(self) -> torch.device:
-        for group in self.param_groups:
-            for p in group["params"]:
-                return p.device
-        return torch.device("cpu")
 
     def _options(self, gi: int) -> GroupOptions:
         group = self.param_groups[gi]
@@ -484,12 +495,13 @@ class ShardedShampoo(torch.optim.Optimizer):
         if step is None:
             return loss
         work = [w for d in self._distributors for w in d.collect(step)]
-        self._skip_nonfinite(work)
+        self._gate(work)
         error = self._compute(work)
         # Parameters are not touched until every rank learnt that every rank succeeded and
         # stepped alike: what went wrong rides the status words of each exchange.
         failed = error is not None or invalid is not None
-        statuses = [d.exchange(step, failed) for d in self._distributors]
+        summaries = [d.exchange(step, failed) for d in self._distributors]
+        statuses = self._read_outcome(work, summaries, step)
         self._raise_if_failed(statuses, error, invalid)
         for d in self._distributors:
             d.apply(step)
@@ -543,50 +555,88 @@ class ShardedShampoo(torch.optim.Optimizer):
                 "Trainer: after TrainingArguments)."
             ))
 
-    def _skip_nonfinite(self, work: list[StackWork]) -> None:
-        """Flags the rows whose gradient is not finite, with one host sync for all stacks."""
+    def _gate(self, work: list[StackWork]) -> None:
+        """Which rows of each stack step (``StackWork.keep``, on the device): those whose
+        gradient's squared norm is finite in its dtype; rows of parameters without a gradient
+        count as kept (they are not computed at all). Nothing is read back here."""
         for w in work:
-            w.finite = torch.isfinite(torch.linalg.vector_norm(w.grad.flatten(1), dim=1))
-        if not work:
-            return
-        all_finite = torch.stack(
-            [(w.finite if w.rows is None else w.finite | ~w.rows.to(w.finite.device)).all()
-             for w in work]
-        ).all()
-        if not bool(all_finite):
-            for w in work:
-                skip_nonfinite(w, self._block_name, self.param_groups[w.group]["step"] + 1)
+            g = w.grad.flatten(1)
+            if g.dtype == torch.float64:
+                w.norms = torch.linalg.vector_norm(g, dim=1)
+                finite = torch.isfinite(w.norms)
+            else:  # in float64, so that an overflow of the square is told from an Inf
+                w.norms = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
+                finite = w.norms <= largest_norm(g.dtype)
+            w.keep = finite if w.rows is None else finite | ~w.rows.mask
 
     def _compute(self, work: list[StackWork]) -> str | None:
-        """The math, stack by stack; returns the error to raise (roots that kept failing)."""
+        """The math, stack by stack; returns the error to raise (roots that kept failing).
+        Reads nothing back from the device, except in steps that refresh roots."""
         error = None
         for w in work:
             t = self.param_groups[w.group]["step"] + 1
-            phases = w.stack.layout.row_phases
-            if w.rows is None:
-                w.direction, ok, ok_rows = stack_step(
-                    w.stack.state, w.grad, w.param, w.opts, t, phases
-                )
+            stack, rows = w.stack, w.rows
+            due, due_host = self._due(w, t)
+            if rows is None:
+                w.direction, ok = stack_step(stack.state, w.grad, w.param, w.opts, t, w.keep, due)
             else:
-                rows = w.rows.nonzero().flatten()
-                idx = rows.to(w.grad.device)
+                idx = rows.index
                 w.direction = torch.zeros_like(w.grad)
-                if idx.numel() == 0:
-                    continue
-                sub = w.stack.state[idx]
-                d_sub, ok, ok_rows = stack_step(
+                sub = stack.state[idx]
+                w.direction[idx], ok = stack_step(
                     sub, w.grad[idx], None if w.param is None else w.param[idx], w.opts, t,
-                    None if phases is None else phases[rows],
+                    w.keep[idx], due,
                 )
-                w.stack.state[idx] = sub
-                w.direction[idx] = d_sub
-                if ok_rows is not None:
-                    ok_rows = rows[ok_rows]
+                stack.state[idx] = sub
             if ok is not None:
                 error = check_roots(
-                    w.group, w.opts, w.stack, ok, ok_rows, self._block_name, t
+                    w.group, w.opts, stack, ok, due_host, self._block_name, t
                 ) or error
         return error
+
+    @staticmethod
+    def _due(w: StackWork, t: int) -> tuple[torch.Tensor | bool, torch.Tensor | None]:
+        """The rows of ``w`` whose roots are refreshed at step ``t`` (``functional.due_rows``,
+        True or False, or their indices on the device) and, when there are any, their
+        stack rows on the host (to name them). Staggered roots' due rows are computed once per
+        (active rows, phase)."""
+        stack, rows, opts = w.stack, w.rows, w.opts
+        phases = stack.layout.row_phases
+
+        def every() -> torch.Tensor:
+            return torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
+
+        if phases is None or t <= opts.start_preconditioning_step:
+            due = due_rows(opts, t, phases)
+            return due, every() if due else None
+
+        def make():
+            due = due_rows(opts, t, phases if rows is None else phases[rows.host])
+            return (False, None) if due is False else (due.to(stack.device), every()[due])
+
+        key = ("due", None if rows is None else rows.key, t % opts.precondition_frequency)
+        return stack.cached(key, make)
+
+    def _read_outcome(
+        self, work: list[StackWork], summaries: list[torch.Tensor | None], step: Step
+    ) -> list[Status]:
+        """The step's one host read: whether this rank skipped a block, and what each
+        exchange's status words said. Warnings about skipped blocks follow it."""
+        parts = [s for s in summaries if s is not None]
+        if work:
+            parts.insert(0, torch.cat([w.keep for w in work]).logical_not().any().view(1))
+        flags = torch.cat(parts).tolist() if parts else []
+        if work and flags.pop(0):
+            for w in work:
+                warn_skipped(w, self._block_name, self.param_groups[w.group]["step"] + 1)
+        statuses, at = [], 0
+        for s, d in zip(summaries, self._distributors, strict=True):
+            if s is None:
+                statuses.append(d.status([]))
+            else:
+                statuses.append(d.status(flags[at : at + s.numel()]))
+                at += s.numel()
+        return statuses
 
     def _step_digest(self, active: dict[int, list[bool]], options: dict[int, GroupOptions]) -> int:
         """32 bits of everything that must be equal on every rank in this step: each stepping
@@ -692,7 +742,10 @@ class ShardedShampoo(torch.optim.Optimizer):
         if request is not None and request.full_state_dict:
             # torch's get_optimizer_state_dict(full_state_dict=True): every block, on every
             # rank, or on rank 0 only with cpu_offload (as torch keeps it).
-            return self._state_dict(keep=not request.cpu_offload or dist.get_rank() == 0)
+            rank0 = not dist.is_initialized() or dist.get_rank() == 0
+            return self._state_dict(
+                keep=not request.cpu_offload or rank0, offload=request.cpu_offload
+            )
         return self._state_dict(keep=None)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -713,9 +766,10 @@ class ShardedShampoo(torch.optim.Optimizer):
         DDP). When sharded it is a collective: every rank must call it."""
         return self._state_dict(keep=True)
 
-    def _state_dict(self, keep: bool | None) -> dict[str, Any]:
+    def _state_dict(self, keep: bool | None, offload: bool = False) -> dict[str, Any]:
         """This rank's blocks; with ``keep`` set, the other ranks' blocks are gathered too
-        (every rank takes part) and kept where ``keep`` is True."""
+        (every rank takes part) and kept where ``keep`` is True, on the CPU with ``offload``
+        (see ``state.consolidation.gather_blocks``)."""
         sd = super().state_dict()
         if not self._views_for_saving:
             sd["state"] = {
@@ -724,7 +778,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             }
         if keep is not None and self._plan.world_size > 1:
             others = gather_blocks(
-                self._plan, self._rank, self._pools, self._mesh.get_group(), keep
+                self._plan, self._rank, self._pools, self._mesh.get_group(), keep, offload
             )
             index = 0
             for gi, group in enumerate(self.param_groups):
@@ -769,7 +823,8 @@ class ShardedShampoo(torch.optim.Optimizer):
         except ValueError as e:
             error = e
         if self._distributed:
-            raise_anywhere(self._agreement_group, error)
+            with on_device(self._param_device):
+                raise_anywhere(self._agreement_group, error)
         elif error is not None:
             raise error
         for dst, src in copies:

@@ -18,12 +18,13 @@ from .placement.sharding import Sharding, WorldMesh
 __all__ = [
     "MIN_BLOCKS_PER_RANK",
     "auto_shard_width",
-    "device_type",
+    "check_backend",
     "dtensor_mesh",
     "dtensor_sharding",
     "sharding_of",
     "is_dtensor",
     "iter_tensors",
+    "param_device",
     "shard_width",
     "shard_mesh",
 ]
@@ -155,8 +156,25 @@ def dtensor_sharding(p: Any, world: WorldMesh | None, name: str) -> Sharding:
     return sharding
 
 
-def device_type(params: list) -> str:
-    return next((t.device.type for t in iter_tensors(params)), "cpu")
+def param_device(params: list) -> torch.device:
+    """Where the parameters are (the first one's device; the optimizer requires one)."""
+    return next((t.device for t in iter_tensors(params)), torch.device("cpu"))
+
+
+def check_backend(device: torch.device) -> None:
+    """Raises ValueError when the default process group has no backend for ``device``'s
+    tensors: FSDP2's ``CPUOffloadPolicy`` keeps parameters on the CPU, which a process group
+    started with ``"nccl"`` alone cannot move."""
+    group = dist.distributed_c10d._get_default_group()
+    types = getattr(group, "_device_types", None)
+    if types is None or device.type in {d.type for d in types}:
+        return
+    raise ValueError(
+        f"the parameters are on {device.type} (FSDP2's CPUOffloadPolicy keeps them there), "
+        f"but the process group has a backend only for {sorted(d.type for d in types)}: "
+        'initialize it with init_process_group("cuda:nccl,cpu:gloo") (or backend=None, '
+        "which gives both)"
+    )
 
 
 # Data-parallel sharding needs blocks to balance: with fewer than this many blocks per rank on

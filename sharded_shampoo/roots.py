@@ -17,14 +17,21 @@ import torch
 __all__ = ["inverse_roots", "eigh", "keep_successes"]
 
 
-def keep_successes(state, prefix: str, new: list[torch.Tensor], ok: torch.Tensor) -> None:
-    """Writes ``new[i]`` into ``state[f"{prefix}_{i}"]`` for the blocks where ``ok``; the others
-    keep their previous matrices and count one more consecutive failure, a success resets it."""
+def keep_successes(
+    state, prefix: str, new: list[torch.Tensor], ok: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Writes ``new[i]`` into ``state[f"{prefix}_{i}"]`` for the kept blocks (``keep``) where
+    ``ok``; the other kept blocks keep their previous matrices and count one more consecutive
+    failure, a success resets it; blocks not kept change nothing. Returns ``ok``, True for the
+    blocks not kept. On the device: no host read."""
+    take = ok & keep
     for i, q in enumerate(new):
         old = state[f"{prefix}_{i}"]
-        old.copy_(torch.where(ok.view(-1, 1, 1), q, old))
+        old.copy_(torch.where(take.view(-1, 1, 1), q, old))
     failures = state["root_failures"]
-    failures.copy_(torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1))
+    counted = torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1)
+    failures.copy_(torch.where(keep.view(-1, 1), counted, failures))
+    return ok | ~keep
 
 
 def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

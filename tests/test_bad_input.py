@@ -202,7 +202,7 @@ def test_a_huge_but_finite_gradient_is_said_to_overflow():
     opt = ShardedShampoo([w, b], **OPTS)
     w.grad, b.grad = torch.full((4, 4), 1e20), torch.ones(4)
     before = w.detach().clone()
-    with pytest.warns(NonFiniteGradientWarning, match=r"too large a gradient \(largest \|g\| 1e\+20; its squared norm overflows torch.float32\)"):
+    with pytest.warns(NonFiniteGradientWarning, match=r"too large a gradient \(norm 4e\+20; its squared norm overflows torch.float32\)"):
         opt.step()
     assert torch.equal(w.detach(), before)  # skipped
     assert not torch.equal(b.detach(), torch.ones(4))  # the other block stepped

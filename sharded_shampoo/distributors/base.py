@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import GroupOptions
-from ..state import BlockStack, GroupBlocks
+from ..state import BlockStack, GroupBlocks, RowSelection
 
 __all__ = ["Distributor", "StackWork", "Status", "Step"]
 
@@ -32,9 +32,11 @@ class StackWork:
     stack: BlockStack
     grad: torch.Tensor  # (rows, *block_shape) in the math dtype; consumed by the math
     param: torch.Tensor | None  # the blocks' weights, when the math needs them
-    rows: torch.Tensor | None  # bool mask of the rows to compute (CPU); None: all
-    finite: torch.Tensor | None = None  # per row: the gradient is finite
-    skipped: torch.Tensor | None = None  # bool mask of rows skipped for a non-finite gradient
+    rows: RowSelection | None  # the rows of parameters with a gradient; None: all
+    # Per row, on the device: the gradient's norm (NaN or Inf: skipped), and whether the row
+    # steps (finite, or not of an active parameter: such rows are not computed at all).
+    norms: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
     direction: torch.Tensor | None = None
 
 
@@ -42,7 +44,7 @@ class StackWork:
 class Status:
     """What a distributor's exchange learnt: ranks that reported an error, and ranks that
     stepped with other options or gradients (lists, or True when only their existence is
-    known)."""
+    known). Built on the host from the exchange's summary (``Distributor.status``)."""
 
     failed: list[int] | bool = False
     disagreeing: list[int] | bool = False
@@ -54,9 +56,13 @@ class Distributor:
     ``collect(step)`` returns the work of the stacks with something to compute, their gradient
     buffers filled; the optimizer then fills each ``direction``. ``exchange(step, failed)``
     shares the directions (``failed``: this rank hit an error it will raise) and returns what
-    the status words said; ``apply(step)`` updates the parameters, called only when no
-    distributor's exchange reported a problem. ``collective`` distributors take collectives in
-    ``collect`` and ``exchange`` on every step, whatever happens, so that no rank waits alone.
+    the status words said as a summary on the device, ``(any rank failed, ranks disagree)``
+    (None without collectives): the optimizer reads every summary in the step's one host
+    read, and ``status(summary)`` turns this distributor's into a ``Status`` (naming ranks
+    takes a second read, only when something went wrong). ``apply(step)`` updates the
+    parameters, called only when no distributor's exchange reported a problem.
+    ``collective`` distributors take collectives in ``collect`` and ``exchange`` on every step,
+    whatever happens, so that no rank waits alone.
     """
 
     collective = False
@@ -77,7 +83,10 @@ class Distributor:
     def collect(self, step: Step) -> list[StackWork]:
         raise NotImplementedError
 
-    def exchange(self, step: Step, failed: bool) -> Status:
+    def exchange(self, step: Step, failed: bool) -> torch.Tensor | None:
+        return None
+
+    def status(self, summary: list[float]) -> Status:
         return Status()
 
     def apply(self, step: Step) -> None:
@@ -92,7 +101,7 @@ class Distributor:
         buf = store.get((gi, si))
         if buf is None:
             buf = store[(gi, si)] = torch.empty(
-                (stack.num_rows, *stack.block_shape), dtype=stack.dtype, device=stack.state.device
+                (stack.num_rows, *stack.block_shape), dtype=stack.dtype, device=stack.device
             )
         return buf
 
@@ -104,8 +113,8 @@ class Distributor:
             active = step.active.get(gi)
             if active is None:
                 continue
-            rows = stack.layout.row_mask(active)
-            if rows is not None and not rows.any():
+            rows = stack.select(active)
+            if rows is not None and rows.host.numel() == 0:
                 continue
             opts, needs_weights = math_options(step.options[gi])
             grad = self._buffer(self._grads, gi, si, stack)

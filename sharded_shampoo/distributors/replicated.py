@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..communication import FAILED, STATUS_WORDS, read_status, status_words
+from ..communication import FAILED, STATUS_WORDS, StatusWords, read_status
 from ..placement import Plan
 from ..placement.routes import allgather_segments
 from ..state import GroupBlocks
@@ -35,7 +35,12 @@ class ReplicatedDistributor(LocalDistributor):
     ) -> None:
         super().__init__(blocks)
         self.mesh = mesh
-        self.segments = allgather_segments(plan)
+        # Every rank's stacks, with their block positions on this rank's device: every rank
+        # applies every rank's directions.
+        self.segments = [
+            [(gi, si, layout.on(device), start) for gi, si, layout, start in segs]
+            for segs in allgather_segments(plan)
+        ]
         longest = max(
             (start + lay.num_rows * lay.row_numel for segs in self.segments for _, _, lay, start in segs),
             default=0,
@@ -43,6 +48,8 @@ class ReplicatedDistributor(LocalDistributor):
         self.status_index = longest
         self.local = torch.zeros(longest + STATUS_WORDS, dtype=dtype, device=device)
         self.gathered = torch.zeros(mesh.size(), self.local.numel(), dtype=dtype, device=device)
+        self._words = StatusWords(dtype, device)
+        self._flagged: tuple[torch.Tensor, torch.Tensor] | None = None
         self._slots = {
             (gi, si): self.local[start : start + lay.num_rows * lay.row_numel].view(
                 lay.num_rows, *lay.block_shape
@@ -54,22 +61,28 @@ class ReplicatedDistributor(LocalDistributor):
         """What this rank sends in one ring AllGather: its piece to each of the others."""
         return (self.mesh.size() - 1) * self.local.numel() * self.local.element_size()
 
-    def exchange(self, step: Step, failed: bool) -> Status:
+    def exchange(self, step: Step, failed: bool) -> torch.Tensor:
         for w in self._work:
             self._slots[(w.group, w.stack_index)].copy_(w.direction)
-        words = status_words(FAILED if failed else 0, step.digest)
-        self.local[self.status_index :] = torch.tensor(words, dtype=self.local.dtype)
+        mine = self._words.write(FAILED if failed else 0, step.digest)
+        self.local[self.status_index :].copy_(mine)
         # The pieces are the local shards of a Shard(0) DTensor over the mesh; this is its
         # redistribution to Replicate(), into a buffer allocated once.
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(self.gathered.view(-1), self.local, group=self.mesh.get_group())
         words = self.gathered[:, self.status_index :]
-        failed_mask = read_status(words, step.digest)[:, 0]
+        # Who failed, whose digest differs from rank 0's: kept on the device, read only when
+        # the summary says something is wrong.
+        failed_ranks = read_status(words, mine)[:, 0]
         differs = (words[:, 1:] != words[0, 1:]).any(1)
-        # One host sync: who failed, whose digest differs from rank 0's.
-        ranks = torch.arange(len(failed_mask))
-        flagged = torch.cat([ranks[failed_mask], -1 - ranks[differs]]).tolist()
-        return Status([r for r in flagged if r >= 0], [-1 - r for r in flagged if r < 0])
+        self._flagged = (failed_ranks, differs)
+        return torch.stack([failed_ranks.any(), differs.any()])
+
+    def status(self, summary: list[float]) -> Status:
+        if not any(summary):
+            return Status()
+        failed_ranks, differs = self._flagged
+        return Status(failed_ranks.nonzero().flatten().tolist(), differs.nonzero().flatten().tolist())
 
     def apply(self, step: Step) -> None:
         for r, segs in enumerate(self.segments):

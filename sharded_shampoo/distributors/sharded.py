@@ -19,9 +19,11 @@ taken anew each step (one slice per piece this rank sends, which falls as the wo
 autograd hands out new gradient tensors, and holding views of last step's would keep them
 alive.
 
-Every direction piece carries a flag, set when its block was skipped (a non-finite gradient),
-and every chunk ends with status words (``communication``): a failure or a disagreement
-anywhere reaches every rank before any rank applies anything.
+Every chunk ends with status words (``communication``): a failure or a disagreement anywhere
+reaches every rank before any rank applies anything. A block skipped for a non-finite gradient
+has a zero direction, which changes nothing where it is added; only weight decay applied by the
+holders must also know, so every direction piece carries a flag, set when its block was
+skipped, written and read on the device in the steps that apply such weight decay.
 
 Weight decay of a DTensor parameter is applied where the weights already are, so that they
 travel only when they must: L2 (``G + wd W`` is elementwise) by the sending holder;
@@ -40,7 +42,7 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
-from ..communication import FAILED, STATUS_WORDS, read_status, status_words
+from ..communication import FAILED, STATUS_WORDS, StatusWords, read_status
 from ..options import GroupOptions
 from ..placement import Plan
 from ..placement.routes import PieceRoutes, Route
@@ -98,6 +100,9 @@ class _Param:
     dir_out_src: list[torch.Tensor] = field(default_factory=list)
     dir_out_dst: list[torch.Tensor] = field(default_factory=list)
     owned: list[tuple[int, int, int]] = field(default_factory=list)
+    # Per local piece: 1 when its block stepped, 0 when it was skipped (0-d views of a buffer
+    # filled from the flags in the steps that need it).
+    kept: list[torch.Tensor] = field(default_factory=list)
     # (key of the local shard's memory, views of its pieces).
     views: tuple | None = None
 
@@ -140,17 +145,34 @@ class ShardedDistributor(Distributor):
             if self.with_weights:
                 self._buffer(self._weights, gi, si, stack)
         self.params = self._param_routes(plan)
-        self._flags_set = False  # some flag of dir_send is set (from an earlier step)
-        self._skipped = False  # some piece that arrived in this step is flagged
-        # Where status words and flags sit, to write them and read them with one operation.
+        self._words = StatusWords(dtype, device)
+        # Where status words sit, to write them and read them with one operation each.
         long = lambda xs: torch.tensor(list(xs), dtype=torch.long, device=device)  # noqa: E731
         peers = range(plan.world_size)
-        self._words = {
-            name: long(c.status_at[j] + w for j in peers for w in range(STATUS_WORDS))
+        self._word_index = {
+            name: long(c.status_at[j] + w for j in peers for w in range(STATUS_WORDS)).view(
+                -1, STATUS_WORDS
+            )
             for name, c in (("dir_send", routes.dir_send), ("dir_recv", routes.dir_recv))
         }
-        self._send_flags = long(f for j in peers for f in routes.dir_send.flag_at[j])
-        self._recv_flags = long(f for j in peers for f in routes.dir_recv.flag_at[j])
+        # Flags: per stack, the flag positions in dir_send of its routes and their rows; per
+        # local piece (params in order, pieces in order), its flag's position in dir_recv.
+        flags: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        local_flags = []
+        for (gi, _), prm in self.params.items():
+            for si, row, flag in prm.owned:
+                at, rows = flags.setdefault((gi, si), ([], []))
+                at.append(flag)
+                rows.append(row)
+            local_flags += prm.dir_flag
+        self._send_flags = {key: (long(at), long(rows)) for key, (at, rows) in flags.items()}
+        self._groups = {gi for gi, _ in self.params}
+        self._recv_flags = long(local_flags)
+        self._kept = torch.zeros(len(local_flags), dtype=dtype, device=device)
+        start = 0
+        for prm in self.params.values():
+            prm.kept = [self._kept[start + i] for i in range(len(prm.dir_flag))]
+            start += len(prm.dir_flag)
 
     def _param_routes(self, plan: Plan) -> dict[tuple[int, int], _Param]:
         routes, bufs = self.routes, self._bufs
@@ -287,7 +309,7 @@ class ShardedDistributor(Distributor):
             torch._foreach_copy_(dst, src)
         return work
 
-    def exchange(self, step: Step, failed: bool) -> Status:
+    def exchange(self, step: Step, failed: bool) -> torch.Tensor:
         send, recv = self._bufs["dir_send"], self._bufs["dir_recv"]
         for w in self._work:
             if w.direction is not w.grad:  # the gradient is spent: its buffer takes the direction
@@ -298,54 +320,43 @@ class ShardedDistributor(Distributor):
             src += prm.dir_out_src
         if dst:
             torch._foreach_copy_(dst, src)
-        self._write_flags(step, send)
-        words = torch.tensor(status_words(FAILED if failed else 0, step.digest), dtype=self.dtype)
-        send[self._words["dir_send"]] = words.repeat(len(self._splits["dir"][1]))
+        if self._holders_decay(step):
+            for w in self._work:
+                at = self._send_flags.get((w.group, w.stack_index))
+                if at is not None:
+                    send[at[0]] = (~w.keep)[at[1]].to(send.dtype)
+        mine = self._words.write(FAILED if failed else 0, step.digest)
+        send[self._word_index["dir_send"]] = mine
         self._all_to_all("dir")
-        # One host sync: anyone failed, anyone's digest differs, any block skipped anywhere.
-        status = read_status(recv[self._words["dir_recv"]].view(-1, STATUS_WORDS), step.digest)
-        skipped = recv[self._recv_flags].ne(0).any().view(1)
-        seen = torch.cat([status.any(0), skipped]).tolist()
-        self._skipped = bool(seen[3])
-        return Status(bool(failed or seen[0]), bool(seen[1] or seen[2]))
+        status = read_status(recv[self._word_index["dir_recv"]], mine)
+        # Anyone failed; anyone saw a disagreement, or stepped with another digest.
+        return torch.stack([status[:, 0].any(), status[:, 1:].any()])
 
-    def _write_flags(self, step: Step, send: torch.Tensor) -> None:
-        """Flags the pieces of the blocks skipped in this step (rare: a slow path)."""
-        skipped = {
-            (w.group, w.stack_index, r)
-            for w in self._work
-            if w.skipped is not None
-            for r in w.skipped.nonzero().flatten().tolist()
-        }
-        if not skipped and not self._flags_set:
-            return
-        send[self._send_flags] = 0.0
-        for gi, _, prm, _ in self._active(step):
-            for si, row, flag in prm.owned:
-                if (gi, si, row) in skipped:
-                    send[flag] = 1.0
-        self._flags_set = bool(skipped)
+    def status(self, summary: list[float]) -> Status:
+        return Status(bool(summary[0]), bool(summary[1]))
+
+    def _holders_decay(self, step: Step) -> bool:
+        """Whether a stepping DTensor group's weight decay is applied by the holders."""
+        return any(
+            weight_decay_place(step.options[gi]) == "holder-step"
+            for gi in step.active if gi in self._groups
+        )
 
     def apply(self, step: Step) -> None:
-        flags = None
-        if self._skipped:  # some block was skipped: read which pieces (a second host sync)
-            flags = self._bufs["dir_recv"].tolist()
-        by_group: dict[int, tuple[list, list]] = {}
+        if self._holders_decay(step):  # 1 where a piece's block stepped, 0 where skipped
+            torch.index_select(self._bufs["dir_recv"], 0, self._recv_flags, out=self._kept)
+            self._kept.neg_().add_(1.0)
+        by_group: dict[int, tuple[list, list, list]] = {}
         for gi, pi, prm, _ in self._active(step):
-            views = self._param_views(prm, step.params[gi][pi])
-            dst, src = by_group.setdefault(gi, ([], []))
-            if flags is None:
-                dst += views
-                src += prm.dir_src
-            else:
-                for view, piece, at in zip(views, prm.dir_src, prm.dir_flag):
-                    if flags[at] == 0:
-                        dst.append(view)
-                        src.append(piece)
-        for gi, (dst, src) in by_group.items():
+            dst, src, kept = by_group.setdefault(gi, ([], [], []))
+            dst += self._param_views(prm, step.params[gi][pi])
+            src += prm.dir_src
+            kept += prm.kept
+        for gi, (dst, src, kept) in by_group.items():
             opts = step.options[gi]
-            if weight_decay_place(opts) == "holder-step":  # W <- W - lr (D + wd W)
-                src = torch._foreach_add(src, dst, alpha=opts.weight_decay)
+            if weight_decay_place(opts) == "holder-step":
+                # W <- W - lr (D + wd W), not for a skipped block (whose D is 0).
+                src = torch._foreach_add(src, torch._foreach_mul(dst, kept), alpha=opts.weight_decay)
             if dst:
                 torch._foreach_add_(dst, src, alpha=-opts.lr)
 

@@ -10,6 +10,7 @@ of regions, never with the number of blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -81,15 +82,18 @@ class StackLayout:
         """Indices (in the group) of the parameters with blocks in this stack."""
         return tuple(dict.fromkeys(p.param for p in self.parts))
 
-    def row_mask(self, active: list[bool]) -> torch.Tensor | None:
-        """Rows of the active parameters as a bool mask; None when every row is active."""
-        if all(active[p] for p in self.params):
-            return None
-        mask = torch.zeros(self.num_rows, dtype=torch.bool)
-        for part in self.parts:
-            if active[part.param]:
-                mask[part.row : part.row + part.count] = True
-        return mask
+    def on(self, device: torch.device) -> StackLayout:
+        """This layout with its parts' block positions on ``device`` (where the tensors they
+        index live: a host index on an accelerator's tensor is a copy and a wait per use)."""
+        device = torch.device(device)
+        if all(p.positions is None or p.positions[0].device == device for p in self.parts):
+            return self
+        parts = [
+            p if p.positions is None
+            else dataclasses.replace(p, positions=tuple(x.to(device) for x in p.positions))
+            for p in self.parts
+        ]
+        return dataclasses.replace(self, parts=parts)
 
     def gather(
         self,
@@ -167,12 +171,12 @@ def group_stacks(
             else:
                 grid = list(itertools.product(*(range(c) for c in region.counts)))
                 coords = list(zip(*(grid[j] for j in mine)))
-                positions = tuple(torch.tensor(c, dtype=torch.long) for c in coords)
+                positions = tuple(torch.tensor(c, dtype=torch.long, device="cpu") for c in coords)
             stack.parts.append(Part(pi, region, stack.num_rows, len(mine), positions))
             stack.row_owner.extend((pi, region.block_ids[j]) for j in mine)
     if phases is not None:
         for stack in stacks.values():
-            stack.row_phases = torch.tensor(
-                [phases[pi][bid] for pi, bid in stack.row_owner], dtype=torch.long
+            stack.row_phases = torch.tensor(  # read on the host only
+                [phases[pi][bid] for pi, bid in stack.row_owner], dtype=torch.long, device="cpu"
             )
     return list(stacks.values())

@@ -50,8 +50,16 @@ def full_state_request() -> Any | None:
     return None
 
 
+def _fits(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` more fit on ``device`` (with a margin for the step's own work)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
 def gather_blocks(
-    plan: Plan, rank: int, pools: list[StatePool], group, keep: bool
+    plan: Plan, rank: int, pools: list[StatePool], group, keep: bool, offload: bool = False
 ) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """The state of the blocks other ranks of ``group`` (the ranks blocks are sharded over:
     plan rank r is its group rank r) own, as ``{(group index, parameter index):
@@ -59,26 +67,47 @@ def gather_blocks(
 
     Rank r's state is one flat buffer per dtype per param group whose layout every rank knows
     from the plan (``state.pool``: stacks in order, each stack's tensors in ``state_spec``
-    order): each is broadcast from its owner, and the others cut it into blocks. One broadcast
-    per (param group, rank, dtype): O(world) collectives, the price of a consolidated dict."""
+    order): each is broadcast from its owner into one receive buffer (per dtype, reused for
+    every rank), and a rank that keeps the blocks copies them out: onto the CPU with
+    ``offload``, or when its device would not hold them all, else onto its device. So no rank
+    ever holds more than one other rank's buffer on its device beyond what it keeps. One
+    broadcast per (param group, rank, dtype): O(world) collectives, the price of a
+    consolidated dict."""
+    device = next((p.device for p in pools), torch.device("cpu"))
+    sizes = [
+        [pool_lengths(g.layout(r), g.spec.opts) for r in range(plan.world_size)]
+        for g in plan.groups
+    ]
+    if keep and not offload:
+        others = sum(
+            n * dtype.itemsize
+            for per_rank in sizes for r, lengths in enumerate(per_rank) if r != rank
+            for dtype, n in lengths.items()
+        )
+        offload = not _fits(device, others)
+    scratch: dict[torch.dtype, torch.Tensor] = {}
+    for per_rank in sizes:
+        for lengths in per_rank:
+            for dtype, n in lengths.items():
+                if dtype not in scratch or scratch[dtype].numel() < n:
+                    scratch[dtype] = torch.empty(n, dtype=dtype, device=device)
     out: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for gi, g in enumerate(plan.groups):
         opts = g.spec.opts
         mine = pools[gi].buffers
-        device = next(iter(mine.values())).device if mine else torch.device("cpu")
         for r in range(plan.world_size):
-            layouts = g.layout(r)
             buffers = {}
-            for dtype, n in pool_lengths(layouts, opts).items():
+            for dtype, n in sizes[gi][r].items():
                 if n == 0:
                     continue
-                buf = mine[dtype] if r == rank else torch.empty(n, dtype=dtype, device=device)
+                buf = mine[dtype] if r == rank else scratch[dtype][:n]
                 dist.broadcast(buf, src=dist.get_global_rank(group, r), group=group)
-                buffers[dtype] = buf
+                if r != rank and keep:  # out of the reused buffer, in one copy
+                    buffers[dtype] = buf.to("cpu", copy=True) if offload else buf.clone()
             if r == rank or not keep:
                 continue
             used = dict.fromkeys(buffers, 0)
-            for layout in layouts:
+            for layout in g.layout(r):
                 for key, shape, dtype in state_spec(layout, opts):
                     n = math.prod(shape)
                     stacked = buffers[dtype][used[dtype] : used[dtype] + n].view(shape)

@@ -29,6 +29,7 @@ class StatePool:
     """Hands out views of one zero-initialized buffer per dtype of ``lengths[dtype]`` elements."""
 
     def __init__(self, lengths: dict[torch.dtype, int], device: torch.device) -> None:
+        self.device = torch.device(device)
         self.buffers = {
             dtype: torch.zeros(n, dtype=dtype, device=device) for dtype, n in lengths.items()
         }

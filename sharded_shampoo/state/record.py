@@ -48,7 +48,8 @@ def blocking_record(blocking: ParamBlocking, opts: GroupOptions) -> torch.Tensor
         1 if opts.eigenvalue_corrected else -1,
     ]
     values += [-1] * (RECORD_SIZE - len(values))
-    return torch.tensor(values, dtype=torch.int64)
+    # On the CPU whatever the parameters' device: it is read on the host only.
+    return torch.tensor(values, dtype=torch.int64, device="cpu")
 
 
 def _decode(record: torch.Tensor) -> dict[str, object]:
@@ -70,10 +71,12 @@ def record_difference(saved: torch.Tensor, current: torch.Tensor) -> str | None:
     16 here``."""
     if tuple(saved.shape) != (RECORD_SIZE,):
         return f"the saved blocking record has shape {tuple(saved.shape)}, not ({RECORD_SIZE},)"
-    if torch.equal(saved.to(torch.int64), current):
+    # A loader may hand the saved record on an accelerator (broadcast_from_rank0 under NCCL).
+    saved = saved.to("cpu", torch.int64)
+    if torch.equal(saved, current.to("cpu")):
         return None
     try:
-        a, b = _decode(saved.to(torch.int64)), _decode(current)
+        a, b = _decode(saved), _decode(current)
     except (IndexError, ValueError):
         return "the saved blocking record is not one this version can read"
     diffs = [f"{k}: {a[k]} saved, {b[k]} here" for k in _FIELDS if a[k] != b[k]]

@@ -28,7 +28,7 @@ the rank's ``StatePool``; state is only ever updated in place, so per-block view
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict
@@ -38,7 +38,9 @@ from ..options import GroupOptions
 from ..placement.layout import StackLayout
 from .pool import StatePool, pooled_sizes
 
-__all__ = ["BlockStack", "GroupBlocks", "block_state_spec", "math_dtype", "state_spec"]
+__all__ = [
+    "BlockStack", "GroupBlocks", "RowSelection", "block_state_spec", "math_dtype", "state_spec",
+]
 
 
 def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -77,10 +79,30 @@ def state_spec(
     ]
 
 
+@dataclass(frozen=True)
+class RowSelection:
+    """The rows of a stack that step when some of its parameters have no gradient."""
+
+    key: tuple  # which of the stack's parameters are active
+    host: torch.Tensor  # (k,) int64 on the CPU: for bookkeeping on the host (phases, names)
+    index: torch.Tensor  # the same on the stack's device
+    mask: torch.Tensor  # (num_rows,) bool on the stack's device
+
+
+# Distinct row selections and due-row sets a stack keeps on its device; a workload cycles
+# through a few (frozen layers, phases of staggered roots), so the bound is never reached in
+# practice, but an unusual one must not grow memory without end.
+_INDEX_CACHE = 1024
+
+
 @dataclass
 class BlockStack:
+    """A stack's layout (block positions on the state's device) and state, with the
+    device-side indices its steps need, each copied to the device once."""
+
     layout: StackLayout
     state: TensorDict
+    _indices: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -95,8 +117,38 @@ class BlockStack:
         return math_dtype(self.layout.param_dtype)
 
     @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
     def row_owner(self) -> list[tuple[int, int]]:
         return self.layout.row_owner
+
+    def select(self, active: list[bool]) -> RowSelection | None:
+        """The rows of the parameters marked active (indexed like the group's parameters);
+        None when every row is."""
+        key = tuple(active[p] for p in self.layout.params)
+        if all(key):
+            return None
+
+        def make() -> RowSelection:
+            mask = torch.zeros(self.num_rows, dtype=torch.bool, device="cpu")
+            for part in self.layout.parts:
+                if active[part.param]:
+                    mask[part.row : part.row + part.count] = True
+            host = mask.nonzero().flatten()
+            return RowSelection(key, host, host.to(self.device), mask.to(self.device))
+
+        return self.cached(("select", key), make)
+
+    def cached(self, key: tuple, make):
+        """``make()``, computed once per ``key`` (indices the steps need on the device)."""
+        value = self._indices.get(key)
+        if value is None:
+            if len(self._indices) >= _INDEX_CACHE:
+                self._indices.clear()
+            value = self._indices[key] = make()
+        return value
 
 
 class GroupBlocks:
@@ -120,11 +172,10 @@ class GroupBlocks:
             # Roots and eigenvectors start as the identity.
             for i, m in enumerate(layout.block_shape):
                 t = tensors[f"{opts.basis}_{i}"]
-                t.copy_(torch.eye(m, dtype=t.dtype))
-            device = next(iter(tensors.values())).device
-            td = TensorDict(tensors, batch_size=[layout.num_rows], device=device)
+                t.copy_(torch.eye(m, dtype=t.dtype, device=t.device))
+            td = TensorDict(tensors, batch_size=[layout.num_rows], device=pool.device)
             si = len(self.stacks)
-            self.stacks.append(BlockStack(layout, td))
+            self.stacks.append(BlockStack(layout.on(pool.device), td))
             for r, owner in enumerate(layout.row_owner):
                 self.where[owner] = (si, r)
 
