@@ -58,7 +58,7 @@ from .parallelism import (
     shard_mesh,
 )
 from .placement import GroupSpec, Plan
-from .state import GroupBlocks, StatePool, pool_lengths
+from .state import GroupBlocks, Rows, StatePool, pool_lengths
 from .state.consolidation import full_state_request, gather_blocks
 from .state.loading import check_state_dict
 from .state.record import blocking_record
@@ -576,43 +576,41 @@ class ShardedShampoo(torch.optim.Optimizer):
         for w in work:
             t = self.param_groups[w.group]["step"] + 1
             stack, rows = w.stack, w.rows
-            due, due_host = self._due(w, t)
+            due = self._due(w, t)
+            index = due.index if isinstance(due, Rows) else due
             if rows is None:
-                w.direction, ok = stack_step(stack.state, w.grad, w.param, w.opts, t, w.keep, due)
+                w.direction, ok = stack_step(stack.state, w.grad, w.param, w.opts, t, w.keep, index)
             else:
-                idx = rows.index
                 w.direction = torch.zeros_like(w.grad)
-                sub = stack.state[idx]
-                w.direction[idx], ok = stack_step(
-                    sub, w.grad[idx], None if w.param is None else w.param[idx], w.opts, t,
-                    w.keep[idx], due,
+                sub = stack.state[rows.index]
+                w.direction[rows.index], ok = stack_step(
+                    sub, w.grad[rows.index], None if w.param is None else w.param[rows.index],
+                    w.opts, t, w.keep[rows.index], index,
                 )
-                stack.state[idx] = sub
+                stack.state[rows.index] = sub
             if ok is not None:
-                error = check_roots(
-                    w.group, w.opts, stack, ok, due_host, self._block_name, t
-                ) or error
+                if isinstance(due, Rows):
+                    named = due.host
+                else:
+                    named = torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
+                error = check_roots(w.group, w.opts, stack, ok, named, self._block_name, t) or error
         return error
 
     @staticmethod
-    def _due(w: StackWork, t: int) -> tuple[torch.Tensor | bool, torch.Tensor | None]:
-        """The rows of ``w`` whose roots are refreshed at step ``t`` (``functional.due_rows``,
-        True or False, or their indices on the device) and, when there are any, their
-        stack rows on the host (to name them). Staggered roots' due rows are computed once per
-        (active rows, phase)."""
+    def _due(w: StackWork, t: int) -> Rows | bool:
+        """The rows of ``w`` (of its selected rows) whose roots are refreshed at step ``t``:
+        True or False for all or none (``functional.due_rows``), or ``Rows``. Staggered
+        roots' due rows are computed once per (active rows, phase)."""
         stack, rows, opts = w.stack, w.rows, w.opts
         phases = stack.layout.row_phases
-
-        def every() -> torch.Tensor:
-            return torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
-
         if phases is None or t <= opts.start_preconditioning_step:
-            due = due_rows(opts, t, phases)
-            return due, every() if due else None
+            return due_rows(opts, t, phases)
 
         def make():
             due = due_rows(opts, t, phases if rows is None else phases[rows.host])
-            return (False, None) if due is False else (due.to(stack.device), every()[due])
+            if due is False:
+                return False
+            return Rows(due.to(stack.device), due if rows is None else rows.host[due])
 
         key = ("due", None if rows is None else rows.key, t % opts.precondition_frequency)
         return stack.cached(key, make)

@@ -3,12 +3,13 @@ from .stacks import (
     BlockStack,
     GroupBlocks,
     RowSelection,
+    Rows,
     math_dtype,
     pool_lengths,
     state_spec,
 )
 
 __all__ = [
-    "BlockStack", "GroupBlocks", "RowSelection", "StatePool", "math_dtype", "pool_lengths",
+    "BlockStack", "GroupBlocks", "RowSelection", "Rows", "StatePool", "math_dtype", "pool_lengths",
     "state_spec",
 ]

@@ -39,7 +39,8 @@ from ..placement.layout import StackLayout
 from .pool import StatePool, pooled_sizes
 
 __all__ = [
-    "BlockStack", "GroupBlocks", "RowSelection", "block_state_spec", "math_dtype", "state_spec",
+    "BlockStack", "GroupBlocks", "RowSelection", "Rows", "block_state_spec", "math_dtype",
+    "state_spec",
 ]
 
 
@@ -80,12 +81,19 @@ def state_spec(
 
 
 @dataclass(frozen=True)
-class RowSelection:
+class Rows:
+    """Some rows of a stack: indices on its device, and the same on the host (to name blocks
+    and look up host-side data, such as phases, without reading the device)."""
+
+    index: torch.Tensor  # (k,) int64 on the stack's device
+    host: torch.Tensor  # (k,) int64 on the CPU
+
+
+@dataclass(frozen=True)
+class RowSelection(Rows):
     """The rows of a stack that step when some of its parameters have no gradient."""
 
     key: tuple  # which of the stack's parameters are active
-    host: torch.Tensor  # (k,) int64 on the CPU: for bookkeeping on the host (phases, names)
-    index: torch.Tensor  # the same on the stack's device
     mask: torch.Tensor  # (num_rows,) bool on the stack's device
 
 
@@ -137,7 +145,7 @@ class BlockStack:
                 if active[part.param]:
                     mask[part.row : part.row + part.count] = True
             host = mask.nonzero().flatten()
-            return RowSelection(key, host, host.to(self.device), mask.to(self.device))
+            return RowSelection(host.to(self.device), host, key, mask.to(self.device))
 
         return self.cached(("select", key), make)
 

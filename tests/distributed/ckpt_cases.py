@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import fsdp_cases
+from harness import DEVICE_TYPE, to_host
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpoint import load_checkpoint, save_checkpoint
 
@@ -24,10 +25,10 @@ def build(mode, world, **overrides):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        kwargs = {}
+        kwargs = {"mesh": fsdp_cases.world_mesh(world)}
         if mode == "hsdp":
             kwargs["mesh"] = init_device_mesh(
-                "cpu", (2, world // 2), mesh_dim_names=("rep", "shard")
+                DEVICE_TYPE, (2, world // 2), mesh_dim_names=("rep", "shard")
             )
         for name in ("inp", "squeeze", "expand", "out"):
             fully_shard(getattr(model, name), **kwargs)
@@ -51,10 +52,11 @@ def train(model, wrapped, opt, start, steps, rank, world):
 
 
 def full_params(model):
-    return [
+    """Every parameter whole, on the CPU."""
+    return to_host([
         (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         for p in model.parameters()
-    ]
+    ])
 
 
 # A checkpoint name ending in one of these was saved with these options (and loads into them).

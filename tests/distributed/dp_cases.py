@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import scenarios
 import sharded_shampoo.roots as roots_module
+from harness import DEVICE_TYPE
 from sharded_shampoo import ShardedShampoo
 
 
@@ -21,7 +22,7 @@ def same_grads(
     if explicit_mesh:
         from torch.distributed.device_mesh import init_device_mesh
 
-        kwargs["mesh"] = init_device_mesh("cpu", (world,))
+        kwargs["mesh"] = init_device_mesh(DEVICE_TYPE, (world,))
     shapes, options = (
         (scenarios.TINY_SHAPES, scenarios.TINY_OPTIONS)
         if tiny

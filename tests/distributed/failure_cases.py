@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 import ckpt_cases
 import fsdp_cases
 import scenarios
+from harness import device
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpoint import load_checkpoint, save_checkpoint
 
@@ -202,7 +203,7 @@ def other_model_checkpoint(rank, world, root):
     """A checkpoint of a model with an extra layer: refused from its metadata, naming the
     layer, before anything is read (before, it loaded silently)."""
     torch.manual_seed(0)
-    big = _Bigger().double()
+    big = _Bigger().double().to(device())
     wrapped = torch.nn.parallel.DistributedDataParallel(big)
     opt = ShardedShampoo([p for p in big.parameters() if p.requires_grad], **fsdp_cases.OPTIONS)
     _grads(big, wrapped, rank, world)
@@ -259,7 +260,7 @@ def per_layer_groups_memory(rank, world):
     """Eight groups of one 64 x 64 weight each: every rank holds exactly its blocks' state
     (before, each group's pool was padded to its largest rank: 2 of 8 blocks' worth per group
     and rank at 4 ranks, 3x the share)."""
-    params = [torch.randn(64, 64, requires_grad=True) for _ in range(8)]
+    params = [torch.randn(64, 64, device=device(), requires_grad=True) for _ in range(8)]
     opt = ShardedShampoo(
         [{"params": [p]} for p in params], max_preconditioner_dim=64, betas=(0.9, 0.999),
         num_trainers_per_group=world,  # 8 blocks: too few to shard by default

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 import scenarios
+from harness import DEVICE_TYPE, device, to_host
 from sharded_shampoo import ShardedShampoo
 
 STEPS = 32
@@ -45,12 +46,20 @@ def batch(step, size=BATCH):
     """A learnable task: labels from a fixed linear teacher."""
     x, _ = scenarios.global_batch(step, size)
     teacher = torch.randn(12, 3, generator=torch.Generator().manual_seed(99), dtype=x.dtype)
-    return x, (x @ teacher).argmax(1)
+    return x, (x @ teacher.to(x.device)).argmax(1)
 
 
 def make_net():
     torch.manual_seed(0)
-    return Net().double()
+    return Net().double().to(device())
+
+
+def world_mesh(world):
+    """FSDP2's mesh over every rank, on the tests' device (``fully_shard`` without one takes
+    torch's default accelerator, a GPU whenever one is visible)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(DEVICE_TYPE, (world,))
 
 
 # A NaN put into the gradient of inp.weight (33 x 12, blocks of 8 rows) at this row: its block,
@@ -85,7 +94,7 @@ def train_reference(steps=STEPS, nan_step=None, drop_grads=False, **overrides):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt.step()
-    return [p.detach().clone() for p in model.parameters()], opt.state_bytes()
+    return to_host([p.detach().clone() for p in model.parameters()]), opt.state_bytes()
 
 
 def fsdp(
@@ -98,9 +107,9 @@ def fsdp(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = make_net()
-    kwargs = {}
+    kwargs = {"mesh": world_mesh(world)}
     if hsdp:
-        kwargs["mesh"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard"))
+        kwargs["mesh"] = init_device_mesh(DEVICE_TYPE, (2, world // 2), mesh_dim_names=("rep", "shard"))
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
@@ -164,8 +173,11 @@ def failures(rank, world, hsdp=True):
     from torch.distributed.fsdp import fully_shard
 
     model = make_net()
-    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")) if hsdp else None
-    kwargs = {"mesh": mesh} if hsdp else {}
+    mesh = (
+        init_device_mesh(DEVICE_TYPE, (2, world // 2), mesh_dim_names=("rep", "shard"))
+        if hsdp else world_mesh(world)
+    )
+    kwargs = {"mesh": mesh}
     for name in ("inp", "squeeze", "expand", "out"):
         fully_shard(getattr(model, name), **kwargs)
     fully_shard(model, **kwargs)

@@ -14,16 +14,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ckpt_cases import FIRST, THEN, build, full_params, train
-
-
-def to_cpu(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().clone()
-    if isinstance(tree, dict):
-        return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree)
-    return tree
+from harness import to_host
 
 
 def save_full(rank, world, mode, root, cpu_offload):
@@ -36,7 +27,7 @@ def save_full(rank, world, mode, root, cpu_offload):
     msd = get_model_state_dict(wrapped, options=options)
     if rank == 0:
         torch.save({"model": msd, "optim": osd}, os.path.join(root, f"{mode}{world}.pt"))
-    return to_cpu(osd)
+    return to_host(osd)
 
 
 def load_full(rank, world, mode, root, source, broadcast):

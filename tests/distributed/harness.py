@@ -3,8 +3,13 @@
 Process-group start-up dominates the cost of a distributed test (importing torch takes about 2 s
 per process), so a group runs a list of cases and returns every rank's result of each. A case
 that raises on some rank is recorded as that rank's error and the group moves on; a hang (a rank
-left in a collective) is cut by gloo's timeout, and the whole group by the harness's deadline,
-so a test fails instead of stalling CI.
+left in a collective) is cut by the collectives' timeout, and the whole group by the harness's
+deadline, so a test fails instead of stalling CI.
+
+The device: the CPU with gloo by default; CUDA with NCCL (and gloo for CPU tensors), one GPU
+per rank, when ``SHARDED_SHAMPOO_TEST_DEVICE=cuda`` (``pytest --device cuda`` sets it). Cases
+put their models and data on ``device()`` and name ``DEVICE_TYPE`` in every device mesh, so a
+visible GPU changes nothing unless asked; results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -18,9 +23,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+import torch
 import torch.multiprocessing as mp
 
 COLLECTIVE_TIMEOUT_S = 45
+DEVICE_TYPE = os.environ.get("SHARDED_SHAMPOO_TEST_DEVICE", "cpu")
+if DEVICE_TYPE not in ("cpu", "cuda"):
+    raise ValueError(f"SHARDED_SHAMPOO_TEST_DEVICE must be cpu or cuda, got {DEVICE_TYPE!r}")
+
+
+def device() -> torch.device:
+    """Where this process's tensors go: its GPU in CUDA mode (rank r uses cuda:r; the test
+    process itself cuda:0), else the CPU."""
+    if DEVICE_TYPE == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def exact_math() -> None:
+    """Float64 comparisons on a GPU need TF32 off (matrix products would round to 10 bits)."""
+    if DEVICE_TYPE == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def to_host(x: Any) -> Any:
+    """``x`` with every tensor in it moved to the CPU (results cross processes pickled)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: to_host(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_host(v) for v in x)
+    return x
 
 
 @dataclass
@@ -38,12 +74,16 @@ class CaseResult:
 
 
 def _worker(rank: int, world: int, store_path: str, cases, out_dir: str) -> None:
-    import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    backend = "gloo"
+    if DEVICE_TYPE == "cuda":
+        torch.cuda.set_device(rank)
+        exact_math()
+        backend = "cuda:nccl,cpu:gloo"
     dist.init_process_group(
-        "gloo",
+        backend,
         store=dist.FileStore(store_path, world),
         rank=rank,
         world_size=world,
@@ -52,7 +92,7 @@ def _worker(rank: int, world: int, store_path: str, cases, out_dir: str) -> None
     results = []
     for fn, kwargs in cases:
         try:
-            results.append((fn(rank, world, **kwargs), None))
+            results.append((to_host(fn(rank, world, **kwargs)), None))
         except BaseException:  # CheckpointException is a BaseException
             results.append((None, traceback.format_exc()))
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
@@ -67,7 +107,10 @@ def _worker(rank: int, world: int, store_path: str, cases, out_dir: str) -> None
 def run_cases(
     world: int, cases: list[tuple[Callable[..., Any], dict[str, Any]]], deadline_s: float = 240
 ) -> list[CaseResult]:
-    """Runs ``fn(rank, world, **kwargs)`` for each case, in order, on ``world`` spawned ranks."""
+    """Runs ``fn(rank, world, **kwargs)`` for each case, in order, on ``world`` spawned ranks
+    (in CUDA mode, skips the test when there are fewer GPUs than ranks)."""
+    if DEVICE_TYPE == "cuda" and world > torch.cuda.device_count():
+        pytest.skip(f"needs {world} GPUs (one per rank), {torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")

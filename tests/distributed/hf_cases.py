@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from harness import DEVICE_TYPE
 from sharded_shampoo import ShardedShampoo
 
 STEPS, SAVE = 6, 3
@@ -46,7 +47,7 @@ def trainer(out, path, fsdp=False, callback=True):
         extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
     args = TrainingArguments(
         output_dir=out, max_steps=STEPS, save_steps=SAVE, per_device_train_batch_size=4,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, lr_scheduler_type="linear",
+        logging_steps=1, report_to=[], use_cpu=DEVICE_TYPE == "cpu", seed=0, lr_scheduler_type="linear",
         warmup_steps=2, disable_tqdm=True, **extra,
     )
     from sharded_shampoo.integrations.hf import FullOptimizerStateCallback

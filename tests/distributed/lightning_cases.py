@@ -8,6 +8,7 @@ import os
 import torch
 
 import fsdp_cases
+from harness import DEVICE_TYPE
 from sharded_shampoo import ShardedShampoo
 
 STEPS, SAVE = 8, 4
@@ -70,7 +71,7 @@ def fit(rank, world, root, steps, ckpt=None, fsdp=False):
     module = module_class(fsdp)()
     data = torch.utils.data.DataLoader(range(STEPS), batch_size=None)  # steps, not data
     trainer = L.Trainer(
-        accelerator="cpu", devices=world, max_steps=steps, logger=False,
+        accelerator="gpu" if DEVICE_TYPE == "cuda" else "cpu", devices=world, max_steps=steps, logger=False,
         strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
         if fsdp else "ddp",
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from harness import device, to_host
 from sharded_shampoo import ShardedShampoo
 
 # Many blocks of several shapes (max_preconditioner_dim 8 in group 0, 6 in group 1), a 0-d and
@@ -43,9 +44,10 @@ TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dty
 
 
 def make_params(shapes, seed=0, dtype=torch.float64):
+    """Parameters on the tests' device (drawn on the CPU: the same values on any device)."""
     gen = torch.Generator().manual_seed(seed)
     return [
-        [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in group]
+        [torch.randn(s, generator=gen, dtype=dtype).to(device()).requires_grad_() for s in group]
         for group in shapes
     ]
 
@@ -55,12 +57,12 @@ def set_grads(groups, step):
     gen = torch.Generator().manual_seed(10_000 + step)
     for group in groups:
         for i, p in enumerate(group):
-            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
             p.grad = None if (step + i) % 5 == 0 else g
 
 
 def train_with_same_grads(steps=32, shapes=GROUP_SHAPES, options=GROUP_OPTIONS, **optimizer_kwargs):
-    """Returns (parameters after ``steps``, the optimizer)."""
+    """Returns (parameters after ``steps``, on the CPU; the optimizer)."""
     groups = make_params(shapes)
     optimizer_kwargs.setdefault("communication_dtype", torch.float64)
     opt = ShardedShampoo(
@@ -69,7 +71,7 @@ def train_with_same_grads(steps=32, shapes=GROUP_SHAPES, options=GROUP_OPTIONS, 
     for step in range(steps):
         set_grads(groups, step)
         opt.step()
-    return [[p.detach().clone() for p in g] for g in groups], opt
+    return to_host([[p.detach().clone() for p in g] for g in groups]), opt
 
 
 def max_rel_err(a, b):
@@ -88,13 +90,14 @@ def make_mlp(seed=0):
     return torch.nn.Sequential(
         torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24), torch.nn.Tanh(),
         torch.nn.Linear(24, 3),
-    ).double()
+    ).double().to(device())
 
 
 def global_batch(step, size=32):
+    """A batch on the tests' device (drawn on the CPU)."""
     gen = torch.Generator().manual_seed(step)
     x = torch.randn(size, 12, generator=gen, dtype=torch.float64)
-    return x, torch.randint(0, 3, (size,), generator=gen)
+    return x.to(device()), torch.randint(0, 3, (size,), generator=gen).to(device())
 
 
 DDP_OPTIONS = dict(

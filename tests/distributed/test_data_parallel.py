@@ -10,7 +10,7 @@ import torch
 
 import dp_cases
 import scenarios
-from harness import run_cases
+from harness import run_cases, to_host
 
 WORLD_SIZES = [2, 3, 4]
 CASES = {
@@ -136,7 +136,7 @@ def test_ddp_with_different_batches_matches_single_process(group):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    ref = [[p.detach() for p in model.parameters()]]
+    ref = [to_host([p.detach() for p in model.parameters()])]
     err = scenarios.max_rel_err([values[0]], ref)
     assert err <= DDP_TOLERANCE, f"world {world}: relative error {err:.2e}"
 

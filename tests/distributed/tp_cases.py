@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness import DEVICE_TYPE, device, to_host
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpoint import load_checkpoint, save_checkpoint
 
@@ -57,7 +58,7 @@ class ScaledLlama(Llama):
 def make_llama(scaled: bool = True) -> Llama:
     """The test model (``scaled``: with the logit scale of ``ScaledLlama``)."""
     torch.manual_seed(0)
-    model = (ScaledLlama if scaled else Llama)(CONFIG).double()
+    model = (ScaledLlama if scaled else Llama)(CONFIG).double().to(device())
     with torch.no_grad():  # norms and scale away from 1, so that their blocks see real gradients
         for m in model.modules():
             if isinstance(m, nn.RMSNorm):
@@ -79,18 +80,22 @@ def parallelize(model: Llama, mode: str, world: int):
     rank = dist.get_rank()
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model), world, rank
-    if mode == "fsdp":
+    if mode in ("fsdp", "hsdp"):
+        if mode == "fsdp":
+            mesh = init_device_mesh(DEVICE_TYPE, (world,))
+        else:
+            mesh = init_device_mesh(DEVICE_TYPE, (2, world // 2), mesh_dim_names=("rep", "shard"))
         for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model, world, rank
     if mode == "tp":
-        mesh, dp_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), None
+        mesh, dp_mesh = init_device_mesh(DEVICE_TYPE, (world,), mesh_dim_names=("tp",)), None
     elif mode == "fsdp_tp":
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(DEVICE_TYPE, (2, world // 2), mesh_dim_names=("dp", "tp"))
         dp_mesh = mesh["dp"]
     elif mode == "hsdp_tp":
-        mesh = init_device_mesh("cpu", (2, 1, world // 2), mesh_dim_names=("rep", "shard", "tp"))
+        mesh = init_device_mesh(DEVICE_TYPE, (2, 1, world // 2), mesh_dim_names=("rep", "shard", "tp"))
         dp_mesh = mesh["rep", "shard"]
     else:
         raise ValueError(mode)
@@ -102,7 +107,7 @@ def parallelize(model: Llama, mode: str, world: int):
 
 def batch(step: int):
     g = torch.Generator().manual_seed(1000 + step)
-    tokens = torch.randint(0, CONFIG.vocab, (BATCH, SEQ + 1), generator=g)
+    tokens = torch.randint(0, CONFIG.vocab, (BATCH, SEQ + 1), generator=g).to(device())
     return tokens[:, :-1], tokens[:, 1:]
 
 
@@ -158,10 +163,11 @@ def poison(model, row: int) -> None:
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
-    return {
+    """Every parameter whole, on the CPU."""
+    return to_host({
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         for n, p in model.named_parameters()
-    }
+    })
 
 
 def run(rank, world, mode, steps=STEPS, nan_at=None, **overrides):
@@ -210,7 +216,7 @@ def partial_placement(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE_TYPE, (world,))
     p = nn.Parameter(DTensor.from_local(torch.ones(4, 4, dtype=torch.float64), mesh, [Partial()]))
     try:
         ShardedShampoo([("encoder.weight", p)])
