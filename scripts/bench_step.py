@@ -156,11 +156,13 @@ def measure(rank: int, world: int, args) -> dict:
             return DistributedDataParallel(m)
         if tensor_parallel:
             return parallelize_llama(m, mesh["tp"], mesh["dp"])
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        fsdp_mesh = init_device_mesh("cpu", (world,))  # named: not torch's default accelerator
         for block in m.blocks:
-            fully_shard(block)
-        fully_shard(m)
+            fully_shard(block, mesh=fsdp_mesh)
+        fully_shard(m, mesh=fsdp_mesh)
         return m
 
     r = {"world": world, "threads": args.threads, "batch": args.batch, "context": args.context,
@@ -262,11 +264,13 @@ def spikes(rank: int, world: int, args) -> dict:
             torch.manual_seed(0)
             model = GPT(cfg)
             if world > 1 and args.parallelism == "fsdp2":
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
 
+                fsdp_mesh = init_device_mesh("cpu", (world,))
                 for block in model.blocks:
-                    fully_shard(block)
-                fully_shard(model)
+                    fully_shard(block, mesh=fsdp_mesh)
+                fully_shard(model, mesh=fsdp_mesh)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = ShardedShampoo(
                 params, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,

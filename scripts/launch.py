@@ -30,7 +30,8 @@ def wrap(model: torch.nn.Module, parallelism: str, world: int) -> torch.nn.Modul
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    kwargs = {}
+    # Named, not torch's default accelerator mesh: the scripts run on the CPU (gloo).
+    kwargs = {"mesh": init_device_mesh("cpu", (world,))}
     if parallelism == "hsdp":
         if world % 2:
             raise SystemExit("--parallelism hsdp needs an even number of processes")

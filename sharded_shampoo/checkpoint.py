@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .communication import on_device
 from .state.record import RECORD_SIZE, record_difference
 
 __all__ = [
@@ -69,6 +70,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _on_params_device(optimizer: torch.optim.Optimizer):
+    """DCP's object collectives and barriers on the device of the optimizer's parameters (see
+    ``communication.on_device``)."""
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
+    return on_device(device)
+
+
 def save_checkpoint(
     path: str,
     model: torch.nn.Module,
@@ -81,6 +89,12 @@ def save_checkpoint(
     Collective: every rank calls it. ``path`` is marked complete after every rank is done.
     ``flatten`` is ``flatten_optimizer_state_dict``; a checkpoint loads with the same setting.
     """
+    with _on_params_device(optimizer):
+        _save(path, model, optimizer, extra, flatten)
+
+
+def _save(path, model, optimizer, extra, flatten) -> None:
+    """``save_checkpoint``, on the parameters' device."""
     # A save only reads the optimizer state: views of it, no copy (ShardedShampoo.saving).
     views = optimizer.saving() if hasattr(optimizer, "saving") else contextlib.nullcontext()
     with views:
@@ -152,6 +166,12 @@ def load_checkpoint(
 
     Only load checkpoints from a trusted source (see the module docstring: DCP unpickles).
     """
+    with _on_params_device(optimizer):
+        return _load(path, model, optimizer, extra, flatten)
+
+
+def _load(path, model, optimizer, extra, flatten) -> dict:
+    """``load_checkpoint``, on the parameters' device."""
     if not is_complete(path):
         raise IncompleteCheckpointError(
             f"{path} is not a complete checkpoint (no {MARKER} marker or no .metadata): its save "

@@ -22,7 +22,6 @@ __all__ = [
     "RootFailureWarning",
     "block_name",
     "check_roots",
-    "largest_norm",
     "warn",
     "warn_skipped",
 ]
@@ -68,12 +67,6 @@ def block_name(blocking: ParamBlocking, param_name: str, bid: int) -> str:
 BlockNamer = Callable[[int, int, int], str]
 
 
-def largest_norm(dtype: torch.dtype) -> float:
-    """The largest block gradient norm whose square ``dtype`` holds (a larger one would make
-    the block's factor infinite)."""
-    return math.sqrt(torch.finfo(dtype).max)
-
-
 def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
     """Warns about the blocks of ``w`` skipped for a non-finite (or too large) gradient. A slow
     path, taken only when the step's host read said some block was: it reads the step's
@@ -82,12 +75,12 @@ def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
     norms = w.norms.cpu()
     for r in bad.nonzero().flatten().tolist():
         pi, bid = w.stack.row_owner[r]
-        norm = float(norms[r])
-        if math.isfinite(norm):
-            # The squared norm overflows: the block's factor would become infinite.
-            what = f"too large a gradient (norm {norm:.3g}; its squared norm overflows {w.grad.dtype})"
-        else:
+        if math.isnan(float(norms[r])):
             what = "a non-finite gradient (NaN or Inf)"
+        else:  # no NaN, yet the norm is infinite: the block's factor would become infinite
+            what = (
+                f"an infinite gradient, or one too large for its squared norm in {w.grad.dtype}"
+            )
         warn(
             NonFiniteGradientWarning(
                 f"{what} in {name(w.group, pi, bid)}: the block is skipped in this step"

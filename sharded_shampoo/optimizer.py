@@ -24,7 +24,6 @@ from .diagnostics import (
     RootFailureWarning,
     block_name,
     check_roots,
-    largest_norm,
     warn,
     warn_skipped,
 )
@@ -167,14 +166,17 @@ class ShardedShampoo(torch.optim.Optimizer):
 
     ``t`` counts the steps in which at least one parameter of the group had a gradient. A
     parameter without a gradient is skipped and its state untouched. A block whose gradient
-    holds a NaN or Inf is skipped the same way (its part of the parameter is not changed) and a
+    holds a NaN or Inf (or is too large for its squared norm) is skipped the same way (its part
+    of the parameter is not changed; decided on the device, not by reading it back) and a
     :class:`NonFiniteGradientWarning` names it. If the roots of a block cannot be computed, even
     in float64, the block keeps its previous roots with a :class:`RootFailureWarning`; after
     ``max_consecutive_root_failures`` failures in a row the step raises RuntimeError before any
     parameter is changed.
 
     Blocks of the same dtype and shape are stacked and computed together (see
-    :mod:`sharded_shampoo.state.stacks`).
+    :mod:`sharded_shampoo.state.stacks`). Every parameter must be on one device; everything the
+    optimizer keeps or creates per step is on it (host bookkeeping aside: the step count,
+    blocking records), and a step that refreshes no roots reads from it once (its status).
 
     Data parallelism: with a process group of more than one rank (or ``mesh``, a 1-D
     DeviceMesh), every block gets one owner rank (:mod:`sharded_shampoo.placement`); only the
@@ -557,16 +559,12 @@ class ShardedShampoo(torch.optim.Optimizer):
 
     def _gate(self, work: list[StackWork]) -> None:
         """Which rows of each stack step (``StackWork.keep``, on the device): those whose
-        gradient's squared norm is finite in its dtype; rows of parameters without a gradient
-        count as kept (they are not computed at all). Nothing is read back here."""
+        gradient's norm is finite (no NaN or Inf, and a square that does not overflow its
+        dtype); rows of parameters without a gradient count as kept (they are not computed at
+        all). Nothing is read back here."""
         for w in work:
-            g = w.grad.flatten(1)
-            if g.dtype == torch.float64:
-                w.norms = torch.linalg.vector_norm(g, dim=1)
-                finite = torch.isfinite(w.norms)
-            else:  # in float64, so that an overflow of the square is told from an Inf
-                w.norms = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
-                finite = w.norms <= largest_norm(g.dtype)
+            w.norms = torch.linalg.vector_norm(w.grad.flatten(1), dim=1)
+            finite = torch.isfinite(w.norms)
             w.keep = finite if w.rows is None else finite | ~w.rows.mask
 
     def _compute(self, work: list[StackWork]) -> str | None:

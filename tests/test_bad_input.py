@@ -202,7 +202,7 @@ def test_a_huge_but_finite_gradient_is_said_to_overflow():
     opt = ShardedShampoo([w, b], **OPTS)
     w.grad, b.grad = torch.full((4, 4), 1e20), torch.ones(4)
     before = w.detach().clone()
-    with pytest.warns(NonFiniteGradientWarning, match=r"too large a gradient \(norm 4e\+20; its squared norm overflows torch.float32\)"):
+    with pytest.warns(NonFiniteGradientWarning, match=r"an infinite gradient, or one too large for its squared norm in torch.float32"):
         opt.step()
     assert torch.equal(w.detach(), before)  # skipped
     assert not torch.equal(b.detach(), torch.ones(4))  # the other block stepped
@@ -280,3 +280,31 @@ def test_sparse_gradients_are_refused_naming_the_parameter():
         opt.step()
     assert torch.equal(emb.weight, before)
     assert opt.param_groups[0]["step"] == 0
+
+
+def test_parameters_on_two_devices_are_refused():
+    """One device per optimizer (its buffers, masks and status live there)."""
+    cpu = torch.nn.Parameter(torch.ones(2, 2))
+    other = torch.nn.Parameter(torch.ones(2, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"all parameters must be on one device: this group has \['meta'\]"):
+        ShardedShampoo([{"params": [cpu]}, {"params": [other]}])
+    opt = ShardedShampoo([cpu])
+    with pytest.raises(ValueError, match="the optimizer's are on cpu"):
+        opt.add_param_group({"params": [other]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_process_group_without_a_backend_for_the_parameters_device_is_refused(monkeypatch):
+    """FSDP2's CPU offload keeps parameters on the CPU: a group started with "nccl" alone
+    cannot move them, and the error says how to start one that can."""
+    import torch.distributed as dist
+
+    from sharded_shampoo.parallelism import check_backend
+
+    class NcclOnly:
+        _device_types = [torch.device("cuda")]
+
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_group", lambda: NcclOnly())
+    with pytest.raises(ValueError, match=r'parameters are on cpu .*init_process_group\("cuda:nccl,cpu:gloo"\)'):
+        check_backend(torch.device("cpu"))
+    check_backend(torch.device("cuda"))  # the group has a backend for it

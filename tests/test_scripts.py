@@ -130,3 +130,17 @@ def test_bench_step_compares_preconditioners(tmp_path):
     }
     assert all(x["step_ms"] > 0 and x["refresh_ms"] > 0 for x in r["preconditioners"].values())
     assert "goal: the refresh's extra time with QR" in out
+
+
+def test_gpu_check_passes_on_the_cpu():
+    """The GPU check's steps, on the CPU with a tiny speed model: every check passes, and the
+    step without a refresh makes one host read in both modes."""
+    out = run("gpu_check.py", "--device", "cpu", "--small")
+    checks = [line.split(None, 1) for line in out.splitlines() if line.startswith(("ok ", "FAIL"))]
+    names = [rest.split("  ")[0].strip() for _, rest in checks]
+    assert all(status == "ok" for status, _ in checks), out
+    for name in ("exact shampoo", "exact eigenvalue_corr", "fsdp2 shampoo", "dcp",
+                 "full_state_dict", "syncs single", "syncs fsdp2", "speed"):
+        assert any(n.startswith(name) for n in names), (name, out)
+    assert out.count("1 in a step without a refresh") == 2, out
+    assert out.rstrip().splitlines()[-1].startswith("0 failed")

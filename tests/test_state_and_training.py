@@ -262,3 +262,20 @@ def test_root_inverse_state_refused_by_an_eigenvalue_corrected_optimizer():
     after = corrected.state_dict()
     assert all(torch.equal(v, after["state"][i][k])
                for i, st in before["state"].items() for k, v in st.items())
+
+
+def test_full_state_dict_with_cpu_offload_in_one_process():
+    """torch's full state dict, asked for with cpu_offload and no process group: every block,
+    on the CPU (it used to ask the missing process group for its rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = torch.nn.Linear(12, 10)
+    opt = ShardedShampoo(model.parameters(), max_preconditioner_dim=4, precondition_frequency=1)
+    model(torch.randn(3, 12)).sum().backward()
+    opt.step()
+    sd = get_optimizer_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    blocks = {k.split(".")[1] for k in sd["state"]["weight"] if k.startswith("blocks.")}
+    assert blocks == {str(b) for b in range(9)}  # 12 x 10 in blocks of 4: 3 x 3
+    assert all(t.device.type == "cpu" for t in sd["state"]["weight"].values())

@@ -1,0 +1,332 @@
+"""Checks ShardedShampoo where its users train: on one GPU (or, with ``--device cpu``, here).
+
+One line per check, then a non-zero exit if any failed. Nothing is downloaded.
+
+- ``exact``: 12 steps of a small float64 model (two param groups, grafting, weight decay,
+  momentum; and the eigenvalue-corrected preconditioner) on the device against the same run on
+  the CPU, same gradients: max relative parameter difference <= 1e-10.
+- ``fsdp2``: the same model under FSDP2 on a one-rank process group (NCCL for CUDA tensors,
+  gloo for CPU ones) against the single-device run (1e-10).
+- ``dcp``: a DCP checkpoint of the FSDP2 run after 6 steps, loaded into a fresh model and
+  optimizer, 6 more steps: equal to the uninterrupted run.
+- ``full_state_dict``: torch's full state dicts (cpu_offload), loaded with
+  ``broadcast_from_rank0``, 6 more steps: equal to the uninterrupted run.
+- ``syncs``: host synchronizations in a step that refreshes no roots (CUDA:
+  ``torch.cuda.set_sync_debug_mode``; CPU: the synchronizing calls the step makes), one
+  process and FSDP2: at most 1; and in a refresh step, for the record.
+- ``speed``: a GPT of about 100M parameters (``--small``: a tiny one) in float32: AdamW's
+  optimizer step, ShardedShampoo's in a step without a refresh and in a refresh step, and each
+  one's peak memory over a training step, in the same run.
+
+    python scripts/gpu_check.py                     # CUDA, the whole check (minutes)
+    python scripts/gpu_check.py --device cpu --small   # the same checks here, in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "distributed"))
+
+STEPS, HALF = 12, 6
+OPTIONS = [  # two groups, as the tests' scenarios (float64 factors, well-conditioned)
+    dict(lr=0.02, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=8,
+         precondition_frequency=4, epsilon=1e-4, grafting="adam", weight_decay=0.01,
+         factor_dtype=torch.float64),
+    dict(lr=0.01, betas=(0.0, 1.0), max_preconditioner_dim=6, precondition_frequency=3,
+         epsilon=1e-3, grafting="adagrad", weight_decay=0.05, decoupled_weight_decay=False,
+         momentum=0.8, nesterov=True, factor_dtype=torch.float64),
+]
+EC = [dict(o, preconditioner="eigenvalue_corrected", eigenbasis=b)
+      for o, b in zip(OPTIONS, ("eigh", "qr"))]
+
+failures: list[str] = []
+
+
+def report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name:16s} {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+class Net(torch.nn.Module):
+    """Uneven shapes (blocks of several shapes, a row count FSDP2 splits unevenly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(12, 33)
+        self.mid = torch.nn.Linear(33, 20)
+        self.mix = torch.nn.Parameter(torch.randn(5, 4, 4) * 0.1)
+        self.out = torch.nn.Linear(20, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        h = h + torch.einsum("bi,kij->bj", h[:, :4], self.mix).sum(1, keepdim=True)
+        return self.out(h)
+
+
+def make_net(device):
+    torch.manual_seed(0)
+    return Net().double().to(device)
+
+
+def groups_of(model, options):
+    params = list(model.named_parameters())
+    first = [(n, p) for n, p in params if not n.startswith("out.")]
+    return [{"params": first, **options[0]}, {"params": params[len(first):], **options[1]}]
+
+
+def batch(step, device):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    return x.to(device), torch.randint(0, 3, (16,), generator=g).to(device)
+
+
+def train(model, opt, device, start, stop):
+    for step in range(start, stop):
+        opt.zero_grad()
+        x, y = batch(step, device)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def full(model):
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().cpu()
+            for p in model.parameters()]
+
+
+def rel_err(a, b) -> float:
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
+
+
+def single_run(device, options, steps=STEPS):
+    from sharded_shampoo import ShardedShampoo
+
+    model = make_net(device)
+    opt = ShardedShampoo(groups_of(model, options), communication_dtype=torch.float64)
+    train(model, opt, device, 0, steps)
+    return full(model)
+
+
+def fsdp_build(device, options):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sharded_shampoo import ShardedShampoo
+
+    model = make_net(device)
+    mesh = init_device_mesh(device.type, (1,))
+    for name in ("inp", "mid"):
+        fully_shard(getattr(model, name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = ShardedShampoo(groups_of(model, options), communication_dtype=torch.float64)
+    return model, opt
+
+
+def check_exact(device) -> dict:
+    references = {}
+    for name, options in (("shampoo", OPTIONS), ("eigenvalue_corr", EC)):
+        here = single_run(device, options)
+        cpu = single_run(torch.device("cpu"), options)
+        err = rel_err(here, cpu)
+        report(f"exact {name}", err <= 1e-10, f"{device} vs cpu, {STEPS} steps, float64: "
+               f"max relative difference {err:.1e} (bound 1e-10)")
+        references[name] = here
+    return references
+
+
+def check_fsdp(device, references) -> None:
+    for name, options in (("shampoo", OPTIONS), ("eigenvalue_corr", EC)):
+        model, opt = fsdp_build(device, options)
+        train(model, opt, device, 0, STEPS)
+        err = rel_err(full(model), references[name])
+        report(f"fsdp2 {name}", err <= 1e-10, f"FSDP2 on one rank vs one {device.type} "
+               f"process: {err:.1e} (bound 1e-10)")
+
+
+def check_checkpoints(device, references) -> None:
+    import torch.distributed.checkpoint as dcp  # noqa: F401 - imported by checkpoint too
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from sharded_shampoo.checkpoint import load_checkpoint, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as root:
+        model, opt = fsdp_build(device, OPTIONS)
+        train(model, opt, device, 0, HALF)
+        save_checkpoint(os.path.join(root, "ckpt"), model, opt)
+        full_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        osd = get_optimizer_state_dict(model, opt, options=full_options)
+        msd = get_model_state_dict(model, options=full_options)
+        on_cpu = all(t.device.type == "cpu" for t in osd["state"][next(iter(osd["state"]))].values()
+                     if isinstance(t, torch.Tensor))
+
+        model, opt = fsdp_build(device, OPTIONS)
+        load_checkpoint(os.path.join(root, "ckpt"), model, opt)
+        train(model, opt, device, HALF, STEPS)
+        err = rel_err(full(model), references["shampoo"])
+        report("dcp", err <= 1e-12, f"saved after {HALF} steps, loaded, {STEPS - HALF} more: "
+               f"{err:.1e} from uninterrupted (bound 1e-12)")
+
+        model, opt = fsdp_build(device, OPTIONS)
+        load_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, msd, options=load_options)
+        set_optimizer_state_dict(model, opt, osd, options=load_options)
+        train(model, opt, device, HALF, STEPS)
+        err = rel_err(full(model), references["shampoo"])
+        report("full_state_dict", err <= 1e-12 and on_cpu,
+               f"cpu_offload dict on the CPU: {on_cpu}; broadcast_from_rank0 load, "
+               f"{STEPS - HALF} more steps: {err:.1e} from uninterrupted (bound 1e-12)")
+
+
+def count_syncs(device, step) -> list[str]:
+    """The synchronizations ``step()`` makes: CUDA's own report, or on the CPU the calls the
+    audit counts (``tests/distributed/audit.py``)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message).splitlines()[0][:80] for w in caught
+                if "synchroniz" in str(w.message)]
+    from audit import HostReads
+
+    with HostReads() as reads:
+        step()
+    return [f"{what} at {where}" for what, where in reads.reads]
+
+
+def check_syncs(device) -> None:
+    from sharded_shampoo import ShardedShampoo
+
+    for mode in ("single", "fsdp2"):
+        if mode == "single":
+            model = make_net(device)
+            opt = ShardedShampoo(groups_of(model, OPTIONS), communication_dtype=torch.float64)
+        else:
+            model, opt = fsdp_build(device, OPTIONS)
+        train(model, opt, device, 0, 4)  # past the first roots (step 4; group 1: 3)
+        opt.zero_grad()
+        x, y = batch(4, device)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        syncs = count_syncs(device, opt.step)  # step 5: no refresh in either group
+        report(f"syncs {mode}", len(syncs) <= 1,
+               f"{len(syncs)} in a step without a refresh (budget 1): {syncs}")
+        opt.zero_grad()
+        x, y = batch(5, device)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        refresh = count_syncs(device, opt.step)  # step 6: group 1 refreshes its roots
+        report(f"syncs {mode} ref", True, f"{len(refresh)} in a step that refreshes roots "
+               "(the decompositions' own and one root check): for the record")
+
+
+def check_speed(device, small: bool) -> None:
+    from workloads import GPT, GPTConfig
+
+    from sharded_shampoo import ShardedShampoo
+
+    cfg = GPTConfig(context=64, width=64, layers=2) if small else GPTConfig(
+        context=256, width=768, layers=12, heads=12
+    )
+    batch_size, frequency = (4, 5) if small else (16, 10)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    data = torch.randint(0, cfg.vocab, (batch_size, cfg.context + 1),
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    figures = {}
+    for name in ("adamw", "shampoo"):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device)
+        params = sum(p.numel() for p in model.parameters())
+        if name == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        else:
+            opt = ShardedShampoo(model.parameters(), lr=1e-4, precondition_frequency=frequency,
+                                 max_preconditioner_dim=1024)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        plain, refresh = [], []
+        for step in range(1, 3 * frequency + 1):
+            opt.zero_grad(set_to_none=False)
+            model(data[:, :-1], data[:, 1:]).backward()
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            elapsed = time.perf_counter() - t0
+            if step > 2:  # warm
+                (refresh if name == "shampoo" and step % frequency == 0 else plain).append(elapsed)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+        figures[name] = (statistics.median(plain), max(refresh, default=float("nan")), peak)
+    (a_step, _, a_peak), (s_step, s_refresh, s_peak) = figures["adamw"], figures["shampoo"]
+    gib = 2**30
+    report("speed", True,
+           f"GPT {params / 1e6:.1f}M params, float32, batch {batch_size}x{cfg.context}: "
+           f"optimizer step AdamW {a_step * 1e3:.1f} ms, Shampoo {s_step * 1e3:.1f} ms "
+           f"({s_step / a_step:.1f}x), refresh step {s_refresh * 1e3:.0f} ms "
+           f"(every {frequency}); peak memory AdamW {a_peak / gib:.2f} GiB, Shampoo "
+           f"{s_peak / gib:.2f} GiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cuda", "cpu"))
+    parser.add_argument("--small", action="store_true", help="tiny speed model (CI)")
+    args = parser.parse_args()
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # float64 checks; float32 speed
+        torch.backends.cudnn.allow_tf32 = False
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+              f"CUDA {torch.version.cuda}", flush=True)
+    else:
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        print(f"device: cpu, torch {torch.__version__}", flush=True)
+
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    references = check_exact(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        # One rank, as users start it: NCCL for CUDA tensors, gloo for CPU ones.
+        dist.init_process_group(
+            "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
+            store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        try:
+            check_fsdp(device, references)
+            check_checkpoints(device, references)
+            check_syncs(device)
+        finally:
+            dist.destroy_process_group()
+    check_speed(device, args.small)
+    print(f"{len(failures)} failed ({', '.join(failures) or 'none'}) in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
