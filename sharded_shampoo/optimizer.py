@@ -503,7 +503,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         # stepped alike: what went wrong rides the status words of each exchange.
         failed = error is not None or invalid is not None
         summaries = [d.exchange(step, failed) for d in self._distributors]
-        statuses = self._read_outcome(work, summaries, step)
+        statuses = self._read_outcome(work, summaries)
         self._raise_if_failed(statuses, error, invalid)
         for d in self._distributors:
             d.apply(step)
@@ -614,7 +614,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         return stack.cached(key, make)
 
     def _read_outcome(
-        self, work: list[StackWork], summaries: list[torch.Tensor | None], step: Step
+        self, work: list[StackWork], summaries: list[torch.Tensor | None]
     ) -> list[Status]:
         """The step's one host read: whether this rank skipped a block, and what each
         exchange's status words said. Warnings about skipped blocks follow it."""
