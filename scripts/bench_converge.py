@@ -66,10 +66,15 @@ def main() -> None:
     ap.add_argument("--out-dir", default=os.path.join("runs", "converge"))
     ap.add_argument("--stagger-seeds", type=int, default=0,
                     help="instead: Shampoo on lm with and without stagger_roots, this many seeds")
+    ap.add_argument("--convention-seeds", type=int, default=0,
+                    help="instead: eigenvalue-corrected Shampoo on lm in both eigenbasis "
+                         "conventions (eigh and QR), this many seeds, at each --grid lr")
     ap.add_argument("extra", nargs="*", help="more train.py arguments, after --")
     args = ap.parse_args()
     if args.stagger_seeds:
         return stagger_convergence(args)
+    if args.convention_seeds:
+        return convention_convergence(args)
     grid = [float(g) for g in args.grid.split(",")]
     summary = {}
     for workload in args.workloads.split(","):
@@ -118,6 +123,33 @@ def main() -> None:
                 print(f"{workload:9s} {name} did not reach the target within the budget")
     with open(os.path.join(args.out_dir, "converge.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
+
+
+def convention_convergence(args) -> None:
+    """Final validation loss on lm of eigenvalue-corrected Shampoo (no grafting, as SOAP) in
+    the reference implementation's eigenbasis conventions and the SOAP paper's, eigh and QR
+    bases, per lr of the grid: mean and range over seeds."""
+    extra, base = list(args.extra), args.out_dir
+    finals: dict[str, list[float]] = {}
+    for convention in ("reference", "soap"):
+        for basis in ("eigh", "qr"):
+            for lr in [float(g) for g in args.grid.split(",")]:
+                key = f"{convention} {basis} lr {lr:g}"
+                for seed in range(args.convention_seeds):
+                    args.extra = extra + [
+                        "--seed", str(seed), "--preconditioner", "eigenvalue_corrected",
+                        "--grafting", "none", "--eigenbasis", basis,
+                        "--eigenbasis-convention", convention,
+                    ]
+                    args.out_dir = os.path.join(base, f"{convention}-{basis}-lr{lr:g}-seed{seed}")
+                    rows = run("lm", "shampoo", lr, args)
+                    finals.setdefault(key, []).append(rows[-1]["val_loss"])
+                v = finals[key]
+                print(f"{key:28s} final validation loss {sum(v) / len(v):.4f} "
+                      f"(seeds: {', '.join(f'{x:.4f}' for x in v)})", flush=True)
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, "conventions.json"), "w") as fh:
+        json.dump(finals, fh, indent=2)
 
 
 def stagger_convergence(args) -> None:

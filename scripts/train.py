@@ -110,6 +110,7 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
         stagger_roots=args.stagger_roots,
         preconditioner=args.preconditioner,
         eigenbasis=args.eigenbasis,
+        eigenbasis_convention=args.eigenbasis_convention,
     ), args.shampoo_lr
 
 
@@ -283,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default="shampoo", help="for --optimizer shampoo")
     ap.add_argument("--eigenbasis", choices=["eigh", "qr"], default="eigh",
                     help="with --preconditioner eigenvalue_corrected")
+    ap.add_argument("--eigenbasis-convention", choices=["reference", "soap"], default="reference",
+                    help="with --preconditioner eigenvalue_corrected (see sharded_shampoo.eigenbasis)")
     ap.add_argument("--stagger-roots", action="store_true",
                     help="each block computes its roots in its own step of the period")
     ap.add_argument("--warmup", type=int, default=20)

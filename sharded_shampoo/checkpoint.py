@@ -44,6 +44,7 @@ from .state.record import RECORD_SIZE, record_difference
 
 __all__ = [
     "IncompleteCheckpointError",
+    "full_optimizer_state_dict",
     "is_complete",
     "latest_checkpoint",
     "load_checkpoint",
@@ -60,6 +61,21 @@ def _options(flatten: bool) -> StateDictOptions:
 
 class IncompleteCheckpointError(RuntimeError):
     """The directory is not a complete checkpoint (its save was interrupted, or it is not one)."""
+
+
+def full_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cpu_offload: bool = True
+) -> dict[str, Any]:
+    """Every block of the optimizer's state, keyed by parameter names, as torch's
+    ``get_optimizer_state_dict(..., StateDictOptions(full_state_dict=True, cpu_offload=...))``
+    gives it: on rank 0 only, on the CPU, with ``cpu_offload``; else on every rank. Asks
+    ShardedShampoo explicitly (``full_state``), so it never depends on reading torch's options
+    from its frames. Collective: every rank calls it. For callbacks that save one file
+    (Lightning, torchtitan, the Hugging Face Trainer)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+    full = getattr(optimizer, "full_state", None)
+    with full(cpu_offload) if full is not None else contextlib.nullcontext():
+        return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def step_directory(root: str, step: int) -> str:

@@ -130,7 +130,11 @@ def _describe_difference(kind: str, param_index: int, entries: list) -> str:
     )
     if kind == "param":
         what = f"parameter #{param_index} differs"
-        advice = "the same parameters (shapes, dtypes, order, names)"
+        advice = (
+            "the same parameters (shapes, dtypes, order, names; FSDP1's "
+            "FullyShardedDataParallel gives each rank flat pieces of other sizes, which "
+            "ShardedShampoo does not take: shard with FSDP2's fully_shard)"
+        )
     elif kind == "group":
         what = f"the options of {entries[0][1] if entries[0] else 'a param group'} differ"
         advice = "the same options"

@@ -1,17 +1,36 @@
 """Batched eigenbases of the Kronecker factors, for the eigenvalue-corrected preconditioner.
 
-Every refresh replaces each factor's eigenvectors ``Q_i`` (columns by decreasing eigenvalue):
+Every refresh replaces each factor's eigenvectors ``Q_i``, in one of two conventions
+(``eigenbasis_convention``):
 
-- ``eigh``: an eigendecomposition of the factor; a matrix whose batched ``eigh`` raised or came
-  back non-finite is retried alone in float64, as the roots are (``roots.py``).
-- ``qr``: ``qr_iterations`` steps of an orthogonal (QR) iteration warm-started from the previous
-  ``Q_i``, as SOAP does: the columns are first put in order of decreasing estimated eigenvalue
-  ``diag(Q^T F Q)``, and the corrected eigenvalues are permuted along dim i the same way, so
-  that each entry keeps following its eigenvector; then ``Q <- qr(F Q)`` each iteration.
+- ``"reference"`` (the reference implementation's, facebookresearch/optimizers): the basis of
+  ``A = F / c + epsilon I`` (``c``: the second moment's bias correction) with columns by
+  increasing eigenvalue, as ``eigh`` returns them; the corrected eigenvalues are left where
+  they are (entry j keeps accumulating along whichever vector is column j now).
+  ``eigenbasis="eigh"``: an eigendecomposition, skipped for a block whose previous basis still
+  diagonalizes ``A`` within ``eigenbasis_tolerance`` (``||B - diag(B)||_F <= tol ||B||_F`` for
+  ``B = Q^T A Q``). ``eigenbasis="qr"``: up to ``qr_iterations`` steps of the QR algorithm
+  on ``B`` (``B = R Q_k``, ``Q <- Q Q_k`` from ``Q_k R = qr(B)``), warm-started from the
+  previous basis and stopped for a block once ``B`` is diagonal within the tolerance; then
+  the columns sorted by increasing ``diag(B)``.
+- ``"soap"`` (the SOAP paper's): the basis of ``F``, columns by decreasing eigenvalue.
+  ``eigh``: an eigendecomposition. ``qr``: the columns and the corrected eigenvalues (along dim
+  i) are first put in order of decreasing estimated eigenvalue ``diag(Q^T F Q)``, so that each
+  entry keeps following its eigenvector, then ``qr_iterations`` steps of ``Q <- qr(F Q)``
+  (whose ``|diag(R)|`` estimates the new columns' eigenvalues, for the null space below).
 
-The filtered gradient, kept in the eigenbasis, is rotated into the new one. A block for which
-any dim fails keeps all its previous eigenvectors (and its corrected eigenvalues' order and
-filtered gradient), and its failure count goes up; a success resets it.
+A factor of fewer gradients than its dimension has a null space (a cluster of smallest
+eigenvalues equal up to rounding), whose eigenvectors LAPACK picks by rounding: they would
+differ with a matrix's place in a stack, hence with the world size, and the corrected
+eigenvalues (per coordinate of the basis) with them. In both conventions the columns of that
+cluster are replaced by a basis that depends on their span alone (the eigenvectors of a fixed
+diagonal ramp restricted to the span), which leaves every other column as computed.
+
+A matrix whose batched ``eigh`` raised or came back non-finite is retried alone in float64, as
+the roots are (``roots.py``). The filtered gradient, kept in the eigenbasis, is rotated into
+the new one. A block for which any dim fails keeps all its previous eigenvectors (and its
+corrected eigenvalues' order and filtered gradient), and its failure count goes up; a success
+resets it.
 """
 
 from __future__ import annotations
@@ -23,68 +42,141 @@ from .modes import precondition
 from .options import GroupOptions
 from .roots import eigh, keep_successes
 
-__all__ = ["refresh_eigenbasis"]
+__all__ = ["canonical_ties", "refresh_eigenbasis"]
+
+# Eigenvalues within TIES x eps(dtype) x m x max|eigenvalue| of the smallest form its cluster:
+# the rounding of a null space's eigenvalues, far below any eigenvalue gradients make.
+TIES = 64.0
 
 
-def _eigh_descending(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors of the stack ``a`` by decreasing eigenvalue, and a per-matrix ``ok``."""
+def _tied(values: torch.Tensor) -> torch.Tensor:
+    """Per row of ``values`` (n, m): which belong to the cluster of the smallest."""
+    spread = TIES * torch.finfo(values.dtype).eps * values.shape[-1]
+    low = values.amin(-1, keepdim=True)
+    return values - low <= spread * values.abs().amax(-1, keepdim=True)
+
+
+def _sort_key(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with the smallest's cluster set to the smallest: sorted stably, tied columns
+    keep their order instead of an order rounding would give them."""
+    return torch.where(_tied(values), values.amin(-1, keepdim=True), values)
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``eigh`` of the stack ``a`` (ascending) and a per-matrix ``ok``; a matrix that failed
+    is retried alone in float64 (a host read per failed matrix, at refreshes only)."""
     try:
-        _, q = eigh(a)
-        q = q.flip(-1)
-        ok = torch.isfinite(q).flatten(1).all(1)
+        values, q = eigh(a)
+        ok = torch.isfinite(q).flatten(1).all(1) & torch.isfinite(values).all(1)
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        values = torch.zeros(a.shape[:-1], dtype=a.dtype, device=a.device)
         q = torch.empty_like(a)
         ok = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
     for j in (~ok).nonzero().flatten().tolist():  # rare: alone, in float64
         try:
-            _, qj = eigh(a[j : j + 1].double())
+            lj, qj = eigh(a[j : j + 1].double())
         except RuntimeError:
             continue
-        qj = qj.flip(-1).to(a.dtype)
-        if bool(torch.isfinite(qj).all()):
-            q[j], ok[j] = qj[0], True
-    return q, ok
+        if bool(torch.isfinite(qj).all()) and bool(torch.isfinite(lj).all()):
+            values[j], q[j], ok[j] = lj[0].to(a.dtype), qj[0].to(a.dtype), True
+    return values, q, ok
 
 
-# Factors of fewer gradients than their dimension have a null space, whose eigenvectors LAPACK
-# picks by rounding: they would differ with a matrix's place in a stack, hence with the world
-# size, and the corrected eigenvalues (per coordinate of the basis) with them. A deterministic
-# diagonal ramp of this size relative to the mean eigenvalue orders such eigenvalues.
-TIE_BREAK = 1e-6
+def _off_diagonal_small(b: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Per matrix of ``b``: ``||B - diag(B)||_F <= tolerance ||B||_F``, computed as the
+    reference does (from the two norms: when rounding makes ``||B||^2 - ||diag(B)||^2``
+    negative, the square root is NaN and the test fails)."""
+    norm = torch.linalg.matrix_norm(b)
+    diagonal = torch.linalg.vector_norm(torch.diagonal(b, dim1=-2, dim2=-1), dim=-1)
+    return (norm.square() - diagonal.square()).sqrt() <= tolerance * norm
 
 
-def _tie_broken(a: torch.Tensor) -> torch.Tensor:
-    m = a.shape[-1]
-    mean = torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)
-    ramp = torch.arange(1, m + 1, dtype=a.dtype, device=a.device) / m
-    return a + torch.diag_embed((TIE_BREAK * mean).unsqueeze(-1) * ramp)
+def _qr_algorithm(
+    a: torch.Tensor, q: torch.Tensor, iterations: int, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's QR algorithm, batched: a matrix stops iterating once its ``B`` is
+    diagonal within ``tolerance`` (masked on the device, no host read). Returns the estimated
+    eigenvalues ``diag(B)`` in increasing order and the eigenvectors sorted the same way."""
+    b = q.mT @ a @ q
+    for _ in range(iterations):
+        going = ~_off_diagonal_small(b, tolerance)
+        qk, r = torch.linalg.qr(b)
+        step = going.view(-1, 1, 1)
+        b = torch.where(step, r @ qk, b)
+        q = torch.where(step, q @ qk, q)
+    _, order = _sort_key(torch.diagonal(b, dim1=-2, dim2=-1)).sort(dim=-1, stable=True)
+    values = torch.diagonal(b, dim1=-2, dim2=-1).gather(-1, order)
+    return values, q.gather(-1, order.unsqueeze(-2).expand_as(q))
+
+
+def canonical_ties(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``q`` (n, m, m) with, per matrix, the columns of the cluster of its smallest
+    eigenvalues (``values``, (n, m)) replaced by the eigenvectors, by increasing eigenvalue, of
+    ``N^T D N`` (``N`` those columns, ``D = diag(1, ..., m) / m``): a basis of their span that
+    does not depend on which basis of it LAPACK returned. Other columns are left as they are.
+    One host read (which matrices have such a cluster), at refreshes only."""
+    m = values.shape[-1]
+    tied = _tied(values)
+    rows = (tied.sum(-1) > 1).nonzero().flatten().tolist()
+    if not rows:
+        return q
+    q = q.clone()
+    ramp = torch.arange(1, m + 1, dtype=q.dtype, device=q.device) / m
+    for j in rows:
+        cols = tied[j].nonzero().flatten()
+        n = q[j][:, cols]
+        _, u = eigh(n.mT @ (ramp.unsqueeze(-1) * n))
+        q[j][:, cols] = n @ u
+    return q
 
 
 def refresh_eigenbasis(
-    state: TensorDict, opts: GroupOptions, order: int, keep: torch.Tensor
+    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
 ) -> torch.Tensor:
-    """Recomputes the eigenvectors of the kept blocks (``keep``) of the stack; returns which
-    succeeded, True for the blocks not kept (they change nothing)."""
+    """Recomputes the eigenvectors of the kept blocks (``keep``) of the stack at step ``t``;
+    returns which succeeded, True for the blocks not kept (they change nothing)."""
     values = state["corrected_eigenvalues"]
+    reference = opts.eigenbasis_convention == "reference"
     new, permutations, ok = [], [], None
     for i in range(order):
         old = state[f"eigenvectors_{i}"]
         f = state[f"factor_{i}"]
-        a = _tie_broken(f.to(torch.promote_types(f.dtype, torch.float32)))
+        a = f.to(torch.promote_types(f.dtype, torch.float32))
+        if reference:
+            scale = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
+            a = a / scale + opts.epsilon * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        q_old = old.to(a.dtype)
         if opts.eigenbasis == "eigh":
-            q, good = _eigh_descending(a)
+            estimates, q, good = _eigh(a)
+            if reference and opts.eigenbasis_tolerance > 0:
+                b = q_old.mT @ a @ q_old
+                skip = _off_diagonal_small(b, opts.eigenbasis_tolerance)
+                estimates = torch.where(
+                    skip.unsqueeze(-1), torch.diagonal(b, dim1=-2, dim2=-1), estimates
+                )
+                q = torch.where(skip.view(-1, 1, 1), q_old, q)
+                good = good | skip
+            elif not reference:
+                estimates, q = estimates.flip(-1), q.flip(-1)
+        elif reference:
+            estimates, q = _qr_algorithm(a, q_old, opts.qr_iterations, opts.eigenbasis_tolerance)
+            good = torch.isfinite(q).flatten(1).all(1)
         else:
-            q = old.to(a.dtype)
             # One product serves both: diag(Q^T F Q) = column sums of Q * (F Q), and the
             # first iteration's F Q is that product with its columns in the new order.
-            fq = a @ q
-            estimates = (q * fq).sum(-2)
-            perm = torch.argsort(estimates, dim=-1, descending=True, stable=True)
+            fq = a @ q_old
+            estimates = (q_old * fq).sum(-2)
+            _, perm = torch.sort(_sort_key(estimates), dim=-1, descending=True, stable=True)
+            estimates = estimates.gather(-1, perm)
             permutations.append((i, perm))
             fq = fq.gather(2, perm.unsqueeze(1).expand_as(fq))
             for it in range(opts.qr_iterations):
-                q, _ = torch.linalg.qr(fq if it == 0 else a @ q)
+                q, r = torch.linalg.qr(fq if it == 0 else a @ q)
+            # |diag(R)| of the last step estimates the eigenvalues of the new columns: a null
+            # space shows there as the cluster of smallest values, wherever the old basis had it.
+            estimates = torch.diagonal(r, dim1=-2, dim2=-1).abs()
             good = torch.isfinite(q).flatten(1).all(1)
+        q = canonical_ties(estimates, torch.where(good.view(-1, 1, 1), q, q_old))
         new.append(q.to(old.dtype))
         ok = good if ok is None else ok & good
     assert ok is not None

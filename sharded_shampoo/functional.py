@@ -134,7 +134,7 @@ def _refresh(
 ) -> torch.Tensor:
     """Roots, or eigenvectors with the eigenvalue-corrected preconditioner, of every block."""
     if opts.eigenvalue_corrected:
-        return refresh_eigenbasis(state, opts, order, keep)
+        return refresh_eigenbasis(state, opts, t, order, keep)
     return refresh_roots(state, opts, t, order, keep)
 
 

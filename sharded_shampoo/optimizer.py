@@ -58,11 +58,15 @@ from .parallelism import (
 )
 from .placement import GroupSpec, Plan
 from .state import GroupBlocks, Rows, StatePool, pool_lengths
-from .state.consolidation import full_state_request, gather_blocks
+from .state.consolidation import FullRequest, full_state_request, gather_blocks
 from .state.loading import check_state_dict
 from .state.record import blocking_record
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
+
+# The math runs in the parameter dtype promoted to float32: float8 and integer or complex
+# parameters have no such promotion.
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _materialize(params: Any) -> list:
@@ -151,10 +155,11 @@ class ShardedShampoo(torch.optim.Optimizer):
         W   <- W - lr D
 
     With ``preconditioner="eigenvalue_corrected"`` (SOAP: Adam in the factors' eigenbasis) the
-    roots are replaced by each factor's eigenvectors ``Q_i`` (``eigenbasis="eigh"``, or
-    ``qr_iterations`` steps of a QR iteration warm-started from the previous ``Q_i`` with the
-    columns and the corrected eigenvalues first ordered by decreasing ``diag(Q^T F Q)``),
-    refreshed on the same schedule, and grafting is off unless set:
+    roots are replaced by each factor's eigenvectors ``Q_i`` (``eigenbasis="eigh"``: an
+    eigendecomposition; ``"qr"``: up to ``qr_iterations`` QR steps warm-started from the
+    previous ``Q_i``), refreshed on the same schedule, in the reference implementation's
+    conventions or the SOAP paper's (``eigenbasis_convention``: see
+    :mod:`sharded_shampoo.eigenbasis`), and grafting is off unless set:
 
     .. code-block:: text
 
@@ -221,6 +226,8 @@ class ShardedShampoo(torch.optim.Optimizer):
         preconditioner: str = DEFAULTS["preconditioner"],
         eigenbasis: str = DEFAULTS["eigenbasis"],
         qr_iterations: int = DEFAULTS["qr_iterations"],
+        eigenbasis_convention: str = DEFAULTS["eigenbasis_convention"],
+        eigenbasis_tolerance: float = DEFAULTS["eigenbasis_tolerance"],
         *,
         mesh: Any = None,
         communication_dtype: torch.dtype = torch.float32,
@@ -250,6 +257,8 @@ class ShardedShampoo(torch.optim.Optimizer):
             preconditioner=preconditioner,
             eigenbasis=eigenbasis,
             qr_iterations=qr_iterations,
+            eigenbasis_convention=eigenbasis_convention,
+            eigenbasis_tolerance=eigenbasis_tolerance,
         )
         try:
             # Fail on bad defaults even when every group overrides them.
@@ -303,6 +312,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._structure: list[tuple] = []
             self._views_for_saving = False
             self._consolidated: dict[str, Any] | None = None  # see consolidate_state_dict
+            self._request: FullRequest | None = None  # see full_state, sharded_state
             self._built = False
             # Object collectives (the agreement) on this rank's accelerator, not cuda:0.
             with on_device(self._param_device):
@@ -359,9 +369,10 @@ class ShardedShampoo(torch.optim.Optimizer):
             devices = {p.device for p in params}
             shardings = []
             for pi, p in enumerate(params):
-                if not p.is_floating_point() or p.is_complex():
+                if p.dtype not in PARAM_DTYPES:
                     raise ValueError(
-                        f"ShardedShampoo supports real floating-point parameters, got {p.dtype}"
+                        f"{self._param_name(gi, pi)}: ShardedShampoo supports float16, bfloat16, "
+                        f"float32 and float64 parameters, got {p.dtype}"
                     )
                 shardings.append(
                     dtensor_sharding(p, self._world_mesh, self._param_name(gi, pi))
@@ -399,7 +410,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         for i, p in enumerate(params):
             self.state[p] = {
                 **blocks.block_views(i),
-                "blocking": blocking_record(blocks.blockings[i], opts),
+                "blocking": blocking_record(
+                    blocks.blockings[i], opts, None if plan.phases is None else plan.phases[i]
+                ),
                 "step": step,
             }
 
@@ -726,6 +739,12 @@ class ShardedShampoo(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state (see ``load_state_dict`` for its keys), as a copy.
 
+        When sharded, which blocks: this rank's (what DCP's sharded save wants), or every
+        block inside ``full_state()`` (a collective) and when torch's
+        ``get_optimizer_state_dict(..., StateDictOptions(full_state_dict=True))`` asks (found
+        in its frames; if torch's state-dict code is there but its options cannot be read,
+        this raises rather than guess: see ``state.consolidation``).
+
         A copy, not views of the live state: ``dcp.load`` reads a checkpoint into the state
         dict it is given before ``set_optimizer_state_dict`` validates it, and into live views
         it would change the optimizer before a refused or failed load. Inside ``saving()`` the
@@ -734,7 +753,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         if self._consolidated is not None:  # consolidate_state_dict() ran: once, as gathered
             sd, self._consolidated = self._consolidated, None
             return sd
-        request = full_state_request()
+        request = self._request
+        if request is None:
+            request = full_state_request(sharded=self._plan.world_size > 1)
         if request is not None and request.full_state_dict:
             # torch's get_optimizer_state_dict(full_state_dict=True): every block, on every
             # rank, or on rank 0 only with cpu_offload (as torch keeps it).
@@ -767,9 +788,15 @@ class ShardedShampoo(torch.optim.Optimizer):
         (every rank takes part) and kept where ``keep`` is True, on the CPU with ``offload``
         (see ``state.consolidation.gather_blocks``)."""
         sd = super().state_dict()
-        if not self._views_for_saving:
+        if offload and keep:  # this rank's blocks on the CPU too
+            copy = lambda v: v.to("cpu", copy=True)  # noqa: E731
+        elif not self._views_for_saving:
+            copy = torch.Tensor.clone
+        else:
+            copy = None
+        if copy is not None:
             sd["state"] = {
-                k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+                k: {n: copy(v) if isinstance(v, torch.Tensor) else v for n, v in s.items()}
                 for k, s in sd["state"].items()
             }
         if keep is not None and self._plan.world_size > 1:
@@ -782,6 +809,31 @@ class ShardedShampoo(torch.optim.Optimizer):
                     sd["state"][index].update(others.get((gi, pi), {}))
                     index += 1
         return sd
+
+    @contextlib.contextmanager
+    def full_state(self, cpu_offload: bool = False):
+        """Within it, ``state_dict()`` returns every block of every parameter: on every rank,
+        or with ``cpu_offload`` on rank 0 only, on the CPU (torch's ``StateDictOptions``
+        meaning). When sharded, each ``state_dict()`` call inside it is a collective: every
+        rank makes it. For a framework that saves one rank's dict (see also
+        ``checkpoint.full_optimizer_state_dict``)."""
+        with self._requesting(FullRequest(cpu_offload=cpu_offload)):
+            yield self
+
+    @contextlib.contextmanager
+    def sharded_state(self):
+        """Within it, ``state_dict()`` returns this rank's blocks whoever calls it (DCP's
+        sharded save: each block written once, by its owner)."""
+        with self._requesting(FullRequest(full_state_dict=False)):
+            yield self
+
+    @contextlib.contextmanager
+    def _requesting(self, request: FullRequest):
+        previous, self._request = self._request, request
+        try:
+            yield
+        finally:
+            self._request = previous
 
     @contextlib.contextmanager
     def saving(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -28,6 +29,12 @@ __all__ = [
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
 PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
 EIGENBASES = ("eigh", "qr")
+# See eigenbasis.py: the reference implementation's conventions, or the SOAP paper's.
+EIGENBASIS_CONVENTIONS = ("reference", "soap")
+# More QR iterations per refresh than this are refused: each is a QR decomposition and two
+# products of every factor (10**4 took 0.43 s per refresh of one 6 x 5 block), and a few
+# already converge from the warm start.
+MAX_QR_ITERATIONS = 100
 GraftingType = str | None
 
 DEFAULTS: dict[str, Any] = dict(
@@ -56,6 +63,8 @@ DEFAULTS: dict[str, Any] = dict(
     preconditioner="shampoo",
     eigenbasis="eigh",
     qr_iterations=1,
+    eigenbasis_convention="reference",
+    eigenbasis_tolerance=0.0,
 )
 
 
@@ -111,6 +120,8 @@ class GroupOptions:
     preconditioner: str
     eigenbasis: str
     qr_iterations: int
+    eigenbasis_convention: str
+    eigenbasis_tolerance: float
 
     @property
     def eigenvalue_corrected(self) -> bool:
@@ -152,6 +163,11 @@ class GroupOptions:
         eigenbasis = g["eigenbasis"]
         if eigenbasis not in EIGENBASES:
             raise ValueError(f"eigenbasis must be one of {EIGENBASES}, got {eigenbasis!r}")
+        convention = g["eigenbasis_convention"]
+        if convention not in EIGENBASIS_CONVENTIONS:
+            raise ValueError(
+                f"eigenbasis_convention must be one of {EIGENBASIS_CONVENTIONS}, got {convention!r}"
+            )
         grafting = g["grafting"]
         if grafting == "default":
             grafting = "adam" if preconditioner == "shampoo" else None
@@ -198,7 +214,9 @@ class GroupOptions:
             stagger_roots=_bool(g, "stagger_roots"),
             preconditioner=preconditioner,
             eigenbasis=eigenbasis,
-            qr_iterations=_int(g, "qr_iterations", lo=1),
+            qr_iterations=_int(g, "qr_iterations", lo=1, hi=MAX_QR_ITERATIONS),
+            eigenbasis_convention=convention,
+            eigenbasis_tolerance=_real(g, "eigenbasis_tolerance", lo=0.0, hi=1.0),
         )
 
     def fields_text(self) -> tuple[str, ...]:
@@ -241,6 +259,8 @@ STRUCTURAL: dict[str, Any] = {
     "preconditioner": lambda o: o.preconditioner,
     "eigenbasis": lambda o: o.eigenbasis,
     "qr_iterations": lambda o: o.qr_iterations,
+    # Which vector each corrected eigenvalue belongs to depends on it.
+    "eigenbasis_convention": lambda o: o.eigenbasis_convention,
     # Blocks' phases are taken modulo the frequency they were assigned with.
     "precondition_frequency (with stagger_roots)": lambda o: (
         o.precondition_frequency if o.stagger_roots else None
@@ -251,6 +271,28 @@ OPTION_NAMES = tuple(DEFAULTS)
 assert {f.name for f in fields(GroupOptions)} == (set(OPTION_NAMES) - {"betas"}) | {"beta1", "beta2"}
 
 
+def _number(name: str, v: Any, kind: type) -> Any:
+    """``v`` as a Python number if it is one of ``kind`` (``numbers.Real`` or ``Integral``):
+    Python's and NumPy's numbers, and one-element tensors on the CPU, as torch's optimizers
+    take them (not bools). A tensor on an accelerator is refused: options are read on the host
+    at every step, which would wait for the device each time."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
+            raise ValueError(f"{name} must be a real number, got a tensor of shape {tuple(v.shape)}")
+        if v.device.type != "cpu":
+            raise ValueError(
+                f"{name} must be a number or a CPU tensor, got a tensor on {v.device}: options "
+                "are read on the host every step, which would wait for the device"
+            )
+        v = v.item()
+        if kind is numbers.Integral and isinstance(v, float) and v.is_integer():
+            v = int(v)
+    if isinstance(v, bool) or not isinstance(v, kind) or type(v).__name__ == "bool_":
+        what = "an int" if kind is numbers.Integral else "a real number"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return int(v) if kind is numbers.Integral else float(v)
+
+
 def _real_value(
     name: str,
     v: Any,
@@ -259,9 +301,7 @@ def _real_value(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, torch.Tensor):
-        raise ValueError(f"{name} must be a real number, got {v!r}")
-    v = float(v)
+    v = _number(name, v, numbers.Real)
     ok = math.isfinite(v)
     if ok and lo is not None:
         ok = v > lo if lo_open else v >= lo
@@ -284,14 +324,19 @@ def _real(g: Mapping[str, Any], name: str, **kw: Any) -> float:
 _INT_MAX = 2**63 - 1
 
 
-def _int_value(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= _INT_MAX:
-        raise ValueError(f"{name} must be an int in [{lo}, 2**63 - 1], got {v!r}")
+def _int_value(name: str, v: Any, lo: int, hi: int = _INT_MAX) -> int:
+    upper = "2**63 - 1" if hi == _INT_MAX else str(hi)
+    try:
+        v = _number(name, v, numbers.Integral)
+    except ValueError:
+        raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}")
     return v
 
 
-def _int(g: Mapping[str, Any], name: str, lo: int) -> int:
-    return _int_value(name, g[name], lo)
+def _int(g: Mapping[str, Any], name: str, lo: int, hi: int = _INT_MAX) -> int:
+    return _int_value(name, g[name], lo, hi)
 
 
 def _bool(g: Mapping[str, Any], name: str) -> bool:

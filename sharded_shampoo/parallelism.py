@@ -146,6 +146,12 @@ def dtensor_sharding(p: Any, world: WorldMesh | None, name: str) -> Sharding:
         shape, offset = local, tuple(lo for lo, _ in box)
     else:
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    empty = math.prod(local) == 0
+    if empty and math.prod(hi - lo for lo, hi in box) == 0:
+        # Nothing held: DTensor and the nested chunks may put an empty shard at different
+        # shapes and offsets ((0, 0) at (0, 1) against ((0, 2), (1, 1)) for a (3, 1) weight
+        # sharded on dim 1 by tensor parallelism and on dim 0 by FSDP2); no piece is cut from it.
+        return sharding
     if tuple(hi - lo for lo, hi in box) != local or tuple(shape) != local or any(
         hi > lo and lo != o for (lo, hi), o in zip(box, offset)
     ):

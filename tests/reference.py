@@ -30,7 +30,80 @@ DEFAULTS = dict(
     preconditioner="shampoo",
     eigenbasis="eigh",
     qr_iterations=1,
+    eigenbasis_convention="reference",
+    eigenbasis_tolerance=0.0,
 )
+
+
+def ref_diagonal_enough(B, tol):
+    """||B - diag(B)||_F <= tol ||B||_F, computed from the two norms (a negative difference of
+    squares gives NaN: not diagonal enough), as facebookresearch/optimizers does."""
+    norm = torch.linalg.norm(B)
+    return bool(torch.sqrt(norm**2 - torch.linalg.norm(torch.diagonal(B)) ** 2) <= tol * norm)
+
+
+def ref_tied(values):
+    """Indices of the cluster of smallest eigenvalues: within 64 eps(float64) m x the largest
+    magnitude of the smallest."""
+    m = values.shape[0]
+    spread = 64 * torch.finfo(values.dtype).eps * m * values.abs().max()
+    return [j for j in range(m) if values[j] - values.min() <= spread]
+
+
+def ref_sort(values, descending):
+    """A stable sort of ``values`` in which the smallest's cluster counts as equal (it keeps
+    its order)."""
+    key = values.clone()
+    key[ref_tied(values)] = values.min()
+    return torch.argsort(key, descending=descending, stable=True)
+
+
+def ref_canonical_ties(values, Q):
+    """The columns of the cluster of smallest eigenvalues replaced by the eigenvectors of
+    N^T diag(1..m)/m N, ascending."""
+    m = values.shape[0]
+    cols = ref_tied(values)
+    if len(cols) < 2:
+        return Q
+    N = Q[:, cols]
+    _, U = torch.linalg.eigh(N.T @ torch.diag(torch.arange(1, m + 1, dtype=Q.dtype) / m) @ N)
+    Q = Q.clone()
+    Q[:, cols] = N @ U
+    return Q
+
+
+def ref_eigenbasis(F, Q_old, o, t):
+    """A factor's new eigenvectors, and (soap QR only) the permutation the corrected eigenvalues
+    of its dim follow (see sharded_shampoo/eigenbasis.py for the two conventions)."""
+    beta2 = o["betas"][1]
+    if o["eigenbasis_convention"] == "reference":
+        c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
+        A = F / c + o["epsilon"] * torch.eye(F.shape[0], dtype=F.dtype)
+        tol = o["eigenbasis_tolerance"]
+        if o["eigenbasis"] == "eigh":
+            B = Q_old.T @ A @ Q_old
+            if tol > 0 and ref_diagonal_enough(B, tol):
+                return Q_old, None
+            L, Q = torch.linalg.eigh(A)  # ascending
+            return ref_canonical_ties(L, Q), None
+        B, Q = Q_old.T @ A @ Q_old, Q_old
+        for _ in range(o["qr_iterations"]):
+            if ref_diagonal_enough(B, tol):
+                break
+            Qk, R = torch.linalg.qr(B)
+            B, Q = R @ Qk, Q @ Qk
+        order = ref_sort(torch.diagonal(B), descending=False)
+        return ref_canonical_ties(torch.diagonal(B)[order], Q[:, order]), None
+    if o["eigenbasis"] == "eigh":
+        L, Q = torch.linalg.eigh(F)
+        order = torch.argsort(L, descending=True, stable=True)
+        return ref_canonical_ties(L[order], Q[:, order]), None
+    estimates = torch.diagonal(Q_old.T @ F @ Q_old)
+    perm = ref_sort(estimates, descending=True)
+    Q = Q_old[:, perm]
+    for _ in range(o["qr_iterations"]):
+        Q, R = torch.linalg.qr(F @ Q)
+    return ref_canonical_ties(torch.diagonal(R).abs(), Q), perm
 
 
 def ref_merged_shape(shape, max_dim, merge):
@@ -136,20 +209,9 @@ class ReferenceShampoo:
             if corrected and (t == start or (t > start and t % f == phase)):
                 new_Q, perms = [], []
                 for i in range(k):
-                    F = st["F"][i]
-                    d = F.shape[0]  # ties broken by a diagonal ramp of 1e-6 x mean eigenvalue
-                    F = F + torch.diag(torch.trace(F) / d * 1e-6 * torch.arange(1, d + 1) / d)
-                    if o["eigenbasis"] == "eigh":
-                        L, Q = torch.linalg.eigh(F)
-                        new_Q.append(Q[:, torch.argsort(L, descending=True, stable=True)])
-                    else:
-                        Q = st["Q"][i]
-                        estimates = torch.diagonal(Q.T @ F @ Q)
-                        perm = torch.argsort(estimates, descending=True, stable=True)
-                        Q = Q[:, perm]
-                        for _ in range(o["qr_iterations"]):
-                            Q, _ = torch.linalg.qr(F @ Q)
-                        new_Q.append(Q)
+                    Q, perm = ref_eigenbasis(st["F"][i], st["Q"][i], o, t)
+                    new_Q.append(Q)
+                    if perm is not None:
                         perms.append((i, perm))
                 st["Q"] = new_Q
                 for i, perm in perms:  # corrected eigenvalues follow their eigenvectors

@@ -94,9 +94,10 @@ CONFIGS = {
     "staggered": dict(stagger_roots=True),
     "staggered_late_start": dict(stagger_roots=True, start_preconditioning_step=7),
     "staggered_no_grafting": dict(stagger_roots=True, grafting=None, epsilon=1e-2),
-    # Eigenvalue-corrected Shampoo (SOAP): eigh and warm-started QR eigenbases, without
-    # grafting (its default: used from step 1) and with it, betas[1] = 1 without bias
-    # correction, both kinds of weight decay, staggered refreshes.
+    # Eigenvalue-corrected Shampoo: eigh and warm-started QR eigenbases, without grafting (its
+    # default: used from step 1) and with it, betas[1] = 1 without bias correction, both kinds
+    # of weight decay, staggered refreshes; in the reference implementation's conventions
+    # (the default), with its tolerance, and in the SOAP paper's.
     "ec_eigh": dict(preconditioner="eigenvalue_corrected", betas=(0.9, 0.99)),
     "ec_qr": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr", qr_iterations=2),
     "ec_qr_one_iteration": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr"),
@@ -113,6 +114,22 @@ CONFIGS = {
     ),
     "ec_staggered": dict(
         preconditioner="eigenvalue_corrected", eigenbasis="qr", stagger_roots=True
+    ),
+    "ec_eigh_tolerance": dict(preconditioner="eigenvalue_corrected", eigenbasis_tolerance=0.3),
+    "ec_qr_tolerance": dict(
+        preconditioner="eigenvalue_corrected", eigenbasis="qr", qr_iterations=4,
+        eigenbasis_tolerance=0.05,
+    ),
+    "ec_soap_eigh": dict(
+        preconditioner="eigenvalue_corrected", eigenbasis_convention="soap", betas=(0.9, 0.99)
+    ),
+    "ec_soap_qr": dict(
+        preconditioner="eigenvalue_corrected", eigenbasis_convention="soap", eigenbasis="qr",
+        qr_iterations=2,
+    ),
+    "ec_soap_staggered_grafting": dict(
+        preconditioner="eigenvalue_corrected", eigenbasis_convention="soap", eigenbasis="qr",
+        stagger_roots=True, grafting="adam",
     ),
 }
 

@@ -46,6 +46,12 @@ BAD = [
     ("eigenbasis", "power"),
     ("qr_iterations", 0),
     ("qr_iterations", 1.5),
+    ("qr_iterations", 101),
+    ("eigenbasis_convention", "paper"),
+    ("eigenbasis_tolerance", 1.5),
+    ("lr", True),
+    ("lr", torch.ones(2)),
+    ("max_preconditioner_dim", torch.tensor(2.5)),
 ]
 
 
@@ -82,9 +88,29 @@ def test_message_gives_the_allowed_range():
         ShardedShampoo([p], momentum=-0.5)
 
 
-def test_integer_parameters_are_refused():
-    with pytest.raises(ValueError, match="floating-point"):
+def test_parameters_of_unsupported_dtypes_are_refused_naming_them():
+    """Integers, and float8 (it would fail inside the math: no promotion to float32)."""
+    with pytest.raises(ValueError, match=r"\(3,\): .*float16, bfloat16, float32 and float64 .*torch.int64"):
         ShardedShampoo([torch.zeros(3, dtype=torch.int64)])
+    w = torch.zeros(2, 2, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"w \(2, 2\): .*got torch.float8_e4m3fn"):
+        ShardedShampoo([("w", w)])
+
+
+def test_numbers_are_accepted_as_torch_takes_them():
+    """NumPy numbers and one-element CPU tensors, for real and int options alike (before,
+    np.float64 passed but np.float32, np.int64 and a 0-d tensor lr were refused)."""
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    p.grad = torch.ones(4, 3)
+    for lr, freq, betas in [
+        (np.float32(0.1), np.int64(2), (np.float32(0.5), np.float64(0.9))),
+        (torch.tensor(0.1), torch.tensor(2), (torch.tensor(0.5), 0.9)),
+    ]:
+        opt = ShardedShampoo([p], lr=lr, precondition_frequency=freq, betas=betas)
+        opt.step()
+        assert opt.param_groups[0]["step"] == 1
+    assert torch.isfinite(p).all()
 
 
 def test_failed_add_param_group_leaves_the_optimizer_unchanged():

@@ -279,3 +279,71 @@ def test_full_state_dict_with_cpu_offload_in_one_process():
     blocks = {k.split(".")[1] for k in sd["state"]["weight"] if k.startswith("blocks.")}
     assert blocks == {str(b) for b in range(9)}  # 12 x 10 in blocks of 4: 3 x 3
     assert all(t.device.type == "cpu" for t in sd["state"]["weight"].values())
+
+
+def _twins(seed=0):
+    """Two same-shaped layers, so that only their names tell them apart."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+
+
+def _twin_steps(model, opt, steps, start=0):
+    for s in range(start, start + steps):
+        gen = torch.Generator().manual_seed(s)
+        opt.zero_grad()
+        model(torch.randn(8, 6, generator=gen)).square().mean().backward()
+        opt.step()
+
+
+def test_saved_param_names_decide_where_state_goes():
+    """A dict saved with layers named 0.*, 1.* loaded into an optimizer listing them 1.*, 0.*:
+    each layer gets its own state (before: position decided, and layer 0's factors landed in
+    layer 1). Names that differ are refused."""
+    model = _twins()
+    opt = ShardedShampoo(list(model.named_parameters()), **OPTS)
+    _twin_steps(model, opt, 5)
+    saved = roundtrip(opt.state_dict())
+    named = dict(model.named_parameters())
+    order = ["1.weight", "1.bias", "0.weight", "0.bias"]
+    other = ShardedShampoo([(n, named[n]) for n in order], **OPTS)
+    other.load_state_dict(saved)
+    for n in order:
+        mine, theirs = other.state[named[n]], opt.state[named[n]]
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), n
+    renamed = ShardedShampoo([(f"x{n}", named[n]) for n in named], **OPTS)
+    with pytest.raises(ValueError, match=r"names other parameters .*missing \['x0.bias'"):
+        renamed.load_state_dict(saved)
+
+
+def test_staggered_phases_are_checked_on_load():
+    """Phases follow the order parameters are listed in: a staggered state loaded into an
+    optimizer listing them in another order is refused (before: it resumed on another
+    trajectory, 2.3e-2 off after 14 steps), the same order loads."""
+    model = _twins()
+    options = {**OPTS, "stagger_roots": True, "max_preconditioner_dim": 3}
+    opt = ShardedShampoo(list(model.named_parameters()), **options)
+    _twin_steps(model, opt, 5)
+    saved = roundtrip(opt.state_dict())
+    named = dict(model.named_parameters())
+    reordered = ShardedShampoo([(n, named[n]) for n in reversed(named)], **options)
+    with pytest.raises(ValueError, match="stagger_roots phases differ"):
+        reordered.load_state_dict(saved)
+    same = ShardedShampoo(list(model.named_parameters()), **options)
+    same.load_state_dict(saved)
+
+
+def test_staggered_phases_are_checked_on_a_checkpoint_load(tmp_path):
+    """The same through DCP (state keyed by parameter names): refused before anything is read,
+    naming the parameter."""
+    from sharded_shampoo.checkpoint import load_checkpoint, save_checkpoint
+
+    model = _twins()
+    options = {**OPTS, "stagger_roots": True, "max_preconditioner_dim": 3}
+    opt = ShardedShampoo(list(model.named_parameters()), **options)
+    _twin_steps(model, opt, 5)
+    save_checkpoint(str(tmp_path / "ckpt"), model, opt)
+    named = dict(model.named_parameters())
+    reordered = ShardedShampoo([(n, named[n]) for n in reversed(named)], **options)
+    with pytest.raises(ValueError, match=r"does not fit parameter '\d\.\w+': its blocks' stagger_roots phases"):
+        load_checkpoint(str(tmp_path / "ckpt"), model, reordered)
+    load_checkpoint(str(tmp_path / "ckpt"), model, ShardedShampoo(list(model.named_parameters()), **options))

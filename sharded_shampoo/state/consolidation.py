@@ -4,8 +4,12 @@ A rank keeps only the blocks it owns, and ``state_dict()`` presents only those: 
 DCP's sharded save wants (each block written once, by its owner, with no copy). torch's
 ``get_optimizer_state_dict(..., StateDictOptions(full_state_dict=True))`` wants every block on
 rank 0 (or on every rank): it gathers DTensors and leaves plain tensors as they are, so the
-blocks other ranks own would silently be missing. When torch asks for a full state dict
-(``full_state_request``), the optimizer gathers them itself (``gather_blocks``).
+blocks other ranks own would silently be missing. When a full state dict is asked for, the
+optimizer gathers them itself (``gather_blocks``): explicitly (``ShardedShampoo.full_state``,
+``checkpoint.full_optimizer_state_dict``), or when torch's ``get_optimizer_state_dict`` is
+found asking (``full_state_request``). A sharded optimizer whose ``state_dict()`` is called by
+torch's state-dict code in a way this cannot read, or by FSDP1's ``optim_state_dict``, raises
+instead of returning a dict that holds one rank's blocks and looks full.
 
 Why not present the state as DTensors that torch would gather: a block's state lives on one
 arbitrary rank (the planner's choice), which no DTensor placement expresses without a global
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,26 +32,62 @@ from ..placement import Plan
 from .pool import StatePool
 from .stacks import pool_lengths, state_spec
 
-__all__ = ["full_state_request", "gather_blocks"]
+__all__ = ["FullRequest", "StateDictRequestError", "full_state_request", "gather_blocks"]
 
-_TORCH_CALLER = ("torch.distributed.checkpoint.state_dict", "_get_optim_state_dict")
+_TORCH_STATE_DICT = "torch.distributed.checkpoint.state_dict"
+# FSDP1's optimizer state-dict functions, which would gather plain tensors by their own rules.
+_FSDP1 = "torch.distributed.fsdp"
 
 
-def full_state_request() -> Any | None:
+@dataclass(frozen=True)
+class FullRequest:
+    """A request for a full state dict: every block on every rank, or with ``cpu_offload``
+    on rank 0 only, on the CPU (as torch's ``StateDictOptions`` say it)."""
+
+    full_state_dict: bool = True
+    cpu_offload: bool = False
+
+
+class StateDictRequestError(RuntimeError):
+    """A sharded optimizer's ``state_dict()`` was called in a way that does not say whether
+    every block or this rank's are wanted."""
+
+
+def full_state_request(sharded: bool) -> Any | None:
     """torch's state-dict options (``full_state_dict``, ``cpu_offload``) when the caller of
-    ``state_dict()`` is ``torch.distributed.checkpoint.state_dict``'s
-    ``get_optimizer_state_dict`` (directly, or through a wrapper a frame or two up), else None.
-    torch passes no options to an optimizer's ``state_dict()``; this reads them from its
-    caller. A test asserts it still finds them (``tests/distributed/test_full_state_dict.py``):
-    a torch that moved them would fail it, not silently save half the state."""
-    frame = sys._getframe(2)
-    for _ in range(3):
-        if frame is None:
-            return None
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == _TORCH_CALLER:
+    ``state_dict()`` is ``torch.distributed.checkpoint.state_dict``'s code (at any depth: a
+    wrapper may add frames), else None. torch passes no options to an optimizer's
+    ``state_dict()``; this reads them from its frames (a local ``info`` holding them; a test
+    asserts it is found, ``tests/distributed/test_full_state_dict.py``).
+
+    Fails closed when ``sharded``: torch's state-dict code in the stack without options this
+    can read (a torch that moved them), or FSDP1's ``optim_state_dict``, raise
+    ``StateDictRequestError`` instead of returning this rank's blocks as if they were all."""
+    frame = sys._getframe(1)
+    torch_frames = 0
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module == _TORCH_STATE_DICT:
+            torch_frames += 1
             info = frame.f_locals.get("info")
-            return info if hasattr(info, "full_state_dict") else None
+            if hasattr(info, "full_state_dict") and hasattr(info, "cpu_offload"):
+                return info
+        elif sharded and module.startswith(_FSDP1) and "optim_state_dict" in frame.f_code.co_name:
+            raise StateDictRequestError(
+                "FSDP1's optim_state_dict cannot hold ShardedShampoo's state (each rank owns "
+                "whole blocks, not FSDP1's flat shards): use torch's get_optimizer_state_dict, "
+                "or ShardedShampoo.full_state() / checkpoint.full_optimizer_state_dict for "
+                "every block"
+            )
         frame = frame.f_back
+    if sharded and torch_frames:
+        raise StateDictRequestError(
+            "torch's state-dict code asked for ShardedShampoo's state_dict() without options "
+            "this version can read (torch changed where it keeps them): whether every block "
+            "or this rank's are wanted is unknown, and one rank's blocks must not pass for "
+            "all. Ask explicitly: `with opt.full_state(cpu_offload=...):` around the call "
+            "for every block, `with opt.sharded_state():` for this rank's"
+        )
     return None
 
 

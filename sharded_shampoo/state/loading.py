@@ -34,10 +34,11 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
                 f"param group {gi}: the state dict has {len(saved['params'])} parameters, "
                 f"this optimizer has {len(group['params'])}"
             )
+        saved_ids = _by_name(gi, saved, group)
         options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
         current = GroupOptions.from_group(group)
         steps = set()
-        for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+        for pi, (p, pid) in enumerate(zip(group["params"], saved_ids, strict=True)):
             theirs = saved_state.get(pid, {})
             name = opt._param_name(gi, pi)
             if "blocking" not in theirs or "step" not in theirs:
@@ -45,8 +46,12 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
                     f"the state dict has no blocking record for {name}: it was not saved by "
                     "ShardedShampoo (or by an older version)"
                 )
+            phases = opt.plan.groups[gi].phases
             diff = record_difference(
-                theirs["blocking"], blocking_record(opt._blocks[gi].blockings[pi], current)
+                theirs["blocking"],
+                blocking_record(
+                    opt._blocks[gi].blockings[pi], current, None if phases is None else phases[pi]
+                ),
             )
             if diff is not None:
                 raise ValueError(
@@ -76,7 +81,7 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
                 f"{changed}; its state does not fit this optimizer's blocks"
             )
         new_options.append(options)
-        for pi, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+        for pi, (p, pid) in enumerate(zip(group["params"], saved_ids, strict=True)):
             mine = {k: v for k, v in opt.state[p].items() if k not in ("blocking", "step")}
             theirs = {k: v for k, v in saved_state[pid].items() if k not in ("blocking", "step")}
             name = opt._param_name(gi, pi)
@@ -102,6 +107,25 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
                     )
                 copies.append((t, src))
     return new_options, copies
+
+
+def _by_name(gi: int, saved: dict[str, Any], group: dict[str, Any]) -> list:
+    """The saved parameter ids in the order of this group's parameters: by name when both the
+    state dict and the group name their parameters (a dict saved from a model whose layers were
+    listed in another order still puts each layer's state on that layer), else by position."""
+    ours, theirs = group.get("param_names"), saved.get("param_names")
+    ids = list(saved["params"])
+    if not ours or not theirs or list(ours) == list(theirs):
+        return ids
+    if len(set(ours)) == len(ours) and sorted(ours) == sorted(theirs):
+        position = {name: i for i, name in enumerate(theirs)}
+        return [ids[position[name]] for name in ours]
+    missing = sorted(set(ours) - set(theirs))[:3]
+    unexpected = sorted(set(theirs) - set(ours))[:3]
+    raise ValueError(
+        f"param group {gi}: the state dict names other parameters than this optimizer "
+        f"(missing {missing}, unexpected {unexpected}): it was saved from another model"
+    )
 
 
 def _fits_block(

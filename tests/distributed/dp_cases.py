@@ -31,7 +31,7 @@ def same_grads(
     if stagger:
         options = scenarios.STAGGERED_OPTIONS
     if eigenvalue_corrected:
-        options = scenarios.EC_OPTIONS
+        options = scenarios.EC_SOAP_OPTIONS if eigenvalue_corrected == "soap" else scenarios.EC_OPTIONS
     params, opt = scenarios.train_with_same_grads(shapes=shapes, options=options, **kwargs)
     return {
         "params": params,

@@ -307,3 +307,16 @@ def lr_differs_at_step(rank, world, mode, odd_rank=1):
     message = _outcome(opt.step)
     unchanged = all(torch.equal(a, b) for a, b in zip(ckpt_cases.full_params(model), before))
     return message, unchanged, _group_still_works(world)
+
+
+def fsdp1(rank, world):
+    """FSDP1 (FullyShardedDataParallel) hands each rank flat pieces of other sizes: refused at
+    construction on every rank, naming FSDP2's fully_shard (its optim_state_dict would also be
+    refused: see state.consolidation)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = fsdp_cases.make_net()
+    wrapped = FullyShardedDataParallel(model, device_id=device(), use_orig_params=True)
+    return _outcome(lambda: ShardedShampoo(
+        [p for p in wrapped.parameters() if p.requires_grad], num_trainers_per_group=world
+    )), _group_still_works(world)

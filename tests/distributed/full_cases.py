@@ -70,3 +70,41 @@ def save_single(root):
     )
     train(model, wrapped, opt, FIRST, THEN, 0, 1)
     return reference, full_params(model)
+
+
+def requests(rank, world, mode, root):
+    """The ways of asking for a state dict, after FIRST steps: explicit (``full_state``, the
+    checkpoint helper), torch's API behind wrappers that add frames, a plain ``state_dict()``,
+    and torch's state-dict code with options this cannot read (emulated: a function of that
+    module without them), which must raise on every rank of a sharded optimizer."""
+    from sharded_shampoo.checkpoint import full_optimizer_state_dict
+    from sharded_shampoo.state.consolidation import StateDictRequestError
+
+    model, wrapped, opt = build(mode, world)
+    train(model, wrapped, opt, 0, FIRST, rank, world)
+    out = {"helper": to_host(full_optimizer_state_dict(wrapped, opt, cpu_offload=False)),
+           "helper_offload": to_host(full_optimizer_state_dict(wrapped, opt, cpu_offload=True))}
+
+    def wrapper(depth):
+        if depth:
+            return wrapper(depth - 1)
+        options = StateDictOptions(full_state_dict=True)
+        return get_optimizer_state_dict(wrapped, opt, options=options)
+
+    out["wrapped"] = to_host(wrapper(6))
+    blocks = lambda sd: sum(  # noqa: E731
+        1 for s in sd["state"].values() for k in s if k.startswith("blocks.")
+    )
+    with opt.full_state():
+        out["context_blocks"] = blocks(opt.state_dict())
+    out["plain_blocks"] = blocks(opt.state_dict())
+    with opt.sharded_state():
+        out["sharded_blocks"] = blocks(opt.state_dict())
+    namespace = {"__name__": "torch.distributed.checkpoint.state_dict", "opt": opt}
+    exec("def _get_optim_state_dict_renamed(opt):\n    return opt.state_dict()\n", namespace)
+    try:
+        namespace["_get_optim_state_dict_renamed"](opt)
+        out["unreadable"] = "no error"
+    except StateDictRequestError as e:
+        out["unreadable"] = str(e)
+    return out

@@ -38,6 +38,8 @@ EC_OPTIONS = [
     dict(o, preconditioner="eigenvalue_corrected", eigenbasis=basis)
     for o, basis in zip(GROUP_OPTIONS, ("eigh", "qr"))
 ]
+# The same in the SOAP paper's conventions (the above: the reference implementation's).
+EC_SOAP_OPTIONS = [dict(o, eigenbasis_convention="soap") for o in EC_OPTIONS]
 TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
 TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dtype=torch.float64)]
 

@@ -27,6 +27,7 @@ CASES = {
     "added_group": (dp_cases.added_group, {}),
     "staggered": (dp_cases.same_grads, {"stagger": True}),
     "eigenvalue_corrected": (dp_cases.same_grads, {"eigenvalue_corrected": True}),
+    "eigenvalue_corrected_soap": (dp_cases.same_grads, {"eigenvalue_corrected": "soap"}),
 }
 TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
 
@@ -65,9 +66,10 @@ def reference():
     )
     staggered, _ = scenarios.train_with_same_grads(options=scenarios.STAGGERED_OPTIONS)
     corrected, _ = scenarios.train_with_same_grads(options=scenarios.EC_OPTIONS)
+    soap, _ = scenarios.train_with_same_grads(options=scenarios.EC_SOAP_OPTIONS)
     return {
         "params": params, "state_bytes": opt.state_bytes(), "tiny": tiny, "staggered": staggered,
-        "eigenvalue_corrected": corrected,
+        "eigenvalue_corrected": corrected, "eigenvalue_corrected_soap": soap,
     }
 
 
@@ -202,10 +204,13 @@ def test_explicit_mesh_and_added_group_match_single_process(group, reference, ca
     )
 
 
-@pytest.mark.parametrize("variant", ["staggered", "eigenvalue_corrected"])
+@pytest.mark.parametrize(
+    "variant", ["staggered", "eigenvalue_corrected", "eigenvalue_corrected_soap"]
+)
 def test_variant_matches_single_process(group, reference, variant):
-    """Staggered roots (phases come from shapes alone) and SOAP (eigh and QR eigenbases): the
-    result is one process's at every world size (float64, as test_fp64_matches_single_process)."""
+    """Staggered roots (phases come from shapes alone) and eigenvalue-corrected Shampoo (eigh
+    and QR eigenbases, both conventions): the result is one process's at every world size
+    (float64, as test_fp64_matches_single_process)."""
     world, results = group
     values = results[variant].ok()
     assert_replicas_identical(values)

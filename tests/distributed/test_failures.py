@@ -27,6 +27,7 @@ CASES_2 = {
     "copy": (fc.copy_refused, {}),
     "bad_at_construction": (fc.bad_option_on_one_rank, {"when": "construction"}),
     "bad_added_group": (fc.bad_option_on_one_rank, {"when": "add_param_group"}),
+    "fsdp1": (fc.fsdp1, {}),
 }
 CASES_4 = {
     "trainer_groups": (fc.trainer_groups_differ, {}),
@@ -168,3 +169,10 @@ def test_sharded_optimizer_cannot_be_copied(world2):
     for pickled, copied in world2["copy"].ok():
         for message in (pickled, copied):
             assert message.startswith("TypeError: ShardedShampoo cannot be pickled or deep-copied"), message
+
+
+def test_fsdp1_is_refused_naming_fully_shard(world2):
+    for message, works in world2["fsdp1"].ok():
+        assert message.startswith("PlanMismatchError: ranks built different optimizers"), message
+        assert "FSDP2's fully_shard" in message, message
+        assert works

@@ -35,6 +35,7 @@ WEIGHT_DECAY_VARIANTS = {
 # still change if its holders were not told it was skipped.
 NAN_CASE = dict(nan_step=3, momentum=0.0)
 EC_CASE = dict(preconditioner="eigenvalue_corrected")
+SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,9 @@ def world2():
         (fsdp_cases.fsdp, {"stagger_roots": True}),
     ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
-    names += ["eigenvalue_corrected", "mixed_eigenvalue_corrected"]
-    cases += [(fsdp_cases.fsdp, EC_CASE), (fsdp_cases.fsdp, {"mixed": True, **EC_CASE})]
+    names += ["eigenvalue_corrected", "mixed_eigenvalue_corrected", "soap_eigenvalue_corrected"]
+    cases += [(fsdp_cases.fsdp, EC_CASE), (fsdp_cases.fsdp, {"mixed": True, **EC_CASE}),
+              (fsdp_cases.fsdp, {**SOAP_CASE, "eigenbasis": "qr"})]
     return dict(zip(names, run_cases(2, cases)))
 
 
@@ -171,8 +173,10 @@ def test_staggered_roots_match_single_process(world2, world4, world):
 
 @pytest.mark.parametrize("world, case", [(2, "eigenvalue_corrected"), (4, "eigenvalue_corrected"),
                                          (4, "hsdp_eigenvalue_corrected"),
-                                         (2, "mixed_eigenvalue_corrected")])
+                                         (2, "mixed_eigenvalue_corrected"),
+                                         (2, "soap_eigenvalue_corrected")])
 def test_eigenvalue_corrected_matches_single_process(world2, world4, world, case):
     values = {2: world2, 4: world4}[world][case].ok()
-    basis = "qr" if case.startswith("hsdp") else "eigh"
-    check_against_reference(values, fsdp_cases.train_reference(**EC_CASE, eigenbasis=basis))
+    basis = "qr" if case.startswith(("hsdp", "soap")) else "eigh"
+    options = SOAP_CASE if case.startswith("soap") else EC_CASE
+    check_against_reference(values, fsdp_cases.train_reference(**options, eigenbasis=basis))

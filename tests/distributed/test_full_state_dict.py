@@ -19,6 +19,7 @@ LOADS = {
     2: [("ddp", "hsdp4", True), ("fsdp", "ddp4", False)],
 }
 PLAIN_LOADS = {4: ["hsdp"], 2: ["fsdp", "ddp"]}
+REQUESTS = ["ddp", "fsdp"]  # at 2 ranks; and one process
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,8 @@ def runs(tmp_path_factory):
             for m, s, b in LOADS[world]
         ]
         cases += [(full_cases.load_plain, {"mode": m, "root": root}) for m in PLAIN_LOADS[world]]
+        if world == 2:
+            cases += [(full_cases.requests, {"mode": m, "root": root}) for m in REQUESTS]
         results = iter(run_cases(world, cases))
         for m in SAVES[world]:
             for offload in (False, True):
@@ -44,6 +47,10 @@ def runs(tmp_path_factory):
             out[("load", m, world, s)] = next(results)
         for m in PLAIN_LOADS[world]:
             out[("plain", m, world)] = next(results)
+        if world == 2:
+            for m in REQUESTS:
+                out[("requests", m)] = next(results)
+    out[("requests", "single")] = full_cases.requests(0, 1, "single", root)
     return out
 
 
@@ -91,3 +98,33 @@ def test_one_process_state_dict_loads_into_every_rank(runs, world, mode):
     for params in values:
         err = scenarios.max_rel_err([params], [runs["uninterrupted"]])
         assert err <= DDP_TOLERANCE, (mode, world, err)
+
+
+@pytest.mark.parametrize("mode", [*REQUESTS, "single"])
+def test_full_state_is_asked_for_explicitly_or_found_or_refused(runs, mode):
+    """Explicit requests (``full_state``, ``checkpoint.full_optimizer_state_dict``) and torch's
+    API behind six wrapper frames give every block; a plain ``state_dict()`` gives this rank's
+    (``sharded_state`` too); torch's state-dict code whose options cannot be read raises on
+    every rank of a sharded optimizer instead of passing one rank's blocks off as all (one
+    process: its blocks are all of them, no error)."""
+    values = runs[("requests", mode)] if mode == "single" else runs[("requests", mode)].ok()
+    values = [values] if mode == "single" else values
+    reference = runs["reference"]
+    total = sum(1 for s in reference["state"].values() for k in s if k.startswith("blocks."))
+    for rank, got in enumerate(values):
+        where = (mode, rank)
+        assert_same_state_dict(got["helper"], reference, where)
+        assert_same_state_dict(got["wrapped"], reference, where)
+        if rank == 0:
+            assert_same_state_dict(got["helper_offload"], reference, where)
+        else:
+            assert got["helper_offload"] == {}, where
+        assert got["context_blocks"] == total, where
+        assert got["sharded_blocks"] == got["plain_blocks"], where
+        if mode == "single":
+            assert got["plain_blocks"] == total and got["unreadable"] == "no error", where
+        else:
+            assert got["plain_blocks"] < total, where
+            assert "without options this version can read" in got["unreadable"], where
+    if mode != "single":
+        assert sum(v["plain_blocks"] for v in values) == total

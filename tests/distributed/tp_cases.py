@@ -223,3 +223,83 @@ def partial_placement(rank, world):
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+# Tensor parallelism that leaves a rank an empty shard on a dim FSDP2 does not shard: a (3, 1)
+# weight sharded on dim 1 over TP 2 (rank 1 of each TP pair holds (3, 0)), and a (3, 3) one
+# over TP 4 (the fourth rank holds (3, 0)); then FSDP2 over "dp".
+EMPTY_SHAPES = {"narrow": (3, 1), "square": (3, 3)}
+EMPTY_OPTIONS = dict(
+    lr=0.05, betas=(0.9, 0.99), epsilon=1e-4, max_preconditioner_dim=2, precondition_frequency=3,
+    factor_dtype=torch.float64, communication_dtype=torch.float64, momentum=0.5, weight_decay=0.01,
+)
+EMPTY_STEPS = 9
+
+
+def empty_shard_grads(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + step)
+    return {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in EMPTY_SHAPES.items()}
+
+
+class _Empty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        for name, shape in EMPTY_SHAPES.items():
+            setattr(self, name, nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64)))
+
+
+def empty_shards(rank, world, tp):
+    """FSDP2 x TP (``world // tp`` x ``tp``) on the two weights, or one process (world 1): the
+    parameters after EMPTY_STEPS steps, and each rank's local shapes. The gradients are set,
+    not computed: FSDP2's own reduce-scatter refuses an empty shard (torch 2.13:
+    "_chunk_cat expects non-empty tensor"), which is FSDP2's matter, not the optimizer's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = _Empty().to(device())
+    if world > 1:
+        mesh = init_device_mesh(DEVICE_TYPE, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        for name in EMPTY_SHAPES:
+            w = getattr(model, name)
+            setattr(model, name, nn.Parameter(
+                distribute_tensor(w.data, mesh["tp"], [Shard(1)], src_data_rank=None)
+            ))
+        fully_shard(model, mesh=mesh["dp"])
+    opt = ShardedShampoo(list(model.named_parameters()), **EMPTY_OPTIONS)
+    for step in range(EMPTY_STEPS):
+        for name, g in empty_shard_grads(step).items():
+            p = getattr(model, name)
+            g = g.to(device())
+            p.grad = (  # each rank slices its own part: no collective
+                distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                if world > 1 else g
+            )
+        opt.step()
+    return {
+        "params": _assembled(model) if world > 1 else full_params(model),
+        "local": {n: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+                  for n, p in model.named_parameters()},
+    }
+
+
+def _assembled(model) -> dict[str, torch.Tensor]:
+    """Every parameter whole, from each rank's non-empty shard at DTensor's offset for it
+    (``full_tensor()`` hangs here: DTensor's gather expects the empty shard where DTensor puts
+    it, not where FSDP2 does)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    out = {}
+    for name, p in model.named_parameters():
+        local = p.to_local().detach().cpu()
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        pieces = [None] * dist.get_world_size()
+        dist.all_gather_object(pieces, (tuple(offset), local))
+        full = torch.full(tuple(p.shape), float("nan"), dtype=local.dtype)
+        for offset, piece in pieces:
+            if piece.numel():
+                full[tuple(slice(o, o + n) for o, n in zip(offset, piece.shape))] = piece
+        out[name] = full
+    return out
