@@ -144,3 +144,14 @@ def test_gpu_check_passes_on_the_cpu():
         assert any(n.startswith(name) for n in names), (name, out)
     assert out.count("1 in a step without a refresh") == 2, out
     assert out.rstrip().splitlines()[-1].startswith("0 failed")
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SHAMPOO_REFERENCE"),
+    reason="needs a checkout of facebookresearch/optimizers in $SHAMPOO_REFERENCE",
+)
+def test_eigenvalue_corrected_matches_the_reference_implementation():
+    """Every option set of compare_reference.py within 1e-9 of the reference implementation
+    (float64, 20 steps with refreshes, eigh and QR)."""
+    out = run("compare_reference.py", "--reference", os.environ["SHAMPOO_REFERENCE"])
+    assert out.rstrip().splitlines()[-1].startswith("worst"), out
