@@ -119,7 +119,8 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from sharded_shampoo import ShardedShampoo
-    from sharded_shampoo.functional import stack_step
+    from sharded_shampoo.algorithm import stack_step
+    from sharded_shampoo.options import GroupOptions
 
     torch.set_num_threads(1)
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
@@ -187,16 +188,13 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
     rounds = []
     for _ in range(2):
         math_s = 0.0
-        for gi, blocks in enumerate(opt._blocks):
-            o = opt._options(gi)
-            for stack in blocks.stacks:
+        for gi, group_state in enumerate(opt.group_states):
+            o = GroupOptions.from_group(opt.param_groups[gi])
+            for stack in group_state.blocks.stacks:
                 state = stack.state.clone()
                 grad = torch.randn(stack.num_rows, *stack.block_shape, generator=gen)
                 t0 = time.perf_counter()
-                stack_step(
-                    state, grad, None, o, opt.param_groups[gi]["step"] + 1,
-                    stack.layout.row_phases,
-                )
+                stack_step(state, grad, None, o, opt.param_groups[gi]["step"] + 1)
                 math_s += time.perf_counter() - t0
         rounds.append(math_s)
     r["math_s"] = min(rounds)
@@ -240,8 +238,10 @@ def pretend_peers_answered(opt) -> None:
     it leaves the output as it was instead."""
     import torch.distributed as dist
 
+    import sharded_shampoo.work
+
     dist.all_to_all_single = lambda *args, **kwargs: None
-    opt._step_digest = lambda active, options: 0
+    sharded_shampoo.work.step_digest = lambda entries: 0
 
 
 def minimum_bytes(plan, rank: int, itemsize: int) -> int:
@@ -360,10 +360,10 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
     of (per-step work + the root work of that rank's blocks due in it)."""
     import torch
 
-    from sharded_shampoo.options import DEFAULTS, GroupOptions
+    from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
     from torch.distributed.tensor import Shard
 
-    from sharded_shampoo.parallelism import sharding_of
+    from sharded_shampoo.topology import sharding_of
     from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh
     from sharded_shampoo.placement.cost import root_cost, step_cost
 
@@ -371,7 +371,7 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
     out = {"model": model_name, "world": world, "frequency": frequency}
     for stagger in (False, True):
         opts = GroupOptions.from_group(
-            dict(DEFAULTS, precondition_frequency=frequency, stagger_roots=stagger)
+            dict(OPTION_DEFAULTS, precondition_frequency=frequency, stagger_roots=stagger)
         )
         plan = Plan(world, WorldMesh(list(range(world)), (world,)) if fsdp else None)
         shardings = tuple(

@@ -44,8 +44,8 @@ def matmul_rate() -> float:
 def shampoo_flops(opt: ShardedShampoo) -> float:
     """Matrix FLOPs of this rank's blocks per step: Grams and preconditioning."""
     flops = 0
-    for blocks in opt._blocks:
-        for stack in blocks.stacks:
+    for group_state in opt.group_states:
+        for stack in group_state.blocks.stacks:
             numel = math.prod(stack.block_shape)
             flops += stack.num_rows * sum(4 * d * numel for d in stack.block_shape)
     return flops

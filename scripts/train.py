@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eigenbasis", choices=["eigh", "qr"], default="eigh",
                     help="with --preconditioner eigenvalue_corrected")
     ap.add_argument("--eigenbasis-convention", choices=["reference", "soap"], default="reference",
-                    help="with --preconditioner eigenvalue_corrected (see sharded_shampoo.eigenbasis)")
+                    help="with --preconditioner eigenvalue_corrected (see sharded_shampoo.algorithm.eigenbasis)")
     ap.add_argument("--stagger-roots", action="store_true",
                     help="each block computes its roots in its own step of the period")
     ap.add_argument("--warmup", type=int, default=20)

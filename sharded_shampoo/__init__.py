@@ -1,6 +1,6 @@
 """sharded_shampoo: the Distributed Shampoo optimizer, built on DTensor, FSDP2 and DCP."""
 
-from .communication import PlanMismatchError
+from .agreement import PlanMismatchError
 from .optimizer import NonFiniteGradientWarning, RootFailureWarning, ShardedShampoo
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "PlanMismatchError", "RootFailureWarning"]

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .communication import on_device
+from .agreement import on_device
 from .state.record import RECORD_SIZE, record_difference
 
 __all__ = [

@@ -18,10 +18,13 @@ from .options import GroupOptions
 from .state import BlockStack
 
 __all__ = [
+    "BlockNamer",
     "NonFiniteGradientWarning",
+    "ParamNamer",
     "RootFailureWarning",
     "block_name",
     "check_roots",
+    "param_name",
     "warn",
     "warn_skipped",
 ]
@@ -65,6 +68,19 @@ def block_name(blocking: ParamBlocking, param_name: str, bid: int) -> str:
 
 # name(group, param, block id) -> the block's name in messages
 BlockNamer = Callable[[int, int, int], str]
+# name(group, param) -> the parameter's name in messages
+ParamNamer = Callable[[int, int], str]
+
+
+def param_name(groups: list[dict], gi: int, pi: int) -> str:
+    """Parameter ``pi`` of param group ``gi`` as messages name it: its name and shape when the
+    optimizer was given named parameters, else its position and shape."""
+    group = groups[gi]
+    names = group.get("param_names")
+    shape = tuple(group["params"][pi].shape)
+    if names:
+        return f"{names[pi]} {shape}"
+    return f"param_groups[{gi}]['params'][{pi}] {shape}"
 
 
 def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:

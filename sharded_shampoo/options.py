@@ -1,29 +1,41 @@
-"""Per-param-group options, validated once into a frozen dataclass.
+"""Every per-param-group option, declared once (``OPTIONS``), and the frozen ``GroupOptions`` made
+from a param group.
 
-Everything is checked before any state exists; each message names the option, the value given
-and what is allowed. Options that decide which state a block has or how blocks are cut
-(``STRUCTURAL``) cannot change after the optimizer is built; the others (lr, betas, ...) may be
-changed between steps, by hand or by a scheduler, and are re-validated at every step.
+An ``Option`` says its name, default, check (which raises ValueError naming the option, the
+value given and what is allowed, and returns the value the math uses), what of it shapes the
+state (``structure``: such options cannot change once state exists; the others, lr, betas,
+..., may change between steps, by hand or by a scheduler, and are checked at every step),
+how it is recorded in a checkpoint's blocking record (``record``), and how it is written back
+into the param group (``stored``). The constructor's signature and documentation, option
+checking, the agreement between ranks (``fields_text``), the structure check and the
+checkpoint record all come from this table: adding an option touches it and the code that uses
+the option, nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import math
 import numbers
-from collections.abc import Iterable
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 __all__ = [
-    "GraftingType",
+    "GRAFTING_TYPES",
     "GroupOptions",
-    "DEFAULTS",
-    "STRUCTURAL",
-    "check_group_keys",
+    "OPTIONS",
+    "OPTION_DEFAULTS",
     "check_dtype_range",
+    "check_group_keys",
+    "constructor_options",
+    "optimizer_signature",
+    "options_doc",
+    "parse_factor_dtype",
 ]
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
@@ -35,38 +47,8 @@ EIGENBASIS_CONVENTIONS = ("reference", "soap")
 # products of every factor (10**4 took 0.43 s per refresh of one 6 x 5 block), and a few
 # already converge from the warm start.
 MAX_QR_ITERATIONS = 100
-GraftingType = str | None
-
-DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3,
-    betas=(0.9, 1.0),
-    epsilon=1e-12,
-    weight_decay=0.0,
-    decoupled_weight_decay=True,
-    momentum=0.0,
-    dampening=0.0,
-    nesterov=False,
-    max_preconditioner_dim=1024,
-    merge_dims=True,
-    precondition_frequency=100,
-    start_preconditioning_step=None,
-    # "default": adam for root-inverse Shampoo, none for the eigenvalue-corrected preconditioner
-    # (as the reference's SOAP configuration).
-    grafting="default",
-    grafting_beta2=0.999,
-    grafting_epsilon=1e-8,
-    use_bias_correction=True,
-    inverse_exponent_override=None,
-    factor_dtype=torch.float32,
-    max_consecutive_root_failures=3,
-    stagger_roots=False,
-    preconditioner="shampoo",
-    eigenbasis="eigh",
-    qr_iterations=1,
-    eigenbasis_convention="reference",
-    eigenbasis_tolerance=0.0,
-)
-
+# Integer options are recorded in int64 checkpoint records (state/record.py).
+_INT_MAX = 2**63 - 1
 
 # Factor dtypes by name: param groups hold the name (torch's state-dict utilities traverse
 # numbers, strings, lists and dicts, not torch.dtype); either form is accepted.
@@ -74,201 +56,10 @@ FACTOR_DTYPES = {
     "float32": torch.float32, "float64": torch.float64,
     "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
+_RECORDED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def parse_factor_dtype(value: Any) -> torch.dtype:
-    """``value`` (a torch.dtype, or its name with or without ``torch.``) as a factor dtype."""
-    if isinstance(value, str):
-        dtype = FACTOR_DTYPES.get(value.removeprefix("torch."))
-    else:
-        dtype = value if value in FACTOR_DTYPES.values() else None
-    if dtype is None:
-        raise ValueError(
-            "factor_dtype must be one of torch.float32, torch.float64, torch.bfloat16, "
-            f"torch.float16 (or their names, such as 'float64'), got {value!r}"
-        )
-    return dtype
-
-
-def factor_dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class GroupOptions:
-    lr: float
-    beta1: float
-    beta2: float
-    epsilon: float
-    weight_decay: float
-    decoupled_weight_decay: bool
-    momentum: float
-    dampening: float
-    nesterov: bool
-    max_preconditioner_dim: int
-    merge_dims: bool
-    precondition_frequency: int
-    start_preconditioning_step: int
-    grafting: GraftingType
-    grafting_beta2: float
-    grafting_epsilon: float
-    use_bias_correction: bool
-    inverse_exponent_override: Mapping[int, float]
-    factor_dtype: torch.dtype
-    max_consecutive_root_failures: int
-    stagger_roots: bool
-    preconditioner: str
-    eigenbasis: str
-    qr_iterations: int
-    eigenbasis_convention: str
-    eigenbasis_tolerance: float
-
-    @property
-    def eigenvalue_corrected(self) -> bool:
-        return self.preconditioner == "eigenvalue_corrected"
-
-    @property
-    def basis(self) -> str:
-        """The state name of the per-dim matrices a refresh computes: ``root_i`` or
-        ``eigenvectors_i``."""
-        return "eigenvectors" if self.eigenvalue_corrected else "root"
-
-    @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> "GroupOptions":
-        """Validates a param group's options; raises ValueError naming the first bad one."""
-        g = group
-        lr = _real(g, "lr", lo=0.0)
-        betas = g["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        beta1 = _real_value("betas[0]", betas[0], lo=0.0, hi=1.0, hi_open=True)
-        beta2 = _real_value("betas[1]", betas[1], lo=0.0, hi=1.0, lo_open=True)
-        epsilon = _real(g, "epsilon", lo=0.0, lo_open=True)
-        weight_decay = _real(g, "weight_decay", lo=0.0)
-        momentum = _real(g, "momentum", lo=0.0, hi=1.0, hi_open=True)
-        dampening = _real(g, "dampening", lo=0.0, hi=1.0)
-        nesterov = _bool(g, "nesterov")
-        if nesterov and (momentum <= 0.0 or dampening != 0.0):
-            raise ValueError(
-                f"nesterov=True requires momentum > 0 and dampening == 0, "
-                f"got momentum={momentum!r}, dampening={dampening!r}"
-            )
-        max_dim = _int(g, "max_preconditioner_dim", lo=1)
-        freq = _int(g, "precondition_frequency", lo=1)
-        start = g["start_preconditioning_step"]
-        start = freq if start is None else _int_value("start_preconditioning_step", start, lo=1)
-        preconditioner = g["preconditioner"]
-        if preconditioner not in PRECONDITIONERS:
-            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-        eigenbasis = g["eigenbasis"]
-        if eigenbasis not in EIGENBASES:
-            raise ValueError(f"eigenbasis must be one of {EIGENBASES}, got {eigenbasis!r}")
-        convention = g["eigenbasis_convention"]
-        if convention not in EIGENBASIS_CONVENTIONS:
-            raise ValueError(
-                f"eigenbasis_convention must be one of {EIGENBASIS_CONVENTIONS}, got {convention!r}"
-            )
-        grafting = g["grafting"]
-        if grafting == "default":
-            grafting = "adam" if preconditioner == "shampoo" else None
-        if grafting is not None and grafting not in GRAFTING_TYPES:
-            raise ValueError(
-                f"grafting must be one of {GRAFTING_TYPES}, None or 'default', got {grafting!r}"
-            )
-        grafting_beta2 = _real(g, "grafting_beta2", lo=0.0, hi=1.0, hi_open=True)
-        grafting_epsilon = _real(g, "grafting_epsilon", lo=0.0, lo_open=True)
-        override = g["inverse_exponent_override"] or {}
-        if not isinstance(override, Mapping):
-            raise ValueError(
-                "inverse_exponent_override must be a dict {tensor order: exponent} or None, "
-                f"got {override!r}"
-            )
-        for k, e in override.items():
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(
-                    f"inverse_exponent_override keys are tensor orders (ints >= 1), got {k!r}"
-                )
-            _real_value(f"inverse_exponent_override[{k}]", e, lo=0.0, lo_open=True)
-        factor_dtype = parse_factor_dtype(g["factor_dtype"])
-        return cls(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            epsilon=epsilon,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=_bool(g, "decoupled_weight_decay"),
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            max_preconditioner_dim=max_dim,
-            merge_dims=_bool(g, "merge_dims"),
-            precondition_frequency=freq,
-            start_preconditioning_step=start,
-            grafting=grafting,
-            grafting_beta2=grafting_beta2,
-            grafting_epsilon=grafting_epsilon,
-            use_bias_correction=_bool(g, "use_bias_correction"),
-            inverse_exponent_override={int(k): float(v) for k, v in override.items()},
-            factor_dtype=factor_dtype,
-            max_consecutive_root_failures=_int(g, "max_consecutive_root_failures", lo=1),
-            stagger_roots=_bool(g, "stagger_roots"),
-            preconditioner=preconditioner,
-            eigenbasis=eigenbasis,
-            qr_iterations=_int(g, "qr_iterations", lo=1, hi=MAX_QR_ITERATIONS),
-            eigenbasis_convention=convention,
-            eigenbasis_tolerance=_real(g, "eigenbasis_tolerance", lo=0.0, hi=1.0),
-        )
-
-    def fields_text(self) -> tuple[str, ...]:
-        """Every option as ``name=value``, exactly (``repr`` of a float round-trips) and
-        independent of dict order: what ranks compare to agree on the options."""
-        values = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "inverse_exponent_override":
-                v = sorted(v.items())
-            values.append(f"{f.name}={v!r}")
-        return tuple(values)
-
-    def exponent(self, order: int) -> float:
-        """The inverse-root exponent for a block with ``order`` dims."""
-        return self.inverse_exponent_override.get(order, 1.0 / (2 * order))
-
-    def is_amortized_step(self, t: int) -> bool:
-        """Whether every block's roots are recomputed at step ``t`` (without staggering)."""
-        start = self.start_preconditioning_step
-        return t == start or (t > start and t % self.precondition_frequency == 0)
-
-
-    def structure(self) -> tuple:
-        """What decides the blocks and which state they carry: fixed once state exists."""
-        return tuple(
-            f(self) for f in STRUCTURAL.values()
-        )
-
-
-# Each entry maps an option name to what of it shapes the state.
-STRUCTURAL: dict[str, Any] = {
-    "max_preconditioner_dim": lambda o: o.max_preconditioner_dim,
-    "merge_dims": lambda o: o.merge_dims,
-    "factor_dtype": lambda o: o.factor_dtype,
-    "grafting": lambda o: o.grafting,
-    "betas[0] > 0": lambda o: o.beta1 > 0,
-    "momentum > 0": lambda o: o.momentum > 0,
-    "stagger_roots": lambda o: o.stagger_roots,
-    "preconditioner": lambda o: o.preconditioner,
-    "eigenbasis": lambda o: o.eigenbasis,
-    "qr_iterations": lambda o: o.qr_iterations,
-    # Which vector each corrected eigenvalue belongs to depends on it.
-    "eigenbasis_convention": lambda o: o.eigenbasis_convention,
-    # Blocks' phases are taken modulo the frequency they were assigned with.
-    "precondition_frequency (with stagger_roots)": lambda o: (
-        o.precondition_frequency if o.stagger_roots else None
-    ),
-}
-
-OPTION_NAMES = tuple(DEFAULTS)
-assert {f.name for f in fields(GroupOptions)} == (set(OPTION_NAMES) - {"betas"}) | {"beta1", "beta2"}
+# ---------------------------------------------------------------- checks
 
 
 def _number(name: str, v: Any, kind: type) -> Any:
@@ -293,57 +84,308 @@ def _number(name: str, v: Any, kind: type) -> Any:
     return int(v) if kind is numbers.Integral else float(v)
 
 
-def _real_value(
-    name: str,
-    v: Any,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> float:
-    v = _number(name, v, numbers.Real)
-    ok = math.isfinite(v)
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else repr(lo)
-        hi_s = "inf" if hi is None else repr(hi)
-        raise ValueError(f"{name} must be in {left}{lo_s}, {hi_s}{right}, got {v!r}")
-    return v
+def real(lo=None, hi=None, lo_open=False, hi_open=False) -> Callable[[str, Any], float]:
+    """A finite real number in the interval given."""
+
+    def check(name: str, v: Any) -> float:
+        v = _number(name, v, numbers.Real)
+        ok = math.isfinite(v)
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            lo_s = "-inf" if lo is None else repr(lo)
+            hi_s = "inf" if hi is None else repr(hi)
+            raise ValueError(f"{name} must be in {left}{lo_s}, {hi_s}{right}, got {v!r}")
+        return v
+
+    return check
 
 
-def _real(g: Mapping[str, Any], name: str, **kw: Any) -> float:
-    return _real_value(name, g[name], **kw)
+def integer(lo: int, hi: int = _INT_MAX) -> Callable[[str, Any], int]:
+    def check(name: str, v: Any) -> int:
+        upper = "2**63 - 1" if hi == _INT_MAX else str(hi)
+        try:
+            value = _number(name, v, numbers.Integral)
+        except ValueError:
+            raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}")
+        return value
+
+    return check
 
 
-# Integer options are recorded in int64 checkpoint records (state/record.py).
-_INT_MAX = 2**63 - 1
-
-
-def _int_value(name: str, v: Any, lo: int, hi: int = _INT_MAX) -> int:
-    upper = "2**63 - 1" if hi == _INT_MAX else str(hi)
-    try:
-        v = _number(name, v, numbers.Integral)
-    except ValueError:
-        raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}") from None
-    if not lo <= v <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}")
-    return v
-
-
-def _int(g: Mapping[str, Any], name: str, lo: int, hi: int = _INT_MAX) -> int:
-    return _int_value(name, g[name], lo, hi)
-
-
-def _bool(g: Mapping[str, Any], name: str) -> bool:
-    v = g[name]
+def boolean(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"{name} must be True or False, got {v!r}")
     return v
+
+
+def choice(*values: Any) -> Callable[[str, Any], Any]:
+    def check(name: str, v: Any) -> Any:
+        if v not in values:
+            raise ValueError(f"{name} must be one of {values}, got {v!r}")
+        return v
+
+    return check
+
+
+def _betas(name: str, v: Any) -> tuple[float, float]:
+    if not (isinstance(v, (tuple, list)) and len(v) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {v!r}")
+    return (
+        real(0.0, 1.0, hi_open=True)("betas[0]", v[0]),
+        real(0.0, 1.0, lo_open=True)("betas[1]", v[1]),
+    )
+
+
+def _start(name: str, v: Any) -> int | None:
+    return None if v is None else integer(1)(name, v)
+
+
+def _grafting(name: str, v: Any) -> str | None:
+    if v is not None and v != "default" and v not in GRAFTING_TYPES:
+        raise ValueError(f"{name} must be one of {GRAFTING_TYPES}, None or 'default', got {v!r}")
+    return v
+
+
+def _override(name: str, v: Any) -> dict[int, float]:
+    v = v or {}
+    if not isinstance(v, Mapping):
+        raise ValueError(
+            f"{name} must be a dict {{tensor order: exponent}} or None, got {v!r}"
+        )
+    for k, e in v.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{name} keys are tensor orders (ints >= 1), got {k!r}")
+        real(0.0, lo_open=True)(f"{name}[{k}]", e)
+    return {int(k): float(e) for k, e in v.items()}
+
+
+def parse_factor_dtype(value: Any) -> torch.dtype:
+    """``value`` (a torch.dtype, or its name with or without ``torch.``) as a factor dtype."""
+    if isinstance(value, str):
+        dtype = FACTOR_DTYPES.get(value.removeprefix("torch."))
+    else:
+        dtype = value if value in FACTOR_DTYPES.values() else None
+    if dtype is None:
+        raise ValueError(
+            "factor_dtype must be one of torch.float32, torch.float64, torch.bfloat16, "
+            f"torch.float16 (or their names, such as 'float64'), got {value!r}"
+        )
+    return dtype
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    """One per-param-group option (see the module docstring)."""
+
+    name: str
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str
+    # What of it shapes the state, and the name to give it in messages (``name`` if None).
+    structure: Callable[[Any], Any] | None = None
+    structure_name: str | None = None
+    # Its int in the blocking record (-1: nothing to record), when it is recorded there.
+    record: Callable[[Any], int] | None = None
+    # What the param group holds after the check, when not what was given.
+    stored: Callable[[Any], Any] | None = None
+
+
+def _same(field: str) -> Callable[[Any], Any]:
+    return lambda o: getattr(o, field)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("lr", 1e-3, real(0.0), "step size"),
+    Option("betas", (0.9, 1.0), _betas,
+           "beta1: EMA of the gradient (0: none); beta2: EMA of the factors (1: sums) and of the "
+           "eigenvalue-corrected second moment",
+           structure=lambda o: o.beta1 > 0, structure_name="betas[0] > 0",
+           record=lambda o: int(o.beta1 > 0)),
+    Option("epsilon", 1e-12, real(0.0, lo_open=True),
+           "added to the factors' eigenvalues before the inverse root"),
+    Option("weight_decay", 0.0, real(0.0), "weight decay"),
+    Option("decoupled_weight_decay", True, boolean,
+           "AdamW-style (added to the direction) instead of L2 (added to the gradient)"),
+    Option("momentum", 0.0, real(0.0, 1.0, hi_open=True), "heavy-ball momentum on the direction",
+           structure=lambda o: o.momentum > 0, structure_name="momentum > 0",
+           record=lambda o: int(o.momentum > 0)),
+    Option("dampening", 0.0, real(0.0, 1.0), "momentum dampening"),
+    Option("nesterov", False, boolean, "Nesterov momentum"),
+    Option("max_preconditioner_dim", 1024, integer(1), "largest block size per dim",
+           structure=_same("max_preconditioner_dim"), record=_same("max_preconditioner_dim")),
+    Option("merge_dims", True, boolean, "merge small dims before blocking",
+           structure=_same("merge_dims"), record=lambda o: int(o.merge_dims)),
+    Option("precondition_frequency", 100, integer(1), "steps between root refreshes",
+           structure=lambda o: o.precondition_frequency if o.stagger_roots else None,
+           structure_name="precondition_frequency (with stagger_roots)"),
+    Option("start_preconditioning_step", None, _start,
+           "first step with roots (None: precondition_frequency)"),
+    Option("grafting", "default", _grafting,
+           "the direction whose norm Shampoo's takes: adam, adagrad, rmsprop, sgd, None "
+           "('default': adam for root-inverse Shampoo, None for eigenvalue-corrected)",
+           structure=_same("grafting"),
+           record=lambda o: -1 if o.grafting is None else GRAFTING_TYPES.index(o.grafting),
+           stored=lambda o: o.grafting),
+    Option("grafting_beta2", 0.999, real(0.0, 1.0, hi_open=True), "grafting's second-moment EMA"),
+    Option("grafting_epsilon", 1e-8, real(0.0, lo_open=True), "grafting's epsilon"),
+    Option("use_bias_correction", True, boolean, "bias-correct the EMAs"),
+    Option("inverse_exponent_override", None, _override,
+           "{tensor order: exponent} instead of 1 / (2 order) (1/2 eigenvalue-corrected)"),
+    Option("factor_dtype", torch.float32, lambda name, v: parse_factor_dtype(v),
+           "dtype of the factors", structure=_same("factor_dtype"),
+           record=lambda o: _RECORDED_DTYPES.index(o.factor_dtype),
+           stored=lambda o: str(o.factor_dtype).removeprefix("torch.")),
+    Option("max_consecutive_root_failures", 3, integer(1),
+           "root failures in a row a block may have before the step raises"),
+    Option("stagger_roots", False, boolean,
+           "refresh each block in its own step of the period instead of all at once",
+           structure=_same("stagger_roots")),
+    Option("preconditioner", "shampoo", choice(*PRECONDITIONERS),
+           "root-inverse Shampoo or eigenvalue-corrected (SOAP)",
+           structure=_same("preconditioner"),
+           record=lambda o: 1 if o.eigenvalue_corrected else -1),
+    Option("eigenbasis", "eigh", choice(*EIGENBASES), "eigenvalue-corrected: eigh or QR",
+           structure=_same("eigenbasis")),
+    Option("qr_iterations", 1, integer(1, MAX_QR_ITERATIONS),
+           "eigenvalue-corrected QR: iterations per refresh", structure=_same("qr_iterations")),
+    Option("eigenbasis_convention", "reference", choice(*EIGENBASIS_CONVENTIONS),
+           "eigenvalue-corrected: the reference implementation's conventions or SOAP's",
+           # Which vector each corrected eigenvalue belongs to depends on it.
+           structure=_same("eigenbasis_convention"),
+           record=lambda o: ({"soap": 1, "reference": 2}[o.eigenbasis_convention]
+                             if o.eigenvalue_corrected else -1)),
+    Option("eigenbasis_tolerance", 0.0, real(0.0, 1.0),
+           "eigenvalue-corrected, reference convention: skip an eigh or stop QR when the old "
+           "basis diagonalizes the factor within this"),
+)
+OPTION_DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+STRUCTURAL = tuple(o for o in OPTIONS if o.structure is not None)
+RECORDED = tuple(o for o in OPTIONS if o.record is not None)
+
+
+class _Options:
+    """What the options imply, for ``GroupOptions`` (made from ``OPTIONS``)."""
+
+    @property
+    def beta1(self) -> float:
+        return self.betas[0]
+
+    @property
+    def beta2(self) -> float:
+        return self.betas[1]
+
+    @property
+    def eigenvalue_corrected(self) -> bool:
+        return self.preconditioner == "eigenvalue_corrected"
+
+    @property
+    def basis(self) -> str:
+        """The state name of the per-dim matrices a refresh computes: ``root_i`` or
+        ``eigenvectors_i``."""
+        return "eigenvectors" if self.eigenvalue_corrected else "root"
+
+    def exponent(self, order: int) -> float:
+        """The inverse-root exponent for a block with ``order`` dims."""
+        return self.inverse_exponent_override.get(order, 1.0 / (2 * order))
+
+    def is_amortized_step(self, t: int) -> bool:
+        """Whether every block's roots are recomputed at step ``t`` (without staggering)."""
+        start = self.start_preconditioning_step
+        return t == start or (t > start and t % self.precondition_frequency == 0)
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any]) -> GroupOptions:
+        """Checks a param group's options; raises ValueError naming the first bad one."""
+        values = {o.name: o.check(o.name, group[o.name]) for o in OPTIONS}
+        if values["nesterov"] and (values["momentum"] <= 0.0 or values["dampening"] != 0.0):
+            raise ValueError(
+                f"nesterov=True requires momentum > 0 and dampening == 0, got "
+                f"momentum={values['momentum']!r}, dampening={values['dampening']!r}"
+            )
+        if values["start_preconditioning_step"] is None:
+            values["start_preconditioning_step"] = values["precondition_frequency"]
+        if values["grafting"] == "default":
+            values["grafting"] = "adam" if values["preconditioner"] == "shampoo" else None
+        return cls(**values)
+
+    def fields_text(self) -> tuple[str, ...]:
+        """Every option as ``name=value``, exactly (``repr`` of a float round-trips) and
+        independent of dict order: what ranks compare to agree on the options."""
+        return tuple(
+            f"{o.name}={sorted(v.items()) if isinstance(v, dict) else v!r}"
+            for o in OPTIONS for v in [getattr(self, o.name)]
+        )
+
+    def structure(self) -> tuple:
+        """What decides the blocks and which state they carry: fixed once state exists."""
+        return tuple(o.structure(self) for o in STRUCTURAL)
+
+    def structure_changes(self, before: tuple) -> str:
+        """Names of the state-shaping options in which these differ from ``before``."""
+        return ", ".join(
+            o.structure_name or o.name
+            for o, old, new in zip(STRUCTURAL, before, self.structure(), strict=True)
+            if old != new
+        )
+
+    def stored(self) -> dict[str, Any]:
+        """The options a param group holds after the check where they differ from what was
+        given (``factor_dtype`` by name, ``grafting`` resolved)."""
+        return {o.name: o.stored(self) for o in OPTIONS if o.stored is not None}
+
+    def recorded(self) -> list[int]:
+        """The options' part of the checkpoint record (``state/record.py``)."""
+        return [o.record(self) for o in RECORDED]
+
+
+GroupOptions = dataclasses.make_dataclass(
+    "GroupOptions", [(o.name, Any) for o in OPTIONS], bases=(_Options,), frozen=True
+)
+GroupOptions.__module__ = __name__
+GroupOptions.__doc__ = "One param group's options, checked (see ``OPTIONS``)."
+
+
+# ---------------------------------------------------------------- the constructor's options
+
+
+def optimizer_signature(extra: Iterable[inspect.Parameter]) -> inspect.Signature:
+    """``ShardedShampoo.__init__``'s signature: params, every option with its default, then
+    ``extra`` (keyword-only, the options of the whole optimizer)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([
+        inspect.Parameter("self", kind),
+        inspect.Parameter("params", kind),
+        *(inspect.Parameter(o.name, kind, default=o.default) for o in OPTIONS),
+        *extra,
+    ])
+
+
+def constructor_options(args: tuple, options: dict[str, Any]) -> dict[str, Any]:
+    """The constructor's options (positional after ``params``, in the table's order, or by
+    name) over their defaults; an unknown name raises ValueError saying which exist."""
+    names = list(OPTION_DEFAULTS)
+    if len(args) > len(names):
+        raise TypeError(f"ShardedShampoo takes at most {len(names) + 1} positional arguments")
+    given = dict(zip(names, args, strict=False))
+    for name in options:
+        if name in given:
+            raise TypeError(f"ShardedShampoo got multiple values for argument {name!r}")
+    check_group_keys(options)
+    return {**OPTION_DEFAULTS, **given, **options}
+
+
+def options_doc() -> str:
+    """The options, one line each, for the class docstring."""
+    return "\n".join(f"    {o.name} (default {o.default!r}): {o.doc}" for o in OPTIONS)
 
 
 # Keys a param group may hold besides the options: torch's own, hints other optimizers take that
@@ -361,19 +403,20 @@ def check_group_keys(group: Mapping[str, Any]) -> None:
     """Raises ValueError for a key that is neither an option nor a known harmless one, so that a
     misspelt option (``eps`` for ``epsilon``) is not silently ignored."""
     for key in group:
-        if key in DEFAULTS or key in _OTHER_KEYS:
+        if key in OPTION_DEFAULTS or key in _OTHER_KEYS:
             continue
         if key in _CONSTRUCTOR_ONLY:
             raise ValueError(
                 f"{key} is an option of the whole optimizer: pass it to ShardedShampoo(...), "
                 "not in a param group"
             )
-        close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(str(key), list(OPTION_DEFAULTS), n=1, cutoff=0.5)
         if key == "eps":
             close = ["epsilon"]
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown option {key!r}{hint}; ShardedShampoo's options are {', '.join(DEFAULTS)}"
+            f"unknown option {key!r}{hint}; ShardedShampoo's options are "
+            f"{', '.join(OPTION_DEFAULTS)}"
         )
 
 

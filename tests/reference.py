@@ -74,7 +74,7 @@ def ref_canonical_ties(values, Q):
 
 def ref_eigenbasis(F, Q_old, o, t):
     """A factor's new eigenvectors, and (soap QR only) the permutation the corrected eigenvalues
-    of its dim follow (see sharded_shampoo/eigenbasis.py for the two conventions)."""
+    of its dim follow (see sharded_shampoo/algorithm/eigenbasis.py for the two conventions)."""
     beta2 = o["betas"][1]
     if o["eigenbasis_convention"] == "reference":
         c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0

@@ -299,7 +299,7 @@ def test_a_process_group_without_a_backend_for_the_parameters_device_is_refused(
     cannot move them, and the error says how to start one that can."""
     import torch.distributed as dist
 
-    from sharded_shampoo.parallelism import check_backend
+    from sharded_shampoo.topology import check_backend
 
     class NcclOnly:
         _device_types = [torch.device("cuda")]

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from reference import ref_blocks
 from sharded_shampoo.blocking import make_blocking, merged_shape
-from sharded_shampoo.functional import factor_gram_inputs, precondition
+from sharded_shampoo.algorithm.modes import precondition
+from sharded_shampoo.algorithm.step import factor_gram_inputs
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from torch.distributed.tensor import Shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharded_shampoo.options import DEFAULTS, GroupOptions
-from sharded_shampoo.parallelism import sharding_of
+from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
+from sharded_shampoo.topology import sharding_of
 from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh, assign_blocks, block_cost
 from sharded_shampoo.placement.routes import allgather_segments
 
@@ -46,7 +46,7 @@ def resnet50_shapes():
 
 
 def options(**kw):
-    return GroupOptions.from_group({**DEFAULTS, **kw})
+    return GroupOptions.from_group({**OPTION_DEFAULTS, **kw})
 
 
 def plan_for(shapes, world, **kw):
@@ -209,13 +209,13 @@ def test_later_groups_keep_earlier_owners():
 
 SCRIPT = """
 import torch
-from sharded_shampoo.options import DEFAULTS, GroupOptions
+from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
 from sharded_shampoo.placement import GroupSpec, Plan
 from test_placement import gpt2_small_shapes, resnet50_shapes
 plan = Plan(16)
 for shapes in (gpt2_small_shapes(), resnet50_shapes()):
     plan.add_group(GroupSpec(tuple(shapes), (torch.float32,) * len(shapes),
-                             GroupOptions.from_group(DEFAULTS)))
+                             GroupOptions.from_group(OPTION_DEFAULTS)))
 print(plan.owners_fingerprint())
 """
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-import sharded_shampoo.roots as roots_module
+import sharded_shampoo.algorithm.roots as roots_module
 from sharded_shampoo import NonFiniteGradientWarning, RootFailureWarning, ShardedShampoo
 
 OPTS = dict(lr=0.1, max_preconditioner_dim=4, precondition_frequency=2, start_preconditioning_step=2, epsilon=1e-3)

@@ -20,8 +20,8 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import Partial, _StridedShard
 
 from sharded_shampoo.blocking import make_blocking
-from sharded_shampoo.options import DEFAULTS, GroupOptions
-from sharded_shampoo.parallelism import sharding_of
+from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
+from sharded_shampoo.topology import sharding_of
 from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh, pieces_of_block, shard_pieces
 from sharded_shampoo.placement.routes import PieceRoutes
 from sharded_shampoo.placement.sharding import block_box, largest_piece
@@ -148,7 +148,7 @@ def routes_of(shapes, mesh_shape, placements, **options):
     )
     plan.add_group(GroupSpec(
         tuple(shapes), (torch.float32,) * len(shapes),
-        GroupOptions.from_group({**DEFAULTS, **options}), shardings,
+        GroupOptions.from_group({**OPTION_DEFAULTS, **options}), shardings,
     ))
     return plan, mesh, [PieceRoutes(plan, r, sections=1) for r in range(world)]
 
@@ -209,7 +209,7 @@ def test_set_up_visits_only_a_ranks_own_pieces():
     plan = Plan(world, mesh)
     sharding = sharding_of([Shard(0)], [0], (world,), 2, "w")
     plan.add_group(GroupSpec(
-        ((4096, 4096),) * 4, (torch.float32,) * 4, GroupOptions.from_group(DEFAULTS),
+        ((4096, 4096),) * 4, (torch.float32,) * 4, GroupOptions.from_group(OPTION_DEFAULTS),
         (sharding,) * 4,
     ))
     start = time.perf_counter()

@@ -15,17 +15,39 @@ whether any rank failed or stepped differently) -> ``apply`` (only once every di
 exchange came back clean, so a failure anywhere changes no parameter anywhere).
 """
 
-from .base import Distributor, Status, Step, StackWork
+from __future__ import annotations
+
+import torch
+
+from .base import Distributor, StackWork, Step
 from .local import LocalDistributor
 from .replicated import ReplicatedDistributor
 from .sharded import ShardedDistributor
 
+
+def build_distributors(blocks, plan, topology, dtype: torch.dtype) -> list[Distributor]:
+    """One distributor per way the parameters are held. FSDP2 on a single rank still goes
+    through the DTensor one (with nothing to send): its parameters are DTensors, which only it
+    reads and writes."""
+    device, out = topology.device, []
+    mesh = topology.mesh()
+    if mesh is None:
+        out.append(LocalDistributor(blocks, device))
+    else:
+        replicated = ReplicatedDistributor(blocks, plan, topology.rank, mesh, dtype, device)
+        if replicated.status_index > 0:  # some rank has blocks of plain parameters
+            out.append(replicated)
+    if topology.world_mesh is not None:
+        out.append(ShardedDistributor(blocks, plan, topology.rank, dtype, device))
+    return out
+
+
 __all__ = [
     "Distributor",
+    "build_distributors",
     "LocalDistributor",
     "ReplicatedDistributor",
     "ShardedDistributor",
-    "Status",
     "StackWork",
     "Step",
 ]

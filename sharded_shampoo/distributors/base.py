@@ -8,8 +8,9 @@ import torch
 
 from ..options import GroupOptions
 from ..state import BlockStack, GroupBlocks, RowSelection
+from ..status import Status
 
-__all__ = ["Distributor", "StackWork", "Status", "Step"]
+__all__ = ["Distributor", "StackWork", "Step"]
 
 
 @dataclass
@@ -38,16 +39,6 @@ class StackWork:
     norms: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     direction: torch.Tensor | None = None
-
-
-@dataclass
-class Status:
-    """What a distributor's exchange learnt: ranks that reported an error, and ranks that
-    stepped with other options or gradients (lists, or True when only their existence is
-    known). Built on the host from the exchange's summary (``Distributor.status``)."""
-
-    failed: list[int] | bool = False
-    disagreeing: list[int] | bool = False
 
 
 class Distributor:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..communication import FAILED, STATUS_WORDS, StatusWords, read_status
+from ..status import FAILED, STATUS_WORDS, Status, StatusWords, read_status
 from ..placement import Plan
 from ..placement.routes import allgather_segments
 from ..state import GroupBlocks
-from .base import Status, Step
+from .base import Step
+from .copies import StackCopies
 from .local import LocalDistributor
 
 __all__ = ["ReplicatedDistributor"]
@@ -33,16 +34,17 @@ class ReplicatedDistributor(LocalDistributor):
         self, blocks: list[GroupBlocks], plan: Plan, rank: int, mesh, dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        super().__init__(blocks)
+        super().__init__(blocks, device)
         self.mesh = mesh
-        # Every rank's stacks, with their block positions on this rank's device: every rank
-        # applies every rank's directions.
+        # Every rank's stacks and their copies to the parameters, on this rank's device: every
+        # rank applies every rank's directions.
         self.segments = [
-            [(gi, si, layout.on(device), start) for gi, si, layout, start in segs]
+            [(gi, si, layout, start, StackCopies(layout, device)) for gi, si, layout, start in segs]
             for segs in allgather_segments(plan)
         ]
         longest = max(
-            (start + lay.num_rows * lay.row_numel for segs in self.segments for _, _, lay, start in segs),
+            (start + lay.num_rows * lay.row_numel
+             for segs in self.segments for _, _, lay, start, _ in segs),
             default=0,
         )
         self.status_index = longest
@@ -54,7 +56,7 @@ class ReplicatedDistributor(LocalDistributor):
             (gi, si): self.local[start : start + lay.num_rows * lay.row_numel].view(
                 lay.num_rows, *lay.block_shape
             )
-            for gi, si, lay, start in self.segments[rank]
+            for gi, si, lay, start, _ in self.segments[rank]
         }
 
     def bytes_sent_per_step(self) -> int:
@@ -87,12 +89,12 @@ class ReplicatedDistributor(LocalDistributor):
     def apply(self, step: Step) -> None:
         for r, segs in enumerate(self.segments):
             piece = self.gathered[r]
-            for gi, _, layout, start in segs:
+            for gi, _, layout, start, copies in segs:
                 if gi not in step.active:
                     continue
                 n = layout.num_rows * layout.row_numel
                 rows = piece[start : start + n].view(layout.num_rows, *layout.block_shape)
-                layout.scatter_add_(
+                copies.scatter_add_(
                     step.params[gi], step.active[gi], self.blocks[gi].blockings, rows,
                     -step.options[gi].lr,
                 )

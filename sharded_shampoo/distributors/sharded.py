@@ -42,13 +42,13 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
-from ..communication import FAILED, STATUS_WORDS, StatusWords, read_status
+from ..status import FAILED, STATUS_WORDS, Status, StatusWords, read_status
 from ..options import GroupOptions
 from ..placement import Plan
 from ..placement.routes import PieceRoutes, Route
 from ..placement.sharding import block_box, shard_pieces
 from ..state import GroupBlocks
-from .base import Distributor, Status, StackWork, Step
+from .base import Distributor, StackWork, Step
 
 __all__ = ["ShardedDistributor", "weight_decay_place"]
 

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..optimizer import ShardedShampoo
-from ..parallelism import is_dtensor
+from ..topology import is_dtensor
 
 __all__ = ["FullOptimizerStateCallback", "OPTIMIZER_FILE"]
 

@@ -1,20 +1,17 @@
-"""Where a rank's blocks sit in its buffers, and how they move to and from the parameters.
+"""Where a rank's blocks sit in its stacks: which blocks, in which rows, in which parts.
 
 A rank keeps, per param group, one *stack* per (parameter dtype, block shape): its owned blocks
 of that kind, in canonical order (parameter, then block id). A stack's rows are filled from the
-parameters by *parts*: the owned blocks of one region of one parameter. A region owned entirely
-by the rank moves with one strided view copy; a region shared with other ranks moves with one
-advanced-indexing copy of the owned blocks. Either way the copies per step grow with the number
-of regions, never with the number of blocks.
+parameters by *parts*: the owned blocks of one region of one parameter, a whole region (one
+strided view) or some of its blocks (their positions in the region's grid). How the data
+moves is the distributors' (``distributors.copies``); this is only where it goes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from ..blocking import ParamBlocking, Region
 
@@ -25,38 +22,22 @@ __all__ = ["Part", "StackLayout", "group_stacks"]
 class Part:
     """Blocks ``positions`` of ``region`` of parameter ``param``, in rows ``[row, row + count)``.
 
-    ``positions`` index the region's blocks (row-major over ``region.counts``); None means all
-    of them, in order, which allows a plain view copy.
+    ``positions`` index the region's blocks (per grid dim, the blocks' coordinates, row-major
+    over ``region.counts``); None means all of them, in order, which allows a plain view copy.
     """
 
     param: int
     region: Region
     row: int
     count: int
-    positions: tuple[torch.Tensor, ...] | None = None
-
-    def read(self, merged: torch.Tensor) -> torch.Tensor:
-        """The part's blocks of ``merged`` (a tensor of the parameter's merged shape),
-        as (count, *block_shape); a view when the part is a whole region."""
-        grid = self.region.view_of(merged)
-        if self.positions is None:
-            return grid
-        return grid[self.positions]
-
-    def add_to(self, merged: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
-        """``merged[blocks of this part] += alpha * rows``, in place."""
-        grid = self.region.view_of(merged)
-        if self.positions is None:
-            grid.add_(rows.view(grid.shape).to(merged.dtype), alpha=alpha)
-        else:
-            grid.index_put_(self.positions, (rows * alpha).to(merged.dtype), accumulate=True)
+    positions: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass
 class StackLayout:
     """The owned blocks of one (dtype, block shape) in one param group, on one rank."""
 
-    param_dtype: torch.dtype
+    param_dtype: Any  # a torch.dtype
     block_shape: tuple[int, ...]
     # Blocks of DTensor parameters reach the stack by all_to_all, not by parts.
     sharded: bool = False
@@ -64,7 +45,7 @@ class StackLayout:
     # Per row: (index of the parameter in its group, block id within the parameter).
     row_owner: list[tuple[int, int]] = field(default_factory=list)
     # Per row, with stagger_roots: the step of the period in which the block computes roots.
-    row_phases: torch.Tensor | None = None
+    row_phases: tuple[int, ...] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -82,67 +63,10 @@ class StackLayout:
         """Indices (in the group) of the parameters with blocks in this stack."""
         return tuple(dict.fromkeys(p.param for p in self.parts))
 
-    def on(self, device: torch.device) -> StackLayout:
-        """This layout with its parts' block positions on ``device`` (where the tensors they
-        index live: a host index on an accelerator's tensor is a copy and a wait per use)."""
-        device = torch.device(device)
-        if all(p.positions is None or p.positions[0].device == device for p in self.parts):
-            return self
-        parts = [
-            p if p.positions is None
-            else dataclasses.replace(p, positions=tuple(x.to(device) for x in p.positions))
-            for p in self.parts
-        ]
-        return dataclasses.replace(self, parts=parts)
-
-    def gather(
-        self,
-        tensors: list[torch.Tensor | None],
-        blockings: list[ParamBlocking],
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """Copies the stack's blocks of ``tensors`` (indexed like the group's parameters) into
-        ``out`` (num_rows, *block_shape); rows whose tensor is None are left as they are."""
-        for part in self.parts:
-            t = tensors[part.param]
-            if t is None:
-                continue
-            src = part.read(t.reshape(blockings[part.param].merged))
-            out[part.row : part.row + part.count].view(src.shape).copy_(src)
-        return out
-
-    def scatter_add_(
-        self,
-        params: list[torch.Tensor],
-        active: list[bool],
-        blockings: list[ParamBlocking],
-        rows: torch.Tensor,
-        alpha: float,
-    ) -> None:
-        """``param += alpha * rows`` block by block, for the parameters marked active."""
-        for part in self.parts:
-            if not active[part.param]:
-                continue
-            p = params[part.param]
-            src = rows[part.row : part.row + part.count]
-            blocking = blockings[part.param]
-            try:
-                merged = p.view(blocking.merged)
-            except RuntimeError:
-                merged = None
-            if merged is not None:
-                part.add_to(merged, src, alpha)
-            else:
-                # Strides that allow no merged view (e.g. channels_last): build the update in a
-                # dense buffer and add that.
-                buf = torch.zeros(blocking.merged, dtype=p.dtype, device=p.device)
-                part.add_to(buf, src, 1.0)
-                p.add_(buf.view(p.shape), alpha=alpha)
-
 
 def group_stacks(
     blockings: list[ParamBlocking],
-    dtypes: list[torch.dtype],
+    dtypes: list[Any],
     owned: dict[int, set[int]],
     dtensor: list[bool] | None = None,
     phases: tuple[tuple[int, ...], ...] | None = None,
@@ -170,13 +94,10 @@ def group_stacks(
                 positions = None
             else:
                 grid = list(itertools.product(*(range(c) for c in region.counts)))
-                coords = list(zip(*(grid[j] for j in mine)))
-                positions = tuple(torch.tensor(c, dtype=torch.long, device="cpu") for c in coords)
+                positions = tuple(zip(*(grid[j] for j in mine), strict=True))
             stack.parts.append(Part(pi, region, stack.num_rows, len(mine), positions))
             stack.row_owner.extend((pi, region.block_ids[j]) for j in mine)
     if phases is not None:
         for stack in stacks.values():
-            stack.row_phases = torch.tensor(  # read on the host only
-                [phases[pi][bid] for pi, bid in stack.row_owner], dtype=torch.long, device="cpu"
-            )
+            stack.row_phases = tuple(phases[pi][bid] for pi, bid in stack.row_owner)
     return list(stacks.values())

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..communication import STATUS_WORDS
+from ..status import STATUS_WORDS
 from .layout import StackLayout
 from .plan import Plan
 from .sharding import Piece, pieces_of_block, shard_pieces

@@ -7,28 +7,38 @@ from typing import Any
 import torch
 
 from ..blocking import ParamBlocking
+from ..diagnostics import ParamNamer
 from ..options import GroupOptions
+from .groups import GroupState
 from .record import blocking_record, record_difference
 from .stacks import block_state_spec
 
 __all__ = ["check_state_dict"]
 
 
-def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[tuple]]:
-    """For ``ShardedShampoo.load_state_dict``: returns each group's options to take and the
-    (live tensor, saved tensor) pairs to copy, or raises ValueError naming the first parameter
-    or group that does not fit: the number of groups and parameters, each parameter's blocking
-    record, its saved step, the options that shape the state, and the name and shape of every
-    state tensor. Every rank holds every parameter's record, so every rank raises alike."""
+def check_state_dict(
+    state_dict: dict[str, Any],
+    param_groups: list[dict[str, Any]],
+    groups: list[GroupState],
+    live: dict[torch.Tensor, dict[str, Any]],
+    name: ParamNamer,
+) -> tuple[list[dict], list[tuple]]:
+    """Whether ``state_dict`` fits an optimizer with ``param_groups``, whose groups' state is
+    ``groups`` and whose ``Optimizer.state`` is ``live``: returns each group's options to take
+    and the (live tensor, saved tensor) pairs to copy, or raises ValueError naming the first
+    parameter or group that does not fit: the number of groups and parameters, each parameter's
+    blocking record, its saved step, the options that shape the state, and the name and shape
+    of every state tensor. Every rank holds every parameter's record, so every rank raises
+    alike."""
     saved_groups = state_dict["param_groups"]
     saved_state = state_dict["state"]
-    if len(saved_groups) != len(opt.param_groups):
+    if len(saved_groups) != len(param_groups):
         raise ValueError(
             f"the state dict has {len(saved_groups)} param groups, this optimizer has "
-            f"{len(opt.param_groups)}"
+            f"{len(param_groups)}"
         )
     new_options, copies = [], []
-    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+    for gi, (group, saved) in enumerate(zip(param_groups, saved_groups, strict=True)):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
                 f"param group {gi}: the state dict has {len(saved['params'])} parameters, "
@@ -40,22 +50,18 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
         steps = set()
         for pi, (p, pid) in enumerate(zip(group["params"], saved_ids, strict=True)):
             theirs = saved_state.get(pid, {})
-            name = opt._param_name(gi, pi)
             if "blocking" not in theirs or "step" not in theirs:
                 raise ValueError(
-                    f"the state dict has no blocking record for {name}: it was not saved by "
-                    "ShardedShampoo (or by an older version)"
+                    f"the state dict has no blocking record for {name(gi, pi)}: it was not "
+                    "saved by ShardedShampoo (or by an older version)"
                 )
-            phases = opt.plan.groups[gi].phases
-            diff = record_difference(
-                theirs["blocking"],
-                blocking_record(
-                    opt._blocks[gi].blockings[pi], current, None if phases is None else phases[pi]
-                ),
+            record = blocking_record(
+                groups[gi].blocks.blockings[pi], current, groups[gi].phases(pi)
             )
+            diff = record_difference(theirs["blocking"], record)
             if diff is not None:
                 raise ValueError(
-                    f"the state of {name} does not fit this optimizer: {diff}. Load it into "
+                    f"the state of {name(gi, pi)} does not fit this optimizer: {diff}. Load it into "
                     "an optimizer built with the same model and options."
                 )
             steps.add(int(theirs["step"]))
@@ -74,7 +80,7 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
             opts = GroupOptions.from_group(candidate)
         except (KeyError, ValueError) as e:
             raise ValueError(f"param group {gi} of the state dict: {e}") from None
-        changed = opt._structure_changes(gi, opts)
+        changed = opts.structure_changes(groups[gi].structure)
         if changed:
             raise ValueError(
                 f"param group {gi}: the state dict was saved with a different "
@@ -82,10 +88,9 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
             )
         new_options.append(options)
         for pi, (p, pid) in enumerate(zip(group["params"], saved_ids, strict=True)):
-            mine = {k: v for k, v in opt.state[p].items() if k not in ("blocking", "step")}
+            mine = {k: v for k, v in live[p].items() if k not in ("blocking", "step")}
             theirs = {k: v for k, v in saved_state[pid].items() if k not in ("blocking", "step")}
-            name = opt._param_name(gi, pi)
-            blocking = opt._blocks[gi].blockings[pi]
+            blocking = groups[gi].blocks.blockings[pi]
             # A full state dict (or one process's) also holds the blocks other ranks own: each
             # rank takes its own, and checks that the others are blocks of this parameter.
             missing = sorted(set(mine) - set(theirs))[:3]
@@ -95,7 +100,7 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
             )[:3]
             if missing or extra:
                 raise ValueError(
-                    f"state of {name} does not fit this optimizer's blocks "
+                    f"state of {name(gi, pi)} does not fit this optimizer's blocks "
                     f"(missing {missing}, unexpected {extra})"
                 )
             for key, t in mine.items():
@@ -103,7 +108,8 @@ def check_state_dict(opt, state_dict: dict[str, Any]) -> tuple[list[dict], list[
                 if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(t.shape):
                     got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src)
                     raise ValueError(
-                        f"state {key!r} of {name} has shape {got}, expected {tuple(t.shape)}"
+                        f"state {key!r} of {name(gi, pi)} has shape {got}, expected "
+                        f"{tuple(t.shape)}"
                     )
                 copies.append((t, src))
     return new_options, copies

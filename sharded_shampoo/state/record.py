@@ -4,6 +4,11 @@ Every rank presents this record for every parameter (it is replicated, so DCP wr
 whoever owns the blocks. On load it is compared with the current optimizer's before any state
 changes, so a checkpoint from another model or another blocking is refused with a message that
 names the parameter and what differs. A fixed size keeps the record loadable whatever it holds.
+
+Layout (version 2): version, numel, shape (its length, then up to 8 dims), merged shape (the
+same), blocks, the staggered phases' digest, then the options the table marks as recorded
+(``options.OPTIONS``, in its order), padded with -1. Version 1 records (fixed option fields,
+written before) are read too.
 """
 
 from __future__ import annotations
@@ -13,23 +18,15 @@ import hashlib
 import torch
 
 from ..blocking import ParamBlocking
-from ..options import GRAFTING_TYPES, GroupOptions
+from ..options import GRAFTING_TYPES, RECORDED, GroupOptions
 
-__all__ = ["RECORD_SIZE", "blocking_record", "record_difference"]
+__all__ = ["RECORD_SIZE", "blocking_record", "phases_digest", "record_difference"]
 
 RECORD_SIZE = 32
-_VERSION = 1
+_VERSION = 2
 _MAX_DIMS = 8
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_FIELDS = (
-    "version", "numel", "shape", "merged shape", "max_preconditioner_dim", "merge_dims",
-    "factor_dtype", "grafting", "betas[0] > 0", "momentum > 0", "blocks", "preconditioner",
-    "eigenbasis_convention", "stagger_roots phases",
-)
-# Fields a record written before them holds as -1 (the padding): read as "not recorded", which
-# matches anything (an eigenvalue-corrected record without a convention is the SOAP one, the
-# only convention then).
-_CONVENTIONS = {1: "soap", 2: "reference"}
+_PHASES = "stagger_roots phases"
 
 
 def phases_digest(phases: tuple[int, ...] | None) -> int:
@@ -52,47 +49,70 @@ def blocking_record(
 ) -> torch.Tensor:
     """The record of a parameter's blocking under ``opts`` (``phases``: its blocks' refresh
     phases with ``stagger_roots``)."""
-    grafting = -1 if opts.grafting is None else GRAFTING_TYPES.index(opts.grafting)
-    convention = -1
-    if opts.eigenvalue_corrected:
-        convention = next(k for k, v in _CONVENTIONS.items() if v == opts.eigenbasis_convention)
     values = [
         _VERSION,
         blocking.numel,
         *_dims(blocking.shape),
         *_dims(blocking.merged),
-        opts.max_preconditioner_dim,
-        int(opts.merge_dims),
-        _DTYPES.index(opts.factor_dtype),
-        grafting,
-        int(opts.beta1 > 0),
-        int(opts.momentum > 0),
         blocking.num_blocks,
-        # -1 (the padding) for root-inverse Shampoo: records written before this field match.
-        1 if opts.eigenvalue_corrected else -1,
-        convention,
         phases_digest(phases if opts.stagger_roots else None),
+        *opts.recorded(),
     ]
     values += [-1] * (RECORD_SIZE - len(values))
     # On the CPU whatever the parameters' device: it is read on the host only.
     return torch.tensor(values, dtype=torch.int64, device="cpu")
 
 
+def _shape(v: list[int], at: int) -> tuple:
+    n = v[at]
+    return tuple(v[at + 1 : at + 1 + n]) if n <= _MAX_DIMS else ("...",)
+
+
+def _option_values(opts_ints: dict[str, int]) -> dict[str, object]:
+    """Recorded option ints as readable values, by field name."""
+    out: dict[str, object] = {}
+    for name, i in opts_ints.items():
+        if name == "grafting":
+            out[name] = None if i == -1 else GRAFTING_TYPES[i]
+        elif name == "factor_dtype":
+            out[name] = _DTYPES[i]
+        elif name == "preconditioner":
+            out[name] = "eigenvalue_corrected" if i == 1 else "shampoo"
+        elif name == "eigenbasis_convention":
+            # -1 in an eigenvalue-corrected record: written before conventions, so SOAP's.
+            out[name] = {1: "soap", 2: "reference", -1: "soap"}[i]
+        elif name == "merge_dims" or "> 0" in name:
+            out[name] = bool(i)
+        else:
+            out[name] = i
+    if out.get("preconditioner") != "eigenvalue_corrected":
+        out.pop("eigenbasis_convention", None)
+    return out
+
+
 def _decode(record: torch.Tensor) -> dict[str, object]:
     v = [int(x) for x in record.tolist()]
-    shape = tuple(v[3 : 3 + v[2]]) if v[2] <= _MAX_DIMS else ("...",)
     base = 2 + 1 + _MAX_DIMS
-    merged = tuple(v[base + 1 : base + 1 + v[base]])
+    out: dict[str, object] = {
+        "numel": v[1], "shape": _shape(v, 2), "merged shape": _shape(v, base),
+    }
     rest = v[base + 1 + _MAX_DIMS :]
-    grafting = None if rest[3] == -1 else GRAFTING_TYPES[rest[3]]
-    corrected = rest[7] == 1
-    return dict(zip(_FIELDS, (
-        v[0], v[1], shape, merged, rest[0], bool(rest[1]), _DTYPES[rest[2]], grafting,
-        bool(rest[4]), bool(rest[5]), rest[6],
-        "eigenvalue_corrected" if corrected else "shampoo",
-        _CONVENTIONS.get(rest[8], "soap") if corrected else None,
-        None if rest[9] == -1 else rest[9],
-    )))
+    if v[0] == 1:
+        names = ("max_preconditioner_dim", "merge_dims", "factor_dtype", "grafting",
+                 "betas[0] > 0", "momentum > 0")
+        out["blocks"] = rest[6]
+        out[_PHASES] = None if rest[9] == -1 else rest[9]
+        ints = dict(zip(names, rest[:6], strict=True))
+        ints.update(preconditioner=rest[7], eigenbasis_convention=rest[8])
+    elif v[0] == _VERSION:
+        out["blocks"] = rest[0]
+        out[_PHASES] = None if rest[1] == -1 else rest[1]
+        names = [o.structure_name or o.name for o in RECORDED]
+        ints = dict(zip(names, rest[2 : 2 + len(names)], strict=True))
+    else:
+        raise ValueError(f"record version {v[0]}")
+    out.update(_option_values(ints))
+    return out
 
 
 def record_difference(saved: torch.Tensor, current: torch.Tensor) -> str | None:
@@ -108,17 +128,16 @@ def record_difference(saved: torch.Tensor, current: torch.Tensor) -> str | None:
         a, b = _decode(saved), _decode(current)
     except (IndexError, ValueError, KeyError):
         return "the saved blocking record is not one this version can read"
-    diffs = [
-        _difference(k, a[k], b[k]) for k in _FIELDS
-        if a[k] != b[k] and not (k == "stagger_roots phases" and None in (a[k], b[k]))
-    ]
+    diffs = []
+    for k in dict.fromkeys([*a, *b]):
+        x, y = a.get(k), b.get(k)
+        if x == y or (k == _PHASES and None in (x, y)):  # phases unrecorded: nothing to check
+            continue
+        if k == _PHASES:
+            diffs.append(
+                "its blocks' stagger_roots phases differ (phases follow the order parameters "
+                "are given in: pass them in the order they had when saved)"
+            )
+        else:
+            diffs.append(f"{k}: {x} saved, {y} here")
     return "; ".join(diffs) or None
-
-
-def _difference(field: str, saved, here) -> str:
-    if field == "stagger_roots phases":
-        return (
-            "its blocks' stagger_roots phases differ (phases follow the order parameters are "
-            "given in: pass them in the order they had when saved)"
-        )
-    return f"{field}: {saved} saved, {here} here"

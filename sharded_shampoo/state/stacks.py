@@ -28,6 +28,7 @@ the rank's ``StatePool``; state is only ever updated in place, so per-block view
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -105,12 +106,20 @@ _INDEX_CACHE = 1024
 
 @dataclass
 class BlockStack:
-    """A stack's layout (block positions on the state's device) and state, with the
-    device-side indices its steps need, each copied to the device once."""
+    """A stack's layout and state, with the device-side indices its steps need, each copied to
+    the device once."""
 
     layout: StackLayout
     state: TensorDict
     _indices: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def phases(self) -> torch.Tensor | None:
+        """Each row's phase with ``stagger_roots`` (a host tensor: read on the host), else
+        None."""
+        if self.layout.row_phases is None:
+            return None
+        return torch.tensor(self.layout.row_phases, dtype=torch.long, device="cpu")
 
     @property
     def num_rows(self) -> int:
@@ -183,7 +192,7 @@ class GroupBlocks:
                 t.copy_(torch.eye(m, dtype=t.dtype, device=t.device))
             td = TensorDict(tensors, batch_size=[layout.num_rows], device=pool.device)
             si = len(self.stacks)
-            self.stacks.append(BlockStack(layout.on(pool.device), td))
+            self.stacks.append(BlockStack(layout, td))
             for r, owner in enumerate(layout.row_owner):
                 self.where[owner] = (si, r)
 

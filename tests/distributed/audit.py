@@ -136,7 +136,7 @@ class Creations(TorchFunctionMode):
 
 # Held on the host by design (read there only): the group's step, the blocking records, the
 # staggered phases, a row selection's host copy, the status words' pinned staging buffer.
-HOST_HELD = {"step", "blocking", "row_phases", "host"}
+HOST_HELD = {"step", "blocking", "phases", "host"}
 
 
 def held_tensors(opt) -> list[tuple[str, torch.device]]:
@@ -175,6 +175,6 @@ def held_tensors(opt) -> list[tuple[str, torch.device]]:
             visit(value, f"{path}.{key}", depth + 1)
 
     visit(dict(opt.state), "state", 0)
-    visit(opt._pools, "pools", 0)
-    visit(opt._distributors, "distributors", 0)
+    visit([g.pool for g in opt.group_states], "pools", 0)
+    visit(list(opt.distributors), "distributors", 0)
     return out

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import scenarios
-import sharded_shampoo.roots as roots_module
+import sharded_shampoo.algorithm.roots as roots_module
 from harness import DEVICE_TYPE
 from sharded_shampoo import ShardedShampoo
 

@@ -200,7 +200,7 @@ def fail_roots_on_rank0(rank, model, opt, backward, steps=12):
     ``(how the step that raised ended, whether every parameter is finite)``."""
     import warnings
 
-    import sharded_shampoo.roots as roots_module
+    import sharded_shampoo.algorithm.roots as roots_module
 
     original = roots_module.eigh
     if rank == 0:

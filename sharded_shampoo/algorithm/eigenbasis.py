@@ -39,7 +39,7 @@ import torch
 from tensordict import TensorDict
 
 from .modes import precondition
-from .options import GroupOptions
+from ..options import GroupOptions
 from .roots import eigh, keep_successes
 
 __all__ = ["canonical_ties", "refresh_eigenbasis"]

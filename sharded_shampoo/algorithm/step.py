@@ -15,12 +15,11 @@ import math
 import torch
 from tensordict import TensorDict
 
-from .eigenbasis import refresh_eigenbasis
+from ..options import GroupOptions
 from .modes import precondition
-from .options import GroupOptions
-from .roots import inverse_roots, keep_successes
+from .refresh import refresh
 
-__all__ = ["RowGate", "due_rows", "factor_gram_inputs", "precondition", "refresh", "stack_step"]
+__all__ = ["RowGate", "factor_gram_inputs", "stack_step"]
 
 
 def factor_gram_inputs(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,80 +96,6 @@ def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float, gat
         f.baddbmm_(a, b, alpha=weight)
     else:
         f.add_(torch.bmm(a, b).to(f.dtype), alpha=weight)
-
-
-def refresh_roots(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
-) -> torch.Tensor:
-    """Recomputes the roots of the kept blocks of the stack; returns which succeeded (n,) bool,
-    True for the blocks not kept (they keep their roots, as they keep all their state).
-
-    A block for which any factor's root fails keeps all its previous roots, and its
-    ``root_failures`` count goes up; a success resets the count.
-    """
-    if opts.use_bias_correction and opts.beta2 < 1.0:
-        scale = 1.0 / (1.0 - opts.beta2**t)
-    else:
-        scale = 1.0
-    exponent = opts.exponent(order)
-    new_roots, ok = [], None
-    for i in range(order):
-        old = state[f"root_{i}"]
-        r, good = inverse_roots(
-            state[f"factor_{i}"],
-            scale=scale,
-            epsilon=opts.epsilon,
-            exponent=exponent,
-            out_dtype=old.dtype,
-        )
-        new_roots.append(r)
-        ok = good if ok is None else ok & good
-    assert ok is not None
-    return keep_successes(state, "root", new_roots, ok, keep)
-
-
-def _refresh(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
-) -> torch.Tensor:
-    """Roots, or eigenvectors with the eigenvalue-corrected preconditioner, of every block."""
-    if opts.eigenvalue_corrected:
-        return refresh_eigenbasis(state, opts, t, order, keep)
-    return refresh_roots(state, opts, t, order, keep)
-
-
-def refresh(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Recomputes the roots (or eigenbases) of the blocks ``rows`` (indices on the stack's
-    device; None: all), one batched decomposition per dim; returns per row whether it
-    succeeded (see ``refresh_roots``)."""
-    if rows is None:
-        return _refresh(state, opts, t, order, keep)
-    changed = [f"{opts.basis}_{i}" for i in range(order)] + ["root_failures"]
-    if opts.eigenvalue_corrected:
-        changed.append("corrected_eigenvalues")
-        if "filtered_grad" in state.keys():
-            changed.append("filtered_grad")  # kept in the eigenbasis
-    sub = state.select(*[f"factor_{i}" for i in range(order)], *changed)[rows]
-    ok = _refresh(sub, opts, t, order, keep[rows])
-    for key in changed:
-        state[key][rows] = sub[key]
-    return ok
-
-
-def due_rows(opts: GroupOptions, t: int, phases: torch.Tensor | None) -> torch.Tensor | bool:
-    """Which blocks refresh their roots at step ``t``: True (all), False (none), or the host
-    indices of those whose phase (``phases``, host tensor, with ``stagger_roots``) is due."""
-    start = opts.start_preconditioning_step
-    if phases is None or t == start:
-        # Every block at the start (staggered too: no block waits for its phase to be
-        # preconditioned), and every f steps after it without staggering.
-        return opts.is_amortized_step(t)
-    if t < start:
-        return False
-    due = (phases == t % opts.precondition_frequency).nonzero().flatten()
-    return due if due.numel() else False
 
 
 def _corrected_step(

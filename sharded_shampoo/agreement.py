@@ -1,13 +1,6 @@
-"""How ranks agree: the check at construction that they built the same optimizer, and the
-status words every per-step exchange carries.
-
-At construction the ranks check, in one collective, that they built the same optimizer
-(``check_agreement``). Per step, the distributors' exchanges (``distributors``) carry status
-words at the end of every piece a rank sends: a rank that hits an error it must raise (a block
-whose roots failed too often) says so there, and so does a rank whose per-step options differ;
-after the collective every rank raises, instead of a failing rank leaving the others waiting in
-a collective or replicas drifting apart.
-"""
+"""How ranks agree at construction that they built the same optimizer (``check_agreement``),
+and raise together when one of them refuses something (``raise_anywhere``). Per step, the
+status words do the same (``status``)."""
 
 from __future__ import annotations
 
@@ -19,17 +12,12 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "DISAGREED",
-    "FAILED",
     "PlanMismatchError",
     "RankFailedError",
-    "STATUS_WORDS",
-    "StatusWords",
+    "agreement_items",
     "check_agreement",
     "on_device",
     "raise_anywhere",
-    "read_status",
-    "status_words",
 ]
 
 
@@ -66,6 +54,18 @@ class RankFailedError(ValueError):
 
 class PlanMismatchError(ValueError):
     """Ranks built different plans (different models or options)."""
+
+
+def agreement_items(settings: list, plan: Any, name: Any) -> list[tuple[str, str, Any]]:
+    """What ranks compare at construction (``check_agreement``'s items): the optimizer-wide
+    ``settings``, each group's options and each parameter's fingerprint and name
+    (``name(group, param)``)."""
+    items: list[tuple[str, str, Any]] = list(settings)
+    for gi, g in enumerate(plan.groups):
+        items.append(("group", f"param group {gi}", g.spec.opts.fields_text()))
+        for pi, fingerprint in enumerate(g.spec.param_fingerprints()):
+            items.append(("param", name(gi, pi), f"{fingerprint}:{name(gi, pi)}"))
+    return items
 
 
 def check_agreement(
@@ -149,56 +149,3 @@ def _describe_difference(kind: str, param_index: int, entries: list) -> str:
 
 def _ranks(rs: list[int]) -> str:
     return ", ".join(map(str, rs[:8])) + (f" and {len(rs) - 8} more" if len(rs) > 8 else "")
-
-
-# ---------------------------------------------------------------- status words
-#
-# Every piece a rank sends in a step's exchange ends with STATUS_WORDS values: a flags word
-# (FAILED: a block's roots failed too often; DISAGREED: this rank saw ranks step with different
-# options) and a 32-bit digest of the options it stepped with, one byte per word. Small
-# integers are exact in every communication dtype (bfloat16 holds integers up to 256 exactly),
-# so the words survive the rounding of the payload; a rank learns from them, in the collective
-# it takes anyway, whether to raise, and every rank raises in the same step.
-
-STATUS_WORDS = 5
-FAILED, DISAGREED = 1, 2
-
-
-def status_words(flags: int, digest: int) -> list[float]:
-    return [float(flags)] + [float((digest >> (8 * i)) & 0xFF) for i in range(4)]
-
-
-class StatusWords:
-    """This rank's status words for a step, on ``device``: written on the host into pinned
-    memory and copied without blocking, the one host-to-device copy a step needs (the digest
-    is computed on the host). The host buffer is rewritten only once the previous copy is done
-    (it always is: the step's host read comes after it)."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        device = torch.device(device)
-        pinned = device.type == "cuda"
-        self.host = torch.zeros(STATUS_WORDS, dtype=dtype, device="cpu", pin_memory=pinned)
-        self.device = torch.zeros(STATUS_WORDS, dtype=dtype, device=device)
-        self._copied = torch.cuda.Event() if pinned else None
-
-    def write(self, flags: int, digest: int) -> torch.Tensor:
-        if self._copied is not None and not self._copied.query():
-            self._copied.synchronize()
-        words = torch.tensor(status_words(flags, digest), dtype=self.host.dtype, device="cpu")
-        self.host.copy_(words)
-        self.device.copy_(self.host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-        return self.device
-
-
-def read_status(words: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-    """Per row of ``words`` (n, STATUS_WORDS): (FAILED set, DISAGREED set, digest differs from
-    this rank's, whose words are ``mine``), as an (n, 3) bool tensor on their device. Tensor
-    operations, not a Python loop over peers: a rank reads a status from every peer, thousands
-    of them at scale."""
-    w = words.to(torch.int64)
-    digest = mine[1:].to(torch.int64)
-    return torch.stack(
-        [(w[:, 0] & FAILED) != 0, (w[:, 0] & DISAGREED) != 0, (w[:, 1:] != digest).any(1)], dim=1
-    )

@@ -1,4 +1,5 @@
-"""How the parameters are spread over processes, read from the parameters and the process group.
+"""How the parameters are spread over processes, read once from the parameters and the process
+group (``Topology``).
 
 Plain parameters with a process group of more than one rank are sharded by block over a 1-D
 mesh (DDP style); DTensor parameters (FSDP2, HSDP, tensor parallel, FSDP2 x TP) are split over
@@ -13,10 +14,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .blocking import make_blocking
 from .placement.sharding import Sharding, WorldMesh
 
 __all__ = [
     "MIN_BLOCKS_PER_RANK",
+    "Topology",
+    "peers_of",
     "auto_shard_width",
     "check_backend",
     "dtensor_mesh",
@@ -241,3 +245,105 @@ def shard_mesh(k: int, device_type: str):
         device_type, (world // k, k), mesh_dim_names=("replicate", "shard")
     )
     return mesh2d["shard"]
+
+
+def peers_of(mesh: Any) -> Any:
+    """The group whose ranks check that they built the same optimizer (None: the default
+    group), or False when there is none: ``mesh``'s ranks when it has several, or every rank
+    of an initialized process group of more than one. Derived from the arguments alone, so that
+    a rank whose construction failed early still finds the group the others check in."""
+    if mesh is not None:
+        size = getattr(mesh, "size", None)
+        if callable(size) and getattr(mesh, "ndim", None) == 1 and size() > 1:
+            return mesh.get_group()
+        return False
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return None
+    return False
+
+
+def count_blocks(params: list, defaults: dict[str, Any]) -> int:
+    """Blocks of all parameters given at construction (what the automatic sharding width
+    depends on). Options not yet checked count as the defaults; the check follows."""
+    total = 0
+    for item in params:
+        options = {**defaults, **item} if isinstance(item, dict) else defaults
+        md, merge = options["max_preconditioner_dim"], options["merge_dims"]
+        if isinstance(md, bool) or not isinstance(md, int) or md < 1:
+            md = defaults["max_preconditioner_dim"]
+        for t in iter_tensors([item]):
+            total += make_blocking(tuple(t.shape), md, bool(merge)).num_blocks
+    return total
+
+
+class Topology:
+    """Where this optimizer's parameters are and who it works with, read once at construction.
+
+    ``world_mesh``: the DTensor parameters' world mesh (None without DTensors). ``shards``: the
+    ranks blocks are sharded over, of which this one is ``rank`` (1: every block computed
+    here). ``device``: the parameters' device. ``peers``: the group that checks agreement
+    (None: the default group), or False when there is no other rank. The sharding mesh is
+    created only once the ranks agreed on the settings (``mesh()``): a mesh built from settings
+    that differ between ranks hangs in ``new_group``.
+    """
+
+    def __init__(self, params: list, mesh: Any, num_trainers_per_group: int | None,
+                 defaults: dict[str, Any], communication_dtype: torch.dtype) -> None:
+        self.world_mesh = dtensor_mesh(params)
+        if self.world_mesh is not None and (mesh is not None or num_trainers_per_group is not None):
+            raise ValueError(
+                "with DTensor parameters the optimizer shards over the whole "
+                "world: mesh and num_trainers_per_group must be left at None"
+            )
+        blocks = None if self.world_mesh is not None else count_blocks(params, defaults)
+        self.shards, self.rank = shard_width(mesh, num_trainers_per_group, blocks)
+        self._mesh = mesh if self.shards > 1 else None
+        self.distributed = self.shards > 1 or self.world_mesh is not None
+        # Ranks check that they built the same optimizer whenever there are several, sharded
+        # or not (a replicated optimizer whose ranks disagree diverges silently).
+        self.peers = peers_of(mesh)
+        self.device = param_device(params)
+        if self.distributed:
+            check_backend(self.device)
+        self.settings = [
+            ("setting", "the number of ranks blocks are sharded over", self.shards),
+            ("setting", "communication_dtype", str(communication_dtype)),
+            ("setting", "the DTensor parameters' world mesh",
+             None if self.world_mesh is None else self.world_mesh.shape),
+        ]
+        # Built before torch.distributed was initialized (the optimizer is then not sharded):
+        # worth a warning at the first step if a process group exists by then.
+        self.late_process_group = (
+            mesh is None and num_trainers_per_group is None and self.world_mesh is None
+            and not (dist.is_available() and dist.is_initialized())
+        )
+
+    @property
+    def checks_agreement(self) -> bool:
+        return self.peers is not False
+
+    @property
+    def agreement_group(self) -> Any:
+        return self.peers if self.peers is not False else None
+
+    def warn_if_built_too_early(self) -> None:
+        """Warns, once, when the optimizer was built before torch.distributed was initialized
+        and a process group of several ranks exists now (the Hugging Face Trainer's order)."""
+        if not self.late_process_group:
+            return
+        self.late_process_group = False
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from .diagnostics import warn
+
+            warn(UserWarning(
+                "ShardedShampoo was built before torch.distributed was initialized, so it "
+                "does not shard: every rank keeps the state of every block and computes "
+                "it. Build the optimizer after init_process_group (under the Hugging Face "
+                "Trainer: after TrainingArguments)."
+            ))
+
+    def mesh(self) -> Any:
+        """The 1-D mesh blocks are sharded over (created on first use), or None."""
+        if self.shards > 1 and self._mesh is None:
+            self._mesh = shard_mesh(self.shards, self.device.type)
+        return self._mesh

@@ -1,0 +1,9 @@
+"""The math: one Shampoo step for a stack of same-shape blocks (``step``), the refreshes of its
+roots or eigenbases (``refresh``, ``roots``, ``eigenbasis``) and mode products (``modes``).
+Batched over the blocks of a stack; nothing here knows about parameters, param groups or
+processes, so a block's update is the same wherever it is computed."""
+
+from .refresh import due_rows, refresh
+from .step import RowGate, stack_step
+
+__all__ = ["RowGate", "due_rows", "refresh", "stack_step"]

@@ -1,0 +1,116 @@
+"""One step's math on this rank's stacks: which rows step (``gate``), then each stack's update
+(``compute``). Between the distributors' ``collect`` and ``exchange``; nothing here is read back
+from the device, except in steps that refresh roots."""
+
+from __future__ import annotations
+
+import torch
+
+from collections.abc import Callable
+from typing import Any
+
+from .algorithm import due_rows, stack_step
+from .diagnostics import BlockNamer, ParamNamer, check_roots
+from .distributors import StackWork, Step
+from .options import GroupOptions
+from .state import Rows
+from .status import step_digest
+
+__all__ = ["begin_step", "compute", "gate"]
+
+
+def begin_step(
+    param_groups: list[dict[str, Any]],
+    options: Callable[[int], GroupOptions],
+    collective: bool,
+    name: ParamNamer,
+) -> tuple[Step | None, ValueError | None]:
+    """This step's options (``options(group)``, checked) and active parameters; None when
+    there is nothing to do and no collective to take.
+
+    With collectives every rank takes this step's, whatever happens on it (bad options, no
+    gradients): a rank that raised or returned alone would leave the others waiting. Its error
+    is returned instead, rides the status words, and every rank raises.
+    """
+    chosen: dict[int, GroupOptions] = {}
+    active: dict[int, list[bool]] = {}
+    invalid = None
+    try:
+        for gi, group in enumerate(param_groups):
+            opts = options(gi)
+            grads = [p.grad for p in group["params"]]
+            for pi, g in enumerate(grads):
+                if g is not None and g.is_sparse:
+                    raise ValueError(
+                        f"ShardedShampoo does not support sparse gradients ({name(gi, pi)})"
+                    )
+            if any(g is not None for g in grads):
+                chosen[gi], active[gi] = opts, [g is not None for g in grads]
+    except ValueError as e:
+        if not collective:
+            raise
+        invalid, chosen, active = e, {}, {}
+    if not active and not collective:
+        return None, None
+    digest = step_digest([
+        (gi, chosen[gi].fields_text(), param_groups[gi]["step"], tuple(flags))
+        for gi, flags in active.items()
+    ]) if collective else 0
+    return Step([g["params"] for g in param_groups], chosen, active, digest), invalid
+
+
+def gate(work: list[StackWork]) -> None:
+    """Which rows of each stack step (``StackWork.keep``, on the device): those whose
+    gradient's norm is finite (no NaN or Inf, and a square that does not overflow its dtype);
+    rows of parameters without a gradient count as kept (they are not computed at all)."""
+    for w in work:
+        w.norms = torch.linalg.vector_norm(w.grad.flatten(1), dim=1)
+        finite = torch.isfinite(w.norms)
+        w.keep = finite if w.rows is None else finite | ~w.rows.mask
+
+
+def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | None:
+    """The math, stack by stack, at each group's next step (``steps[group] + 1``); returns the
+    error to raise (roots that kept failing)."""
+    error = None
+    for w in work:
+        t = steps[w.group] + 1
+        stack, rows = w.stack, w.rows
+        due = _due(w, t)
+        index = due.index if isinstance(due, Rows) else due
+        if rows is None:
+            w.direction, ok = stack_step(stack.state, w.grad, w.param, w.opts, t, w.keep, index)
+        else:
+            w.direction = torch.zeros_like(w.grad)
+            sub = stack.state[rows.index]
+            w.direction[rows.index], ok = stack_step(
+                sub, w.grad[rows.index], None if w.param is None else w.param[rows.index],
+                w.opts, t, w.keep[rows.index], index,
+            )
+            stack.state[rows.index] = sub
+        if ok is not None:
+            if isinstance(due, Rows):
+                named = due.host
+            else:
+                named = torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
+            error = check_roots(w.group, w.opts, stack, ok, named, name, t) or error
+    return error
+
+
+def _due(w: StackWork, t: int) -> Rows | bool:
+    """The rows of ``w`` (of its selected rows) whose roots are refreshed at step ``t``: True
+    or False for all or none (``algorithm.due_rows``), or ``Rows``. Staggered roots' due rows
+    are computed once per (active rows, phase)."""
+    stack, rows, opts = w.stack, w.rows, w.opts
+    phases = stack.phases
+    if phases is None or t <= opts.start_preconditioning_step:
+        return due_rows(opts, t, phases)
+
+    def make():
+        due = due_rows(opts, t, phases if rows is None else phases[rows.host])
+        if due is False:
+            return False
+        return Rows(due.to(stack.device), due if rows is None else rows.host[due])
+
+    key = ("due", None if rows is None else rows.key, t % opts.precondition_frequency)
+    return stack.cached(key, make)
