@@ -4,7 +4,7 @@ For each workload, both optimizers get the same step budget and the same small l
 grid; the best learning rate of each (lowest final validation loss) is kept. The target is
 tuned AdamW's final validation loss; the script reports the first evaluation step (and the
 training wall-clock) at which each optimizer's validation loss is at or below it, the ratio
-Shampoo / AdamW (goal: <= 0.7 in steps), a JSON file and a plot. One process.
+Shampoo / AdamW, a JSON file and a plot. One process.
 
     python scripts/bench_converge.py [--workloads lm,digits] [--out-dir runs/converge]
 """
@@ -17,7 +17,6 @@ import os
 import sys
 
 import torch
-
 import train
 
 GRID = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -28,20 +27,39 @@ GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 OPTIMIZERS = {
     "adamw": ("adamw", []),
     "shampoo": ("shampoo", []),
-    "soap": ("shampoo", ["--preconditioner", "eigenvalue_corrected", "--grafting", "none",
-                         "--eigenbasis", "qr"]),
+    "soap": (
+        "shampoo",
+        ["--preconditioner", "eigenvalue_corrected", "--grafting", "none", "--eigenbasis", "qr"],
+    ),
 }
 STEPS = {"lm": 300, "digits": 200}
 
 
 def run(workload: str, name: str, lr: float, args, label: str = "") -> list[dict]:
     label = label or name
-    argv = ["--workload", workload, "--optimizer", name, "--parallelism", "none",
-            "--steps", str(args.steps or STEPS[workload]), "--eval-every", str(args.eval_every),
-            "--checkpoint-every", "0", "--no-progress", "--threads", str(args.threads),
-            f"--{name}-lr", str(lr), "--out-dir",
-            os.path.join(args.out_dir, workload, f"{label}-lr{lr:g}"), *args.extra,
-            *OPTIMIZERS.get(label, (name, []))[1]]
+    argv = [
+        "--workload",
+        workload,
+        "--optimizer",
+        name,
+        "--parallelism",
+        "none",
+        "--steps",
+        str(args.steps or STEPS[workload]),
+        "--eval-every",
+        str(args.eval_every),
+        "--checkpoint-every",
+        "0",
+        "--no-progress",
+        "--threads",
+        str(args.threads),
+        f"--{name}-lr",
+        str(lr),
+        "--out-dir",
+        os.path.join(args.out_dir, workload, f"{label}-lr{lr:g}"),
+        *args.extra,
+        *OPTIMIZERS.get(label, (name, []))[1],
+    ]
     targs = train.parse_args(argv)
     os.makedirs(targs.out_dir, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -57,18 +75,28 @@ def first_reaching(rows: list[dict], target: float) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workloads", default="lm,digits")
     ap.add_argument("--steps", type=int, default=0, help="0: per-workload default")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", default=",".join(f"{g:g}" for g in GRID))
     ap.add_argument("--out-dir", default=os.path.join("runs", "converge"))
-    ap.add_argument("--stagger-seeds", type=int, default=0,
-                    help="instead: Shampoo on lm with and without stagger_roots, this many seeds")
-    ap.add_argument("--convention-seeds", type=int, default=0,
-                    help="instead: eigenvalue-corrected Shampoo on lm in both eigenbasis "
-                         "conventions (eigh and QR), this many seeds, at each --grid lr")
+    ap.add_argument(
+        "--stagger-seeds",
+        type=int,
+        default=0,
+        help="instead: Shampoo on lm with and without stagger_roots, this many seeds",
+    )
+    ap.add_argument(
+        "--convention-seeds",
+        type=int,
+        default=0,
+        help="instead: eigenvalue-corrected Shampoo on lm in both eigenbasis "
+        "conventions (eigh and QR), this many seeds, at each --grid lr",
+    )
     ap.add_argument("extra", nargs="*", help="more train.py arguments, after --")
     args = ap.parse_args()
     if args.stagger_seeds:
@@ -84,14 +112,18 @@ def main() -> None:
             finals = {lr: rows[-1]["val_loss"] for lr, rows in runs.items()}
             best = min(finals, key=finals.get)
             tuned[name] = {"lr": best, "rows": runs[best], "finals": finals}
-            print(f"{workload} {name}: final validation loss by lr "
-                  + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in finals.items()), flush=True)
+            print(
+                f"{workload} {name}: final validation loss by lr "
+                + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in finals.items()),
+                flush=True,
+            )
         target = tuned["adamw"]["rows"][-1]["val_loss"]
         result = {"target_val_loss": target}
         for name, t in tuned.items():
             hit = first_reaching(t["rows"], target)
             result[name] = {
-                "lr": t["lr"], "final_val_loss": t["rows"][-1]["val_loss"],
+                "lr": t["lr"],
+                "final_val_loss": t["rows"][-1]["val_loss"],
                 "steps_to_target": hit["step"] if hit else None,
                 "seconds_to_target": hit["wall"] if hit else None,
                 "ms_per_step": 1000 * t["rows"][-1]["wall"] / len(t["rows"]),
@@ -104,21 +136,26 @@ def main() -> None:
                 s["time_ratio"] = s["seconds_to_target"] / a["seconds_to_target"]
         summary[workload] = result
         plot(workload, tuned, target, args.out_dir)
-    print(f"\n{'workload':9s} {'optimizer':9s} {'lr':>7s} {'final val':>10s} {'steps to':>9s} "
-          f"{'s to':>7s} {'ms/step':>8s}   (target: tuned AdamW's final validation loss)")
+    print(
+        f"\n{'workload':9s} {'optimizer':9s} {'lr':>7s} {'final val':>10s} {'steps to':>9s} "
+        f"{'s to':>7s} {'ms/step':>8s}   (target: tuned AdamW's final validation loss)"
+    )
     for workload, r in summary.items():
         for name in OPTIMIZERS:
             x = r[name]
             steps = x["steps_to_target"] or float("nan")
             secs = x["seconds_to_target"] or float("nan")
-            print(f"{workload:9s} {name:9s} {x['lr']:7g} {x['final_val_loss']:10.4f} "
-                  f"{steps:9} {secs:7.1f} {x['ms_per_step']:8.1f}")
-        for name, goal in (("shampoo", 0.7), ("soap", 0.6)):
+            print(
+                f"{workload:9s} {name:9s} {x['lr']:7g} {x['final_val_loss']:10.4f} "
+                f"{steps:9} {secs:7.1f} {x['ms_per_step']:8.1f}"
+            )
+        for name in ("shampoo", "soap"):
             x = r[name]
             if "step_ratio" in x:
-                verdict = "meets" if x["step_ratio"] <= goal else "misses"
-                print(f"{workload:9s} {name} / AdamW: {x['step_ratio']:.2f} x the steps ({verdict} "
-                      f"the {goal} goal), {x['time_ratio']:.2f} x the wall-clock")
+                print(
+                    f"{workload:9s} {name} / AdamW: {x['step_ratio']:.2f} x the steps, "
+                    f"{x['time_ratio']:.2f} x the wall-clock"
+                )
             else:
                 print(f"{workload:9s} {name} did not reach the target within the budget")
     with open(os.path.join(args.out_dir, "converge.json"), "w") as fh:
@@ -137,16 +174,26 @@ def convention_convergence(args) -> None:
                 key = f"{convention} {basis} lr {lr:g}"
                 for seed in range(args.convention_seeds):
                     args.extra = extra + [
-                        "--seed", str(seed), "--preconditioner", "eigenvalue_corrected",
-                        "--grafting", "none", "--eigenbasis", basis,
-                        "--eigenbasis-convention", convention,
+                        "--seed",
+                        str(seed),
+                        "--preconditioner",
+                        "eigenvalue_corrected",
+                        "--grafting",
+                        "none",
+                        "--eigenbasis",
+                        basis,
+                        "--eigenbasis-convention",
+                        convention,
                     ]
                     args.out_dir = os.path.join(base, f"{convention}-{basis}-lr{lr:g}-seed{seed}")
                     rows = run("lm", "shampoo", lr, args)
                     finals.setdefault(key, []).append(rows[-1]["val_loss"])
                 v = finals[key]
-                print(f"{key:28s} final validation loss {sum(v) / len(v):.4f} "
-                      f"(seeds: {', '.join(f'{x:.4f}' for x in v)})", flush=True)
+                print(
+                    f"{key:28s} final validation loss {sum(v) / len(v):.4f} "
+                    f"(seeds: {', '.join(f'{x:.4f}' for x in v)})",
+                    flush=True,
+                )
     os.makedirs(base, exist_ok=True)
     with open(os.path.join(base, "conventions.json"), "w") as fh:
         json.dump(finals, fh, indent=2)
@@ -170,16 +217,23 @@ def stagger_convergence(args) -> None:
             rows = run("lm", "shampoo", 3e-3, args)
             val = [r for r in rows if "val_loss" in r]
             finals.setdefault(label, []).append(val[-1]["val_loss"])
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], color=color,
-                    alpha=0.7, label=label if seed == 0 else None)
+            ax.plot(
+                [r["step"] for r in val],
+                [r["val_loss"] for r in val],
+                color=color,
+                alpha=0.7,
+                label=label if seed == 0 else None,
+            )
     off, on = finals["all at once"], finals["staggered"]
     lo, hi = min(off), max(off)
     print(f"final validation loss, {args.stagger_seeds} seeds each:")
     print("  all at once: " + ", ".join(f"{v:.4f}" for v in off) + f" (spread {lo:.4f}-{hi:.4f})")
     print("  staggered:   " + ", ".join(f"{v:.4f}" for v in on))
     inside = lo <= sum(on) / len(on) <= hi
-    print(f"  staggered mean {sum(on) / len(on):.4f}: "
-          f"{'within' if inside else 'OUTSIDE'} the seed-to-seed spread without staggering")
+    print(
+        f"  staggered mean {sum(on) / len(on):.4f}: "
+        f"{'within' if inside else 'OUTSIDE'} the seed-to-seed spread without staggering"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
@@ -199,12 +253,17 @@ def plot(workload: str, tuned: dict, target: float, out_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for color, (name, t) in zip(("tab:red", "tab:blue", "tab:green"), tuned.items()):
+    for color, (name, t) in zip(("tab:red", "tab:blue", "tab:green"), tuned.items(), strict=True):
         val = [r for r in t["rows"] if "val_loss" in r]
-        for ax, x in zip(axes, ("step", "wall")):
-            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, marker="o",
-                    label=f"{name} (lr {t['lr']:g})")
-    for ax, label in zip(axes, ("step", "wall-clock seconds")):
+        for ax, x in zip(axes, ("step", "wall"), strict=True):
+            ax.plot(
+                [r[x] for r in val],
+                [r["val_loss"] for r in val],
+                color=color,
+                marker="o",
+                label=f"{name} (lr {t['lr']:g})",
+            )
+    for ax, label in zip(axes, ("step", "wall-clock seconds"), strict=True):
         ax.axhline(target, color="gray", linestyle="--", label="AdamW's final")
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss")

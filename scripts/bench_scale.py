@@ -9,9 +9,10 @@ grow with the world size. Models are built on the meta device with real shapes (
 Each (model, parallelism, world size) runs in a fresh process. Printed per run: construction
 time, median step time, the rank's own block math alone (its stacks through the functional core,
 timed apart), bytes sent per step against the minimum for the mode, state bytes per rank (max
-and mean over ranks, from the plan), blocks per rank; then each goal with its verdict.
+and mean over ranks, from the plan), blocks per rank; then the figures that say whether host
+work grows with the world size.
 
-    python scripts/bench_scale.py                         # the issue's table (minutes)
+    python scripts/bench_scale.py                         # every model and mode (minutes)
     python scripts/bench_scale.py --model gpt2 --parallelism ddp --world-sizes 64,4096
 """
 
@@ -102,10 +103,18 @@ def tensor_parallel_params(model, world: int) -> list:
             placements = (_StridedShard(0, split_factor=TP), Shard(0))
         shape, _ = compute_local_shape_and_global_offset(p.shape, mesh, placements)
         local = torch.empty(shape)
-        params.append(torch.nn.Parameter(DTensor.from_local(
-            local, mesh, placements, run_check=False, shape=p.shape,
-            stride=torch.empty(p.shape, device="meta").stride(),
-        )))
+        params.append(
+            torch.nn.Parameter(
+                DTensor.from_local(
+                    local,
+                    mesh,
+                    placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=torch.empty(p.shape, device="meta").stride(),
+                )
+            )
+        )
     return params
 
 
@@ -165,8 +174,12 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
             if hasattr(p, "to_local"):
                 g = torch.randn(p.to_local().shape, generator=gen)
                 p.grad = torch.distributed.tensor.DTensor.from_local(
-                    g, p.device_mesh, p.placements, run_check=False,
-                    shape=p.shape, stride=p.stride(),
+                    g,
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=p.stride(),
                 )
             else:
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -204,8 +217,19 @@ def one_run(model_name: str, parallelism: str, world: int, steps: int) -> dict:
 
 # Calls that move data between parameters, gradients, stacks and buffers.
 COPIES = {
-    "copy_", "_foreach_copy_", "_foreach_add_", "_foreach_add", "index_copy_", "index_put_",
-    "__setitem__", "add_", "cat", "clone", "to", "gather", "scatter_add_",
+    "copy_",
+    "_foreach_copy_",
+    "_foreach_add_",
+    "_foreach_add",
+    "index_copy_",
+    "index_put_",
+    "__setitem__",
+    "add_",
+    "cat",
+    "clone",
+    "to",
+    "gather",
+    "scatter_add_",
 }
 
 
@@ -286,13 +310,18 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
         for pi, blocking in enumerate(g.blockings):
             for bid in range(blocking.num_blocks):
                 owner = g.owners[pi][bid]
-                per_rank_state[owner] += block_state_elements(blocking.block_shape(bid), vectors) * 4
+                per_rank_state[owner] += (
+                    block_state_elements(blocking.block_shape(bid), vectors) * 4
+                )
                 per_rank_blocks[owner] += 1
     minimum = minimum_bytes(plan, 0, comm) if plan.mesh is not None else 0
     if parallelism == "ddp":
-        minimum = (plan.world_size - 1) / plan.world_size * sum(
-            math.prod(s) for g in plan.groups for s in g.spec.shapes
-        ) * comm
+        minimum = (
+            (plan.world_size - 1)
+            / plan.world_size
+            * sum(math.prod(s) for g in plan.groups for s in g.spec.shapes)
+            * comm
+        )
     return {
         "bytes_sent": opt.bytes_sent_per_step(),
         "bytes_minimum": minimum,
@@ -305,52 +334,66 @@ def plan_figures(opt, parallelism: str, world: int) -> dict:
 
 
 def report(rows: list[dict]) -> None:
-    print(f"{'model':9s} {'mode':8s} {'W':>5s} {'build s':>8s} {'step ms':>9s} {'math ms':>8s} "
-          f"{'sent MB':>9s} {'min MB':>8s} {'sent/min':>8s} {'state max/mean':>14s} "
-          f"{'blocks r0 (min-max)':>19s}")
+    print(
+        f"{'model':9s} {'mode':8s} {'W':>5s} {'build s':>8s} {'step ms':>9s} {'math ms':>8s} "
+        f"{'sent MB':>9s} {'min MB':>8s} {'sent/min':>8s} {'state max/mean':>14s} "
+        f"{'blocks r0 (min-max)':>19s}"
+    )
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:9s} {r['parallelism']:8s} {r['world']:5d}  skipped: {r['skipped']}")
             continue
         ratio = r["bytes_sent"] / r["bytes_minimum"] if r["bytes_minimum"] else float("nan")
-        print(f"{r['model']:9s} {r['parallelism']:8s} {r['world']:5d} {r['construction_s']:8.2f} "
-              f"{1e3 * r['step_s']:9.1f} {1e3 * r['math_s']:8.1f} {r['bytes_sent'] / 1e6:9.2f} "
-              f"{r['bytes_minimum'] / 1e6:8.2f} {ratio:8.2f} "
-              f"{r['state_max_bytes'] / r['state_mean_bytes']:14.2f} "
-              f"{r['blocks_rank0']:6d} ({r['blocks_min']}-{r['blocks_max']})")
+        print(
+            f"{r['model']:9s} {r['parallelism']:8s} {r['world']:5d} {r['construction_s']:8.2f} "
+            f"{1e3 * r['step_s']:9.1f} {1e3 * r['math_s']:8.1f} {r['bytes_sent'] / 1e6:9.2f} "
+            f"{r['bytes_minimum'] / 1e6:8.2f} {ratio:8.2f} "
+            f"{r['state_max_bytes'] / r['state_mean_bytes']:14.2f} "
+            f"{r['blocks_rank0']:6d} ({r['blocks_min']}-{r['blocks_max']})"
+        )
 
 
 def verdicts(rows: list[dict]) -> None:
     def find(model, mode, world):
-        return next((r for r in rows if (r["model"], r["parallelism"], r["world"]) == (model, mode, world)
-                     and "skipped" not in r), None)
+        return next(
+            (
+                r
+                for r in rows
+                if (r["model"], r["parallelism"], r["world"]) == (model, mode, world)
+                and "skipped" not in r
+            ),
+            None,
+        )
 
-    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     r = find("llama8b", "fsdp2", 4096)
     if r:
-        print(f"goal: Llama-8B FSDP2 at 4096 ranks, construction under 5 s: "
-              f"{r['construction_s']:.2f} s, {met(r['construction_s'] < 5)}")
-        # Copies between parameters, stacks and buffers are part of the rank's own work; the
-        # goal allows 1.5x its math for them and everything else.
-        print(f"goal: its step within 1.5x of its own block math: {r['step_s'] / r['math_s']:.2f}x,"
-              f" {met(r['step_s'] <= 1.5 * r['math_s'])}")
+        # Copies between parameters, stacks and buffers are part of the rank's own work.
+        print(
+            f"Llama-8B FSDP2 at 4096 ranks: construction {r['construction_s']:.2f} s; step "
+            f"{r['step_s'] / r['math_s']:.2f}x its own block math"
+        )
     r = find("llama70b", "fsdp2", 4096)
     if r:
-        print(f"goal: Llama-70B FSDP2 at 4096 ranks, construction under 20 s: "
-              f"{r['construction_s']:.2f} s, {met(r['construction_s'] < 20)}")
+        print(f"Llama-70B FSDP2 at 4096 ranks: construction {r['construction_s']:.2f} s")
     a, b = find("gpt2", "ddp", 64), find("gpt2", "ddp", 4096)
     if a and b:
-        print(f"goal: GPT-2 DDP step at 4096 ranks no slower than at 64: {1e3 * b['step_s']:.1f} "
-              f"vs {1e3 * a['step_s']:.1f} ms, {met(b['step_s'] <= 1.05 * a['step_s'])}")
-    worst = max((r["bytes_sent"] / r["bytes_minimum"] for r in rows
-                 if "skipped" not in r and r["bytes_minimum"]), default=float("nan"))
-    print(f"goal: bytes sent within 1.1x of the minimum at every W: worst {worst:.2f}x, "
-          f"{met(worst <= 1.1)}")
+        print(
+            f"GPT-2 DDP step at 4096 ranks / at 64: {1e3 * b['step_s']:.1f} / "
+            f"{1e3 * a['step_s']:.1f} ms = {b['step_s'] / a['step_s']:.2f}"
+        )
+    worst = max(
+        (
+            r["bytes_sent"] / r["bytes_minimum"]
+            for r in rows
+            if "skipped" not in r and r["bytes_minimum"]
+        ),
+        default=float("nan"),
+    )
+    print(f"bytes sent / minimum, worst over the runs: {worst:.2f}x")
     enough = [r for r in rows if "skipped" not in r and r["blocks_min"] >= 8]
     if enough:
         mem = max(r["state_max_bytes"] / r["state_mean_bytes"] for r in enough)
-        print(f"goal: state max/mean within 1.1 where every rank owns >= 8 blocks: worst "
-              f"{mem:.2f}, {met(mem <= 1.1)}")
+        print(f"state max/mean where every rank owns >= 8 blocks, worst: {mem:.2f}")
 
 
 def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> dict:
@@ -359,13 +402,12 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
     ordinary step. Ranks wait for each other every step, so a step costs the maximum over ranks
     of (per-step work + the root work of that rank's blocks due in it)."""
     import torch
-
-    from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
     from torch.distributed.tensor import Shard
 
-    from sharded_shampoo.topology import sharding_of
+    from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
     from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh
     from sharded_shampoo.placement.cost import root_cost, step_cost
+    from sharded_shampoo.topology import sharding_of
 
     shapes = tuple(tuple(p.shape) for p in build_model(model_name).parameters())
     out = {"model": model_name, "world": world, "frequency": frequency}
@@ -374,9 +416,11 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
             dict(OPTION_DEFAULTS, precondition_frequency=frequency, stagger_roots=stagger)
         )
         plan = Plan(world, WorldMesh(list(range(world)), (world,)) if fsdp else None)
-        shardings = tuple(
-            sharding_of([Shard(0)], [0], (world,), len(s), "p") for s in shapes
-        ) if fsdp else None
+        shardings = (
+            tuple(sharding_of([Shard(0)], [0], (world,), len(s), "p") for s in shapes)
+            if fsdp
+            else None
+        )
         (g,) = [plan.add_group(GroupSpec(shapes, (torch.float32,) * len(shapes), opts, shardings))]
         per_step = [0.0] * world
         roots: dict[tuple[int, int], float] = {}
@@ -397,35 +441,53 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="all", choices=["all", *MODELS])
-    ap.add_argument("--parallelism", default="all", choices=["all", "fsdp2", "hsdp", "fsdp2_tp", "ddp"])
+    ap.add_argument(
+        "--parallelism", default="all", choices=["all", "fsdp2", "hsdp", "fsdp2_tp", "ddp"]
+    )
     ap.add_argument("--world-sizes", default="8,64,512,4096")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default="")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # model,parallelism,world: run in-process
-    ap.add_argument("--stagger-model", action="store_true",
-                    help="instead: the cost model's step per phase with and without stagger_roots")
+    ap.add_argument(
+        "--stagger-model",
+        action="store_true",
+        help="instead: the cost model's step per phase with and without stagger_roots",
+    )
     args = ap.parse_args()
     if args.stagger_model:
-        print("slowest rank's step over a period, in units of its ordinary step "
-              "(cost model, from the plan; nothing timed)")
+        print(
+            "slowest rank's step over a period, in units of its ordinary step "
+            "(cost model, from the plan; nothing timed)"
+        )
         print(f"{'model':9s} {'W':>5s} {'f':>4s}  all at once: mean / max   staggered: mean / max")
-        for model, worlds, f, fsdp in (("gpt2", (1, 2, 8, 64), 50, False),
-                                       ("llama8b", (64, 512, 4096), 100, True)):
+        for model, worlds, f, fsdp in (
+            ("gpt2", (1, 2, 8, 64), 50, False),
+            ("llama8b", (64, 512, 4096), 100, True),
+        ):
             for world in worlds:
                 r = stagger_model(model, world, f, fsdp)
-                print(f"{model:9s} {world:5d} {f:4d}  {r['all_at_once_mean']:11.2f} / "
-                      f"{r['all_at_once_max']:5.2f}   {r['staggered_mean']:9.2f} / "
-                      f"{r['staggered_max']:5.2f}")
+                print(
+                    f"{model:9s} {world:5d} {f:4d}  {r['all_at_once_mean']:11.2f} / "
+                    f"{r['all_at_once_max']:5.2f}   {r['staggered_mean']:9.2f} / "
+                    f"{r['staggered_max']:5.2f}"
+                )
         return
     if args.one:
         model, mode, world = args.one.split(",")
         print(json.dumps(one_run(model, mode, int(world), args.steps)))
         return
     if args.model == "all":
-        runs = [("llama8b", "fsdp2"), ("llama8b", "hsdp"), ("llama8b", "fsdp2_tp"),
-                ("llama70b", "fsdp2"), ("gpt2", "ddp")]
+        runs = [
+            ("llama8b", "fsdp2"),
+            ("llama8b", "hsdp"),
+            ("llama8b", "fsdp2_tp"),
+            ("llama70b", "fsdp2"),
+            ("gpt2", "ddp"),
+        ]
     else:
         runs = [(args.model, "ddp" if args.model == "gpt2" else "fsdp2")]
     if args.parallelism != "all":
@@ -434,10 +496,19 @@ def main() -> None:
     for model, mode in runs:
         for world in [int(w) for w in args.world_sizes.split(",")]:
             if model == "llama70b" and world < 4096:
-                continue  # its goal is construction at 4096 ranks
+                continue  # 70B at 4096 ranks only, to keep the run short
             out = subprocess.run(
-                [sys.executable, __file__, "--one", f"{model},{mode},{world}", "--steps", str(args.steps)],
-                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    f"{model},{mode},{world}",
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)

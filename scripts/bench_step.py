@@ -21,10 +21,10 @@ import statistics
 import time
 
 import torch
-
-from sharded_shampoo import ShardedShampoo
 from bench_scale import minimum_bytes
 from workloads import GPT, GPTConfig, lm_batch, param_count
+
+from sharded_shampoo import ShardedShampoo
 
 
 def matmul_rate() -> float:
@@ -138,7 +138,6 @@ def measure(rank: int, world: int, args) -> dict:
         # FSDP2 x TP on a (world / 2, 2) mesh: a Llama of the GPT's width and depth (the GPT's
         # fused q/k/v does not split by heads), torchtitan's plan.
         from torch.distributed.device_mesh import init_device_mesh
-
         from workloads import Llama, LlamaConfig, parallelize_llama
 
         mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
@@ -165,8 +164,13 @@ def measure(rank: int, world: int, args) -> dict:
         fully_shard(m, mesh=fsdp_mesh)
         return m
 
-    r = {"world": world, "threads": args.threads, "batch": args.batch, "context": args.context,
-         "parallelism": args.parallelism if world > 1 else "none"}
+    r = {
+        "world": world,
+        "threads": args.threads,
+        "batch": args.batch,
+        "context": args.context,
+        "parallelism": args.parallelism if world > 1 else "none",
+    }
 
     torch.manual_seed(0)
     model = make()
@@ -223,12 +227,17 @@ def measure(rank: int, world: int, args) -> dict:
         matmul_gflops=rate,
         whole_step_ratio=step_s / step_a,
         # forward + backward of a transformer: about 6 FLOPs per parameter and token
-        model_over_shampoo_flops=6 * r["params"] * args.batch * args.context
+        model_over_shampoo_flops=6
+        * r["params"]
+        * args.batch
+        * args.context
         / shampoo_flops(shampoo),  # both per rank
         shampoo_state_mib=shampoo.state_bytes() / 2**20,
         blocks_owned=shampoo.owned_blocks(),
         blocks_total=shampoo.plan.num_blocks,
-        allgather_minimum_bytes=(world - 1) / world * r["params"]
+        allgather_minimum_bytes=(world - 1)
+        / world
+        * r["params"]
         * torch.tensor([], dtype=getattr(torch, args.communication_dtype)).element_size(),
         buffer_bytes_sent=shampoo.bytes_sent_per_step(),
         # DTensor parameters: what this rank must send, from its pieces (bench_scale.py).
@@ -273,8 +282,11 @@ def spikes(rank: int, world: int, args) -> dict:
                 fully_shard(model, mesh=fsdp_mesh)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = ShardedShampoo(
-                params, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
-                precondition_frequency=freq, stagger_roots=stagger,
+                params,
+                lr=1e-4,
+                max_preconditioner_dim=args.max_preconditioner_dim,
+                precondition_frequency=freq,
+                stagger_roots=stagger,
                 communication_dtype=getattr(torch, args.communication_dtype),
             )
             times, first = [], 0.0
@@ -285,8 +297,12 @@ def spikes(rank: int, world: int, args) -> dict:
                     if isinstance(p, DTensor):  # this rank's rows (torch.chunk layout)
                         lo = -(-p.shape[0] // world) * rank
                         g = DTensor.from_local(
-                            g[lo : lo + p.to_local().shape[0]], p.device_mesh, p.placements,
-                            run_check=False, shape=p.shape, stride=p.stride(),
+                            g[lo : lo + p.to_local().shape[0]],
+                            p.device_mesh,
+                            p.placements,
+                            run_check=False,
+                            shape=p.shape,
+                            stride=p.stride(),
                         )
                     p.grad = g
                 t0 = time.perf_counter()
@@ -304,8 +320,7 @@ def spikes(rank: int, world: int, args) -> dict:
                 "steps": len(times),
                 "first_roots_ms": first * 1e3,
             }
-    return {"world": world, "parallelism": args.parallelism if world > 1 else "none",
-            "spikes": out}
+    return {"world": world, "parallelism": args.parallelism if world > 1 else "none", "spikes": out}
 
 
 PRECONDITIONERS = {
@@ -327,8 +342,12 @@ def preconditioner_costs(args) -> dict:
         model = GPT(cfg)
         params = list(model.parameters())
         opt = ShardedShampoo(
-            params, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
-            precondition_frequency=10**6, start_preconditioning_step=2, **options,
+            params,
+            lr=1e-4,
+            max_preconditioner_dim=args.max_preconditioner_dim,
+            precondition_frequency=10**6,
+            start_preconditioning_step=2,
+            **options,
         )
         times = []
         for step in range(1, args.steps + 3):
@@ -344,41 +363,48 @@ def preconditioner_costs(args) -> dict:
 
 def report_preconditioners(r: dict) -> None:
     rows = r["preconditioners"]
-    print("optimizer step by preconditioner (one process, ms): ordinary step (median), refresh step")
+    print(
+        "optimizer step by preconditioner (one process, ms): ordinary step (median), refresh step"
+    )
     for name, x in rows.items():
         print(f"  {name:28s} {x['step_ms']:8.1f} {x['refresh_ms']:9.1f}")
     base = rows["root_inverse"]["step_ms"]
     for name in ("eigenvalue_corrected_eigh", "eigenvalue_corrected_qr"):
-        ratio = rows[name]["step_ms"] / base
-        print(f"  goal {name}: step {ratio:.2f}x root-inverse "
-              f"({'met' if ratio <= 1.6 else 'MISSED'}: <= 1.6x)")
+        print(f"  {name}: step {rows[name]['step_ms'] / base:.2f}x root-inverse")
+
     def extra(name):  # what the refresh adds to an ordinary step
         return rows[name]["refresh_ms"] - rows[name]["step_ms"]
 
     cheaper = extra("eigenvalue_corrected_eigh") / extra("eigenvalue_corrected_qr")
-    print(f"  goal: the refresh's extra time with QR ({extra('eigenvalue_corrected_qr'):.0f} ms) "
-          f"{cheaper:.2f}x cheaper than with eigh ({extra('eigenvalue_corrected_eigh'):.0f} ms) "
-          f"({'met' if cheaper >= 3 else 'MISSED'}: >= 3x)")
+    print(
+        f"  the refresh's extra time: QR {extra('eigenvalue_corrected_qr'):.0f} ms, eigh "
+        f"{extra('eigenvalue_corrected_eigh'):.0f} ms ({cheaper:.2f}x)"
+    )
 
 
 def report_spikes(r: dict) -> None:
-    print(f"world size {r['world']} ({r['parallelism']}): optimizer step (ms) over the two "
-          "periods after the first roots (every block's, once, at the start: timed apart)")
-    print(f"  {'':24s} {'median':>8s} {'p95':>8s} {'max':>8s} {'mean':>8s} {'max/median':>11s} "
-          f"{'first roots':>12s}")
+    print(
+        f"world size {r['world']} ({r['parallelism']}): optimizer step (ms) over the two "
+        "periods after the first roots (every block's, once, at the start: timed apart)"
+    )
+    print(
+        f"  {'':24s} {'median':>8s} {'p95':>8s} {'max':>8s} {'mean':>8s} {'max/median':>11s} "
+        f"{'first roots':>12s}"
+    )
     rows = r["spikes"]
     for name, s in rows.items():
-        print(f"  {name:24s} {s['median_ms']:8.1f} {s['p95_ms']:8.1f} {s['max_ms']:8.1f} "
-              f"{s['mean_ms']:8.1f} {s['max_ms'] / s['median_ms']:11.2f} "
-              f"{s['first_roots_ms']:12.1f}")
+        print(
+            f"  {name:24s} {s['median_ms']:8.1f} {s['p95_ms']:8.1f} {s['max_ms']:8.1f} "
+            f"{s['mean_ms']:8.1f} {s['max_ms'] / s['median_ms']:11.2f} "
+            f"{s['first_roots_ms']:12.1f}"
+        )
     for name, s in rows.items():
         if name.endswith("staggered"):
             base = rows[name.replace("staggered", "all_at_once")]
-            ratio = s["max_ms"] / s["median_ms"]
-            print(f"  goal {name}: max/median {ratio:.2f} "
-                  f"({'met' if ratio <= 1.5 else 'MISSED'}: <= 1.5); mean {s['mean_ms']:.1f} vs "
-                  f"{base['mean_ms']:.1f} ms without ("
-                  f"{'met' if s['mean_ms'] <= base['mean_ms'] else 'MISSED'}: no slower)")
+            print(
+                f"  {name}: mean {s['mean_ms']:.1f} ms against {base['mean_ms']:.1f} ms "
+                f"without staggering ({s['mean_ms'] / base['mean_ms']:.2f}x)"
+            )
 
 
 def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
@@ -387,7 +413,10 @@ def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group(
-        "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+        "gloo",
+        store=dist.FileStore(store, world),
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )
     result = spikes(rank, world, args) if args.spikes else measure(rank, world, args)
@@ -402,47 +431,62 @@ def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
 def report(r: dict, args) -> None:
     w = r["world"]
     arch = "Llama" if r["parallelism"] == "fsdp2_tp" else "GPT"
-    print(f"world size {w} ({r['parallelism']}): {arch} {args.layers} layers x {args.width} wide, {r['params']:,} "
-          f"parameters; batch {args.batch} x {args.context} tokens per rank; "
-          f"{r['threads']} thread(s) per rank")
+    print(
+        f"world size {w} ({r['parallelism']}): {arch} {args.layers} layers x {args.width} wide, "
+        f"{r['params']:,} "
+        f"parameters; batch {args.batch} x {args.context} tokens per rank; "
+        f"{r['threads']} thread(s) per rank"
+    )
     print(f"  {'':10s} {'fwd+bwd ms':>11s} {'opt ms':>8s}")
     print(f"  {'AdamW':10s} {r['adamw_fwd_bwd_ms']:11.2f} {r['adamw_opt_ms']:8.2f}")
     print(f"  {'Shampoo':10s} {r['shampoo_fwd_bwd_ms']:11.2f} {r['shampoo_opt_ms']:8.2f}")
-    print(f"  Shampoo amortized step (all roots of this rank): {r['shampoo_amortized_ms']:.1f} ms,"
-          f" {100 * r['shampoo_amortized_share']:.1f}% of the mean step at frequency "
-          f"{args.precondition_frequency}")
-    met = lambda ok: "goal met" if ok else "goal missed"  # noqa: E731
-    print(f"  Shampoo optimizer step / its matmul floor ({r['shampoo_floor_ms']:.2f} ms at "
-          f"{r['matmul_gflops']:.0f} GFLOP/s): {r['shampoo_opt_over_floor']:.2f}x "
-          f"({met(r['shampoo_opt_over_floor'] <= 1.2)}: <= 1.2x)")
-    regime = r["model_over_shampoo_flops"] >= 10
-    print(f"  whole step Shampoo / AdamW (amortized step included): {r['whole_step_ratio']:.3f}; "
-          f"model FLOPs are {r['model_over_shampoo_flops']:.1f}x Shampoo's"
-          + (f" (the paper's regime: {met(r['whole_step_ratio'] <= 1.10)}: <= 1.10)" if regime
-             else " (below the paper's regime of >= 10x: no goal)"))
+    print(
+        f"  Shampoo amortized step (all roots of this rank): {r['shampoo_amortized_ms']:.1f} ms,"
+        f" {100 * r['shampoo_amortized_share']:.1f}% of the mean step at frequency "
+        f"{args.precondition_frequency}"
+    )
+    print(
+        f"  Shampoo optimizer step / its matmul floor ({r['shampoo_floor_ms']:.2f} ms at "
+        f"{r['matmul_gflops']:.0f} GFLOP/s): {r['shampoo_opt_over_floor']:.2f}x"
+    )
+    print(
+        f"  whole step Shampoo / AdamW (amortized step included): {r['whole_step_ratio']:.3f}; "
+        f"model FLOPs are {r['model_over_shampoo_flops']:.1f}x Shampoo's (the paper's regime: "
+        ">= 10x)"
+    )
     for label, ms in r.get("others_opt_ms", {}).items():
         print(f"  {label}: optimizer step {ms:.2f} ms (same model, defaults, lr 1e-4)")
-    print(f"  Shampoo state on rank 0: {r['shampoo_state_mib']:.1f} MiB; blocks owned "
-          f"{r['blocks_owned']} of {r['blocks_total']}; state_dict() {r['state_dict_copy_ms']:.1f} "
-          f"ms (a copy), {r['state_dict_views_ms']:.1f} ms inside saving() (views)")
+    print(
+        f"  Shampoo state on rank 0: {r['shampoo_state_mib']:.1f} MiB; blocks owned "
+        f"{r['blocks_owned']} of {r['blocks_total']}; state_dict() {r['state_dict_copy_ms']:.1f} "
+        f"ms (a copy), {r['state_dict_views_ms']:.1f} ms inside saving() (views)"
+    )
     if w > 1:
         measured = r.get("measured_bytes_sent")
         m = f"{measured / 1e6:.2f} MB measured on loopback" if measured else "not measurable here"
-        print(f"  bytes sent per rank per optimizer step: {m}; "
-              f"{r['buffer_bytes_sent'] / 1e6:.3f} MB in rank 0's buffers; parameter "
-              f"bytes / W: {4 * r['params'] / w / 1e6:.2f} MB")
+        print(
+            f"  bytes sent per rank per optimizer step: {m}; "
+            f"{r['buffer_bytes_sent'] / 1e6:.3f} MB in rank 0's buffers; parameter "
+            f"bytes / W: {4 * r['params'] / w / 1e6:.2f} MB"
+        )
         if r.get("minimum_bytes_sent"):
             ratio = r["buffer_bytes_sent"] / r["minimum_bytes_sent"]
-            print(f"  rank 0 must send {r['minimum_bytes_sent'] / 1e6:.3f} MB (its pieces: "
-                  f"gradients to owners elsewhere, its blocks' directions to their other "
-                  f"holders): sent / minimum {ratio:.4f} ({met(ratio <= 1.01)}: <= 1.01)")
+            print(
+                f"  rank 0 must send {r['minimum_bytes_sent'] / 1e6:.3f} MB (its pieces: "
+                f"gradients to owners elsewhere, its blocks' directions to their other "
+                f"holders): sent / minimum {ratio:.4f}"
+            )
         else:
-            print(f"  AllGather minimum (W-1)/W x parameter bytes: "
-                  f"{r['allgather_minimum_bytes'] / 1e6:.2f} MB")
+            print(
+                f"  AllGather minimum (W-1)/W x parameter bytes: "
+                f"{r['allgather_minimum_bytes'] / 1e6:.2f} MB"
+            )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
@@ -454,17 +498,30 @@ def main() -> None:
     ap.add_argument("--communication-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1, help="per rank")
     ap.add_argument("--world-sizes", default="1", help="comma-separated, e.g. 1,2")
-    ap.add_argument("--parallelism", choices=["ddp", "fsdp2", "fsdp2_tp"], default="ddp",
-                    help="how ranks share the model when the world size is above 1")
+    ap.add_argument(
+        "--parallelism",
+        choices=["ddp", "fsdp2", "fsdp2_tp"],
+        default="ddp",
+        help="how ranks share the model when the world size is above 1",
+    )
     ap.add_argument("--json", default="")
-    ap.add_argument("--no-others", action="store_true",
-                    help="skip other Shampoo/SOAP implementations even when installed")
-    ap.add_argument("--spikes", action="store_true",
-                    help="per-step optimizer time (median, p95, max) over two periods, with and "
-                    "without stagger_roots, instead of the default figures")
+    ap.add_argument(
+        "--no-others",
+        action="store_true",
+        help="skip other Shampoo/SOAP implementations even when installed",
+    )
+    ap.add_argument(
+        "--spikes",
+        action="store_true",
+        help="per-step optimizer time (median, p95, max) over two periods, with and "
+        "without stagger_roots, instead of the default figures",
+    )
     ap.add_argument("--spike-frequencies", default="50,100")
-    ap.add_argument("--preconditioners", action="store_true",
-                    help="instead: root-inverse vs eigenvalue-corrected (eigh, QR) step times")
+    ap.add_argument(
+        "--preconditioners",
+        action="store_true",
+        help="instead: root-inverse vs eigenvalue-corrected (eigh, QR) step times",
+    )
     args = ap.parse_args()
     if args.preconditioners:
         result = preconditioner_costs(args)
@@ -486,8 +543,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "result.json")
                 mp.start_processes(
-                    _rank_main, args=(world, os.path.join(tmp, "store"), args, out),
-                    nprocs=world, start_method="spawn",
+                    _rank_main,
+                    args=(world, os.path.join(tmp, "store"), args, out),
+                    nprocs=world,
+                    start_method="spawn",
                 )
                 with open(out) as fh:
                     results.append(json.load(fh))

@@ -41,7 +41,10 @@ LR = 2.0**-7  # exact in float32 (the reference's lr tensor)
 def mlp(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5), torch.nn.Tanh(),
+        torch.nn.Linear(6, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 5),
+        torch.nn.Tanh(),
         torch.nn.Linear(5, 3),
     ).double()
 
@@ -84,12 +87,22 @@ CASES = {
     "qr adam grafting wd": {"eigenbasis": "qr", "grafting": "adam", "weight_decay": 0.01},
     "eigh tolerance": {"eigh_tolerance": 0.01},
 }
-BASE = dict(lr=LR, betas=(0.9, 0.999), epsilon=1e-8, max_preconditioner_dim=4,
-            precondition_frequency=4, factor_dtype=torch.float64)
+BASE = dict(
+    lr=LR,
+    betas=(0.9, 0.999),
+    epsilon=1e-8,
+    max_preconditioner_dim=4,
+    precondition_frequency=4,
+    factor_dtype=torch.float64,
+)
 
 
 def reference_kwargs(options: dict) -> dict:
     """The reference's constructor arguments for our ``options``."""
+    from distributed_shampoo.preconditioner.matrix_functions_types import (
+        EighEigendecompositionConfig,
+        QREigendecompositionConfig,
+    )
     from distributed_shampoo.shampoo_types import (
         AdaGradPreconditionerConfig,
         AdamPreconditionerConfig,
@@ -97,10 +110,6 @@ def reference_kwargs(options: dict) -> dict:
         EigenvalueCorrectedShampooPreconditionerConfig,
         RMSpropPreconditionerConfig,
         WeightDecayType,
-    )
-    from distributed_shampoo.preconditioner.matrix_functions_types import (
-        EighEigendecompositionConfig,
-        QREigendecompositionConfig,
     )
 
     o = {**BASE, **options}
@@ -122,10 +131,15 @@ def reference_kwargs(options: dict) -> dict:
             momentum=o["momentum"], dampening=0.0, use_nesterov=o.get("nesterov", False)
         )
     return dict(
-        lr=o["lr"], betas=o["betas"], epsilon=o["epsilon"],
+        lr=o["lr"],
+        betas=o["betas"],
+        epsilon=o["epsilon"],
         weight_decay=o.get("weight_decay", 0.0),
-        weight_decay_type=(WeightDecayType.DECOUPLED if o.get("decoupled_weight_decay", True)
-                           else WeightDecayType.L2),
+        weight_decay_type=(
+            WeightDecayType.DECOUPLED
+            if o.get("decoupled_weight_decay", True)
+            else WeightDecayType.L2
+        ),
         max_preconditioner_dim=o["max_preconditioner_dim"],
         precondition_frequency=o["precondition_frequency"],
         start_preconditioning_step=o.get("start_preconditioning_step", o["precondition_frequency"]),
@@ -148,9 +162,12 @@ def ours(options: dict, convention: str) -> list[torch.Tensor]:
     o.pop("qr_tolerance", None)
     model = mlp()
     opt = ShardedShampoo(
-        model.parameters(), preconditioner="eigenvalue_corrected", grafting=o.pop("grafting", None),
+        model.parameters(),
+        preconditioner="eigenvalue_corrected",
+        grafting=o.pop("grafting", None),
         **({"eigenbasis_convention": convention} if convention else {}),
-        eigenbasis_tolerance=tolerance, **o,
+        eigenbasis_tolerance=tolerance,
+        **o,
     )
     return train(model, opt, STEPS)
 
@@ -170,17 +187,26 @@ def reference(options: dict, float32_defaults: bool) -> list[torch.Tensor]:
 
 
 def rel_err(a, b) -> float:
-    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b, strict=True))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", default=os.environ.get("SHAMPOO_REFERENCE"),
-                        help="a checkout of facebookresearch/optimizers")
-    parser.add_argument("--convention", default="reference",
-                        help="eigenbasis_convention to compare ('' for the default)")
-    parser.add_argument("--float32-defaults", action="store_true",
-                        help="run the reference with float32 as the default dtype")
+    parser.add_argument(
+        "--reference",
+        default=os.environ.get("SHAMPOO_REFERENCE"),
+        help="a checkout of facebookresearch/optimizers",
+    )
+    parser.add_argument(
+        "--convention",
+        default="reference",
+        help="eigenbasis_convention to compare ('' for the default)",
+    )
+    parser.add_argument(
+        "--float32-defaults",
+        action="store_true",
+        help="run the reference with float32 as the default dtype",
+    )
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--bound", type=float, default=1e-9)
     args = parser.parse_args()
@@ -193,8 +219,10 @@ def main() -> int:
         options = CASES[name]
         err = rel_err(ours(options, args.convention), reference(options, args.float32_defaults))
         worst = max(worst, err)
-        print(f"{name:28s} max relative parameter difference after {STEPS} steps: {err:.2e}",
-              flush=True)
+        print(
+            f"{name:28s} max relative parameter difference after {STEPS} steps: {err:.2e}",
+            flush=True,
+        )
     print(f"worst {worst:.2e} (bound {args.bound:.0e})")
     return 0 if worst <= args.bound else 1
 

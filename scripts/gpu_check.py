@@ -38,19 +38,39 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "distributed"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 STEPS, HALF = 12, 6
 OPTIONS = [  # two groups, as the tests' scenarios (float64 factors, well-conditioned)
-    dict(lr=0.02, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=8,
-         precondition_frequency=4, epsilon=1e-4, grafting="adam", weight_decay=0.01,
-         factor_dtype=torch.float64),
-    dict(lr=0.01, betas=(0.0, 1.0), max_preconditioner_dim=6, precondition_frequency=3,
-         epsilon=1e-3, grafting="adagrad", weight_decay=0.05, decoupled_weight_decay=False,
-         momentum=0.8, nesterov=True, factor_dtype=torch.float64),
+    dict(
+        lr=0.02,
+        betas=(0.9, 0.99),
+        momentum=0.5,
+        max_preconditioner_dim=8,
+        precondition_frequency=4,
+        epsilon=1e-4,
+        grafting="adam",
+        weight_decay=0.01,
+        factor_dtype=torch.float64,
+    ),
+    dict(
+        lr=0.01,
+        betas=(0.0, 1.0),
+        max_preconditioner_dim=6,
+        precondition_frequency=3,
+        epsilon=1e-3,
+        grafting="adagrad",
+        weight_decay=0.05,
+        decoupled_weight_decay=False,
+        momentum=0.8,
+        nesterov=True,
+        factor_dtype=torch.float64,
+    ),
 ]
-EC = [dict(o, preconditioner="eigenvalue_corrected", eigenbasis=b)
-      for o, b in zip(OPTIONS, ("eigh", "qr"))]
+EC = [
+    dict(o, preconditioner="eigenvalue_corrected", eigenbasis=b)
+    for o, b in zip(OPTIONS, ("eigh", "qr"), strict=True)
+]
 
 failures: list[str] = []
 
@@ -85,7 +105,7 @@ def make_net(device):
 def groups_of(model, options):
     params = list(model.named_parameters())
     first = [(n, p) for n, p in params if not n.startswith("out.")]
-    return [{"params": first, **options[0]}, {"params": params[len(first):], **options[1]}]
+    return [{"params": first, **options[0]}, {"params": params[len(first) :], **options[1]}]
 
 
 def batch(step, device):
@@ -103,12 +123,17 @@ def train(model, opt, device, start, stop):
 
 
 def full(model):
-    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().cpu()
-            for p in model.parameters()]
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().cpu()
+        for p in model.parameters()
+    ]
 
 
 def rel_err(a, b) -> float:
-    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
+    return max(
+        float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def single_run(device, options, steps=STEPS):
@@ -141,8 +166,12 @@ def check_exact(device) -> dict:
         here = single_run(device, options)
         cpu = single_run(torch.device("cpu"), options)
         err = rel_err(here, cpu)
-        report(f"exact {name}", err <= 1e-10, f"{device} vs cpu, {STEPS} steps, float64: "
-               f"max relative difference {err:.1e} (bound 1e-10)")
+        report(
+            f"exact {name}",
+            err <= 1e-10,
+            f"{device} vs cpu, {STEPS} steps, float64: "
+            f"max relative difference {err:.1e} (bound 1e-10)",
+        )
         references[name] = here
     return references
 
@@ -152,8 +181,11 @@ def check_fsdp(device, references) -> None:
         model, opt = fsdp_build(device, options)
         train(model, opt, device, 0, STEPS)
         err = rel_err(full(model), references[name])
-        report(f"fsdp2 {name}", err <= 1e-10, f"FSDP2 on one rank vs one {device.type} "
-               f"process: {err:.1e} (bound 1e-10)")
+        report(
+            f"fsdp2 {name}",
+            err <= 1e-10,
+            f"FSDP2 on one rank vs one {device.type} process: {err:.1e} (bound 1e-10)",
+        )
 
 
 def check_checkpoints(device, references) -> None:
@@ -175,15 +207,22 @@ def check_checkpoints(device, references) -> None:
         full_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         osd = get_optimizer_state_dict(model, opt, options=full_options)
         msd = get_model_state_dict(model, options=full_options)
-        on_cpu = all(t.device.type == "cpu" for t in osd["state"][next(iter(osd["state"]))].values()
-                     if isinstance(t, torch.Tensor))
+        on_cpu = all(
+            t.device.type == "cpu"
+            for t in osd["state"][next(iter(osd["state"]))].values()
+            if isinstance(t, torch.Tensor)
+        )
 
         model, opt = fsdp_build(device, OPTIONS)
         load_checkpoint(os.path.join(root, "ckpt"), model, opt)
         train(model, opt, device, HALF, STEPS)
         err = rel_err(full(model), references["shampoo"])
-        report("dcp", err <= 1e-12, f"saved after {HALF} steps, loaded, {STEPS - HALF} more: "
-               f"{err:.1e} from uninterrupted (bound 1e-12)")
+        report(
+            "dcp",
+            err <= 1e-12,
+            f"saved after {HALF} steps, loaded, {STEPS - HALF} more: "
+            f"{err:.1e} from uninterrupted (bound 1e-12)",
+        )
 
         model, opt = fsdp_build(device, OPTIONS)
         load_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -191,14 +230,17 @@ def check_checkpoints(device, references) -> None:
         set_optimizer_state_dict(model, opt, osd, options=load_options)
         train(model, opt, device, HALF, STEPS)
         err = rel_err(full(model), references["shampoo"])
-        report("full_state_dict", err <= 1e-12 and on_cpu,
-               f"cpu_offload dict on the CPU: {on_cpu}; broadcast_from_rank0 load, "
-               f"{STEPS - HALF} more steps: {err:.1e} from uninterrupted (bound 1e-12)")
+        report(
+            "full_state_dict",
+            err <= 1e-12 and on_cpu,
+            f"cpu_offload dict on the CPU: {on_cpu}; broadcast_from_rank0 load, "
+            f"{STEPS - HALF} more steps: {err:.1e} from uninterrupted (bound 1e-12)",
+        )
 
 
 def count_syncs(device, step) -> list[str]:
     """The synchronizations ``step()`` makes: CUDA's own report, or on the CPU the calls the
-    audit counts (``tests/distributed/audit.py``)."""
+    audit counts (``tests/support/audit.py``)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -208,8 +250,9 @@ def count_syncs(device, step) -> list[str]:
                 step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        return [str(w.message).splitlines()[0][:80] for w in caught
-                if "synchroniz" in str(w.message)]
+        return [
+            str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)
+        ]
     from audit import HostReads
 
     with HostReads() as reads:
@@ -231,14 +274,21 @@ def check_syncs(device) -> None:
         x, y = batch(4, device)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         syncs = count_syncs(device, opt.step)  # step 5: no refresh in either group
-        report(f"syncs {mode}", len(syncs) <= 1,
-               f"{len(syncs)} in a step without a refresh (budget 1): {syncs}")
+        report(
+            f"syncs {mode}",
+            len(syncs) <= 1,
+            f"{len(syncs)} in a step without a refresh (budget 1): {syncs}",
+        )
         opt.zero_grad()
         x, y = batch(5, device)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         refresh = count_syncs(device, opt.step)  # step 6: group 1 refreshes its roots
-        report(f"syncs {mode} ref", True, f"{len(refresh)} in a step that refreshes roots "
-               "(the decompositions' own and one root check): for the record")
+        report(
+            f"syncs {mode} ref",
+            True,
+            f"{len(refresh)} in a step that refreshes roots "
+            "(the decompositions' own and one root check): for the record",
+        )
 
 
 def check_speed(device, small: bool) -> None:
@@ -246,13 +296,16 @@ def check_speed(device, small: bool) -> None:
 
     from sharded_shampoo import ShardedShampoo
 
-    cfg = GPTConfig(context=64, width=64, layers=2) if small else GPTConfig(
-        context=256, width=768, layers=12, heads=12
+    cfg = (
+        GPTConfig(context=64, width=64, layers=2)
+        if small
+        else GPTConfig(context=256, width=768, layers=12, heads=12)
     )
     batch_size, frequency = (4, 5) if small else (16, 10)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    data = torch.randint(0, cfg.vocab, (batch_size, cfg.context + 1),
-                         generator=torch.Generator().manual_seed(0)).to(device)
+    data = torch.randint(
+        0, cfg.vocab, (batch_size, cfg.context + 1), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     figures = {}
     for name in ("adamw", "shampoo"):
         torch.manual_seed(0)
@@ -261,8 +314,12 @@ def check_speed(device, small: bool) -> None:
         if name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         else:
-            opt = ShardedShampoo(model.parameters(), lr=1e-4, precondition_frequency=frequency,
-                                 max_preconditioner_dim=1024)
+            opt = ShardedShampoo(
+                model.parameters(),
+                lr=1e-4,
+                precondition_frequency=frequency,
+                max_preconditioner_dim=1024,
+            )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         plain, refresh = [], []
@@ -280,18 +337,22 @@ def check_speed(device, small: bool) -> None:
         figures[name] = (statistics.median(plain), max(refresh, default=float("nan")), peak)
     (a_step, _, a_peak), (s_step, s_refresh, s_peak) = figures["adamw"], figures["shampoo"]
     gib = 2**30
-    report("speed", True,
-           f"GPT {params / 1e6:.1f}M params, float32, batch {batch_size}x{cfg.context}: "
-           f"optimizer step AdamW {a_step * 1e3:.1f} ms, Shampoo {s_step * 1e3:.1f} ms "
-           f"({s_step / a_step:.1f}x), refresh step {s_refresh * 1e3:.0f} ms "
-           f"(every {frequency}); peak memory AdamW {a_peak / gib:.2f} GiB, Shampoo "
-           f"{s_peak / gib:.2f} GiB")
+    report(
+        "speed",
+        True,
+        f"GPT {params / 1e6:.1f}M params, float32, batch {batch_size}x{cfg.context}: "
+        f"optimizer step AdamW {a_step * 1e3:.1f} ms, Shampoo {s_step * 1e3:.1f} ms "
+        f"({s_step / a_step:.1f}x), refresh step {s_refresh * 1e3:.0f} ms "
+        f"(every {frequency}); peak memory AdamW {a_peak / gib:.2f} GiB, Shampoo "
+        f"{s_peak / gib:.2f} GiB",
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=("cuda", "cpu"))
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu")
+    )
     parser.add_argument("--small", action="store_true", help="tiny speed model (CI)")
     args = parser.parse_args()
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
@@ -299,8 +360,11 @@ def main() -> int:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False  # float64 checks; float32 speed
         torch.backends.cudnn.allow_tf32 = False
-        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-              f"CUDA {torch.version.cuda}", flush=True)
+        print(
+            f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}",
+            flush=True,
+        )
     else:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         print(f"device: cpu, torch {torch.__version__}", flush=True)
@@ -313,7 +377,9 @@ def main() -> int:
         # One rank, as users start it: NCCL for CUDA tensors, gloo for CPU ones.
         dist.init_process_group(
             "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo",
-            store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1,
+            store=dist.FileStore(os.path.join(tmp, "store"), 1),
+            rank=0,
+            world_size=1,
             timeout=datetime.timedelta(seconds=120),
         )
         try:
@@ -323,8 +389,11 @@ def main() -> int:
         finally:
             dist.destroy_process_group()
     check_speed(device, args.small)
-    print(f"{len(failures)} failed ({', '.join(failures) or 'none'}) in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"{len(failures)} failed ({', '.join(failures) or 'none'}) in "
+        f"{time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return 1 if failures else 0
 
 

@@ -77,6 +77,8 @@ def launch(fn: Callable[[Any], None], args: Any, nproc: int, threads: int = 1) -
         return
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(
-            _rank, args=(nproc, os.path.join(tmp, "store"), fn, args, threads), nprocs=nproc,
+            _rank,
+            args=(nproc, os.path.join(tmp, "store"), fn, args, threads),
+            nprocs=nproc,
             start_method="spawn",
         )

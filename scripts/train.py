@@ -10,7 +10,7 @@ train loss, learning rate and step time (JSON lines), evaluates on the validatio
 bitwise from the newest complete checkpoint), and ends with a PNG of train and validation loss
 against steps and wall-clock, and a summary table.
 
-    python scripts/train.py                                   # lm, shampoo and adamw, 2 processes, DDP
+    python scripts/train.py                      # lm, shampoo and adamw, 2 processes, DDP
     python scripts/train.py --workload digits --parallelism fsdp2
     torchrun --standalone --nproc-per-node 2 scripts/train.py --parallelism hsdp
 """
@@ -27,6 +27,8 @@ import time
 
 import torch
 import torch.distributed as dist
+from launch import launch, wrap
+from workloads import GPT, GPTConfig, lm_batch, param_count, stdlib_text
 
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpoint import (
@@ -35,8 +37,6 @@ from sharded_shampoo.checkpoint import (
     save_checkpoint,
     step_directory,
 )
-from launch import launch, wrap
-from workloads import GPT, GPTConfig, lm_batch, param_count, stdlib_text
 
 # ---------------------------------------------------------------- workloads
 
@@ -96,7 +96,9 @@ class Workload:
 def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=args.adamw_lr, weight_decay=args.weight_decay), args.adamw_lr
+        return torch.optim.AdamW(
+            params, lr=args.adamw_lr, weight_decay=args.weight_decay
+        ), args.adamw_lr
     return ShardedShampoo(
         params,
         lr=args.shampoo_lr,
@@ -134,9 +136,13 @@ def evaluate(model, workload: Workload, rank: int, batches: int) -> float:
     return mean_over_ranks(sum(losses) / len(losses))
 
 
-def train_one(name: str, args: argparse.Namespace, workload: Workload, rank: int, world: int) -> None:
+def train_one(
+    name: str, args: argparse.Namespace, workload: Workload, rank: int, world: int
+) -> None:
     model = wrap(workload.model(), args.parallelism, world)
     opt, base_lr = make_optimizer(name, model, args)
+    if isinstance(opt, ShardedShampoo) and world > 1:
+        placement_summary(opt, args.parallelism, rank, world)
     log_path = os.path.join(args.out_dir, f"{name}.jsonl")
     ckpt_root = os.path.join(args.out_dir, "checkpoints", name)
     first, wall = 1, 0.0
@@ -173,8 +179,13 @@ def train_one(name: str, args: argparse.Namespace, workload: Workload, rank: int
         opt.step()
         dt = time.perf_counter() - t0
         wall += dt
-        row = {"step": step, "loss": mean_over_ranks(loss.item()), "lr": opt.param_groups[0]["lr"],
-               "step_time": dt, "wall": wall}
+        row = {
+            "step": step,
+            "loss": mean_over_ranks(loss.item()),
+            "lr": opt.param_groups[0]["lr"],
+            "step_time": dt,
+            "wall": wall,
+        }
         if step % args.eval_every == 0 or step == last:
             row["val_loss"] = evaluate(model, workload, rank, args.eval_batches)
         if rank == 0:
@@ -186,10 +197,41 @@ def train_one(name: str, args: argparse.Namespace, workload: Workload, rank: int
             elif args.print_losses:
                 print(f"{name} step {step} loss {row['loss']:.6f}", flush=True)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            save_checkpoint(step_directory(ckpt_root, step), model, opt,
-                            extra={"step": step, "wall": wall})
+            save_checkpoint(
+                step_directory(ckpt_root, step), model, opt, extra={"step": step, "wall": wall}
+            )
     if bar is not None:
         bar.close()
+    if world > 1:
+        same = replicas_identical(model)
+        if rank == 0:
+            print(f"{name}: replicas identical: {same}", flush=True)
+
+
+def placement_summary(opt: ShardedShampoo, parallelism: str, rank: int, world: int) -> None:
+    """What each rank owns and sends (rank 0 prints: lines of several processes interleave)."""
+    owned = [None] * world
+    dist.all_gather_object(owned, (opt.owned_blocks(), opt.state_bytes() / 2**20))
+    if rank == 0:
+        print(
+            f"shampoo: {parallelism}, {world} ranks; bytes sent per rank per optimizer step: "
+            f"{opt.bytes_sent_per_step() / 1e6:.3f} MB; blocks owned per rank: "
+            f"{[o[0] for o in owned]} of {opt.plan.num_blocks}; optimizer state per rank: "
+            f"{', '.join(f'{o[1]:.1f}' for o in owned)} MiB",
+            flush=True,
+        )
+
+
+def replicas_identical(model: torch.nn.Module) -> bool:
+    """Whether every rank holds the same parameters (each rank's full parameters, checksummed
+    in float64; DTensors gathered whole)."""
+    total = torch.zeros(1, dtype=torch.float64)
+    for p in model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        total += full.detach().double().square().sum().cpu() + full.detach().double().sum().cpu()
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, total.item())
+    return len(set(sums)) == 1
 
 
 def run_rank(args: argparse.Namespace) -> None:
@@ -200,8 +242,11 @@ def run_rank(args: argparse.Namespace) -> None:
     workload = Workload(args)
     if rank == 0:
         os.makedirs(args.out_dir, exist_ok=True)
-        print(f"{args.workload}: {param_count(workload.model()):,} parameters; {world} "
-              f"process(es), parallelism {args.parallelism}; logs in {args.out_dir}", flush=True)
+        print(
+            f"{args.workload}: {param_count(workload.model()):,} parameters; {world} "
+            f"process(es), parallelism {args.parallelism}; logs in {args.out_dir}",
+            flush=True,
+        )
     for name in optimizers(args):
         train_one(name, args, workload, rank, world)
     if rank == 0:
@@ -228,14 +273,26 @@ def report(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for color, (name, rows) in zip(("tab:blue", "tab:red", "tab:green"), logs.items()):
-        for ax, x in zip(axes, ("step", "wall")):
-            ax.plot([r[x] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.3,
-                    label=f"{name} train")
+    for color, (name, rows) in zip(
+        ("tab:blue", "tab:red", "tab:green"), logs.items(), strict=False
+    ):
+        for ax, x in zip(axes, ("step", "wall"), strict=True):
+            ax.plot(
+                [r[x] for r in rows],
+                [r["loss"] for r in rows],
+                color=color,
+                alpha=0.3,
+                label=f"{name} train",
+            )
             val = [r for r in rows if "val_loss" in r]
-            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, marker="o",
-                    label=f"{name} validation")
-    for ax, label in zip(axes, ("step", "wall-clock seconds (training)")):
+            ax.plot(
+                [r[x] for r in val],
+                [r["val_loss"] for r in val],
+                color=color,
+                marker="o",
+                label=f"{name} validation",
+            )
+    for ax, label in zip(axes, ("step", "wall-clock seconds (training)"), strict=True):
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
@@ -244,14 +301,19 @@ def report(args: argparse.Namespace) -> None:
     fig.tight_layout()
     png = os.path.join(args.out_dir, "loss.png")
     fig.savefig(png, dpi=100)
-    print(f"\n{'optimizer':10s} {'steps':>6s} {'train loss':>11s} {'val loss':>9s} "
-          f"{'ms/step':>8s} {'seconds':>8s}")
+    print(
+        f"\n{'optimizer':10s} {'steps':>6s} {'train loss':>11s} {'val loss':>9s} "
+        f"{'ms/step':>8s} {'seconds':>8s}"
+    )
     for name, rows in logs.items():
         last = rows[-1]
         val = [r["val_loss"] for r in rows if "val_loss" in r]
         ms = 1000 * sum(r["step_time"] for r in rows) / len(rows)
-        print(f"{name:10s} {last['step']:6d} {last['loss']:11.4f} {val[-1] if val else float('nan'):9.4f} "
-              f"{ms:8.1f} {last['wall']:8.1f}")
+        print(
+            f"{name:10s} {last['step']:6d} {last['loss']:11.4f} "
+            f"{val[-1] if val else float('nan'):9.4f} "
+            f"{ms:8.1f} {last['wall']:8.1f}"
+        )
     print(f"plot: {png}")
 
 
@@ -259,7 +321,9 @@ def report(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workload", choices=["lm", "digits"], default="lm")
     ap.add_argument("--optimizer", choices=["shampoo", "adamw", "both"], default="both")
     ap.add_argument("--nproc", type=int, default=2, help="processes to start (not under torchrun)")
@@ -280,26 +344,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grafting", default="adam")
     ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
     ap.add_argument("--precondition-frequency", type=int, default=20)
-    ap.add_argument("--preconditioner", choices=["shampoo", "eigenvalue_corrected"],
-                    default="shampoo", help="for --optimizer shampoo")
-    ap.add_argument("--eigenbasis", choices=["eigh", "qr"], default="eigh",
-                    help="with --preconditioner eigenvalue_corrected")
-    ap.add_argument("--eigenbasis-convention", choices=["reference", "soap"], default="reference",
-                    help="with --preconditioner eigenvalue_corrected (see sharded_shampoo.algorithm.eigenbasis)")
-    ap.add_argument("--stagger-roots", action="store_true",
-                    help="each block computes its roots in its own step of the period")
+    ap.add_argument(
+        "--preconditioner",
+        choices=["shampoo", "eigenvalue_corrected"],
+        default="shampoo",
+        help="for --optimizer shampoo",
+    )
+    ap.add_argument(
+        "--eigenbasis",
+        choices=["eigh", "qr"],
+        default="eigh",
+        help="with --preconditioner eigenvalue_corrected",
+    )
+    ap.add_argument(
+        "--eigenbasis-convention",
+        choices=["reference", "soap"],
+        default="reference",
+        help="with --preconditioner eigenvalue_corrected (sharded_shampoo.algorithm.eigenbasis)",
+    )
+    ap.add_argument(
+        "--stagger-roots",
+        action="store_true",
+        help="each block computes its roots in its own step of the period",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--out-dir", default="", help="logs, plot and checkpoints (default runs/WORKLOAD)")
+    ap.add_argument(
+        "--out-dir", default="", help="logs, plot and checkpoints (default runs/WORKLOAD)"
+    )
     ap.add_argument("--checkpoint-every", type=int, default=100, help="0: no checkpoints")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoints")
-    ap.add_argument("--stop-after", type=int, default=0,
-                    help="stop after this step, as an interrupted job would (the schedule still "
-                    "spans --steps)")
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="stop after this step, as an interrupted job would (the schedule still spans --steps)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--print-losses", action="store_true", help="with --no-progress: a line per step")
+    ap.add_argument(
+        "--print-losses", action="store_true", help="with --no-progress: a line per step"
+    )
     args = ap.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", args.workload)
     if args.workload == "digits" and args.batch == 16:

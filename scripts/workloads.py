@@ -31,8 +31,11 @@ def stdlib_text(max_bytes: int = 8_000_000) -> tuple[torch.Tensor, torch.Tensor]
         total += len(data)
         if total >= max_bytes:
             break
-    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
-    return as_tensor(train).long(), as_tensor(val).long()
+
+    def as_tensor(chunks: list[bytes]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+
+    return as_tensor(train), as_tensor(val)
 
 
 def lm_batch(data: torch.Tensor, batch: int, context: int, gen: torch.Generator):
@@ -175,7 +178,10 @@ def llama_tp_plan() -> tuple[dict, dict]:
     norms; column-wise q/k/v/w1/w3 and output; row-wise wo, w2 and the embedding."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
-        ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
     )
 
     top = {

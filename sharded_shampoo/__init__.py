@@ -1,7 +1,15 @@
 """sharded_shampoo: the Distributed Shampoo optimizer, built on DTensor, FSDP2 and DCP."""
 
-from .agreement import PlanMismatchError
+from .agreement import PlanMismatchError, RankFailedError
 from .optimizer import NonFiniteGradientWarning, RootFailureWarning, ShardedShampoo
+from .state.consolidation import StateDictRequestError
 
-__all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "PlanMismatchError", "RootFailureWarning"]
+__all__ = [
+    "ShardedShampoo",
+    "NonFiniteGradientWarning",
+    "PlanMismatchError",
+    "RankFailedError",
+    "RootFailureWarning",
+    "StateDictRequestError",
+]
 __version__ = "0.1.0"

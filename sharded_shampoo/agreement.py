@@ -84,7 +84,9 @@ def check_agreement(
     details, and every rank raises the same PlanMismatchError naming the first difference.
     Every rank sees the same digests, so every rank takes the second collective or none.
     """
-    digest = None if error is not None else hashlib.sha1(repr((items, owners)).encode()).hexdigest()[:16]
+    digest = (
+        None if error is not None else hashlib.sha1(repr((items, owners)).encode()).hexdigest()[:16]
+    )
     world = dist.get_world_size(group)
     first: list = [None] * world
     dist.all_gather_object(first, (None if error is None else str(error), digest), group=group)

@@ -102,7 +102,10 @@ class Region:
         """
         k = len(self.start)
         v = merged[
-            tuple(slice(a, a + c * m) for a, c, m in zip(self.start, self.counts, self.block_shape))
+            tuple(
+                slice(a, a + c * m)
+                for a, c, m in zip(self.start, self.counts, self.block_shape, strict=True)
+            )
         ]
         for i in reversed(range(k)):
             v = v.unflatten(i, (self.counts[i], self.block_shape[i]))
@@ -150,7 +153,9 @@ def _unravel(index: int, dims: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def make_blocking(shape: torch.Size | tuple[int, ...], max_dim: int, merge_dims: bool) -> ParamBlocking:
+def make_blocking(
+    shape: torch.Size | tuple[int, ...], max_dim: int, merge_dims: bool
+) -> ParamBlocking:
     """The block partition of a parameter of full shape ``shape``."""
     shape = tuple(int(s) for s in shape)
     merged, groups = merge_groups(shape, max_dim, merge_dims)
@@ -177,7 +182,7 @@ def make_blocking(shape: torch.Size | tuple[int, ...], max_dim: int, merge_dims:
         bshape = tuple(m for _, _, m in combo)
         ids = []
         for local in itertools.product(*(range(n) for n in counts)):
-            gidx = [first + j for (first, _, _), j in zip(combo, local)]
+            gidx = [first + j for (first, _, _), j in zip(combo, local, strict=True)]
             ids.append(_ravel(gidx, grid_dims))
         regions.append(Region(start, counts, bshape, tuple(ids)))
     return ParamBlocking(shape, merged, grid, tuple(regions), groups)
@@ -185,6 +190,6 @@ def make_blocking(shape: torch.Size | tuple[int, ...], max_dim: int, merge_dims:
 
 def _ravel(index: list[int], dims: tuple[int, ...]) -> int:
     flat = 0
-    for i, d in zip(index, dims):
+    for i, d in zip(index, dims, strict=True):
         flat = flat * d + i
     return flat

@@ -199,12 +199,16 @@ def _load(path, model, optimizer, extra, flatten) -> dict:
     # ShardedShampoo's state_dict() is a copy already: the staging buffers of the optimizer.
     osd = get_optimizer_state_dict(model, optimizer, options=_options(flatten))
     if flatten:
-        records = {k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".blocking")}
+        records = {
+            k: v for k, v in osd.items() if k.startswith("state.") and k.endswith(".blocking")
+        }
     else:
         records = {f"state.{fqn}.blocking": s["blocking"] for fqn, s in osd["state"].items()}
     _check_entries(path, saved, model_sd, records)
     _check_records(path, records)
-    staged = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in model_sd.items()}
+    staged = {
+        k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in model_sd.items()
+    }
     state: dict[str, Any] = {"model": staged, "optim": osd}
     if extra:
         state["extra"] = dict(extra)
@@ -238,8 +242,12 @@ def _check_entries(
 
 def _refuse_difference(path: str, what: str, ours: set[str], theirs: set[str]) -> None:
     def names(keys: set[str]) -> str:
-        shown = sorted(k.split(".", 1)[1].removeprefix("state.").removesuffix(".blocking") for k in keys)
-        return ", ".join(repr(k) for k in shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+        shown = sorted(
+            k.split(".", 1)[1].removeprefix("state.").removesuffix(".blocking") for k in keys
+        )
+        return ", ".join(repr(k) for k in shown[:5]) + (
+            f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        )
 
     if theirs - ours:
         raise ValueError(

@@ -94,9 +94,7 @@ def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
         if math.isnan(float(norms[r])):
             what = "a non-finite gradient (NaN or Inf)"
         else:  # no NaN, yet the norm is infinite: the block's factor would become infinite
-            what = (
-                f"an infinite gradient, or one too large for its squared norm in {w.grad.dtype}"
-            )
+            what = f"an infinite gradient, or one too large for its squared norm in {w.grad.dtype}"
         warn(
             NonFiniteGradientWarning(
                 f"{what} in {name(w.group, pi, bid)}: the block is skipped in this step"
@@ -106,8 +104,13 @@ def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
 
 
 def check_roots(
-    gi: int, opts: GroupOptions, stack: BlockStack, ok: torch.Tensor, rows: torch.Tensor,
-    name: BlockNamer, step: int,
+    gi: int,
+    opts: GroupOptions,
+    stack: BlockStack,
+    ok: torch.Tensor,
+    rows: torch.Tensor,
+    name: BlockNamer,
+    step: int,
 ) -> str | None:
     """Warns about blocks whose roots failed; returns the error to raise, if any."""
     if bool(ok.all()):

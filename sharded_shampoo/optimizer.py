@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .agreement import (
     PlanMismatchError,
@@ -22,7 +21,6 @@ from .diagnostics import (
     RootFailureWarning,
     block_name,
     param_name,
-    warn,
     warn_skipped,
 )
 from .distributors import Distributor, build_distributors
@@ -152,8 +150,13 @@ class ShardedShampoo(torch.optim.Optimizer):
                 # torch's Optimizer keeps these lists and dicts for the optimizer's life (only
                 # its load_state_dict, overridden here, would replace them).
                 self._dicts = StateDicts(
-                    super().state_dict, self.param_groups, self.state, self._groups,
-                    self._plan, self._topology, self._param_name,
+                    super().state_dict,
+                    self.param_groups,
+                    self.state,
+                    self._groups,
+                    self._plan,
+                    self._topology,
+                    self._param_name,
                 )
                 self._built = True
                 self._after_plan_change()
@@ -238,14 +241,14 @@ class ShardedShampoo(torch.optim.Optimizer):
         distributors."""
         if self._topology.checks_agreement:
             items = agreement_items(self._topology.settings, self._plan, self._param_name)
-            check_agreement(
-                self._topology.agreement_group, items, self._plan.owners_fingerprint()
-            )
+            check_agreement(self._topology.agreement_group, items, self._plan.owners_fingerprint())
         self._build_distributors()
 
     def _build_distributors(self) -> None:
         self._distributors = build_distributors(
-            [g.blocks for g in self._groups], self._plan, self._topology,
+            [g.blocks for g in self._groups],
+            self._plan,
+            self._topology,
             self._communication_dtype,
         )
 
@@ -287,7 +290,9 @@ class ShardedShampoo(torch.optim.Optimizer):
         self._topology.warn_if_built_too_early()
         self._dicts.forget_consolidated()
         step, invalid = begin_step(
-            self.param_groups, self._options, any(d.collective for d in self._distributors),
+            self.param_groups,
+            self._options,
+            any(d.collective for d in self._distributors),
             self._param_name,
         )
         if step is None:
@@ -435,7 +440,10 @@ class ShardedShampoo(torch.optim.Optimizer):
 # The signature and documentation of the options come from the table (options.OPTIONS).
 ShardedShampoo.__init__.__signature__ = optimizer_signature(
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-    for name, default in (("mesh", None), ("communication_dtype", torch.float32),
-                          ("num_trainers_per_group", None))
+    for name, default in (
+        ("mesh", None),
+        ("communication_dtype", torch.float32),
+        ("num_trainers_per_group", None),
+    )
 )
 ShardedShampoo.__doc__ = ShardedShampoo.__doc__.replace("{options}", options_doc().strip())

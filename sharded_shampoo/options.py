@@ -53,8 +53,10 @@ _INT_MAX = 2**63 - 1
 # Factor dtypes by name: param groups hold the name (torch's state-dict utilities traverse
 # numbers, strings, lists and dicts, not torch.dtype); either form is accepted.
 FACTOR_DTYPES = {
-    "float32": torch.float32, "float64": torch.float64,
-    "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
 }
 _RECORDED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -69,7 +71,9 @@ def _number(name: str, v: Any, kind: type) -> Any:
     at every step, which would wait for the device each time."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
-            raise ValueError(f"{name} must be a real number, got a tensor of shape {tuple(v.shape)}")
+            raise ValueError(
+                f"{name} must be a real number, got a tensor of shape {tuple(v.shape)}"
+            )
         if v.device.type != "cpu":
             raise ValueError(
                 f"{name} must be a number or a CPU tensor, got a tensor on {v.device}: options "
@@ -155,9 +159,7 @@ def _grafting(name: str, v: Any) -> str | None:
 def _override(name: str, v: Any) -> dict[int, float]:
     v = v or {}
     if not isinstance(v, Mapping):
-        raise ValueError(
-            f"{name} must be a dict {{tensor order: exponent}} or None, got {v!r}"
-        )
+        raise ValueError(f"{name} must be a dict {{tensor order: exponent}} or None, got {v!r}")
     for k, e in v.items():
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} keys are tensor orders (ints >= 1), got {k!r}")
@@ -205,67 +207,151 @@ def _same(field: str) -> Callable[[Any], Any]:
 
 OPTIONS: tuple[Option, ...] = (
     Option("lr", 1e-3, real(0.0), "step size"),
-    Option("betas", (0.9, 1.0), _betas,
-           "beta1: EMA of the gradient (0: none); beta2: EMA of the factors (1: sums) and of the "
-           "eigenvalue-corrected second moment",
-           structure=lambda o: o.beta1 > 0, structure_name="betas[0] > 0",
-           record=lambda o: int(o.beta1 > 0)),
-    Option("epsilon", 1e-12, real(0.0, lo_open=True),
-           "added to the factors' eigenvalues before the inverse root"),
+    Option(
+        "betas",
+        (0.9, 1.0),
+        _betas,
+        "beta1: EMA of the gradient (0: none); beta2: EMA of the factors (1: sums) and of the "
+        "eigenvalue-corrected second moment",
+        structure=lambda o: o.beta1 > 0,
+        structure_name="betas[0] > 0",
+        record=lambda o: int(o.beta1 > 0),
+    ),
+    Option(
+        "epsilon",
+        1e-12,
+        real(0.0, lo_open=True),
+        "added to the factors' eigenvalues before the inverse root",
+    ),
     Option("weight_decay", 0.0, real(0.0), "weight decay"),
-    Option("decoupled_weight_decay", True, boolean,
-           "AdamW-style (added to the direction) instead of L2 (added to the gradient)"),
-    Option("momentum", 0.0, real(0.0, 1.0, hi_open=True), "heavy-ball momentum on the direction",
-           structure=lambda o: o.momentum > 0, structure_name="momentum > 0",
-           record=lambda o: int(o.momentum > 0)),
+    Option(
+        "decoupled_weight_decay",
+        True,
+        boolean,
+        "AdamW-style (added to the direction) instead of L2 (added to the gradient)",
+    ),
+    Option(
+        "momentum",
+        0.0,
+        real(0.0, 1.0, hi_open=True),
+        "heavy-ball momentum on the direction",
+        structure=lambda o: o.momentum > 0,
+        structure_name="momentum > 0",
+        record=lambda o: int(o.momentum > 0),
+    ),
     Option("dampening", 0.0, real(0.0, 1.0), "momentum dampening"),
     Option("nesterov", False, boolean, "Nesterov momentum"),
-    Option("max_preconditioner_dim", 1024, integer(1), "largest block size per dim",
-           structure=_same("max_preconditioner_dim"), record=_same("max_preconditioner_dim")),
-    Option("merge_dims", True, boolean, "merge small dims before blocking",
-           structure=_same("merge_dims"), record=lambda o: int(o.merge_dims)),
-    Option("precondition_frequency", 100, integer(1), "steps between root refreshes",
-           structure=lambda o: o.precondition_frequency if o.stagger_roots else None,
-           structure_name="precondition_frequency (with stagger_roots)"),
-    Option("start_preconditioning_step", None, _start,
-           "first step with roots (None: precondition_frequency)"),
-    Option("grafting", "default", _grafting,
-           "the direction whose norm Shampoo's takes: adam, adagrad, rmsprop, sgd, None "
-           "('default': adam for root-inverse Shampoo, None for eigenvalue-corrected)",
-           structure=_same("grafting"),
-           record=lambda o: -1 if o.grafting is None else GRAFTING_TYPES.index(o.grafting),
-           stored=lambda o: o.grafting),
+    Option(
+        "max_preconditioner_dim",
+        1024,
+        integer(1),
+        "largest block size per dim",
+        structure=_same("max_preconditioner_dim"),
+        record=_same("max_preconditioner_dim"),
+    ),
+    Option(
+        "merge_dims",
+        True,
+        boolean,
+        "merge small dims before blocking",
+        structure=_same("merge_dims"),
+        record=lambda o: int(o.merge_dims),
+    ),
+    Option(
+        "precondition_frequency",
+        100,
+        integer(1),
+        "steps between root refreshes",
+        structure=lambda o: o.precondition_frequency if o.stagger_roots else None,
+        structure_name="precondition_frequency (with stagger_roots)",
+    ),
+    Option(
+        "start_preconditioning_step",
+        None,
+        _start,
+        "first step with roots (None: precondition_frequency)",
+    ),
+    Option(
+        "grafting",
+        "default",
+        _grafting,
+        "the direction whose norm Shampoo's takes: adam, adagrad, rmsprop, sgd, None "
+        "('default': adam for root-inverse Shampoo, None for eigenvalue-corrected)",
+        structure=_same("grafting"),
+        record=lambda o: -1 if o.grafting is None else GRAFTING_TYPES.index(o.grafting),
+        stored=lambda o: o.grafting,
+    ),
     Option("grafting_beta2", 0.999, real(0.0, 1.0, hi_open=True), "grafting's second-moment EMA"),
     Option("grafting_epsilon", 1e-8, real(0.0, lo_open=True), "grafting's epsilon"),
     Option("use_bias_correction", True, boolean, "bias-correct the EMAs"),
-    Option("inverse_exponent_override", None, _override,
-           "{tensor order: exponent} instead of 1 / (2 order) (1/2 eigenvalue-corrected)"),
-    Option("factor_dtype", torch.float32, lambda name, v: parse_factor_dtype(v),
-           "dtype of the factors", structure=_same("factor_dtype"),
-           record=lambda o: _RECORDED_DTYPES.index(o.factor_dtype),
-           stored=lambda o: str(o.factor_dtype).removeprefix("torch.")),
-    Option("max_consecutive_root_failures", 3, integer(1),
-           "root failures in a row a block may have before the step raises"),
-    Option("stagger_roots", False, boolean,
-           "refresh each block in its own step of the period instead of all at once",
-           structure=_same("stagger_roots")),
-    Option("preconditioner", "shampoo", choice(*PRECONDITIONERS),
-           "root-inverse Shampoo or eigenvalue-corrected (SOAP)",
-           structure=_same("preconditioner"),
-           record=lambda o: 1 if o.eigenvalue_corrected else -1),
-    Option("eigenbasis", "eigh", choice(*EIGENBASES), "eigenvalue-corrected: eigh or QR",
-           structure=_same("eigenbasis")),
-    Option("qr_iterations", 1, integer(1, MAX_QR_ITERATIONS),
-           "eigenvalue-corrected QR: iterations per refresh", structure=_same("qr_iterations")),
-    Option("eigenbasis_convention", "reference", choice(*EIGENBASIS_CONVENTIONS),
-           "eigenvalue-corrected: the reference implementation's conventions or SOAP's",
-           # Which vector each corrected eigenvalue belongs to depends on it.
-           structure=_same("eigenbasis_convention"),
-           record=lambda o: ({"soap": 1, "reference": 2}[o.eigenbasis_convention]
-                             if o.eigenvalue_corrected else -1)),
-    Option("eigenbasis_tolerance", 0.0, real(0.0, 1.0),
-           "eigenvalue-corrected, reference convention: skip an eigh or stop QR when the old "
-           "basis diagonalizes the factor within this"),
+    Option(
+        "inverse_exponent_override",
+        None,
+        _override,
+        "{tensor order: exponent} instead of 1 / (2 order) (1/2 eigenvalue-corrected)",
+    ),
+    Option(
+        "factor_dtype",
+        torch.float32,
+        lambda name, v: parse_factor_dtype(v),
+        "dtype of the factors",
+        structure=_same("factor_dtype"),
+        record=lambda o: _RECORDED_DTYPES.index(o.factor_dtype),
+        stored=lambda o: str(o.factor_dtype).removeprefix("torch."),
+    ),
+    Option(
+        "max_consecutive_root_failures",
+        3,
+        integer(1),
+        "root failures in a row a block may have before the step raises",
+    ),
+    Option(
+        "stagger_roots",
+        False,
+        boolean,
+        "refresh each block in its own step of the period instead of all at once",
+        structure=_same("stagger_roots"),
+    ),
+    Option(
+        "preconditioner",
+        "shampoo",
+        choice(*PRECONDITIONERS),
+        "root-inverse Shampoo or eigenvalue-corrected (SOAP)",
+        structure=_same("preconditioner"),
+        record=lambda o: 1 if o.eigenvalue_corrected else -1,
+    ),
+    Option(
+        "eigenbasis",
+        "eigh",
+        choice(*EIGENBASES),
+        "eigenvalue-corrected: eigh or QR",
+        structure=_same("eigenbasis"),
+    ),
+    Option(
+        "qr_iterations",
+        1,
+        integer(1, MAX_QR_ITERATIONS),
+        "eigenvalue-corrected QR: iterations per refresh",
+        structure=_same("qr_iterations"),
+    ),
+    Option(
+        "eigenbasis_convention",
+        "reference",
+        choice(*EIGENBASIS_CONVENTIONS),
+        "eigenvalue-corrected: the reference implementation's conventions or SOAP's",
+        # Which vector each corrected eigenvalue belongs to depends on it.
+        structure=_same("eigenbasis_convention"),
+        record=lambda o: (
+            {"soap": 1, "reference": 2}[o.eigenbasis_convention] if o.eigenvalue_corrected else -1
+        ),
+    ),
+    Option(
+        "eigenbasis_tolerance",
+        0.0,
+        real(0.0, 1.0),
+        "eigenvalue-corrected, reference convention: skip an eigh or stop QR when the old "
+        "basis diagonalizes the factor within this",
+    ),
 )
 OPTION_DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 STRUCTURAL = tuple(o for o in OPTIONS if o.structure is not None)
@@ -322,7 +408,8 @@ class _Options:
         independent of dict order: what ranks compare to agree on the options."""
         return tuple(
             f"{o.name}={sorted(v.items()) if isinstance(v, dict) else v!r}"
-            for o in OPTIONS for v in [getattr(self, o.name)]
+            for o in OPTIONS
+            for v in [getattr(self, o.name)]
         )
 
     def structure(self) -> tuple:
@@ -361,12 +448,14 @@ def optimizer_signature(extra: Iterable[inspect.Parameter]) -> inspect.Signature
     """``ShardedShampoo.__init__``'s signature: params, every option with its default, then
     ``extra`` (keyword-only, the options of the whole optimizer)."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    return inspect.Signature([
-        inspect.Parameter("self", kind),
-        inspect.Parameter("params", kind),
-        *(inspect.Parameter(o.name, kind, default=o.default) for o in OPTIONS),
-        *extra,
-    ])
+    return inspect.Signature(
+        [
+            inspect.Parameter("self", kind),
+            inspect.Parameter("params", kind),
+            *(inspect.Parameter(o.name, kind, default=o.default) for o in OPTIONS),
+            *extra,
+        ]
+    )
 
 
 def constructor_options(args: tuple, options: dict[str, Any]) -> dict[str, Any]:
@@ -375,7 +464,7 @@ def constructor_options(args: tuple, options: dict[str, Any]) -> dict[str, Any]:
     names = list(OPTION_DEFAULTS)
     if len(args) > len(names):
         raise TypeError(f"ShardedShampoo takes at most {len(names) + 1} positional arguments")
-    given = dict(zip(names, args, strict=False))
+    given = dict(zip(names, args, strict=False))  # fewer args than options
     for name in options:
         if name in given:
             raise TypeError(f"ShardedShampoo got multiple values for argument {name!r}")
@@ -392,8 +481,16 @@ def options_doc() -> str:
 # mean nothing here (torchtitan puts ``fused`` and ``foreach`` in every group), and what torch's
 # LR schedulers add (present when a group is rebuilt from another optimizer's param_groups).
 _OTHER_KEYS = {
-    "params", "param_names", "step", "fused", "foreach",
-    "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum",
+    "params",
+    "param_names",
+    "step",
+    "fused",
+    "foreach",
+    "initial_lr",
+    "max_lr",
+    "min_lr",
+    "base_momentum",
+    "max_momentum",
 }
 # Options of the whole optimizer, not of a group.
 _CONSTRUCTOR_ONLY = ("mesh", "communication_dtype", "num_trainers_per_group")

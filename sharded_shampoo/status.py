@@ -11,7 +11,6 @@ reads what it learnt back from the device once (``read_outcome``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,9 +116,7 @@ def read_outcome(
     return any_skipped, out
 
 
-def raise_if_failed(
-    statuses: list[Status], error: str | None, invalid: ValueError | None
-) -> None:
+def raise_if_failed(statuses: list[Status], error: str | None, invalid: ValueError | None) -> None:
     """Raises on every rank once a step's status words reported a problem: this rank's own
     error first, then a disagreement between ranks, then another rank's error."""
     failed, disagreeing = (

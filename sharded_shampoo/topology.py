@@ -106,8 +106,10 @@ def sharding_of(
         if isinstance(pl, Replicate):
             continue
         if not isinstance(pl, (Shard, _StridedShard)):
-            raise ValueError(f"{name}: placement {pl!r} on mesh dim {i} is not supported "
-                             "(Shard, _StridedShard and Replicate are)")
+            raise ValueError(
+                f"{name}: placement {pl!r} on mesh dim {i} is not supported "
+                "(Shard, _StridedShard and Replicate are)"
+            )
         by_dim.setdefault(pl.dim, []).append((mesh_dims[i], pl))
     splits: list[tuple[int, ...]] = []
     for d in range(ndim):
@@ -156,8 +158,10 @@ def dtensor_sharding(p: Any, world: WorldMesh | None, name: str) -> Sharding:
         # shapes and offsets ((0, 0) at (0, 1) against ((0, 2), (1, 1)) for a (3, 1) weight
         # sharded on dim 1 by tensor parallelism and on dim 0 by FSDP2); no piece is cut from it.
         return sharding
-    if tuple(hi - lo for lo, hi in box) != local or tuple(shape) != local or any(
-        hi > lo and lo != o for (lo, hi), o in zip(box, offset)
+    if (
+        tuple(hi - lo for lo, hi in box) != local
+        or tuple(shape) != local
+        or any(hi > lo and lo != o for (lo, hi), o in zip(box, offset, strict=True))
     ):
         raise ValueError(
             f"{name}: placements {tuple(p.placements)} give this rank a local tensor of "
@@ -197,7 +201,9 @@ def auto_shard_width(world: int, num_blocks: int) -> int:
     not given: the largest divisor of the world size that leaves every rank at least
     ``MIN_BLOCKS_PER_RANK`` blocks on average (1: not sharded), replicated across the groups.
     GPT-2 small (about 300 blocks of up to 1024) shards over 32 ranks at 64 or 4,096."""
-    fits = [k for k in range(1, world + 1) if world % k == 0 and k * MIN_BLOCKS_PER_RANK <= num_blocks]
+    fits = [
+        k for k in range(1, world + 1) if world % k == 0 and k * MIN_BLOCKS_PER_RANK <= num_blocks
+    ]
     return max(fits, default=1)
 
 
@@ -241,9 +247,7 @@ def shard_mesh(k: int, device_type: str):
     world = dist.get_world_size()
     if k == world:
         return init_device_mesh(device_type, (world,))
-    mesh2d = init_device_mesh(
-        device_type, (world // k, k), mesh_dim_names=("replicate", "shard")
-    )
+    mesh2d = init_device_mesh(device_type, (world // k, k), mesh_dim_names=("replicate", "shard"))
     return mesh2d["shard"]
 
 
@@ -287,8 +291,14 @@ class Topology:
     that differ between ranks hangs in ``new_group``.
     """
 
-    def __init__(self, params: list, mesh: Any, num_trainers_per_group: int | None,
-                 defaults: dict[str, Any], communication_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        params: list,
+        mesh: Any,
+        num_trainers_per_group: int | None,
+        defaults: dict[str, Any],
+        communication_dtype: torch.dtype,
+    ) -> None:
         self.world_mesh = dtensor_mesh(params)
         if self.world_mesh is not None and (mesh is not None or num_trainers_per_group is not None):
             raise ValueError(
@@ -308,13 +318,18 @@ class Topology:
         self.settings = [
             ("setting", "the number of ranks blocks are sharded over", self.shards),
             ("setting", "communication_dtype", str(communication_dtype)),
-            ("setting", "the DTensor parameters' world mesh",
-             None if self.world_mesh is None else self.world_mesh.shape),
+            (
+                "setting",
+                "the DTensor parameters' world mesh",
+                None if self.world_mesh is None else self.world_mesh.shape,
+            ),
         ]
         # Built before torch.distributed was initialized (the optimizer is then not sharded):
         # worth a warning at the first step if a process group exists by then.
         self.late_process_group = (
-            mesh is None and num_trainers_per_group is None and self.world_mesh is None
+            mesh is None
+            and num_trainers_per_group is None
+            and self.world_mesh is None
             and not (dist.is_available() and dist.is_initialized())
         )
 
@@ -335,12 +350,14 @@ class Topology:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from .diagnostics import warn
 
-            warn(UserWarning(
-                "ShardedShampoo was built before torch.distributed was initialized, so it "
-                "does not shard: every rank keeps the state of every block and computes "
-                "it. Build the optimizer after init_process_group (under the Hugging Face "
-                "Trainer: after TrainingArguments)."
-            ))
+            warn(
+                UserWarning(
+                    "ShardedShampoo was built before torch.distributed was initialized, so it "
+                    "does not shard: every rank keeps the state of every block and computes "
+                    "it. Build the optimizer after init_process_group (under the Hugging Face "
+                    "Trainer: after TrainingArguments)."
+                )
+            )
 
     def mesh(self) -> Any:
         """The 1-D mesh blocks are sharded over (created on first use), or None."""

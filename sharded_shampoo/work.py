@@ -4,10 +4,10 @@ from the device, except in steps that refresh roots."""
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from .algorithm import due_rows, stack_step
 from .diagnostics import BlockNamer, ParamNamer, check_roots
@@ -52,10 +52,16 @@ def begin_step(
         invalid, chosen, active = e, {}, {}
     if not active and not collective:
         return None, None
-    digest = step_digest([
-        (gi, chosen[gi].fields_text(), param_groups[gi]["step"], tuple(flags))
-        for gi, flags in active.items()
-    ]) if collective else 0
+    digest = (
+        step_digest(
+            [
+                (gi, chosen[gi].fields_text(), param_groups[gi]["step"], tuple(flags))
+                for gi, flags in active.items()
+            ]
+        )
+        if collective
+        else 0
+    )
     return Step([g["params"] for g in param_groups], chosen, active, digest), invalid
 
 
@@ -84,8 +90,13 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
             w.direction = torch.zeros_like(w.grad)
             sub = stack.state[rows.index]
             w.direction[rows.index], ok = stack_step(
-                sub, w.grad[rows.index], None if w.param is None else w.param[rows.index],
-                w.opts, t, w.keep[rows.index], index,
+                sub,
+                w.grad[rows.index],
+                None if w.param is None else w.param[rows.index],
+                w.opts,
+                t,
+                w.keep[rows.index],
+                index,
             )
             stack.state[rows.index] = sub
         if ok is not None:

@@ -8,7 +8,9 @@ import os
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--device", choices=("cpu", "cuda"), default=None,
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
         help="device of the distributed tests (default: $SHARDED_SHAMPOO_TEST_DEVICE or cpu)",
     )
 

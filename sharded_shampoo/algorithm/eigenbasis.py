@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
-from .modes import precondition
 from ..options import GroupOptions
+from .modes import precondition
 from .roots import eigh, keep_successes
 
 __all__ = ["canonical_ties", "refresh_eigenbasis"]

@@ -16,7 +16,7 @@ def precondition(m: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
     """
     n, shape = m.shape[0], m.shape[1:]
     x = m
-    for p, d in zip(roots, shape):
+    for p, d in zip(roots, shape, strict=True):
         # x as (n, d, rest): (P @ x)^T = x^T @ P^T, laid out (n, rest, d).
         x = torch.bmm(x.reshape(n, d, -1).mT, p.mT.to(m.dtype))
     return x.reshape(m.shape)

@@ -60,7 +60,11 @@ def _refresh(
 
 
 def refresh(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor,
+    state: TensorDict,
+    opts: GroupOptions,
+    t: int,
+    order: int,
+    keep: torch.Tensor,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Recomputes the roots (or eigenbases) of the blocks ``rows`` (indices on the stack's

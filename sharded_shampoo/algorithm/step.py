@@ -99,7 +99,11 @@ def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float, gat
 
 
 def _corrected_step(
-    state: TensorDict, grad: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int,
+    state: TensorDict,
+    grad: torch.Tensor,
+    v: torch.Tensor | None,
+    opts: GroupOptions,
+    t: int,
     gate: RowGate,
 ) -> torch.Tensor:
     """The eigenvalue-corrected direction: the corrected eigenvalues and the filtered gradient

@@ -25,7 +25,8 @@ class StackCopies:
         # Per part: its blocks' positions as index tensors on the device (None: the whole
         # region). A host index on an accelerator's tensor would be a copy and a wait per use.
         self.positions = [
-            None if part.positions is None
+            None
+            if part.positions is None
             else tuple(torch.tensor(c, dtype=torch.long, device=device) for c in part.positions)
             for part in layout.parts
         ]

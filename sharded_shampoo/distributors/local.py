@@ -33,6 +33,9 @@ class LocalDistributor(Distributor):
     def apply(self, step: Step) -> None:
         for w in self._work:
             self._copies[(w.group, w.stack_index)].scatter_add_(
-                step.params[w.group], step.active[w.group], self.blocks[w.group].blockings,
-                w.direction, -step.options[w.group].lr,
+                step.params[w.group],
+                step.active[w.group],
+                self.blocks[w.group].blockings,
+                w.direction,
+                -step.options[w.group].lr,
             )

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..status import FAILED, STATUS_WORDS, Status, StatusWords, read_status
 from ..placement import Plan
 from ..placement.routes import allgather_segments
 from ..state import GroupBlocks
+from ..status import FAILED, STATUS_WORDS, Status, StatusWords, read_status
 from .base import Step
 from .copies import StackCopies
 from .local import LocalDistributor
@@ -31,7 +31,12 @@ class ReplicatedDistributor(LocalDistributor):
     collective = True
 
     def __init__(
-        self, blocks: list[GroupBlocks], plan: Plan, rank: int, mesh, dtype: torch.dtype,
+        self,
+        blocks: list[GroupBlocks],
+        plan: Plan,
+        rank: int,
+        mesh,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__(blocks, device)
@@ -43,8 +48,11 @@ class ReplicatedDistributor(LocalDistributor):
             for segs in allgather_segments(plan)
         ]
         longest = max(
-            (start + lay.num_rows * lay.row_numel
-             for segs in self.segments for _, _, lay, start, _ in segs),
+            (
+                start + lay.num_rows * lay.row_numel
+                for segs in self.segments
+                for _, _, lay, start, _ in segs
+            ),
             default=0,
         )
         self.status_index = longest
@@ -84,7 +92,9 @@ class ReplicatedDistributor(LocalDistributor):
         if not any(summary):
             return Status()
         failed_ranks, differs = self._flagged
-        return Status(failed_ranks.nonzero().flatten().tolist(), differs.nonzero().flatten().tolist())
+        return Status(
+            failed_ranks.nonzero().flatten().tolist(), differs.nonzero().flatten().tolist()
+        )
 
     def apply(self, step: Step) -> None:
         for r, segs in enumerate(self.segments):
@@ -95,6 +105,9 @@ class ReplicatedDistributor(LocalDistributor):
                 n = layout.num_rows * layout.row_numel
                 rows = piece[start : start + n].view(layout.num_rows, *layout.block_shape)
                 copies.scatter_add_(
-                    step.params[gi], step.active[gi], self.blocks[gi].blockings, rows,
+                    step.params[gi],
+                    step.active[gi],
+                    self.blocks[gi].blockings,
+                    rows,
                     -step.options[gi].lr,
                 )

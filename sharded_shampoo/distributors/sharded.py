@@ -42,12 +42,12 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
-from ..status import FAILED, STATUS_WORDS, Status, StatusWords, read_status
 from ..options import GroupOptions
 from ..placement import Plan
 from ..placement.routes import PieceRoutes, Route
 from ..placement.sharding import block_box, shard_pieces
 from ..state import GroupBlocks
+from ..status import FAILED, STATUS_WORDS, Status, StatusWords, read_status
 from .base import Distributor, StackWork, Step
 
 __all__ = ["ShardedDistributor", "weight_decay_place"]
@@ -65,7 +65,7 @@ def weight_decay_place(opts: GroupOptions) -> str:
 
 def _slices(piece, box) -> tuple[slice, ...]:
     """Where ``piece`` sits in a tensor holding ``box`` of the parameter."""
-    return tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(piece.box, box))
+    return tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(piece.box, box, strict=True))
 
 
 def _piece_view(flat: torch.Tensor, offset: int, route: Route) -> torch.Tensor:
@@ -112,8 +112,14 @@ class ShardedDistributor(Distributor):
 
     collective = True
 
-    def __init__(self, blocks: list[GroupBlocks], plan: Plan, rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        blocks: list[GroupBlocks],
+        plan: Plan,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__(blocks, sharded=True)
         self.dtype = dtype
         sharded = {
@@ -203,7 +209,7 @@ class ShardedDistributor(Distributor):
                     prm.weight_dst.append(_piece_view(bufs["grad_send"], off + send.data[j], r))
         recv = routes.dir_recv
         for j, entries in enumerate(recv.entries):
-            for (off, r), flag in zip(entries, recv.flag_at[j]):
+            for (off, r), flag in zip(entries, recv.flag_at[j], strict=True):
                 prm = out[(r.group, r.param)]
                 i = local_pos[(r.group, r.param, r.block)]
                 prm.dir_src[i] = _piece_view(bufs["dir_recv"], off, r)
@@ -226,7 +232,7 @@ class ShardedDistributor(Distributor):
                     prm.weight_src.append(_piece_view(bufs["grad_recv"], off + recv.data[j], r))
         dirs = routes.dir_send
         for j, entries in enumerate(dirs.entries):
-            for (off, r), flag in zip(entries, dirs.flag_at[j]):
+            for (off, r), flag in zip(entries, dirs.flag_at[j], strict=True):
                 prm = out[(r.group, r.param)]
                 si, row = self.blocks[r.group].where[(r.param, r.block)]
                 prm.dir_out_src.append(block_piece(self._grads[(r.group, si)], r, row))
@@ -299,7 +305,7 @@ class ShardedDistributor(Distributor):
             torch._foreach_add_(d, w, alpha=step.options[gi].weight_decay)
         self._all_to_all("grad")
         dst, src = [], []
-        for gi, pi, prm, opts in self._active(step):
+        for _, _, prm, opts in self._active(step):
             dst += prm.stack_piece
             src += prm.grad_src
             if weight_decay_place(opts) == "owner":
@@ -339,7 +345,8 @@ class ShardedDistributor(Distributor):
         """Whether a stepping DTensor group's weight decay is applied by the holders."""
         return any(
             weight_decay_place(step.options[gi]) == "holder-step"
-            for gi in step.active if gi in self._groups
+            for gi in step.active
+            if gi in self._groups
         )
 
     def apply(self, step: Step) -> None:
@@ -356,7 +363,9 @@ class ShardedDistributor(Distributor):
             opts = step.options[gi]
             if weight_decay_place(opts) == "holder-step":
                 # W <- W - lr (D + wd W), not for a skipped block (whose D is 0).
-                src = torch._foreach_add(src, torch._foreach_mul(dst, kept), alpha=opts.weight_decay)
+                src = torch._foreach_add(
+                    src, torch._foreach_mul(dst, kept), alpha=opts.weight_decay
+                )
             if dst:
                 torch._foreach_add_(dst, src, alpha=-opts.lr)
 

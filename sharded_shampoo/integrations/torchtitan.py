@@ -55,6 +55,8 @@ def sharded_shampoo_config(
     """A config with one ShardedShampoo param group for the parameters matching ``pattern``
     (its ``options``: ``lr``, ``betas``, ``precondition_frequency``, ...)."""
     return ShampooOptimizersContainer.Config(
-        param_groups=[ParamGroupConfig(pattern=pattern, optimizer_name=NAME, optimizer_kwargs=options)],
+        param_groups=[
+            ParamGroupConfig(pattern=pattern, optimizer_name=NAME, optimizer_kwargs=options)
+        ],
         optimizer_factory_kwargs_by_name={NAME: dict(factory_kwargs or {})},
     )

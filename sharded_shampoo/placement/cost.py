@@ -36,7 +36,12 @@ from __future__ import annotations
 import math
 
 __all__ = [
-    "EIGH_COST", "ELEMENTWISE_COST", "block_cost", "block_state_elements", "root_cost", "step_cost",
+    "EIGH_COST",
+    "ELEMENTWISE_COST",
+    "block_cost",
+    "block_state_elements",
+    "root_cost",
+    "step_cost",
 ]
 
 EIGH_COST = 15.0

@@ -44,7 +44,7 @@ class GroupSpec:
         compare separately): shape, dtype and sharding."""
         return [
             f"{shape}:{dtype}:{self.sharding(pi)}"
-            for pi, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes))
+            for pi, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes, strict=True))
         ]
 
 
@@ -64,13 +64,15 @@ class GroupPlan:
         """The stacks of ``rank`` for this group, built on first use: a rank needs its own
         (and, for the AllGather, those of the ranks it shards with), never all of them."""
         if rank not in self._layouts:
-            self._layouts[rank] = tuple(group_stacks(
-                list(self.blockings),
-                list(self.spec.dtypes),
-                self.owned.get(rank, {}),
-                [self.spec.sharding(pi) is not None for pi in range(len(self.blockings))],
-                self.phases,
-            ))
+            self._layouts[rank] = tuple(
+                group_stacks(
+                    list(self.blockings),
+                    list(self.spec.dtypes),
+                    self.owned.get(rank, {}),
+                    [self.spec.sharding(pi) is not None for pi in range(len(self.blockings))],
+                    self.phases,
+                )
+            )
         return self._layouts[rank]
 
 
@@ -102,7 +104,9 @@ class Plan:
         shapes = [b.block_shape(bid) for b in blockings for bid in range(b.num_blocks)]
         # What pop_group restores (a refused add_param_group leaves the plan as it was).
         before = (
-            self.loads, self.memory, {f: list(v) for f, v in self.phase_loads.items()},
+            self.loads,
+            self.memory,
+            {f: list(v) for f, v in self.phase_loads.items()},
             {k: list(v) for k, v in self.roots.items()},
         )
         try:
@@ -136,17 +140,27 @@ class Plan:
                 preferred.append(
                     () if shard is None else self.mesh.holders(sharding, shard, PREFERRED)
                 )
-        vectors = (opts.grafting in ("adam", "rmsprop", "adagrad")) + (opts.beta1 > 0) + (
-            opts.momentum > 0
-        ) + opts.eigenvalue_corrected
+        vectors = (
+            (opts.grafting in ("adam", "rmsprop", "adagrad"))
+            + (opts.beta1 > 0)
+            + (opts.momentum > 0)
+            + opts.eigenvalue_corrected
+        )
         memory = [
             block_state_elements(b.block_shape(bid), vectors)
             for b in blockings
             for bid in range(b.num_blocks)
         ]
         assignment = assign_blocks(
-            costs, self.world_size, self.loads, preferred, memory, self.memory,
-            keys, root_costs, self.roots,
+            costs,
+            self.world_size,
+            self.loads,
+            preferred,
+            memory,
+            self.memory,
+            keys,
+            root_costs,
+            self.roots,
         )
         owners, phases, i = [], [], 0
         owned: dict[int, dict[int, set[int]]] = {}
@@ -179,9 +193,7 @@ class Plan:
 
     def direction_numel(self, rank: int) -> int:
         """Elements of search direction ``rank`` computes per step."""
-        return sum(
-            s.num_rows * s.row_numel for g in self.groups for s in g.layout(rank)
-        )
+        return sum(s.num_rows * s.row_numel for g in self.groups for s in g.layout(rank))
 
     def owners_fingerprint(self) -> str:
         owners = [g.owners for g in self.groups]

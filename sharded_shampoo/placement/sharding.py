@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from ..blocking import ParamBlocking
 
 __all__ = [
-    "Box", "Piece", "Sharding", "WorldMesh", "block_box", "largest_piece", "pieces_of_block",
+    "Box",
+    "Piece",
+    "Sharding",
+    "WorldMesh",
+    "block_box",
+    "largest_piece",
+    "pieces_of_block",
     "shard_pieces",
 ]
 
@@ -60,7 +66,7 @@ class Sharding:
     def box(self, shape: tuple[int, ...], coord: tuple[int, ...]) -> Box:
         """What the rank at mesh coordinate ``coord`` holds."""
         out = []
-        for n, dims in zip(shape, self.splits):
+        for n, dims in zip(shape, self.splits, strict=True):
             lo, hi = 0, n
             for m in dims:
                 chunk = -(-(hi - lo) // self.mesh_shape[m])
@@ -89,7 +95,7 @@ class Piece:
 def block_box(blocking: ParamBlocking, bid: int) -> Box:
     """Block ``bid`` in the parameter's dims."""
     box = [(0, n) for n in blocking.shape]
-    for group, sl in zip(blocking.groups, blocking.block_slices(bid)):
+    for group, sl in zip(blocking.groups, blocking.block_slices(bid), strict=True):
         if len(group) == 1:  # a dim of its own: its chunk (a merged dim is one whole chunk)
             box[group[0]] = (sl.start, sl.stop)
     return tuple(box)
@@ -134,7 +140,11 @@ def _largest(lo: int, hi: int, a: int, b: int, sizes: list[int]) -> tuple[int, t
 
 def _shard_coord(sharding: Sharding, per_dim: list[tuple]) -> tuple[int, ...]:
     """Coordinates on ``shard_dims`` from each tensor dim's chunk coordinates."""
-    at = {m: c for dims, coords in zip(sharding.splits, per_dim) for m, c in zip(dims, coords)}
+    at = {
+        m: c
+        for dims, coords in zip(sharding.splits, per_dim, strict=True)
+        for m, c in zip(dims, coords, strict=True)
+    }
     return tuple(at[m] for m in sharding.shard_dims)
 
 
@@ -142,7 +152,9 @@ def pieces_of_block(blocking: ParamBlocking, sharding: Sharding, bid: int) -> li
     """The non-empty pieces of block ``bid``, in shard order."""
     box = block_box(blocking, bid)
     sizes = [[sharding.mesh_shape[m] for m in dims] for dims in sharding.splits]
-    per_dim = [list(_meets(0, n, a, b, s)) for n, (a, b), s in zip(blocking.shape, box, sizes)]
+    per_dim = [
+        list(_meets(0, n, a, b, s)) for n, (a, b), s in zip(blocking.shape, box, sizes, strict=True)
+    ]
     pieces = [
         Piece(_shard_coord(sharding, [c for c, _ in combo]), tuple(i for _, i in combo))
         for combo in itertools.product(*per_dim)
@@ -156,7 +168,7 @@ def largest_piece(blocking: ParamBlocking, sharding: Sharding, bid: int) -> tupl
     dim's longest intersection is found on its own."""
     box = block_box(blocking, bid)
     found = []
-    for n, (a, b), dims in zip(blocking.shape, box, sharding.splits):
+    for n, (a, b), dims in zip(blocking.shape, box, sharding.splits, strict=True):
         length, coords = _largest(0, n, a, b, [sharding.mesh_shape[m] for m in dims])
         if length <= 0:
             return None
@@ -176,7 +188,7 @@ def shard_pieces(
     # Per merged dim, the chunks that meet my box: a dim of its own by its interval; a merged
     # dim (one chunk) always.
     ranges = []
-    for group, chunks in zip(blocking.groups, blocking.grid):
+    for group, chunks in zip(blocking.groups, blocking.grid, strict=True):
         if len(group) != 1:
             ranges.append(range(len(chunks)))
             continue
@@ -186,10 +198,11 @@ def shard_pieces(
     out = []
     for idx in itertools.product(*ranges):
         bid = 0
-        for i, d in zip(idx, dims):
+        for i, d in zip(idx, dims, strict=True):
             bid = bid * d + i
         box = tuple(
-            (max(a, lo), min(b, hi)) for (a, b), (lo, hi) in zip(block_box(blocking, bid), mine)
+            (max(a, lo), min(b, hi))
+            for (a, b), (lo, hi) in zip(block_box(blocking, bid), mine, strict=True)
         )
         out.append((bid, Piece(shard, box)))
     return out
@@ -210,11 +223,11 @@ class WorldMesh:
         self._strides = [math.prod(self.shape[m + 1 :]) for m in range(len(self.shape))]
 
     def rank(self, coord: tuple[int, ...]) -> int:
-        return self._ranks[sum(c * s for c, s in zip(coord, self._strides))]
+        return self._ranks[sum(c * s for c, s in zip(coord, self._strides, strict=True))]
 
     def coord(self, rank: int) -> tuple[int, ...]:
         i = self._at[rank]
-        return tuple((i // s) % n for s, n in zip(self._strides, self.shape))
+        return tuple((i // s) % n for s, n in zip(self._strides, self.shape, strict=True))
 
     def holders(
         self, sharding: Sharding, shard: tuple[int, ...], limit: int | None = None
@@ -222,12 +235,12 @@ class WorldMesh:
         """The ranks holding shard ``shard`` (coordinates on ``sharding.shard_dims``): every
         coordinate on the other mesh dims, in mesh order (the first ``limit`` of them)."""
         coord = [0] * len(self.shape)
-        for m, c in zip(sharding.shard_dims, shard):
+        for m, c in zip(sharding.shard_dims, shard, strict=True):
             coord[m] = c
         free = sharding.replica_dims()
         out = []
         for values in itertools.product(*(range(self.shape[m]) for m in free)):
-            for m, c in zip(free, values):
+            for m, c in zip(free, values, strict=True):
                 coord[m] = c
             out.append(self.rank(tuple(coord)))
             if len(out) == limit:
@@ -239,6 +252,6 @@ class WorldMesh:
         coordinates on the replicating mesh dims are the owner's (under HSDP, the holder in the
         owner's replica group), so that gradients never cross those dims."""
         coord = list(self.coord(owner))
-        for m, c in zip(sharding.shard_dims, shard):
+        for m, c in zip(sharding.shard_dims, shard, strict=True):
             coord[m] = c
         return self.rank(tuple(coord))

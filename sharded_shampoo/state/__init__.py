@@ -2,14 +2,20 @@ from .pool import StatePool
 from .stacks import (
     BlockStack,
     GroupBlocks,
-    RowSelection,
     Rows,
+    RowSelection,
     math_dtype,
     pool_lengths,
     state_spec,
 )
 
 __all__ = [
-    "BlockStack", "GroupBlocks", "RowSelection", "Rows", "StatePool", "math_dtype", "pool_lengths",
+    "BlockStack",
+    "GroupBlocks",
+    "RowSelection",
+    "Rows",
+    "StatePool",
+    "math_dtype",
+    "pool_lengths",
     "state_spec",
 ]

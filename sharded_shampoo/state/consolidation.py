@@ -58,7 +58,7 @@ def full_state_request(sharded: bool) -> Any | None:
     ``state_dict()`` is ``torch.distributed.checkpoint.state_dict``'s code (at any depth: a
     wrapper may add frames), else None. torch passes no options to an optimizer's
     ``state_dict()``; this reads them from its frames (a local ``info`` holding them; a test
-    asserts it is found, ``tests/distributed/test_full_state_dict.py``).
+    asserts it is found, ``tests/state/test_full_state_dict.py``).
 
     Fails closed when ``sharded``: torch's state-dict code in the stack without options this
     can read (a torch that moved them), or FSDP1's ``optim_state_dict``, raise
@@ -122,7 +122,9 @@ def gather_blocks(
     if keep and not offload:
         others = sum(
             n * dtype.itemsize
-            for per_rank in sizes for r, lengths in enumerate(per_rank) if r != rank
+            for per_rank in sizes
+            for r, lengths in enumerate(per_rank)
+            if r != rank
             for dtype, n in lengths.items()
         )
         offload = not _fits(device, others)

@@ -101,8 +101,12 @@ class StateDicts:
             }
         if keep is not None and self._plan.world_size > 1:
             others = gather_blocks(
-                self._plan, self._topology.rank, [g.pool for g in self._groups],
-                self._topology.mesh().get_group(), keep, offload,
+                self._plan,
+                self._topology.rank,
+                [g.pool for g in self._groups],
+                self._topology.mesh().get_group(),
+                keep,
+                offload,
             )
             index = 0
             for gi, group in enumerate(self._param_groups):
@@ -147,7 +151,9 @@ class StateDicts:
         for dst, src in copies:
             if dst.data_ptr() != src.data_ptr():  # DCP may have loaded into the live views
                 dst.copy_(src)
-        for group, options, state in zip(self._param_groups, new_options, self._groups, strict=True):
+        for group, options, state in zip(
+            self._param_groups, new_options, self._groups, strict=True
+        ):
             group.update(options)
             group.update(GroupOptions.from_group(group).stored())
             state.step.fill_(group["step"])

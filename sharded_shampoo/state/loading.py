@@ -48,7 +48,7 @@ def check_state_dict(
         options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
         current = GroupOptions.from_group(group)
         steps = set()
-        for pi, (p, pid) in enumerate(zip(group["params"], saved_ids, strict=True)):
+        for pi, pid in enumerate(saved_ids):
             theirs = saved_state.get(pid, {})
             if "blocking" not in theirs or "step" not in theirs:
                 raise ValueError(
@@ -61,7 +61,8 @@ def check_state_dict(
             diff = record_difference(theirs["blocking"], record)
             if diff is not None:
                 raise ValueError(
-                    f"the state of {name(gi, pi)} does not fit this optimizer: {diff}. Load it into "
+                    f"the state of {name(gi, pi)} does not fit this optimizer: {diff}. Load it "
+                    "into "
                     "an optimizer built with the same model and options."
                 )
             steps.add(int(theirs["step"]))
@@ -95,7 +96,8 @@ def check_state_dict(
             # rank takes its own, and checks that the others are blocks of this parameter.
             missing = sorted(set(mine) - set(theirs))[:3]
             extra = sorted(
-                k for k in theirs
+                k
+                for k in theirs
                 if k not in mine and not _fits_block(k, theirs[k], blocking, p.dtype, opts)
             )[:3]
             if missing or extra:
@@ -145,8 +147,11 @@ def _fits_block(
     bid = int(parts[1])
     if bid >= blocking.num_blocks:
         return False
-    spec = {k: shape for k, shape, _ in block_state_spec(blocking.block_shape(bid), param_dtype, opts)}
+    spec = {
+        k: shape for k, shape, _ in block_state_spec(blocking.block_shape(bid), param_dtype, opts)
+    }
     return (
-        parts[2] in spec and isinstance(value, torch.Tensor)
+        parts[2] in spec
+        and isinstance(value, torch.Tensor)
         and tuple(value.shape) == tuple(spec[parts[2]])
     )

@@ -94,12 +94,20 @@ def _decode(record: torch.Tensor) -> dict[str, object]:
     v = [int(x) for x in record.tolist()]
     base = 2 + 1 + _MAX_DIMS
     out: dict[str, object] = {
-        "numel": v[1], "shape": _shape(v, 2), "merged shape": _shape(v, base),
+        "numel": v[1],
+        "shape": _shape(v, 2),
+        "merged shape": _shape(v, base),
     }
     rest = v[base + 1 + _MAX_DIMS :]
     if v[0] == 1:
-        names = ("max_preconditioner_dim", "merge_dims", "factor_dtype", "grafting",
-                 "betas[0] > 0", "momentum > 0")
+        names = (
+            "max_preconditioner_dim",
+            "merge_dims",
+            "factor_dtype",
+            "grafting",
+            "betas[0] > 0",
+            "momentum > 0",
+        )
         out["blocks"] = rest[6]
         out[_PHASES] = None if rest[9] == -1 else rest[9]
         ints = dict(zip(names, rest[:6], strict=True))

@@ -40,7 +40,12 @@ from ..placement.layout import StackLayout
 from .pool import StatePool, pooled_sizes
 
 __all__ = [
-    "BlockStack", "GroupBlocks", "RowSelection", "Rows", "block_state_spec", "math_dtype",
+    "BlockStack",
+    "GroupBlocks",
+    "RowSelection",
+    "Rows",
+    "block_state_spec",
+    "math_dtype",
     "state_spec",
 ]
 

@@ -5,12 +5,12 @@ Each world size runs all its cases in one spawned group (see harness.py).
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import dp_cases
+import pytest
 import scenarios
+import torch
 from harness import run_cases, to_host
+from scenarios import BF16_TOLERANCE, DDP_TOLERANCE, EXACT_TOLERANCE, FP32_TOLERANCE
 
 WORLD_SIZES = [2, 3, 4]
 CASES = {
@@ -31,20 +31,6 @@ CASES = {
 }
 TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
 
-# Float64 parameters, factors and communication: what differs from one process is float64
-# rounding (batched products and eigh round by a matrix's place in a stack; DDP and FSDP2 sum
-# per-rank gradients in another order), amplified by the inverse roots. Measured after 30-32
-# steps at 2-4 ranks: 3e-16 with the same gradients everywhere, up to 3e-15 under FSDP2/HSDP
-# with per-rank batches. A routing bug moves parameters by far more.
-EXACT_TOLERANCE = 1e-10
-# Float32 communication rounds every direction to float32 (6e-8 relative) before it is applied.
-FP32_TOLERANCE = 1e-6
-# bfloat16 keeps 8 bits of each direction (0.4% relative rounding of every update); measured
-# after 32 steps at 2-4 ranks: 3.0e-4 relative to the parameters.
-BF16_TOLERANCE = 2e-3
-# The DDP case, the FSDP2 and the checkpoint tests compare float64 runs too.
-DDP_TOLERANCE = EXACT_TOLERANCE
-
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"world{w}")
 def group(request):
@@ -55,7 +41,7 @@ def group(request):
         names.append("trainer_groups")
         cases.append(TRAINER_GROUP_CASE)
     results = run_cases(world, cases)
-    return world, dict(zip(names, results))
+    return world, dict(zip(names, results, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +54,12 @@ def reference():
     corrected, _ = scenarios.train_with_same_grads(options=scenarios.EC_OPTIONS)
     soap, _ = scenarios.train_with_same_grads(options=scenarios.EC_SOAP_OPTIONS)
     return {
-        "params": params, "state_bytes": opt.state_bytes(), "tiny": tiny, "staggered": staggered,
-        "eigenvalue_corrected": corrected, "eigenvalue_corrected_soap": soap,
+        "params": params,
+        "state_bytes": opt.state_bytes(),
+        "tiny": tiny,
+        "staggered": staggered,
+        "eigenvalue_corrected": corrected,
+        "eigenvalue_corrected_soap": soap,
     }
 
 
@@ -79,7 +69,7 @@ def assert_replicas_identical(values):
         other = v["params"] if isinstance(v, dict) else v
         flat_a = [p for g in first for p in (g if isinstance(g, list) else [g])]
         flat_b = [p for g in other for p in (g if isinstance(g, list) else [g])]
-        for a, b in zip(flat_a, flat_b):
+        for a, b in zip(flat_a, flat_b, strict=True):
             assert torch.equal(a, b), f"rank {r} differs from rank 0"
 
 
@@ -95,7 +85,10 @@ def test_fp64_matches_single_process(group, reference):
     fp32 = scenarios.max_rel_err(results["fp32"].ok()[0]["params"], reference["params"])
     assert fp32 <= FP32_TOLERANCE, f"world {world}: float32 communication: {fp32:.2e}"
     # Every block owned once: owned blocks add up to the single-process count.
-    assert sum(v["owned_blocks"] for v in values) == scenarios.train_with_same_grads(steps=0)[1].owned_blocks()
+    assert (
+        sum(v["owned_blocks"] for v in values)
+        == scenarios.train_with_same_grads(steps=0)[1].owned_blocks()
+    )
 
 
 def test_bf16_communication_keeps_replicas_identical(group, reference):

@@ -11,9 +11,8 @@ counts the synchronizations themselves.
 
 from __future__ import annotations
 
-import pytest
-
 import device_cases
+import pytest
 from harness import DEVICE_TYPE, run_cases
 
 # (mode, world size): every way the parameters can be held.
@@ -22,8 +21,12 @@ MODES = [("single", 1), ("ddp", 2), ("fsdp", 2), ("tp", 2), ("hsdp", 4), ("fsdp_
 RUNS = [
     (mode, world, variant, drop)
     for mode, world in MODES
-    for variant, drop in (("plain", False), ("plain", True), ("holder_decay", False),
-                          ("eigenvalue_corrected", False))
+    for variant, drop in (
+        ("plain", False),
+        ("plain", True),
+        ("holder_decay", False),
+        ("eigenvalue_corrected", False),
+    )
 ]
 
 
@@ -35,9 +38,9 @@ def audits():
         cases = [(device_cases.audit_step, dict(mode=m, variant=v, drop=d)) for m, _, v, d in runs]
         if world == 1:
             results = [device_cases.audit_step(0, 1, **kw) for _, kw in cases]
-            out.update(zip(runs, ([r] for r in results)))
+            out.update(zip(runs, ([r] for r in results), strict=True))
         else:
-            out.update(zip(runs, (r.ok() for r in run_cases(world, cases))))
+            out.update(zip(runs, (r.ok() for r in run_cases(world, cases)), strict=True))
     return out
 
 
@@ -61,20 +64,24 @@ def test_the_audit_sees_what_it_looks_for():
     elsewhere is not."""
     import os
 
-    import torch
-
     import audit
+    import torch
 
     code = compile(
         "x = torch.arange(3)\nx.tolist()\nbool(x.any())\nx.nonzero()\nx.to('cpu')\n"
         "x.to(torch.device('cpu'), torch.float64)\ntorch.zeros(2, device='cpu')\n",
-        os.path.join(audit.PACKAGE, "optimizer.py"), "exec",
+        os.path.join(audit.PACKAGE, "optimizer.py"),
+        "exec",
     )
     with audit.HostReads() as reads, audit.Creations() as made:
         torch.zeros(2).tolist()  # from the test itself: not counted
         exec(code, {"torch": torch})
     assert [r for r, _ in reads.reads] == [
-        "tolist", "aten._local_scalar_dense", "aten.nonzero", "to", "to"
+        "tolist",
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "to",
+        "to",
     ]
     assert [u for u, _ in made.unplaced] == ["arange"]
     assert [c for c, _ in made.copies] == ["to", "to"]

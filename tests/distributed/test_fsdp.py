@@ -8,13 +8,12 @@ the comparison uses the DDP tests' float64 tolerance (same reasoning).
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import fsdp_cases
+import pytest
 import scenarios
+import torch
 from harness import run_cases
-from test_data_parallel import DDP_TOLERANCE
+from scenarios import DDP_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +49,12 @@ def world2():
     ]
     cases += [(fsdp_cases.fsdp, kw) for kw in WEIGHT_DECAY_VARIANTS.values()]
     names += ["eigenvalue_corrected", "mixed_eigenvalue_corrected", "soap_eigenvalue_corrected"]
-    cases += [(fsdp_cases.fsdp, EC_CASE), (fsdp_cases.fsdp, {"mixed": True, **EC_CASE}),
-              (fsdp_cases.fsdp, {**SOAP_CASE, "eigenbasis": "qr"})]
-    return dict(zip(names, run_cases(2, cases)))
+    cases += [
+        (fsdp_cases.fsdp, EC_CASE),
+        (fsdp_cases.fsdp, {"mixed": True, **EC_CASE}),
+        (fsdp_cases.fsdp, {**SOAP_CASE, "eigenbasis": "qr"}),
+    ]
+    return dict(zip(names, run_cases(2, cases), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,17 @@ def world3():
 
 @pytest.fixture(scope="module")
 def world4():
-    names = ["fsdp", "hsdp", "mixed_precision", "failures", "nan", "hsdp_nan", "staggered",
-             "eigenvalue_corrected", "hsdp_eigenvalue_corrected"]
+    names = [
+        "fsdp",
+        "hsdp",
+        "mixed_precision",
+        "failures",
+        "nan",
+        "hsdp_nan",
+        "staggered",
+        "eigenvalue_corrected",
+        "hsdp_eigenvalue_corrected",
+    ]
     cases = [
         (fsdp_cases.fsdp, {}),
         (fsdp_cases.fsdp, {"hsdp": True}),
@@ -77,13 +88,13 @@ def world4():
         (fsdp_cases.fsdp, EC_CASE),
         (fsdp_cases.fsdp, {"hsdp": True, **EC_CASE, "eigenbasis": "qr"}),
     ]
-    return dict(zip(names, run_cases(4, cases)))
+    return dict(zip(names, run_cases(4, cases), strict=True))
 
 
 def check_against_reference(values, reference, tolerance=DDP_TOLERANCE):
     ref_params, _ = reference
     for r, v in enumerate(values[1:], start=1):
-        for a, b in zip(v["params"], values[0]["params"]):
+        for a, b in zip(v["params"], values[0]["params"], strict=True):
             assert torch.equal(a, b), f"rank {r} ends with other parameters than rank 0"
     err = scenarios.max_rel_err([values[0]["params"]], [ref_params])
     assert err <= tolerance, f"relative error {err:.2e}"
@@ -143,7 +154,7 @@ def test_failures_under_hsdp_raise_everywhere_and_nan_stays_out(world4):
 
 
 def test_fsdp_on_a_single_rank(reference):
-    (mixed, full), = [v for v in run_cases(1, [(fsdp_cases.fsdp_single_rank, {})])[0].ok()]
+    ((mixed, full),) = [v for v in run_cases(1, [(fsdp_cases.fsdp_single_rank, {})])[0].ok()]
     for values in (mixed, full):
         check_against_reference([values], reference)
 
@@ -171,10 +182,16 @@ def test_staggered_roots_match_single_process(world2, world4, world):
     check_against_reference(values, fsdp_cases.train_reference(stagger_roots=True))
 
 
-@pytest.mark.parametrize("world, case", [(2, "eigenvalue_corrected"), (4, "eigenvalue_corrected"),
-                                         (4, "hsdp_eigenvalue_corrected"),
-                                         (2, "mixed_eigenvalue_corrected"),
-                                         (2, "soap_eigenvalue_corrected")])
+@pytest.mark.parametrize(
+    "world, case",
+    [
+        (2, "eigenvalue_corrected"),
+        (4, "eigenvalue_corrected"),
+        (4, "hsdp_eigenvalue_corrected"),
+        (2, "mixed_eigenvalue_corrected"),
+        (2, "soap_eigenvalue_corrected"),
+    ],
+)
 def test_eigenvalue_corrected_matches_single_process(world2, world4, world, case):
     values = {2: world2, 4: world4}[world][case].ok()
     basis = "qr" if case.startswith(("hsdp", "soap")) else "eigh"

@@ -12,11 +12,10 @@ checkpoints must cross modes and world sizes.
 from __future__ import annotations
 
 import pytest
-
 import scenarios
 import tp_cases
 from harness import run_cases
-from test_data_parallel import DDP_TOLERANCE
+from scenarios import DDP_TOLERANCE
 
 NAN = dict(nan_at=3, momentum=0.0)  # holders apply decay with the direction: must skip too
 VARIANTS = {  # name: options, each against one process with the same options
@@ -48,31 +47,61 @@ def groups(root):
     out = {}
 
     def run(world, named):
-        for name, res in zip([n for n, _ in named], run_cases(world, [c for _, c in named])):
+        for name, res in zip(
+            [n for n, _ in named], run_cases(world, [c for _, c in named]), strict=True
+        ):
             out[name] = res
 
     def runs(mode, world):
-        return [((mode, v), (tp_cases.run, {"mode": mode, **VARIANTS[v]}))
-                for v in RUNS[(mode, world)]]
+        return [
+            ((mode, v), (tp_cases.run, {"mode": mode, **VARIANTS[v]})) for v in RUNS[(mode, world)]
+        ]
 
-    run(2, runs("tp", 2) + [
-        ("save ddp", (tp_cases.save, {"mode": "ddp", "root": root})),
-        ("save tp", (tp_cases.save, {"mode": "tp", "root": root})),
-    ])
-    run(4, runs("fsdp_tp", 4) + runs("hsdp_tp", 4) + [
-        ("failures", (tp_cases.failures, {})),
-        ("partial", (tp_cases.partial_placement, {})),
-        ("empty tp2", (tp_cases.empty_shards, {"tp": 2})),
-        ("empty tp4", (tp_cases.empty_shards, {"tp": 4})),
-        ("save fsdp_tp", (tp_cases.save, {"mode": "fsdp_tp", "root": root})),
-        ("fsdp from fsdp_tp", (tp_cases.resume, {"mode": "fsdp", "root": root, "source": "fsdp_tp"})),
-        ("fsdp_tp from ddp", (tp_cases.resume, {"mode": "fsdp_tp", "root": root, "source": "ddp"})),
-        ("hsdp_tp from tp", (tp_cases.resume, {"mode": "hsdp_tp", "root": root, "source": "tp"})),
-    ])
-    run(2, [
-        ("ddp from fsdp_tp", (tp_cases.resume, {"mode": "ddp", "root": root, "source": "fsdp_tp"})),
-        ("tp from fsdp_tp", (tp_cases.resume, {"mode": "tp", "root": root, "source": "fsdp_tp"})),
-    ])
+    run(
+        2,
+        runs("tp", 2)
+        + [
+            ("save ddp", (tp_cases.save, {"mode": "ddp", "root": root})),
+            ("save tp", (tp_cases.save, {"mode": "tp", "root": root})),
+        ],
+    )
+    run(
+        4,
+        runs("fsdp_tp", 4)
+        + runs("hsdp_tp", 4)
+        + [
+            ("failures", (tp_cases.failures, {})),
+            ("partial", (tp_cases.partial_placement, {})),
+            ("empty tp2", (tp_cases.empty_shards, {"tp": 2})),
+            ("empty tp4", (tp_cases.empty_shards, {"tp": 4})),
+            ("save fsdp_tp", (tp_cases.save, {"mode": "fsdp_tp", "root": root})),
+            (
+                "fsdp from fsdp_tp",
+                (tp_cases.resume, {"mode": "fsdp", "root": root, "source": "fsdp_tp"}),
+            ),
+            (
+                "fsdp_tp from ddp",
+                (tp_cases.resume, {"mode": "fsdp_tp", "root": root, "source": "ddp"}),
+            ),
+            (
+                "hsdp_tp from tp",
+                (tp_cases.resume, {"mode": "hsdp_tp", "root": root, "source": "tp"}),
+            ),
+        ],
+    )
+    run(
+        2,
+        [
+            (
+                "ddp from fsdp_tp",
+                (tp_cases.resume, {"mode": "ddp", "root": root, "source": "fsdp_tp"}),
+            ),
+            (
+                "tp from fsdp_tp",
+                (tp_cases.resume, {"mode": "tp", "root": root, "source": "fsdp_tp"}),
+            ),
+        ],
+    )
     return out
 
 
@@ -88,32 +117,42 @@ def check(values, reference):
         assert list(v["params"]) == names
         if r:
             assert all(v["params"][n].equal(values[0]["params"][n]) for n in names), r
-    err = scenarios.max_rel_err([[values[0]["params"][n] for n in names]],
-                                [[reference["params"][n] for n in names]])
+    err = scenarios.max_rel_err(
+        [[values[0]["params"][n] for n in names]], [[reference["params"][n] for n in names]]
+    )
     assert err <= DDP_TOLERANCE, f"relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("mode, world, variant", [
-    (mode, world, v) for (mode, world), vs in RUNS.items() for v in vs
-])
+@pytest.mark.parametrize(
+    "mode, world, variant", [(mode, world, v) for (mode, world), vs in RUNS.items() for v in vs]
+)
 def test_matches_single_process(groups, references, mode, world, variant):
     values = groups[(mode, variant)].ok()
     check(values, references[variant])
     if variant == "base":
         expected = {
             "tp": {"(Shard(dim=0),)", "(Shard(dim=1),)", "(Replicate(),)"},
-            "fsdp_tp": {"(_StridedShard(dim=0, sf=2), Shard(dim=0))",
-                        "(Shard(dim=0), Shard(dim=1))", "(Shard(dim=0), Replicate())"},
-            "hsdp_tp": {"(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))",
-                        "(Replicate(), Shard(dim=0), Shard(dim=1))",
-                        "(Replicate(), Shard(dim=0), Replicate())"},
+            "fsdp_tp": {
+                "(_StridedShard(dim=0, sf=2), Shard(dim=0))",
+                "(Shard(dim=0), Shard(dim=1))",
+                "(Shard(dim=0), Replicate())",
+            },
+            "hsdp_tp": {
+                "(Replicate(), _StridedShard(dim=0, sf=2), Shard(dim=0))",
+                "(Replicate(), Shard(dim=0), Shard(dim=1))",
+                "(Replicate(), Shard(dim=0), Replicate())",
+            },
         }[mode]
         scale = values[0]["placements"].pop("scale", None)
         placements = set(values[0]["placements"].values())
         assert placements == expected  # the layouts this test is about were exercised
         # The logit scale: plain under TP alone, on the data-parallel slice under FSDP2 x TP.
-        assert scale == {"tp": None, "fsdp_tp": "(Shard(dim=0),)",
-                         "hsdp_tp": "(Replicate(), Shard(dim=0))"}[mode], scale
+        assert (
+            scale
+            == {"tp": None, "fsdp_tp": "(Shard(dim=0),)", "hsdp_tp": "(Replicate(), Shard(dim=0))"}[
+                mode
+            ]
+        ), scale
 
 
 def test_nan_block_is_skipped_everywhere(groups, references):
@@ -140,10 +179,16 @@ def test_partial_placement_is_refused_by_name(groups):
         assert "encoder.weight" in message and "Partial" in message, message
 
 
-@pytest.mark.parametrize("name", [
-    "fsdp from fsdp_tp", "fsdp_tp from ddp", "hsdp_tp from tp", "ddp from fsdp_tp",
-    "tp from fsdp_tp",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fsdp from fsdp_tp",
+        "fsdp_tp from ddp",
+        "hsdp_tp from tp",
+        "ddp from fsdp_tp",
+        "tp from fsdp_tp",
+    ],
+)
 def test_checkpoints_cross_modes_and_world_sizes(groups, references, name):
     """Saved after FIRST steps, loaded in another mode (and world size), THEN more steps: the
     uninterrupted one-process run of FIRST + THEN steps."""

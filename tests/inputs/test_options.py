@@ -1,0 +1,199 @@
+"""Option validation: every bad value raises ValueError naming the option, before any state."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+from paths import REPO
+
+from sharded_shampoo import ShardedShampoo
+
+BAD = [
+    ("lr", -1e-3),
+    ("lr", float("nan")),
+    ("lr", "0.1"),
+    ("betas", (0.9,)),
+    ("betas", (1.0, 0.99)),
+    ("betas", (-0.1, 0.99)),
+    ("betas", (0.9, 0.0)),
+    ("betas", (0.9, 1.5)),
+    ("epsilon", 0.0),
+    ("epsilon", -1e-12),
+    ("weight_decay", -0.1),
+    ("decoupled_weight_decay", 1),
+    ("momentum", -0.5),
+    ("momentum", 1.0),
+    ("dampening", 1.5),
+    ("nesterov", "yes"),
+    ("max_preconditioner_dim", 0),
+    ("max_preconditioner_dim", 8.0),
+    ("merge_dims", None),
+    ("precondition_frequency", 0),
+    ("start_preconditioning_step", 0),
+    ("start_preconditioning_step", 2.5),
+    ("grafting", "adamw"),
+    ("grafting_beta2", 1.0),
+    ("grafting_epsilon", 0.0),
+    ("use_bias_correction", "true"),
+    ("inverse_exponent_override", {0: 0.5}),
+    ("inverse_exponent_override", {2: -0.5}),
+    ("inverse_exponent_override", [0.5]),
+    ("factor_dtype", torch.int32),
+    ("factor_dtype", "float8"),
+    ("factor_dtype", "int32"),
+    ("max_consecutive_root_failures", 0),
+    ("stagger_roots", 1),
+    ("preconditioner", "soap"),
+    ("eigenbasis", "power"),
+    ("qr_iterations", 0),
+    ("qr_iterations", 1.5),
+    ("qr_iterations", 101),
+    ("eigenbasis_convention", "paper"),
+    ("eigenbasis_tolerance", 1.5),
+    ("lr", True),
+    ("lr", torch.ones(2)),
+    ("max_preconditioner_dim", torch.tensor(2.5)),
+]
+
+
+def option_label(name):
+    return "betas" if name == "betas" else name
+
+
+@pytest.mark.parametrize("name, value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_bad_option_raises_naming_it(name, value):
+    p = torch.zeros(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=option_label(name).split("[")[0]):
+        ShardedShampoo([p], **{name: value})
+
+
+@pytest.mark.parametrize("name, value", BAD[:6], ids=[f"{n}={v!r}" for n, v in BAD[:6]])
+def test_bad_option_in_a_group_names_the_group(name, value):
+    p = torch.zeros(3, requires_grad=True)
+    q = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param group 1: .*" + name.split("[")[0]):
+        ShardedShampoo([{"params": [p]}, {"params": [q], name: value}])
+
+
+def test_nesterov_needs_momentum():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        ShardedShampoo([p], nesterov=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        ShardedShampoo([p], nesterov=True, momentum=0.9, dampening=0.1)
+
+
+def test_message_gives_the_allowed_range():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0.0, 1.0\), got -0.5"):
+        ShardedShampoo([p], momentum=-0.5)
+
+
+def test_parameters_of_unsupported_dtypes_are_refused_naming_them():
+    """Integers, and float8 (it would fail inside the math: no promotion to float32)."""
+    with pytest.raises(
+        ValueError, match=r"\(3,\): .*float16, bfloat16, float32 and float64 .*torch.int64"
+    ):
+        ShardedShampoo([torch.zeros(3, dtype=torch.int64)])
+    w = torch.zeros(2, 2, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"w \(2, 2\): .*got torch.float8_e4m3fn"):
+        ShardedShampoo([("w", w)])
+
+
+def test_numbers_are_accepted_as_torch_takes_them():
+    """NumPy numbers and one-element CPU tensors, for real and int options alike (before,
+    np.float64 passed but np.float32, np.int64 and a 0-d tensor lr were refused)."""
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    p.grad = torch.ones(4, 3)
+    for lr, freq, betas in [
+        (np.float32(0.1), np.int64(2), (np.float32(0.5), np.float64(0.9))),
+        (torch.tensor(0.1), torch.tensor(2), (torch.tensor(0.5), 0.9)),
+    ]:
+        opt = ShardedShampoo([p], lr=lr, precondition_frequency=freq, betas=betas)
+        opt.step()
+        assert opt.param_groups[0]["step"] == 1
+    assert torch.isfinite(p).all()
+
+
+def test_failed_add_param_group_leaves_the_optimizer_unchanged():
+    p = torch.zeros(3, requires_grad=True)
+    q = torch.zeros(4, requires_grad=True)
+    opt = ShardedShampoo([p])
+    with pytest.raises(ValueError, match="grafting"):
+        opt.add_param_group({"params": [q], "grafting": "bogus"})
+    assert len(opt.param_groups) == 1 and q not in opt.state
+    opt.add_param_group({"params": [q], "lr": 0.5})
+    q.grad = torch.ones(4)
+    opt.step()
+    assert not torch.equal(q, torch.zeros(4))
+    assert opt.param_groups[1]["step"] == 1
+
+
+def test_options_may_change_between_steps_but_structure_may_not():
+    p = torch.randn(4, 4, requires_grad=True)
+    opt = ShardedShampoo([p], lr=0.1)
+    p.grad = torch.randn(4, 4)
+    opt.param_groups[0]["betas"] = (0.5, 0.99)
+    opt.param_groups[0]["weight_decay"] = 0.1
+    opt.step()
+    opt.param_groups[0]["max_preconditioner_dim"] = 2
+    with pytest.raises(ValueError, match="max_preconditioner_dim cannot change"):
+        opt.step()
+    opt.param_groups[0]["max_preconditioner_dim"] = 1024
+    opt.param_groups[0]["betas"] = (0.0, 0.99)
+    with pytest.raises(ValueError, match=r"betas\[0\] > 0 cannot change"):
+        opt.step()
+    opt.param_groups[0]["betas"] = (0.9, 0.99)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+
+
+def test_distribution_options_are_validated():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="communication_dtype"):
+        ShardedShampoo([p], communication_dtype=torch.int8)
+    with pytest.raises(ValueError, match="num_trainers_per_group .* world size 1, got 2"):
+        ShardedShampoo([p], num_trainers_per_group=2)
+    # Without a process group the optimizer computes everything itself.
+    opt = ShardedShampoo([p], num_trainers_per_group=1)
+    assert opt.bytes_sent_per_step() == 0 and opt.owned_blocks() == 1
+    assert [type(d).__name__ for d in opt.distributors] == ["LocalDistributor"]
+
+
+def test_frequency_is_frozen_only_with_staggered_roots():
+    """Staggered blocks hold phases modulo the frequency: it cannot change after construction
+    then; without staggering, schedulers may change it."""
+    p = torch.zeros(3, 4, requires_grad=True)
+    plain = ShardedShampoo([p], precondition_frequency=5)
+    plain.param_groups[0]["precondition_frequency"] = 7
+    p.grad = torch.ones(3, 4)
+    plain.step()
+    staggered = ShardedShampoo([p], precondition_frequency=5, stagger_roots=True)
+    staggered.param_groups[0]["precondition_frequency"] = 7
+    with pytest.raises(
+        ValueError,
+        match=r"precondition_frequency \(with stagger_roots\) cannot "
+        "change",
+    ):
+        staggered.step()
+
+
+def test_readme_documents_every_option_with_its_default():
+    """The README's option tables name every constructor option, and no option that is gone."""
+    text = (REPO / "README.md").read_text()
+    tables = text[text.index("## Options") : text.index("## The algorithm")]
+    documented = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", tables, flags=re.M))
+    signature = inspect.signature(ShardedShampoo.__init__).parameters
+    options = {n: p.default for n, p in signature.items() if n not in ("self", "params")}
+    assert sorted(documented) == sorted(options)
+    for name, default in options.items():
+        shown = documented[name].strip('"')
+        if isinstance(default, torch.dtype):
+            assert shown == str(default), name
+        else:
+            assert shown == str(default) or float(shown) == default, name

@@ -1,0 +1,276 @@
+"""A plain Shampoo written straight from the algorithm's ten steps: per-block loops, float64.
+
+It shares no code with the package, on purpose: it is what the package is checked against.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+DEFAULTS = dict(
+    lr=1e-3,
+    betas=(0.9, 1.0),
+    epsilon=1e-12,
+    weight_decay=0.0,
+    decoupled_weight_decay=True,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    max_preconditioner_dim=1024,
+    merge_dims=True,
+    precondition_frequency=100,
+    start_preconditioning_step=None,
+    grafting="default",
+    grafting_beta2=0.999,
+    grafting_epsilon=1e-8,
+    use_bias_correction=True,
+    inverse_exponent_override=None,
+    preconditioner="shampoo",
+    eigenbasis="eigh",
+    qr_iterations=1,
+    eigenbasis_convention="reference",
+    eigenbasis_tolerance=0.0,
+)
+
+
+def ref_diagonal_enough(B, tol):
+    """||B - diag(B)||_F <= tol ||B||_F, computed from the two norms (a negative difference of
+    squares gives NaN: not diagonal enough), as facebookresearch/optimizers does."""
+    norm = torch.linalg.norm(B)
+    return bool(torch.sqrt(norm**2 - torch.linalg.norm(torch.diagonal(B)) ** 2) <= tol * norm)
+
+
+def ref_tied(values):
+    """Indices of the cluster of smallest eigenvalues: within 64 eps(float64) m x the largest
+    magnitude of the smallest."""
+    m = values.shape[0]
+    spread = 64 * torch.finfo(values.dtype).eps * m * values.abs().max()
+    return [j for j in range(m) if values[j] - values.min() <= spread]
+
+
+def ref_sort(values, descending):
+    """A stable sort of ``values`` in which the smallest's cluster counts as equal (it keeps
+    its order)."""
+    key = values.clone()
+    key[ref_tied(values)] = values.min()
+    return torch.argsort(key, descending=descending, stable=True)
+
+
+def ref_canonical_ties(values, Q):
+    """The columns of the cluster of smallest eigenvalues replaced by the eigenvectors of
+    N^T diag(1..m)/m N, ascending."""
+    m = values.shape[0]
+    cols = ref_tied(values)
+    if len(cols) < 2:
+        return Q
+    N = Q[:, cols]
+    _, U = torch.linalg.eigh(N.T @ torch.diag(torch.arange(1, m + 1, dtype=Q.dtype) / m) @ N)
+    Q = Q.clone()
+    Q[:, cols] = N @ U
+    return Q
+
+
+def ref_eigenbasis(F, Q_old, o, t):
+    """A factor's new eigenvectors, and (soap QR only) the permutation the corrected eigenvalues
+    of its dim follow (see sharded_shampoo/algorithm/eigenbasis.py for the two conventions)."""
+    beta2 = o["betas"][1]
+    if o["eigenbasis_convention"] == "reference":
+        c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
+        A = F / c + o["epsilon"] * torch.eye(F.shape[0], dtype=F.dtype)
+        tol = o["eigenbasis_tolerance"]
+        if o["eigenbasis"] == "eigh":
+            B = Q_old.T @ A @ Q_old
+            if tol > 0 and ref_diagonal_enough(B, tol):
+                return Q_old, None
+            L, Q = torch.linalg.eigh(A)  # ascending
+            return ref_canonical_ties(L, Q), None
+        B, Q = Q_old.T @ A @ Q_old, Q_old
+        for _ in range(o["qr_iterations"]):
+            if ref_diagonal_enough(B, tol):
+                break
+            Qk, R = torch.linalg.qr(B)
+            B, Q = R @ Qk, Q @ Qk
+        order = ref_sort(torch.diagonal(B), descending=False)
+        return ref_canonical_ties(torch.diagonal(B)[order], Q[:, order]), None
+    if o["eigenbasis"] == "eigh":
+        L, Q = torch.linalg.eigh(F)
+        order = torch.argsort(L, descending=True, stable=True)
+        return ref_canonical_ties(L[order], Q[:, order]), None
+    estimates = torch.diagonal(Q_old.T @ F @ Q_old)
+    perm = ref_sort(estimates, descending=True)
+    Q = Q_old[:, perm]
+    for _ in range(o["qr_iterations"]):
+        Q, R = torch.linalg.qr(F @ Q)
+    return ref_canonical_ties(torch.diagonal(R).abs(), Q), perm
+
+
+def ref_merged_shape(shape, max_dim, merge):
+    dims = list(shape) or [1]
+    if not merge:
+        return dims
+    dims = [d for d in dims if d != 1] or [1]
+    out = []
+    current = dims[-1]
+    for d in reversed(dims[:-1]):
+        if current * d <= max_dim:
+            current *= d
+        else:
+            out.append(current)
+            current = d
+    out.append(current)
+    return out[::-1]
+
+
+def ref_blocks(shape, max_dim, merge):
+    """The block slices of a tensor of the merged shape, row-major over the chunk grid."""
+    merged = ref_merged_shape(shape, max_dim, merge)
+    per_dim = []
+    for size in merged:
+        cuts, lo = [], 0
+        while lo < size:
+            hi = min(lo + max_dim, size)
+            cuts.append(slice(lo, hi))
+            lo = hi
+        per_dim.append(cuts)
+    return merged, list(itertools.product(*per_dim))
+
+
+class ReferenceShampoo:
+    """Holds float64 copies of the parameters and updates them with per-block loops."""
+
+    def __init__(self, groups, phases=None):
+        # groups: list of dicts with "params" (tensors, copied to float64) and options.
+        # phases: {(group, param, block): phase} for staggered roots (the schedule is given:
+        # which phase a block gets is the package's choice, checked elsewhere).
+        self.phases = phases or {}
+        self.groups = []
+        for g in groups:
+            opts = {**DEFAULTS, **{k: v for k, v in g.items() if k != "params"}}
+            if opts["start_preconditioning_step"] is None:
+                opts["start_preconditioning_step"] = opts["precondition_frequency"]
+            if opts["grafting"] == "default":
+                opts["grafting"] = "adam" if opts["preconditioner"] == "shampoo" else None
+            params = [p.detach().to(torch.float64).clone() for p in g["params"]]
+            self.groups.append({"opts": opts, "params": params, "t": 0, "state": {}})
+
+    def step(self, grads):
+        """grads: per group, a list with a tensor or None per parameter."""
+        for gi, (group, group_grads) in enumerate(zip(self.groups, grads, strict=True)):
+            if all(g is None for g in group_grads):
+                continue
+            group["t"] += 1
+            for pi, (w, g) in enumerate(zip(group["params"], group_grads, strict=True)):
+                if g is not None:
+                    self._step_param(gi, group, pi, w, g.to(torch.float64))
+
+    def _step_param(self, gi, group, pi, w, g):
+        o = group["opts"]
+        t = group["t"]
+        beta1, beta2 = o["betas"]
+        merged, blocks = ref_blocks(w.shape, o["max_preconditioner_dim"], o["merge_dims"])
+        wm = w.view(merged)
+        gm = g.reshape(merged)
+        for bid, sl in enumerate(blocks):
+            G = gm[sl].clone()
+            W = wm[sl].clone()
+            k = G.dim()
+            st = group["state"].setdefault((pi, bid), {})
+            if not st:
+                st["F"] = [torch.zeros(d, d, dtype=torch.float64) for d in G.shape]
+                st["P"] = [torch.eye(d, dtype=torch.float64) for d in G.shape]
+                st["Q"] = [torch.eye(d, dtype=torch.float64) for d in G.shape]
+                st["V"] = torch.zeros_like(G)
+                st["v"] = torch.zeros_like(G)
+                st["M"] = torch.zeros_like(G)
+                st["B"] = torch.zeros_like(G)
+            # 3. L2 weight decay
+            if o["weight_decay"] > 0 and not o["decoupled_weight_decay"]:
+                G = G + o["weight_decay"] * W
+            # 4. factors and grafting state
+            for i in range(k):
+                Gi = G.movedim(i, 0).reshape(G.shape[i], -1)
+                gram = Gi @ Gi.T
+                if beta2 == 1.0:
+                    st["F"][i] = st["F"][i] + gram
+                else:
+                    st["F"][i] = beta2 * st["F"][i] + (1 - beta2) * gram
+            g2 = o["grafting_beta2"]
+            if o["grafting"] in ("adam", "rmsprop"):
+                st["v"] = g2 * st["v"] + (1 - g2) * G * G
+            elif o["grafting"] == "adagrad":
+                st["v"] = st["v"] + G * G
+            # 5. amortized roots: all blocks at start, then every f steps; or, staggered, each
+            # block at the steps t > start with t % f == its phase
+            start, f = o["start_preconditioning_step"], o["precondition_frequency"]
+            phase = self.phases.get((gi, pi, bid), 0)
+            corrected = o["preconditioner"] == "eigenvalue_corrected"
+            if corrected and (t == start or (t > start and t % f == phase)):
+                new_Q, perms = [], []
+                for i in range(k):
+                    Q, perm = ref_eigenbasis(st["F"][i], st["Q"][i], o, t)
+                    new_Q.append(Q)
+                    if perm is not None:
+                        perms.append((i, perm))
+                st["Q"] = new_Q
+                for i, perm in perms:  # corrected eigenvalues follow their eigenvectors
+                    st["V"] = st["V"].index_select(i, perm)
+            if not corrected and (t == start or (t > start and t % f == phase)):
+                c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
+                e = (o["inverse_exponent_override"] or {}).get(k, 1.0 / (2 * k))
+                for i in range(k):
+                    L, Q = torch.linalg.eigh(st["F"][i] / c)
+                    # F is PSD: clamp rounding below zero, then add epsilon.
+                    L = L.clamp_min(0) + o["epsilon"]
+                    st["P"][i] = Q @ torch.diag(L ** (-e)) @ Q.T
+            # 6. filtered gradient
+            if beta1 > 0:
+                st["M"] = beta1 * st["M"] + (1 - beta1) * G
+                M = st["M"] / (1 - beta1**t) if o["use_bias_correction"] else st["M"]
+            else:
+                M = G
+            # 7. direction
+
+            def graft(M, st=st, g2=g2):
+                eps = o["grafting_epsilon"]
+                if o["grafting"] == "adam":
+                    return M / (torch.sqrt(st["v"] / (1 - g2**t)) + eps)
+                if o["grafting"] in ("rmsprop", "adagrad"):
+                    return M / (torch.sqrt(st["v"]) + eps)
+                return M
+
+            def mode_product(X, mats, k=k):  # X x_1 mats[0] ... x_k mats[k-1]
+                for i in range(k):
+                    X = torch.tensordot(mats[i], X, dims=([1], [i])).movedim(0, i)
+                return X
+
+            if corrected:  # the second moment of G in the eigenbasis, every step
+                Gq = mode_product(G, [Q.T for Q in st["Q"]])
+                if beta2 == 1.0:
+                    st["V"] = st["V"] + Gq * Gq
+                else:
+                    st["V"] = beta2 * st["V"] + (1 - beta2) * Gq * Gq
+            if t < start and (o["grafting"] is not None or not corrected):
+                D = graft(M)
+            elif corrected:
+                c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
+                e = (o["inverse_exponent_override"] or {}).get(k, 0.5)
+                Mq = mode_product(M, [Q.T for Q in st["Q"]])
+                D = mode_product(Mq / ((st["V"] / c) ** e + o["epsilon"]), st["Q"])
+                if o["grafting"] is not None:
+                    D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
+            else:
+                D = mode_product(M, st["P"])
+                if o["grafting"] is not None:
+                    D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
+            # 8. decoupled weight decay
+            if o["weight_decay"] > 0 and o["decoupled_weight_decay"]:
+                D = D + o["weight_decay"] * W
+            # 9. momentum
+            mom = o["momentum"]
+            if mom > 0:
+                st["B"] = mom * st["B"] + (1 - o["dampening"]) * D
+                D = D + mom * st["B"] if o["nesterov"] else st["B"]
+            # 10. update
+            wm[sl] -= o["lr"] * D
