@@ -91,6 +91,13 @@ def main() -> None:
         help="instead: Shampoo on lm with and without stagger_roots, this many seeds",
     )
     ap.add_argument(
+        "--memory-seeds",
+        type=int,
+        default=0,
+        help="instead: Shampoo on lm at its defaults and with the memory settings "
+        "(MEMORY_SETTINGS), this many seeds",
+    )
+    ap.add_argument(
         "--convention-seeds",
         type=int,
         default=0,
@@ -100,7 +107,11 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="more train.py arguments, after --")
     args = ap.parse_args()
     if args.stagger_seeds:
-        return stagger_convergence(args)
+        variants = {"all at once": [], "staggered": ["--stagger-roots"]}
+        return variant_convergence(args, "stagger", variants, args.stagger_seeds)
+    if args.memory_seeds:
+        variants = {"defaults": [], **MEMORY_SETTINGS}
+        return variant_convergence(args, "memory", variants, args.memory_seeds)
     if args.convention_seeds:
         return convention_convergence(args)
     grid = [float(g) for g in args.grid.split(",")]
@@ -199,9 +210,24 @@ def convention_convergence(args) -> None:
         json.dump(finals, fh, indent=2)
 
 
-def stagger_convergence(args) -> None:
-    """Final validation loss on lm with staggered roots against the seed-to-seed spread
-    without them (Shampoo at its tuned lr, 3e-3)."""
+# Shampoo settings compared with its defaults on lm, several seeds each (--memory-seeds).
+MEMORY_SETTINGS = {
+    "max_factor_ratio=4": ["--shampoo-option", "max_factor_ratio=4"],
+    "root_dtype=bfloat16": ["--shampoo-option", "root_dtype=bfloat16"],
+    "lean": [
+        "--shampoo-option",
+        "max_factor_ratio=4",
+        "--shampoo-option",
+        "root_dtype=bfloat16",
+    ],
+    "max_factor_ratio=2": ["--shampoo-option", "max_factor_ratio=2"],
+}
+
+
+def variant_convergence(args, name: str, variants: dict[str, list[str]], seeds: int) -> None:
+    """Final validation loss on lm of Shampoo (at its tuned lr, 3e-3) with each variant's
+    train.py arguments, ``seeds`` seeds each, against the seed-to-seed spread of the first
+    (the baseline); a plot and ``<name>.json`` under --out-dir."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,11 +235,11 @@ def stagger_convergence(args) -> None:
 
     extra, finals, base = list(args.extra), {}, args.out_dir
     fig, ax = plt.subplots(figsize=(7, 4))
-    for stagger, color in ((False, "tab:blue"), (True, "tab:orange")):
-        label = "staggered" if stagger else "all at once"
-        for seed in range(args.stagger_seeds):
-            args.extra = extra + ["--seed", str(seed)] + (["--stagger-roots"] if stagger else [])
-            args.out_dir = os.path.join(base, f"{'staggered' if stagger else 'plain'}-seed{seed}")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (label, more), color in zip(variants.items(), colors, strict=False):
+        for seed in range(seeds):
+            args.extra = extra + ["--seed", str(seed)] + more
+            args.out_dir = os.path.join(base, f"{label}-seed{seed}")
             rows = run("lm", "shampoo", 3e-3, args)
             val = [r for r in rows if "val_loss" in r]
             finals.setdefault(label, []).append(val[-1]["val_loss"])
@@ -224,25 +250,24 @@ def stagger_convergence(args) -> None:
                 alpha=0.7,
                 label=label if seed == 0 else None,
             )
-    off, on = finals["all at once"], finals["staggered"]
-    lo, hi = min(off), max(off)
-    print(f"final validation loss, {args.stagger_seeds} seeds each:")
-    print("  all at once: " + ", ".join(f"{v:.4f}" for v in off) + f" (spread {lo:.4f}-{hi:.4f})")
-    print("  staggered:   " + ", ".join(f"{v:.4f}" for v in on))
-    inside = lo <= sum(on) / len(on) <= hi
-    print(
-        f"  staggered mean {sum(on) / len(on):.4f}: "
-        f"{'within' if inside else 'OUTSIDE'} the seed-to-seed spread without staggering"
-    )
+    baseline, *others = finals
+    lo, hi = min(finals[baseline]), max(finals[baseline])
+    print(f"final validation loss, {seeds} seeds each:")
+    for label, values in finals.items():
+        mean = sum(values) / len(values)
+        where = "within" if lo <= mean <= hi else ("below" if mean < lo else "ABOVE")
+        verdict = f"spread {lo:.4f}-{hi:.4f}" if label == baseline else f"{where} that spread"
+        print(f"  {label:24s} " + ", ".join(f"{v:.4f}" for v in values) + f"; mean {mean:.4f}, "
+              + verdict)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("lm: ShardedShampoo with and without stagger_roots")
+    ax.set_title(f"lm: ShardedShampoo, {name}")
     fig.tight_layout()
     os.makedirs(base, exist_ok=True)
-    fig.savefig(os.path.join(base, "stagger.png"), dpi=100)
-    with open(os.path.join(base, "stagger.json"), "w") as fh:
+    fig.savefig(os.path.join(base, f"{name}.png"), dpi=100)
+    with open(os.path.join(base, f"{name}.json"), "w") as fh:
         json.dump(finals, fh, indent=2)
 
 

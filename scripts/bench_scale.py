@@ -257,14 +257,14 @@ def count_calls(fn):
 def pretend_peers_answered(opt) -> None:
     """Make what the "peers" sent look like a healthy step, so that rank 0 does all the work a
     real step does: every status word 0 with an options digest of 0 (this rank's digest is made
-    0 too), no piece flagged as skipped. The receive buffers start as zeros; the fake process
-    group's all_to_all_single would copy this rank's own chunk over the whole output, so here
-    it leaves the output as it was instead."""
+    0 too), no piece flagged as skipped. The fake process group's all_to_all_single would
+    copy this rank's own chunk over the whole output, so here it zeroes the output instead (a
+    receive buffer shares memory with a send buffer: what it held is not a healthy answer)."""
     import torch.distributed as dist
 
     import sharded_shampoo.work
 
-    dist.all_to_all_single = lambda *args, **kwargs: None
+    dist.all_to_all_single = lambda output, *args, **kwargs: output.zero_()
     sharded_shampoo.work.step_digest = lambda entries: 0
 
 

@@ -22,9 +22,25 @@ import time
 
 import torch
 from bench_scale import minimum_bytes
+from train import parse_option
 from workloads import GPT, GPTConfig, lm_batch, param_count
 
 from sharded_shampoo import ShardedShampoo
+
+
+def packing_bytes(opt: ShardedShampoo) -> int:
+    """Bytes an ordinary step writes to convert packed matrices (``symmetric_packing``): each
+    root unpacked (m x m) and each factor's Gram packed (m (m + 1) / 2), per block and dim."""
+    out = 0
+    for g in opt.group_states:
+        for stack in g.blocks.stacks:
+            for key, t in stack.state.items():
+                if t.dim() != 2 or not key.startswith(("factor_", "root_")):
+                    continue  # full matrices (n, m, m), or not a matrix
+                m = int((math.isqrt(8 * t.shape[1] + 1) - 1) // 2)
+                written = m * m if key.startswith("root_") else t.shape[1]
+                out += t.shape[0] * written * t.element_size()
+    return out
 
 
 def matmul_rate() -> float:
@@ -191,6 +207,7 @@ def measure(rank: int, world: int, args) -> dict:
         precondition_frequency=args.precondition_frequency,
         start_preconditioning_step=1,
         communication_dtype=getattr(torch, args.communication_dtype),
+        **dict(args.shampoo_option),
     )
     gen = torch.Generator().manual_seed(data_rank)
     x, y = lm_batch(data, args.batch, args.context, gen)
@@ -233,6 +250,8 @@ def measure(rank: int, world: int, args) -> dict:
         * args.context
         / shampoo_flops(shampoo),  # both per rank
         shampoo_state_mib=shampoo.state_bytes() / 2**20,
+        shampoo_memory_per_param=shampoo.memory_report().per_param(),
+        packing_mb_per_step=packing_bytes(shampoo) / 1e6,
         blocks_owned=shampoo.owned_blocks(),
         blocks_total=shampoo.plan.num_blocks,
         allgather_minimum_bytes=(world - 1)
@@ -457,6 +476,10 @@ def report(r: dict, args) -> None:
     for label, ms in r.get("others_opt_ms", {}).items():
         print(f"  {label}: optimizer step {ms:.2f} ms (same model, defaults, lr 1e-4)")
     print(
+        f"  Shampoo memory on rank 0: {r['shampoo_memory_per_param']:.1f} B per parameter "
+        f"(memory_report); packing writes {r['packing_mb_per_step']:.1f} MB per step"
+    )
+    print(
         f"  Shampoo state on rank 0: {r['shampoo_state_mib']:.1f} MiB; blocks owned "
         f"{r['blocks_owned']} of {r['blocks_total']}; state_dict() {r['state_dict_copy_ms']:.1f} "
         f"ms (a copy), {r['state_dict_views_ms']:.1f} ms inside saving() (views)"
@@ -503,6 +526,14 @@ def main() -> None:
         choices=["ddp", "fsdp2", "fsdp2_tp"],
         default="ddp",
         help="how ranks share the model when the world size is above 1",
+    )
+    ap.add_argument(
+        "--shampoo-option",
+        action="append",
+        default=[],
+        type=parse_option,
+        metavar="NAME=VALUE",
+        help="another ShardedShampoo option, e.g. symmetric_packing=False; repeatable",
     )
     ap.add_argument("--json", default="")
     ap.add_argument(

@@ -18,6 +18,7 @@ against steps and wall-clock, and a summary table.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -113,7 +114,19 @@ def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
         preconditioner=args.preconditioner,
         eigenbasis=args.eigenbasis,
         eigenbasis_convention=args.eigenbasis_convention,
+        **dict(args.shampoo_option),
     ), args.shampoo_lr
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` as (name, value): a Python literal, else the string."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
 
 
 def lr_factor(step: int, args: argparse.Namespace) -> float:
@@ -366,6 +379,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stagger-roots",
         action="store_true",
         help="each block computes its roots in its own step of the period",
+    )
+    ap.add_argument(
+        "--shampoo-option",
+        action="append",
+        default=[],
+        type=parse_option,
+        metavar="NAME=VALUE",
+        help="any other ShardedShampoo option, e.g. max_factor_ratio=4 or root_dtype=bfloat16 "
+        "(a Python literal, else a string); repeatable",
     )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=50)

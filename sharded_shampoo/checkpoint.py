@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .agreement import on_device
+from .algorithm.packing import other_layout, symmetric_state
 from .state.record import RECORD_SIZE, record_difference
 
 __all__ = [
@@ -206,6 +207,7 @@ def _load(path, model, optimizer, extra, flatten) -> dict:
         records = {f"state.{fqn}.blocking": s["blocking"] for fqn, s in osd["state"].items()}
     _check_entries(path, saved, model_sd, records)
     _check_records(path, records)
+    _read_as_saved(saved, osd, flatten)
     staged = {
         k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in model_sd.items()
     }
@@ -217,6 +219,28 @@ def _load(path, model, optimizer, extra, flatten) -> dict:
     set_optimizer_state_dict(model, optimizer, state["optim"], options=_options(flatten))
     set_model_state_dict(model, state["model"])
     return state.get("extra", {})
+
+
+def _read_as_saved(saved: dict[str, Any], osd: dict[str, Any], flatten: bool) -> None:
+    """Factors and roots saved with the other ``symmetric_packing`` are read as they were saved
+    (the optimizer's load converts them): their staging tensors take the saved shape."""
+    entries = (
+        [(osd, k, f"optim.{k}") for k in osd if k.startswith("state.")]
+        if flatten
+        else [
+            (state, k, f"optim.state.{fqn}.{k}")
+            for fqn, state in osd["state"].items()
+            for k in state
+        ]
+    )
+    for holder, key, name in entries:
+        value, meta = holder[key], saved.get(name)
+        if not isinstance(value, torch.Tensor) or not isinstance(meta, TensorStorageMetadata):
+            continue
+        size = tuple(meta.size)
+        if size != tuple(value.shape) and other_layout(tuple(value.shape)) == size:
+            if symmetric_state(key):
+                holder[key] = torch.empty(size, dtype=value.dtype, device=value.device)
 
 
 def _check_entries(

@@ -24,6 +24,7 @@ from .diagnostics import (
     warn_skipped,
 )
 from .distributors import Distributor, build_distributors
+from .memory import MemoryReport, memory_report
 from .options import (
     GroupOptions,
     check_dtype_range,
@@ -128,8 +129,11 @@ class ShardedShampoo(torch.optim.Optimizer):
     ) -> None:
         try:
             defaults = constructor_options(args, options)
-            # Fail on bad defaults even when every group overrides them.
-            defaults.update(GroupOptions.from_group(defaults).stored())
+            # Fail on bad defaults even when every group overrides them. "default" grafting
+            # stays unresolved here: each group resolves it for its own preconditioner.
+            stored = GroupOptions.from_group(defaults).stored()
+            stored.pop("grafting")
+            defaults.update(stored)
             if communication_dtype not in COMMUNICATION_DTYPES:
                 raise ValueError(
                     "communication_dtype must be one of torch.float32, torch.bfloat16, "
@@ -297,24 +301,29 @@ class ShardedShampoo(torch.optim.Optimizer):
         )
         if step is None:
             return loss
-        work = [w for d in self._distributors for w in d.collect(step)]
-        gate(work)
-        steps = [g["step"] for g in self.param_groups]
-        error = compute(work, steps, self._block_name)
-        # Parameters are not touched until every rank learnt that every rank succeeded and
-        # stepped alike: what went wrong rides the status words of each exchange.
-        failed = error is not None or invalid is not None
-        summaries = [d.exchange(step, failed) for d in self._distributors]
-        skipped = torch.cat([w.keep for w in work]).logical_not().any() if work else None
-        any_skipped, statuses = read_outcome(
-            skipped, summaries, [d.status for d in self._distributors]
-        )
-        if any_skipped:
-            for w in work:
-                warn_skipped(w, self._block_name, steps[w.group] + 1)
-        raise_if_failed(statuses, error, invalid)
-        for d in self._distributors:
-            d.apply(step)
+        try:
+            work = [w for d in self._distributors for w in d.collect(step)]
+            gate(work)
+            steps = [g["step"] for g in self.param_groups]
+            error = compute(work, steps, self._block_name)
+            # Parameters are not touched until every rank learnt that every rank succeeded and
+            # stepped alike: what went wrong rides the status words of each exchange.
+            failed = error is not None or invalid is not None
+            summaries = [d.exchange(step, failed) for d in self._distributors]
+            skipped = torch.cat([w.keep for w in work]).logical_not().any() if work else None
+            any_skipped, statuses = read_outcome(
+                skipped, summaries, [d.status for d in self._distributors]
+            )
+            if any_skipped:
+                for w in work:
+                    warn_skipped(w, self._block_name, steps[w.group] + 1)
+            raise_if_failed(statuses, error, invalid)
+            for d in self._distributors:
+                d.apply(step)
+        finally:
+            # A step's directions are not kept between steps.
+            for d in self._distributors:
+                d.release()
         for gi in step.active:
             self.param_groups[gi]["step"] += 1
             self._groups[gi].step.fill_(self.param_groups[gi]["step"])
@@ -345,6 +354,11 @@ class ShardedShampoo(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this process (padding included)."""
         return sum(g.pool.nbytes() for g in self._groups)
+
+    def memory_report(self) -> MemoryReport:
+        """What this rank keeps between steps, state and buffers, by kind, and per parameter
+        element it holds (:mod:`sharded_shampoo.memory`)."""
+        return memory_report(self)
 
     def owned_blocks(self) -> int:
         """Number of blocks whose state this process keeps and whose direction it computes."""

@@ -150,6 +150,10 @@ def _start(name: str, v: Any) -> int | None:
     return None if v is None else integer(1)(name, v)
 
 
+def _ratio(name: str, v: Any) -> int | None:
+    return None if v is None else integer(1)(name, v)
+
+
 def _grafting(name: str, v: Any) -> str | None:
     if v is not None and v != "default" and v not in GRAFTING_TYPES:
         raise ValueError(f"{name} must be one of {GRAFTING_TYPES}, None or 'default', got {v!r}")
@@ -167,7 +171,7 @@ def _override(name: str, v: Any) -> dict[int, float]:
     return {int(k): float(e) for k, e in v.items()}
 
 
-def parse_factor_dtype(value: Any) -> torch.dtype:
+def parse_factor_dtype(value: Any, name: str = "factor_dtype") -> torch.dtype:
     """``value`` (a torch.dtype, or its name with or without ``torch.``) as a factor dtype."""
     if isinstance(value, str):
         dtype = FACTOR_DTYPES.get(value.removeprefix("torch."))
@@ -175,10 +179,14 @@ def parse_factor_dtype(value: Any) -> torch.dtype:
         dtype = value if value in FACTOR_DTYPES.values() else None
     if dtype is None:
         raise ValueError(
-            "factor_dtype must be one of torch.float32, torch.float64, torch.bfloat16, "
+            f"{name} must be one of torch.float32, torch.float64, torch.bfloat16, "
             f"torch.float16 (or their names, such as 'float64'), got {value!r}"
         )
     return dtype
+
+
+def _root_dtype(name: str, v: Any) -> torch.dtype | None:
+    return None if v is None else parse_factor_dtype(v, name)
 
 
 # ---------------------------------------------------------------- the table
@@ -199,6 +207,9 @@ class Option:
     record: Callable[[Any], int] | None = None
     # What the param group holds after the check, when not what was given.
     stored: Callable[[Any], Any] | None = None
+    # How state is stored, not what it holds: a state dict saved under another value is
+    # converted on load, and the loading optimizer keeps its own value.
+    storage: bool = False
 
 
 def _same(field: str) -> Callable[[Any], Any]:
@@ -352,10 +363,39 @@ OPTIONS: tuple[Option, ...] = (
         "eigenvalue-corrected, reference convention: skip an eigh or stop QR when the old "
         "basis diagonalizes the factor within this",
     ),
+    Option(
+        "max_factor_ratio",
+        None,
+        _ratio,
+        "precondition a block's dim only if its factor holds at most this many times the "
+        "block's elements (1-D blocks of more: none; lopsided blocks: one side); a block "
+        "left with no factor takes the grafting direction (None: every dim)",
+        structure=_same("max_factor_ratio"),
+        record=lambda o: -1 if o.max_factor_ratio is None else o.max_factor_ratio,
+    ),
+    Option(
+        "root_dtype",
+        None,
+        _root_dtype,
+        "dtype roots and eigenvectors are kept in, e.g. torch.bfloat16 (computed and applied "
+        "in the math dtype; None: the math dtype)",
+        structure=_same("root_dtype"),
+        stored=lambda o: None if o.root_dtype is None else str(o.root_dtype).removeprefix("torch."),
+        storage=True,
+    ),
+    Option(
+        "symmetric_packing",
+        True,
+        boolean,
+        "keep factors and roots as their upper triangles (half the memory, same math)",
+        structure=_same("symmetric_packing"),
+        storage=True,
+    ),
 )
 OPTION_DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 STRUCTURAL = tuple(o for o in OPTIONS if o.structure is not None)
 RECORDED = tuple(o for o in OPTIONS if o.record is not None)
+STORAGE = tuple(o.name for o in OPTIONS if o.storage)
 
 
 class _Options:
@@ -378,6 +418,13 @@ class _Options:
         """The state name of the per-dim matrices a refresh computes: ``root_i`` or
         ``eigenvectors_i``."""
         return "eigenvectors" if self.eigenvalue_corrected else "root"
+
+    def preconditioned_dims(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The dims of a block of ``shape`` that get a factor (``max_factor_ratio``)."""
+        if self.max_factor_ratio is None:
+            return tuple(range(len(shape)))
+        numel = math.prod(shape)
+        return tuple(i for i, m in enumerate(shape) if m * m <= self.max_factor_ratio * numel)
 
     def exponent(self, order: int) -> float:
         """The inverse-root exponent for a block with ``order`` dims."""

@@ -39,7 +39,8 @@ import torch
 from tensordict import TensorDict
 
 from ..options import GroupOptions
-from .modes import precondition
+from .modes import factored_dims, precondition
+from .packing import unpack
 from .roots import eigh, keep_successes
 
 __all__ = ["canonical_ties", "refresh_eigenbasis"]
@@ -137,10 +138,11 @@ def refresh_eigenbasis(
     returns which succeeded, True for the blocks not kept (they change nothing)."""
     values = state["corrected_eigenvalues"]
     reference = opts.eigenbasis_convention == "reference"
-    new, permutations, ok = [], [], None
-    for i in range(order):
+    dims = factored_dims(state, order)
+    new, permutations, ok = {}, [], None
+    for i in dims:
         old = state[f"eigenvectors_{i}"]
-        f = state[f"factor_{i}"]
+        f = unpack(state[f"factor_{i}"])
         a = f.to(torch.promote_types(f.dtype, torch.float32))
         if reference:
             scale = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
@@ -177,14 +179,15 @@ def refresh_eigenbasis(
             estimates = torch.diagonal(r, dim1=-2, dim2=-1).abs()
             good = torch.isfinite(q).flatten(1).all(1)
         q = canonical_ties(estimates, torch.where(good.view(-1, 1, 1), q, q_old))
-        new.append(q.to(old.dtype))
+        new[i] = q.to(old.dtype)
         ok = good if ok is None else ok & good
     assert ok is not None
     take = (ok & keep).view(-1, *([1] * (values.dim() - 1)))
     filtered = state.get("filtered_grad", None)
     if filtered is not None:  # kept in the eigenbasis: into the new one
-        old_q = [state[f"eigenvectors_{i}"] for i in range(order)]
-        moved = precondition(precondition(filtered, old_q), [q.mT for q in new])
+        old_q = [state[f"eigenvectors_{i}"] if i in new else None for i in range(order)]
+        new_qt = [new[i].mT if i in new else None for i in range(order)]
+        moved = precondition(precondition(filtered, old_q), new_qt)
         filtered.copy_(torch.where(take, moved, filtered))
     for i, perm in permutations:
         # Entry j of dim i follows column perm[j] of the old eigenvectors.

@@ -15,6 +15,8 @@ from tensordict import TensorDict
 
 from ..options import GroupOptions
 from .eigenbasis import refresh_eigenbasis
+from .modes import factored_dims
+from .packing import unpack
 from .roots import inverse_roots, keep_successes
 
 __all__ = ["due_rows", "refresh", "refresh_roots"]
@@ -33,18 +35,20 @@ def refresh_roots(
         scale = 1.0 / (1.0 - opts.beta2**t)
     else:
         scale = 1.0
-    exponent = opts.exponent(order)
-    new_roots, ok = [], None
-    for i in range(order):
+    dims = factored_dims(state, order)
+    # A block's order is that of its preconditioned dims (the others act as a batch).
+    exponent = opts.exponent(len(dims))
+    new_roots, ok = {}, None
+    for i in dims:
         old = state[f"root_{i}"]
         r, good = inverse_roots(
-            state[f"factor_{i}"],
+            unpack(state[f"factor_{i}"]),
             scale=scale,
             epsilon=opts.epsilon,
             exponent=exponent,
             out_dtype=old.dtype,
         )
-        new_roots.append(r)
+        new_roots[i] = r
         ok = good if ok is None else ok & good
     assert ok is not None
     return keep_successes(state, "root", new_roots, ok, keep)
@@ -54,6 +58,8 @@ def _refresh(
     state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
 ) -> torch.Tensor:
     """Roots, or eigenvectors with the eigenvalue-corrected preconditioner, of every block."""
+    if not factored_dims(state, order):  # nothing to refresh (``max_factor_ratio``)
+        return torch.ones_like(keep)
     if opts.eigenvalue_corrected:
         return refresh_eigenbasis(state, opts, t, order, keep)
     return refresh_roots(state, opts, t, order, keep)
@@ -72,12 +78,13 @@ def refresh(
     succeeded (see ``refresh_roots``)."""
     if rows is None:
         return _refresh(state, opts, t, order, keep)
-    changed = [f"{opts.basis}_{i}" for i in range(order)] + ["root_failures"]
+    dims = factored_dims(state, order)
+    changed = [f"{opts.basis}_{i}" for i in dims] + ["root_failures"]
     if opts.eigenvalue_corrected:
         changed.append("corrected_eigenvalues")
         if "filtered_grad" in state.keys():
             changed.append("filtered_grad")  # kept in the eigenbasis
-    sub = state.select(*[f"factor_{i}" for i in range(order)], *changed)[rows]
+    sub = state.select(*[f"factor_{i}" for i in dims], *changed)[rows]
     ok = _refresh(sub, opts, t, order, keep[rows])
     for key in changed:
         state[key][rows] = sub[key]

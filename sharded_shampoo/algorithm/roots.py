@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import torch
 
+from .packing import pack
+
 __all__ = ["inverse_roots", "eigh", "keep_successes"]
 
 
 def keep_successes(
-    state, prefix: str, new: list[torch.Tensor], ok: torch.Tensor, keep: torch.Tensor
+    state, prefix: str, new: dict[int, torch.Tensor], ok: torch.Tensor, keep: torch.Tensor
 ) -> torch.Tensor:
-    """Writes ``new[i]`` into ``state[f"{prefix}_{i}"]`` for the kept blocks (``keep``) where
-    ``ok``; the other kept blocks keep their previous matrices and count one more consecutive
-    failure, a success resets it; blocks not kept change nothing. Returns ``ok``, True for the
-    blocks not kept. On the device: no host read."""
+    """Writes ``new[i]`` into ``state[f"{prefix}_{i}"]``, per dim i, for the kept blocks
+    (``keep``) where ``ok``; the other kept blocks keep their previous matrices and count one
+    more consecutive failure, a success resets it; blocks not kept change nothing. Returns
+    ``ok``, True for the blocks not kept. On the device: no host read. Packed matrices
+    (``packing``) stay packed."""
     take = ok & keep
-    for i, q in enumerate(new):
+    for i, q in new.items():
         old = state[f"{prefix}_{i}"]
-        old.copy_(torch.where(take.view(-1, 1, 1), q, old))
+        if old.dim() == 2:
+            q = pack(q)
+        old.copy_(torch.where(take.view(-1, *([1] * (old.dim() - 1))), q, old))
     failures = state["root_failures"]
     counted = torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1)
     failures.copy_(torch.where(keep.view(-1, 1), counted, failures))

@@ -16,7 +16,8 @@ import torch
 from tensordict import TensorDict
 
 from ..options import GroupOptions
-from .modes import precondition
+from .modes import factored_dims, precondition
+from .packing import pack, unpack
 from .refresh import refresh
 
 __all__ = ["RowGate", "factor_gram_inputs", "stack_step"]
@@ -89,10 +90,13 @@ def _ema(x: torch.Tensor, beta: float, gate: RowGate) -> torch.Tensor:
 
 
 def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float, gate: RowGate) -> None:
+    """``f`` (full or packed: ``packing``) <- its EMA with the Gram matrices of ``g``."""
     a, b = factor_gram_inputs(g, dim)  # zero for skipped blocks
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
     _ema(f, beta2, gate)
-    if f.dtype == g.dtype:
+    if f.dim() == 2:  # packed: its Gram's upper triangle
+        f.add_(pack(torch.bmm(a, b)).to(f.dtype), alpha=weight)
+    elif f.dtype == g.dtype:
         f.baddbmm_(a, b, alpha=weight)
     else:
         f.add_(torch.bmm(a, b).to(f.dtype), alpha=weight)
@@ -112,8 +116,9 @@ def _corrected_step(
     taken there and rotated back. Two mode-product chains per step (in, out), a third with
     grafting."""
     order = grad.dim() - 1
-    q = [state[f"eigenvectors_{i}"] for i in range(order)]
-    rotated = precondition(grad, [x.mT for x in q])
+    dims = factored_dims(state, order)
+    q = [state[f"eigenvectors_{i}"] if i in dims else None for i in range(order)]
+    rotated = precondition(grad, [None if x is None else x.mT for x in q])
     corrected = state["corrected_eigenvalues"]
     weight = 1.0 if opts.beta2 == 1.0 else 1.0 - opts.beta2
     _ema(corrected, opts.beta2, gate).addcmul_(rotated, rotated, value=weight)
@@ -126,8 +131,8 @@ def _corrected_step(
     graft = None
     if opts.grafting is not None:
         graft = _grafting_direction(precondition(m, q), v, opts, t)
-        if t < opts.start_preconditioning_step:
-            return graft
+        if t < opts.start_preconditioning_step or not dims:
+            return graft  # before the first refresh, or a block with no factor (diagonal)
     c2 = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
     exponent = opts.inverse_exponent_override.get(order, 0.5)
     denom = (corrected / c2).pow_(exponent).add_(opts.epsilon)
@@ -183,7 +188,8 @@ def stack_step(
         grad.add_(param, alpha=wd)
     gate.zero_gradient(grad)
 
-    for i in range(order):
+    dims = factored_dims(state, order)
+    for i in dims:
         _update_factor(state[f"factor_{i}"], grad, i, opts.beta2, gate)
     v = state.get("graft_v", None)
     if opts.grafting in ("adam", "rmsprop"):
@@ -207,11 +213,13 @@ def stack_step(
             m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
         else:
             m = grad
-        if t < opts.start_preconditioning_step:
-            # Roots are still the identity: the Shampoo direction would be m itself.
+        if t < opts.start_preconditioning_step or not dims:
+            # Roots are still the identity, or the block has none (``max_factor_ratio``): the
+            # Shampoo direction would be m itself, grafting takes it alone (diagonal).
             d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
         else:
-            d = precondition(m, [state[f"root_{i}"] for i in range(order)])
+            roots = [unpack(state[f"root_{i}"]) if i in dims else None for i in range(order)]
+            d = precondition(m, roots)
             if opts.grafting is not None:
                 graft = _grafting_direction(m, v, opts, t)
                 scale = _block_norms(graft) / (_block_norms(d) + 1e-16)

@@ -57,6 +57,10 @@ class Distributor:
     """
 
     collective = False
+    # Whether the gradient and weight stacks live between steps: the all_to_all exchange keeps
+    # views into them; the others allocate them per step (not kept between steps, so not
+    # counted as optimizer memory; a caching allocator hands the same blocks back).
+    persistent_stacks = False
 
     def __init__(self, blocks: list[GroupBlocks], sharded: bool) -> None:
         # (group, stack index, stack) of the stacks this distributor serves.
@@ -86,9 +90,23 @@ class Distributor:
     def bytes_sent_per_step(self) -> int:
         return 0
 
+    def release(self) -> None:
+        """Forgets the step's work (its directions, and its stacks unless persistent), at the
+        end of every step."""
+        self._work = []
+        if not self.persistent_stacks:
+            self._grads.clear()
+            self._weights.clear()
+
+    def buffers(self) -> dict[str, list[torch.Tensor]]:
+        """The large tensors this distributor keeps between steps, by name (for
+        ``memory_report``; small index tensors are found there by walking)."""
+        return {
+            "gradient stacks": list(self._grads.values()),
+            "weight stacks": list(self._weights.values()),
+        }
+
     def _buffer(self, store: dict, gi: int, si: int, stack: BlockStack) -> torch.Tensor:
-        # Persistent: a fresh allocation of this size each step costs page faults on CPU and
-        # allocator churn on GPU; the DTensor exchange also keeps views into them.
         buf = store.get((gi, si))
         if buf is None:
             buf = store[(gi, si)] = torch.empty(

@@ -71,6 +71,9 @@ class ReplicatedDistributor(LocalDistributor):
         """What this rank sends in one ring AllGather: its piece to each of the others."""
         return (self.mesh.size() - 1) * self.local.numel() * self.local.element_size()
 
+    def buffers(self) -> dict[str, list[torch.Tensor]]:
+        return {**super().buffers(), "allgather": [self.local, self.gathered]}
+
     def exchange(self, step: Step, failed: bool) -> torch.Tensor:
         for w in self._work:
             self._slots[(w.group, w.stack_index)].copy_(w.direction)

@@ -134,12 +134,20 @@ class ShardedDistributor(Distributor):
         self.with_weights = any(plan.groups[gi].spec.opts.momentum > 0 for gi, _ in sharded)
         self.rank = rank
         self.routes = routes = PieceRoutes(plan, rank, 2 if self.with_weights else 1)
-        zeros = lambda n, dtype: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
+        # Two pairs of buffers share memory: a gradient's pieces are sent (grad_send) before
+        # directions come back (dir_recv, read until the update), and received pieces are in
+        # the stacks (grad_recv) before directions are sent (dir_send).
+        grad_send, dir_recv = _sharing(
+            (routes.grad_send.total, self.grad_dtype), (routes.dir_recv.total, dtype), device
+        )
+        grad_recv, dir_send = _sharing(
+            (routes.grad_recv.total, self.grad_dtype), (routes.dir_send.total, dtype), device
+        )
         self._bufs = {
-            "grad_send": zeros(routes.grad_send.total, self.grad_dtype),
-            "grad_recv": zeros(routes.grad_recv.total, self.grad_dtype),
-            "dir_send": zeros(routes.dir_send.total, dtype),
-            "dir_recv": zeros(routes.dir_recv.total, dtype),
+            "grad_send": grad_send,
+            "grad_recv": grad_recv,
+            "dir_send": dir_send,
+            "dir_recv": dir_recv,
         }
         # all_to_all_single's split sizes, as the lists it takes.
         self._splits = {
@@ -239,6 +247,11 @@ class ShardedDistributor(Distributor):
                 prm.dir_out_dst.append(_piece_view(bufs["dir_send"], off, r))
                 prm.owned.append((si, row, flag))
         return out
+
+    persistent_stacks = True
+
+    def buffers(self) -> dict[str, list[torch.Tensor]]:
+        return {**super().buffers(), "all_to_all": list(self._bufs.values())}
 
     def bytes_sent_per_step(self) -> int:
         """Exactly what this rank sends to other ranks in one step."""
@@ -376,3 +389,12 @@ class ShardedDistributor(Distributor):
             recv.copy_(send)
         else:
             dist.all_to_all_single(recv, send, recv_sizes, send_sizes)
+
+
+def _sharing(
+    a: tuple[int, torch.dtype], b: tuple[int, torch.dtype], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two zeroed buffers of (length, dtype) ``a`` and ``b`` over one piece of memory."""
+    nbytes = [n * dtype.itemsize for n, dtype in (a, b)]
+    raw = torch.zeros(max(nbytes), dtype=torch.uint8, device=device)
+    return tuple(raw[:n].view(dtype) for n, (_, dtype) in zip(nbytes, (a, b), strict=True))

@@ -15,7 +15,8 @@ kind, ``torch.linalg.eigh`` of a 256 x 256 float32 matrix takes 3.2 ms and of 10
 eigendecomposition costs about 12-17 matrix-product FLOPs per d^3. ``ELEMENTWISE_COST`` is the
 same kind of estimate for the dozen memory-bound passes over a block each step.
 
-Its memory is ``block_state_elements``: a factor and a root per dim (2 d_i^2) plus the vector
+Its memory is ``block_state_elements``: a factor and a root per dim (2 d_i^2, half that packed;
+none for a dim ``max_factor_ratio`` leaves without a factor) plus the vector
 states. Within one block shape the two are proportional; across shapes they are not (a 1-D
 block of 1024 holds as large a factor as a 1024 x 1024 block and costs almost no compute), so
 the planner balances both (``planner``).
@@ -48,24 +49,39 @@ EIGH_COST = 15.0
 ELEMENTWISE_COST = 20.0
 
 
-def block_cost(shape: tuple[int, ...], precondition_frequency: int) -> float:
+def _factored(shape: tuple[int, ...], dims: tuple[int, ...] | None) -> list[int]:
+    """The sizes of the dims that have a factor (``dims``; None: all)."""
+    return list(shape) if dims is None else [shape[i] for i in dims]
+
+
+def block_cost(
+    shape: tuple[int, ...], precondition_frequency: int, dims: tuple[int, ...] | None = None
+) -> float:
     """Estimated matrix-product FLOPs per step for the owner of a block of ``shape``, its roots
-    amortized over the frequency."""
-    return step_cost(shape) + root_cost(shape) / precondition_frequency
+    amortized over the frequency (``dims``: the dims with a factor; None: all)."""
+    return step_cost(shape, dims) + root_cost(shape, dims) / precondition_frequency
 
 
-def step_cost(shape: tuple[int, ...]) -> float:
+def step_cost(shape: tuple[int, ...], dims: tuple[int, ...] | None = None) -> float:
     """What a block costs its owner in every step: Grams, preconditioning, elementwise work."""
     numel = math.prod(shape)
-    return sum(4.0 * d * numel for d in shape) + ELEMENTWISE_COST * numel
+    return sum(4.0 * d * numel for d in _factored(shape, dims)) + ELEMENTWISE_COST * numel
 
 
-def root_cost(shape: tuple[int, ...]) -> float:
+def root_cost(shape: tuple[int, ...], dims: tuple[int, ...] | None = None) -> float:
     """What a block's root computation costs, in the step it happens."""
-    return sum(EIGH_COST * float(d) ** 3 for d in shape)
+    return sum(EIGH_COST * float(d) ** 3 for d in _factored(shape, dims))
 
 
-def block_state_elements(shape: tuple[int, ...], vector_states: int) -> int:
-    """Elements of state a block keeps: a factor and a root per dim, plus ``vector_states``
-    tensors of the block's own shape (grafting, filtered gradient, momentum)."""
-    return sum(2 * d * d for d in shape) + vector_states * math.prod(shape)
+def block_state_elements(
+    shape: tuple[int, ...],
+    vector_states: int,
+    dims: tuple[int, ...] | None = None,
+    packed: bool = False,
+) -> int:
+    """Elements of state a block keeps: a factor and a root per dim with a factor (``dims``;
+    None: all), upper triangles when ``packed``, plus ``vector_states`` tensors of the block's
+    own shape (grafting, filtered gradient, momentum)."""
+    per_matrix = (lambda d: d * (d + 1) // 2) if packed else (lambda d: d * d)
+    matrices = sum(2 * per_matrix(d) for d in _factored(shape, dims))
+    return matrices + vector_states * math.prod(shape)

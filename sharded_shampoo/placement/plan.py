@@ -118,15 +118,19 @@ class Plan:
     def _place(self, spec: GroupSpec, blockings, shapes, before) -> GroupPlan:
         opts = spec.opts
         keys = root_costs = None
+        dims = [opts.preconditioned_dims(s) for s in shapes]
         if opts.stagger_roots:
             # Roots in one step of the period (the block's phase), not amortized: see cost.py.
             f = opts.precondition_frequency
-            root_costs = [root_cost(s) for s in shapes]
+            root_costs = [root_cost(s, d) for s, d in zip(shapes, dims, strict=True)]
             flat, self.phase_loads[f] = assign_phases(root_costs, f, self.phase_loads.get(f))
             keys = [(f, p) for p in flat]
-            costs = [step_cost(s) for s in shapes]
+            costs = [step_cost(s, d) for s, d in zip(shapes, dims, strict=True)]
         else:
-            costs = [block_cost(s, opts.precondition_frequency) for s in shapes]
+            costs = [
+                block_cost(s, opts.precondition_frequency, d)
+                for s, d in zip(shapes, dims, strict=True)
+            ]
         preferred = []
         for pi, b in enumerate(blockings):
             sharding = spec.sharding(pi)
@@ -147,9 +151,8 @@ class Plan:
             + opts.eigenvalue_corrected
         )
         memory = [
-            block_state_elements(b.block_shape(bid), vectors)
-            for b in blockings
-            for bid in range(b.num_blocks)
+            block_state_elements(s, vectors, d, opts.symmetric_packing)
+            for s, d in zip(shapes, dims, strict=True)
         ]
         assignment = assign_blocks(
             costs,

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from ..algorithm.packing import other_layout, relayout, symmetric_state
 from ..blocking import ParamBlocking
 from ..diagnostics import ParamNamer
-from ..options import GroupOptions
+from ..options import STORAGE, GroupOptions
 from .groups import GroupState
 from .record import blocking_record, record_difference
 from .stacks import block_state_spec
@@ -45,7 +46,9 @@ def check_state_dict(
                 f"this optimizer has {len(group['params'])}"
             )
         saved_ids = _by_name(gi, saved, group)
-        options = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+        # Storage options (how state is kept, not what it is) stay this optimizer's: the
+        # state is converted below.
+        options = {k: v for k, v in saved.items() if k not in ("params", "param_names", *STORAGE)}
         current = GroupOptions.from_group(group)
         steps = set()
         for pi, pid in enumerate(saved_ids):
@@ -107,6 +110,8 @@ def check_state_dict(
                 )
             for key, t in mine.items():
                 src = theirs[key]
+                if isinstance(src, torch.Tensor):
+                    src = _as_stored(key, src, tuple(t.shape))
                 if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(t.shape):
                     got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src)
                     raise ValueError(
@@ -153,5 +158,21 @@ def _fits_block(
     return (
         parts[2] in spec
         and isinstance(value, torch.Tensor)
-        and tuple(value.shape) == tuple(spec[parts[2]])
+        and _same_matrix_shape(parts[2], tuple(value.shape), tuple(spec[parts[2]]))
     )
+
+
+def _same_matrix_shape(name: str, saved: tuple[int, ...], ours: tuple[int, ...]) -> bool:
+    """Whether state ``name`` saved with shape ``saved`` loads where we keep ``ours``: the
+    same, or a factor or root in the other ``symmetric_packing``."""
+    return saved == ours or (symmetric_state(name) and other_layout(saved) == ours)
+
+
+def _as_stored(key: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``value`` as this optimizer stores ``key`` (a factor or root saved with the other
+    ``symmetric_packing``: converted); else ``value`` as it is."""
+    if symmetric_state(key):
+        converted = relayout(value, shape)
+        if converted is not None:
+            return converted
+    return value

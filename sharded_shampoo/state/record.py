@@ -81,6 +81,8 @@ def _option_values(opts_ints: dict[str, int]) -> dict[str, object]:
         elif name == "eigenbasis_convention":
             # -1 in an eigenvalue-corrected record: written before conventions, so SOAP's.
             out[name] = {1: "soap", 2: "reference", -1: "soap"}[i]
+        elif name == "max_factor_ratio":
+            out[name] = None if i == -1 else i
         elif name == "merge_dims" or "> 0" in name:
             out[name] = bool(i)
         else:

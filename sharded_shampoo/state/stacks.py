@@ -7,8 +7,11 @@ per stack (batched matrix products, one batched ``eigh``), so kernel launches gr
 number of distinct block shapes, not with the number of blocks.
 
 Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
-    factor_i       (n, m_i, m_i)  Kronecker factor of dim i, in ``factor_dtype``
-    root_i         (n, m_i, m_i)  its inverse root, in the math dtype (identity until computed)
+    factor_i       (n, m_i, m_i)  Kronecker factor of dim i, in ``factor_dtype``; with
+                                  ``symmetric_packing`` (n, m_i (m_i + 1) / 2), its upper
+                                  triangle (``algorithm.packing``), as root_i
+    root_i         (n, m_i, m_i)  its inverse root, in ``root_dtype`` or the math dtype
+                                  (identity until computed)
     eigenvectors_i (n, m_i, m_i)  instead of root_i with the eigenvalue-corrected preconditioner:
                                   the factor's eigenbasis (identity until computed)
     corrected_eigenvalues (n, *shape)  with it: second moment of the rotated gradient; and
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
+from ..algorithm.packing import pack, packed_size
 from ..blocking import ParamBlocking
 from ..options import GroupOptions
 from ..placement.layout import StackLayout
@@ -60,9 +64,13 @@ def block_state_spec(
     """(key, shape, dtype) of every state tensor of one block."""
     dtype = math_dtype(param_dtype)
     spec = []
-    for i, m in enumerate(block_shape):
-        spec.append((f"factor_{i}", (m, m), opts.factor_dtype))
-        spec.append((f"{opts.basis}_{i}", (m, m), dtype))
+    for i in opts.preconditioned_dims(block_shape):
+        m = block_shape[i]
+        symmetric = (packed_size(m),) if opts.symmetric_packing else (m, m)
+        spec.append((f"factor_{i}", symmetric, opts.factor_dtype))
+        # Roots are symmetric; eigenvectors are not.
+        basis_shape = (m, m) if opts.eigenvalue_corrected else symmetric
+        spec.append((f"{opts.basis}_{i}", basis_shape, opts.root_dtype or dtype))
     if opts.eigenvalue_corrected:
         spec.append(("corrected_eigenvalues", block_shape, dtype))
     if opts.grafting in ("adam", "rmsprop", "adagrad"):
@@ -192,9 +200,11 @@ class GroupBlocks:
                 key: pool.take(shape, dtype) for key, shape, dtype in state_spec(layout, opts)
             }
             # Roots and eigenvectors start as the identity.
-            for i, m in enumerate(layout.block_shape):
+            for i in opts.preconditioned_dims(layout.block_shape):
+                m = layout.block_shape[i]
                 t = tensors[f"{opts.basis}_{i}"]
-                t.copy_(torch.eye(m, dtype=t.dtype, device=t.device))
+                eye = torch.eye(m, dtype=t.dtype, device=t.device)
+                t.copy_(pack(eye) if t.dim() == 2 else eye)
             td = TensorDict(tensors, batch_size=[layout.num_rows], device=pool.device)
             si = len(self.stacks)
             self.stacks.append(BlockStack(layout, td))

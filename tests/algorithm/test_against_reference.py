@@ -139,6 +139,22 @@ CONFIGS = {
         stagger_roots=True,
         grafting="adam",
     ),
+    # Factors only where they hold at most 2x the block's elements: 1-D blocks of 3 or more
+    # and lopsided blocks' long sides go without (one-sided), blocks with none take the
+    # grafting direction; with and without grafting, eigenvalue-corrected too; and full
+    # matrices instead of packed ones.
+    "factor_ratio": dict(max_factor_ratio=2, betas=(0.9, 0.99)),
+    "factor_ratio_no_grafting": dict(max_factor_ratio=2, grafting=None, epsilon=1e-2),
+    "factor_ratio_staggered_momentum": dict(max_factor_ratio=1, stagger_roots=True, momentum=0.5),
+    "ec_factor_ratio": dict(preconditioner="eigenvalue_corrected", max_factor_ratio=2),
+    "ec_soap_factor_ratio": dict(
+        preconditioner="eigenvalue_corrected",
+        eigenbasis_convention="soap",
+        eigenbasis="qr",
+        max_factor_ratio=2,
+    ),
+    "unpacked": dict(symmetric_packing=False, betas=(0.9, 0.99)),
+    "ec_unpacked": dict(preconditioner="eigenvalue_corrected", symmetric_packing=False),
 }
 
 

@@ -35,6 +35,8 @@ WEIGHT_DECAY_VARIANTS = {
 NAN_CASE = dict(nan_step=3, momentum=0.0)
 EC_CASE = dict(preconditioner="eigenvalue_corrected")
 SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
+# Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices.
+LEAN_CASE = dict(max_factor_ratio=2, symmetric_packing=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,8 @@ def world4():
         "staggered",
         "eigenvalue_corrected",
         "hsdp_eigenvalue_corrected",
+        "lean",
+        "lean_eigenvalue_corrected",
     ]
     cases = [
         (fsdp_cases.fsdp, {}),
@@ -87,6 +91,8 @@ def world4():
         (fsdp_cases.fsdp, {"stagger_roots": True}),
         (fsdp_cases.fsdp, EC_CASE),
         (fsdp_cases.fsdp, {"hsdp": True, **EC_CASE, "eigenbasis": "qr"}),
+        (fsdp_cases.fsdp, LEAN_CASE),
+        (fsdp_cases.fsdp, {**LEAN_CASE, **EC_CASE}),
     ]
     return dict(zip(names, run_cases(4, cases), strict=True))
 
@@ -197,3 +203,9 @@ def test_eigenvalue_corrected_matches_single_process(world2, world4, world, case
     basis = "qr" if case.startswith(("hsdp", "soap")) else "eigh"
     options = SOAP_CASE if case.startswith("soap") else EC_CASE
     check_against_reference(values, fsdp_cases.train_reference(**options, eigenbasis=basis))
+
+
+@pytest.mark.parametrize("case, options", [("lean", {}), ("lean_eigenvalue_corrected", EC_CASE)])
+def test_memory_options_match_single_process(world4, case, options):
+    values = world4[case].ok()
+    check_against_reference(values, fsdp_cases.train_reference(**LEAN_CASE, **options))

@@ -162,9 +162,9 @@ def test_per_layer_groups_are_not_padded(world2, world4, world):
     values = (world2 if world == 2 else world4)["memory"].ok()
     owned = [blocks for _, blocks in values]
     assert sum(owned) == 8 and len(set(owned)) == 1, owned
-    # One 64 x 64 block: a factor and a root per dim (4 x 64 x 64), grafting and filtered
-    # gradient (2 x 64 x 64), float32; a root-failure counter (int32).
-    per_block = 6 * 64 * 64 * 4 + 4
+    # One 64 x 64 block: a factor and a root per dim, packed (4 x 64 x 65 / 2), grafting and
+    # filtered gradient (2 x 64 x 64), float32; a root-failure counter (int32).
+    per_block = (4 * 64 * 65 // 2 + 2 * 64 * 64) * 4 + 4
     for state_bytes, blocks in values:
         assert state_bytes == blocks * per_block, (state_bytes, blocks)
 

@@ -53,6 +53,11 @@ BAD = [
     ("qr_iterations", 101),
     ("eigenbasis_convention", "paper"),
     ("eigenbasis_tolerance", 1.5),
+    ("max_factor_ratio", 0),
+    ("max_factor_ratio", 2.5),
+    ("root_dtype", torch.int8),
+    ("root_dtype", "float8"),
+    ("symmetric_packing", "no"),
     ("lr", True),
     ("lr", torch.ones(2)),
     ("max_preconditioner_dim", torch.tensor(2.5)),
@@ -151,6 +156,21 @@ def test_options_may_change_between_steps_but_structure_may_not():
     opt.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match="lr must be"):
         opt.step()
+
+
+def test_default_grafting_follows_each_groups_preconditioner():
+    """grafting="default" is adam for root-inverse groups and none for eigenvalue-corrected
+    ones, whatever the optimizer's defaults (was: a group inherited the defaults' resolved
+    value)."""
+    a, b = torch.zeros(3, 3, requires_grad=True), torch.zeros(4, 4, requires_grad=True)
+    opt = ShardedShampoo(
+        [{"params": [a]}, {"params": [b], "preconditioner": "eigenvalue_corrected"}]
+    )
+    assert [g["grafting"] for g in opt.param_groups] == ["adam", None]
+    opt = ShardedShampoo([{"params": [a], "preconditioner": "shampoo"}, {"params": [b]}],
+                         preconditioner="eigenvalue_corrected")  # fmt: skip
+    assert [g["grafting"] for g in opt.param_groups] == ["adam", None]
+    assert "graft_v" not in " ".join(opt.state[b]) and "graft_v" in " ".join(opt.state[a])
 
 
 def test_distribution_options_are_validated():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,9 +165,28 @@ def test_bench_converge_compares_staggered_roots(tmp_path):
             " --data-bytes 300000"
         ).split(),
     )
-    assert "staggered mean" in out
+    assert re.search(r"staggered +[\d.]+; mean [\d.]+, (within|below|ABOVE) that spread", out)
     finals = json.loads((tmp_path / "stagger.json").read_text())
     assert set(finals) == {"all at once", "staggered"} and all(len(v) == 1 for v in finals.values())
+
+
+def test_bench_memory_reports_bytes_per_parameter(tmp_path):
+    """The benchmark GPT in one process: AdamW's 8 bytes per parameter, and the defaults' and
+    the packing-off figures from memory_report, whose state the block shapes decide."""
+    path = tmp_path / "memory.json"
+    out = run(
+        "bench_memory.py", "--models", "gpt", "--settings", "defaults,symmetric_packing=False",
+        "--json", str(path),
+    )  # fmt: skip
+    rows = {r["setting"]: r for r in json.loads(path.read_text())}
+    assert rows["AdamW"]["total"] == 8 * rows["AdamW"]["params"]
+    packed, full = rows["defaults"], rows["symmetric_packing=False"]
+    assert packed["params"] == full["params"] == rows["AdamW"]["params"]
+    # Factors and roots: m (m + 1) / 2 entries per dim instead of m^2, for blocks of up to 1024.
+    ratio = packed["by_kind"]["factors"] / full["by_kind"]["factors"]
+    assert 0.5 < ratio < 0.51, ratio
+    assert packed["by_kind"]["grafting"] == full["by_kind"]["grafting"] == 4 * packed["params"]
+    assert "B/param" in out
 
 
 def test_bench_step_compares_preconditioners(tmp_path):

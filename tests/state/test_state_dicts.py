@@ -51,9 +51,10 @@ def test_state_dict_names_blocks_of_full_parameters():
         "step",
     }
     assert int(linear_weight["step"]) == 1
-    assert linear_weight["blocks.0.factor_0"].shape == (16, 16)
-    assert linear_weight["blocks.17.factor_0"].shape == (4, 4)
-    assert linear_weight["blocks.17.factor_1"].shape == (16, 16)
+    # Factors and roots as upper triangles (symmetric_packing): 16 x 17 / 2 and 4 x 5 / 2.
+    assert linear_weight["blocks.0.factor_0"].shape == (136,)
+    assert linear_weight["blocks.17.factor_0"].shape == (10,)
+    assert linear_weight["blocks.17.root_1"].shape == (136,)
     assert sd["param_groups"][0]["step"] == 1
 
 
@@ -83,7 +84,7 @@ def test_loading_a_mismatched_state_dict_raises_and_changes_nothing():
     bad = copy.deepcopy(opt.state_dict())
     bad["state"][2]["blocks.2.factor_0"] = torch.zeros(8, 8)
     bad["state"][5]["blocks.0.factor_0"].fill_(7.0)  # would be copied first if not validated first
-    with pytest.raises(ValueError, match=r"blocks.2.factor_0.*shape \(8, 8\), expected \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"blocks.2.factor_0.*shape \(8, 8\), expected \(136,\)"):
         opt.load_state_dict(bad)
 
     bad = copy.deepcopy(opt.state_dict())
@@ -94,8 +95,8 @@ def test_loading_a_mismatched_state_dict_raises_and_changes_nothing():
     # Keys of blocks the parameter does not have, or of another block's shape, are refused
     # (a full state dict may carry blocks other ranks own, but only real ones).
     for key, value in (
-        ("blocks.99.factor_0", torch.zeros(16, 16)),
-        ("blocks.0.factor_0x", torch.zeros(16, 16)),
+        ("blocks.99.factor_0", torch.zeros(136)),
+        ("blocks.0.factor_0x", torch.zeros(136)),
         ("extra", torch.zeros(1)),
     ):
         bad = copy.deepcopy(opt.state_dict())
@@ -113,6 +114,22 @@ def test_loading_a_mismatched_state_dict_raises_and_changes_nothing():
         for k, v in st.items():
             assert torch.equal(v, after["state"][i][k]), (i, k)
     assert after["param_groups"][0]["lr"] == OPTS["lr"]
+
+
+def test_state_of_other_preconditioned_dims_is_refused_naming_the_option():
+    """max_factor_ratio decides which dims have factors: another value is refused by the
+    record, before anything is loaded."""
+    model = make_model()
+    opt = ShardedShampoo(model.parameters(), **OPTS, max_factor_ratio=4)
+    train(model, opt, 2)
+    other = ShardedShampoo(make_model().parameters(), **OPTS)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="max_factor_ratio: 4 saved, None here"):
+        other.load_state_dict(opt.state_dict())
+    after = other.state_dict()
+    for p in before["state"]:
+        for key, value in before["state"][p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][p][key]))
 
 
 def test_root_inverse_state_refused_by_an_eigenvalue_corrected_optimizer():

@@ -32,6 +32,8 @@ DEFAULTS = dict(
     qr_iterations=1,
     eigenbasis_convention="reference",
     eigenbasis_tolerance=0.0,
+    max_factor_ratio=None,
+    symmetric_packing=True,  # storage only: nothing here
 )
 
 
@@ -176,6 +178,10 @@ class ReferenceShampoo:
             G = gm[sl].clone()
             W = wm[sl].clone()
             k = G.dim()
+            # The dims with a factor: d^2 <= ratio x the block's elements (all without a ratio);
+            # the others keep P = Q = I, and the block's order for its exponent counts these.
+            r = o["max_factor_ratio"]
+            dims = [i for i in range(k) if r is None or G.shape[i] ** 2 <= r * G.numel()]
             st = group["state"].setdefault((pi, bid), {})
             if not st:
                 st["F"] = [torch.zeros(d, d, dtype=torch.float64) for d in G.shape]
@@ -189,7 +195,7 @@ class ReferenceShampoo:
             if o["weight_decay"] > 0 and not o["decoupled_weight_decay"]:
                 G = G + o["weight_decay"] * W
             # 4. factors and grafting state
-            for i in range(k):
+            for i in dims:
                 Gi = G.movedim(i, 0).reshape(G.shape[i], -1)
                 gram = Gi @ Gi.T
                 if beta2 == 1.0:
@@ -207,10 +213,10 @@ class ReferenceShampoo:
             phase = self.phases.get((gi, pi, bid), 0)
             corrected = o["preconditioner"] == "eigenvalue_corrected"
             if corrected and (t == start or (t > start and t % f == phase)):
-                new_Q, perms = [], []
-                for i in range(k):
+                new_Q, perms = list(st["Q"]), []
+                for i in dims:
                     Q, perm = ref_eigenbasis(st["F"][i], st["Q"][i], o, t)
-                    new_Q.append(Q)
+                    new_Q[i] = Q
                     if perm is not None:
                         perms.append((i, perm))
                 st["Q"] = new_Q
@@ -218,8 +224,9 @@ class ReferenceShampoo:
                     st["V"] = st["V"].index_select(i, perm)
             if not corrected and (t == start or (t > start and t % f == phase)):
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
-                e = (o["inverse_exponent_override"] or {}).get(k, 1.0 / (2 * k))
-                for i in range(k):
+                kd = len(dims)
+                e = (o["inverse_exponent_override"] or {}).get(kd, 1.0 / (2 * max(kd, 1)))
+                for i in dims:
                     L, Q = torch.linalg.eigh(st["F"][i] / c)
                     # F is PSD: clamp rounding below zero, then add epsilon.
                     L = L.clamp_min(0) + o["epsilon"]
@@ -251,8 +258,8 @@ class ReferenceShampoo:
                     st["V"] = st["V"] + Gq * Gq
                 else:
                     st["V"] = beta2 * st["V"] + (1 - beta2) * Gq * Gq
-            if t < start and (o["grafting"] is not None or not corrected):
-                D = graft(M)
+            if (t < start or not dims) and (o["grafting"] is not None or not corrected):
+                D = graft(M)  # no factor at all: the grafting (diagonal) direction
             elif corrected:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 e = (o["inverse_exponent_override"] or {}).get(k, 0.5)

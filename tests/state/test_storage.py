@@ -1,0 +1,197 @@
+"""How state is stored: symmetric packing is lossless, and state saved under one storage setting
+loads under another (plain state dicts and DCP checkpoints), converted exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from convnet import OPTS, batch, make_model, roundtrip, train
+
+from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _unpacked(x: torch.Tensor) -> torch.Tensor:
+    """A packed upper triangle as its symmetric matrix, written out by loops (the test's own
+    reference for the layout: rows of the upper triangle, one after the other)."""
+    p = x.numel()
+    m = int(((8 * p + 1) ** 0.5 - 1) / 2)
+    out = torch.empty(m, m, dtype=x.dtype)
+    k = 0
+    for i in range(m):
+        for j in range(i, m):
+            out[i, j] = out[j, i] = x[k]
+            k += 1
+    return out
+
+
+def _upper(x: torch.Tensor) -> torch.Tensor:
+    """A matrix's upper triangle, row by row."""
+    return torch.stack([x[i, j] for i in range(x.shape[0]) for j in range(i, x.shape[0])])
+
+
+def _symmetric_keys(state: dict) -> list[str]:
+    return [
+        k
+        for k in state
+        if k.rsplit(".", 1)[-1].split("_")[0] in ("factor", "root")
+        and k.rsplit("_", 1)[-1].isdigit()
+    ]
+
+
+def test_packing_keeps_the_math_in_float64():
+    """The same training with factors and roots packed or full: parameters agree to float64
+    rounding, and each packed factor is the full one's upper triangle."""
+    runs = {}
+    for packing in (True, False):
+        model = make_model().double()
+        opt = ShardedShampoo(
+            model.parameters(), **OPTS, symmetric_packing=packing, factor_dtype=torch.float64
+        )
+        for step in range(10):
+            x, y = batch(step)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x.double()), y).backward()
+            opt.step()
+        runs[packing] = (model, opt)
+    (packed, opt_p), (full, opt_f) = runs[True], runs[False]
+    for p, q in zip(packed.parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+    for p, q in zip(packed.parameters(), full.parameters(), strict=True):
+        for key in _symmetric_keys(opt_p.state[p]):
+            x, y = opt_p.state[p][key], opt_f.state[q][key]
+            assert x.dim() == 1 and y.dim() == 2, key
+            torch.testing.assert_close(_unpacked(x), y, rtol=1e-10, atol=1e-12)
+
+
+def _trained(packing: bool, steps: int = 6):
+    model = make_model()
+    opt = ShardedShampoo(model.parameters(), **OPTS, symmetric_packing=packing)
+    train(model, opt, steps)
+    return model, opt
+
+
+def _fresh(model_state, packing: bool):
+    model = make_model(seed=7)
+    model.load_state_dict(model_state)
+    return model, ShardedShampoo(model.parameters(), **OPTS, symmetric_packing=packing)
+
+
+def _assert_same_state(a: ShardedShampoo, b: ShardedShampoo, convert=None) -> None:
+    for p, q in zip(a.state, b.state, strict=True):
+        assert a.state[p].keys() == b.state[q].keys()
+        for key, x in a.state[p].items():
+            y = b.state[q][key]
+            if convert is not None and key in _symmetric_keys(a.state[p]):
+                x = convert(x)
+            assert torch.equal(x, y), key
+
+
+def test_a_state_dict_loads_under_the_other_packing_exactly():
+    """Packed -> full -> packed: the full optimizer holds the packed one's matrices written out,
+    the packed one at the end holds bitwise what the first held, and both resume alike. Each
+    keeps its own symmetric_packing."""
+    model, opt = _trained(True)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    full_model, full = _fresh(saved_model, False)
+    full.load_state_dict(roundtrip(opt.state_dict()))
+    assert full.param_groups[0]["symmetric_packing"] is False
+    _assert_same_state(opt, full, convert=_unpacked)
+    again_model, again = _fresh(saved_model, True)
+    again.load_state_dict(roundtrip(full.state_dict()))
+    assert again.param_groups[0]["symmetric_packing"] is True
+    _assert_same_state(opt, again)
+    assert train(model, opt, 4, start=6) == train(again_model, again, 4, start=6)
+    for p, q in zip(model.parameters(), again_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("saved_packing", [True, False])
+def test_a_checkpoint_loads_under_the_other_packing_exactly(tmp_path, saved_packing):
+    """The same through DCP: the saved layout is read and converted on load. Full matrices
+    load as their upper triangles (a computed root is symmetric only up to rounding)."""
+    model, opt = _trained(saved_packing)
+    save_checkpoint(str(tmp_path / "ckpt"), model, opt)
+    other_model, other = _fresh(model.state_dict(), not saved_packing)
+    load_checkpoint(str(tmp_path / "ckpt"), other_model, other)
+    if saved_packing:
+        _assert_same_state(opt, other, convert=_unpacked)
+    else:
+        _assert_same_state(opt, other, convert=_upper)
+    assert other.param_groups[0]["step"] == 6
+
+
+def test_packing_halves_the_symmetric_state():
+    """Factors and roots take m (m + 1) / 2 entries per dim instead of m^2."""
+    _, packed = _trained(True, steps=1)
+    _, full = _trained(False, steps=1)
+    sizes = {}
+    for name, opt in (("packed", packed), ("full", full)):
+        sizes[name] = sum(
+            t.numel() for s in opt.state.values() for k, t in s.items() if k in _symmetric_keys(s)
+        )
+    expected_full = expected_packed = 0
+    for s in full.state.values():
+        for key in _symmetric_keys(s):
+            m = s[key].shape[0]
+            expected_full += m * m
+            expected_packed += m * (m + 1) // 2
+    assert sizes == {"packed": expected_packed, "full": expected_full}
+
+
+def _steps_with_fixed_gradients(steps: int, **options):
+    """A (12, 8) weight and an (8,) bias stepped with gradients that do not depend on the
+    parameters, so that factors (and roots) of runs with different storage are the same. Roots
+    from step 12, when every factor has full rank: where epsilon fills a factor's null space
+    instead, a root is about epsilon^-e I plus a small part that bfloat16 rounds away (a
+    240-element bias after 3 steps: the direction 50% off)."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.zeros(12, 8, requires_grad=True), torch.zeros(8, requires_grad=True)]
+    opt = ShardedShampoo(
+        params, lr=0.01, precondition_frequency=4, start_preconditioning_step=12,
+        merge_dims=False, epsilon=1e-6, **options,
+    )  # fmt: skip
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt
+
+
+def test_bfloat16_roots_are_the_float32_roots_rounded():
+    """root_dtype=bfloat16 keeps roots computed in float32, rounded to bfloat16 (packed or not),
+    and applies them in float32: parameters stay within bfloat16's rounding of the float32
+    run."""
+    for packing in (True, False):
+        full_params, full = _steps_with_fixed_gradients(20, symmetric_packing=packing)
+        bf_params, bf = _steps_with_fixed_gradients(
+            20, symmetric_packing=packing, root_dtype=torch.bfloat16
+        )
+        for p, q in zip(full_params, bf_params, strict=True):
+            for key, root in full.state[p].items():
+                if "root_" in key and key[-1].isdigit():
+                    stored = bf.state[q][key]
+                    assert stored.dtype == torch.bfloat16, key
+                    assert torch.equal(stored, root.to(torch.bfloat16)), key
+                    assert torch.equal(bf.state[q][key.replace("root", "factor")],
+                                       full.state[p][key.replace("root", "factor")])  # fmt: skip
+            assert (q - p).norm() <= 5e-3 * p.norm()  # 9e-4 measured
+        assert bf.param_groups[0]["root_dtype"] == "bfloat16"
+        kinds = bf.memory_report().state
+        assert kinds["roots"] * 2 == full.memory_report().state["roots"]
+
+
+def test_a_state_dict_loads_under_another_root_dtype():
+    """Roots saved in float32 load into a bfloat16-roots optimizer (rounded) and back (widened);
+    each optimizer keeps its own root_dtype."""
+    params, opt = _steps_with_fixed_gradients(13)
+    _, bf = _steps_with_fixed_gradients(0, root_dtype="bfloat16")
+    bf.load_state_dict(roundtrip(opt.state_dict()))
+    assert bf.param_groups[0]["root_dtype"] == "bfloat16"
+    for p, q in zip(opt.state, bf.state, strict=True):
+        assert torch.equal(
+            bf.state[q]["blocks.0.root_0"], opt.state[p]["blocks.0.root_0"].bfloat16()
+        )
+    _, back = _steps_with_fixed_gradients(0)
+    back.load_state_dict(roundtrip(bf.state_dict()))
+    assert back.state[next(iter(back.state))]["blocks.0.root_0"].dtype == torch.float32
