@@ -214,11 +214,16 @@ def convention_convergence(args) -> None:
 MEMORY_SETTINGS = {
     "max_factor_ratio=4": ["--shampoo-option", "max_factor_ratio=4"],
     "root_dtype=bfloat16": ["--shampoo-option", "root_dtype=bfloat16"],
+    "bfloat16 moving averages": [
+        "--shampoo-option",
+        "grafting_dtype=bfloat16",
+        "--shampoo-option",
+        "first_moment_dtype=bfloat16",
+    ],
     "lean": [
-        "--shampoo-option",
-        "max_factor_ratio=4",
-        "--shampoo-option",
-        "root_dtype=bfloat16",
+        *("--shampoo-option", "max_factor_ratio=4", "--shampoo-option", "root_dtype=bfloat16"),
+        *("--shampoo-option", "grafting_dtype=bfloat16"),
+        *("--shampoo-option", "first_moment_dtype=bfloat16"),
     ],
     "max_factor_ratio=2": ["--shampoo-option", "max_factor_ratio=2"],
 }

@@ -29,9 +29,15 @@ SETTINGS = {
     "symmetric_packing=False": {"symmetric_packing": False},
     "root_dtype=bfloat16": {"root_dtype": "bfloat16"},
     "max_factor_ratio=4": {"max_factor_ratio": 4},
+    "bfloat16 moving averages": {"grafting_dtype": "bfloat16", "first_moment_dtype": "bfloat16"},
     # The documented memory-lean setting (README, Memory): converges as the defaults do.
-    "lean": {"max_factor_ratio": 4, "root_dtype": "bfloat16"},
-    "max_factor_ratio=2": {"max_factor_ratio": 2, "root_dtype": "bfloat16"},
+    "lean": {
+        "max_factor_ratio": 4,
+        "root_dtype": "bfloat16",
+        "grafting_dtype": "bfloat16",
+        "first_moment_dtype": "bfloat16",
+    },
+    "max_factor_ratio=2": {"max_factor_ratio": 2},
 }
 WORLD = {"llama8b": 512, "llama70b": 4096}
 

@@ -8,8 +8,9 @@ excluded, the way a user would count AdamW's 8 bytes per parameter:
 - ``buffers``, per name: what the step keeps allocated between steps (each distributor's
   ``buffers()``: gradient and weight stacks, exchange buffers), the index tensors cached for
   ``symmetric_packing`` (shared by every optimizer of the process on that device, counted in
-  full), and everything else the optimizer's objects hold (``bookkeeping``: row indices,
-  status words, checkpoint records, step counters), found by walking them.
+  full), the rounding patterns of moving averages kept in bfloat16 (likewise), and everything
+  else the optimizer's objects hold (``bookkeeping``: row indices, status words, checkpoint
+  records, step counters), found by walking them.
 
 Temporaries a step allocates and frees (an unpacked factor, a decomposition's workspace) are
 not kept between steps and are not counted here.
@@ -25,6 +26,7 @@ import torch
 from tensordict import TensorDict
 
 from .algorithm.packing import index_bytes
+from .algorithm.rounding import pattern_bytes
 
 __all__ = ["MemoryReport", "memory_report"]
 
@@ -142,6 +144,15 @@ def memory_report(optimizer) -> MemoryReport:
     }
     if sizes:
         buffers["packing indices"] = sum(index_bytes(m) for m in sizes)
+    rounded = {
+        s.layout.row_numel
+        for g in groups
+        for s in g.blocks.stacks
+        for key in ("graft_v", "filtered_grad")
+        if key in s.state.keys() and s.state[key].dtype == torch.bfloat16
+    }
+    if rounded:
+        buffers["rounding patterns"] = sum(pattern_bytes(n) for n in rounded)
     excluded = {
         (ptr, dev)
         for group in optimizer.param_groups

@@ -189,6 +189,21 @@ def _root_dtype(name: str, v: Any) -> torch.dtype | None:
     return None if v is None else parse_factor_dtype(v, name)
 
 
+def _average_dtype(name: str, v: Any) -> torch.dtype | None:
+    """A moving average's storage dtype: float16 is refused (stochastic rounding is written
+    for bfloat16's layout)."""
+    dtype = _root_dtype(name, v)
+    if dtype == torch.float16:
+        raise ValueError(
+            f"{name} must be None, torch.float32, torch.float64 or torch.bfloat16, got {v!r}"
+        )
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -380,7 +395,26 @@ OPTIONS: tuple[Option, ...] = (
         "dtype roots and eigenvectors are kept in, e.g. torch.bfloat16 (computed and applied "
         "in the math dtype; None: the math dtype)",
         structure=_same("root_dtype"),
-        stored=lambda o: None if o.root_dtype is None else str(o.root_dtype).removeprefix("torch."),
+        stored=lambda o: _dtype_name(o.root_dtype),
+        storage=True,
+    ),
+    Option(
+        "grafting_dtype",
+        None,
+        _average_dtype,
+        "dtype the grafting second moment is kept in, e.g. torch.bfloat16 (updated in the math "
+        "dtype, stored with stochastic rounding; None: the math dtype)",
+        structure=_same("grafting_dtype"),
+        stored=lambda o: _dtype_name(o.grafting_dtype),
+        storage=True,
+    ),
+    Option(
+        "first_moment_dtype",
+        None,
+        _average_dtype,
+        "dtype the first moment (betas[0] > 0) is kept in, as grafting_dtype",
+        structure=_same("first_moment_dtype"),
+        stored=lambda o: _dtype_name(o.first_moment_dtype),
         storage=True,
     ),
     Option(

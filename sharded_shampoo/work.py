@@ -85,7 +85,9 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
         due = _due(w, t)
         index = due.index if isinstance(due, Rows) else due
         if rows is None:
-            w.direction, ok = stack_step(stack.state, w.grad, w.param, w.opts, t, w.keep, index)
+            w.direction, ok = stack_step(
+                stack.state, w.grad, w.param, w.opts, t, w.keep, index, stack.seeds
+            )
         else:
             w.direction = torch.zeros_like(w.grad)
             sub = stack.state[rows.index]
@@ -97,6 +99,7 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
                 t,
                 w.keep[rows.index],
                 index,
+                stack.seeds[rows.index],
             )
             stack.state[rows.index] = sub
         if ok is not None:

@@ -184,11 +184,12 @@ def refresh_eigenbasis(
     assert ok is not None
     take = (ok & keep).view(-1, *([1] * (values.dim() - 1)))
     filtered = state.get("filtered_grad", None)
-    if filtered is not None:  # kept in the eigenbasis: into the new one
+    if filtered is not None:  # kept in the eigenbasis: into the new one, in the math dtype
         old_q = [state[f"eigenvectors_{i}"] if i in new else None for i in range(order)]
         new_qt = [new[i].mT if i in new else None for i in range(order)]
-        moved = precondition(precondition(filtered, old_q), new_qt)
-        filtered.copy_(torch.where(take, moved, filtered))
+        wide = filtered.to(values.dtype)
+        moved = precondition(precondition(wide, old_q), new_qt)
+        filtered.copy_(torch.where(take, moved, wide))
     for i, perm in permutations:
         # Entry j of dim i follows column perm[j] of the old eigenvectors.
         shape = [1] * values.dim()

@@ -19,6 +19,7 @@ from ..options import GroupOptions
 from .modes import factored_dims, precondition
 from .packing import pack, unpack
 from .refresh import refresh
+from .rounding import store_, widened
 
 __all__ = ["RowGate", "factor_gram_inputs", "stack_step"]
 
@@ -106,6 +107,7 @@ def _corrected_step(
     state: TensorDict,
     grad: torch.Tensor,
     v: torch.Tensor | None,
+    filtered: torch.Tensor | None,
     opts: GroupOptions,
     t: int,
     gate: RowGate,
@@ -122,7 +124,6 @@ def _corrected_step(
     corrected = state["corrected_eigenvalues"]
     weight = 1.0 if opts.beta2 == 1.0 else 1.0 - opts.beta2
     _ema(corrected, opts.beta2, gate).addcmul_(rotated, rotated, value=weight)
-    filtered = state.get("filtered_grad", None)
     if filtered is not None:
         filtered.lerp_(rotated, gate.rows(1.0 - opts.beta1, 0.0, filtered))
         m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
@@ -167,6 +168,7 @@ def stack_step(
     t: int,
     keep: torch.Tensor | None = None,
     due: torch.Tensor | bool = False,
+    seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Steps 3 to 9 of the algorithm for one stack; returns ``(direction, roots_ok)``.
 
@@ -175,8 +177,9 @@ def stack_step(
     (n,) bool on the stack's device: the blocks that step (see ``RowGate``; None: all).
     ``due``: the blocks whose roots are recomputed in this step (``due_rows``): True, False,
     or their indices on the stack's device; ``roots_ok`` then says, per such block, whether
-    its roots were computed (True for blocks not kept). The direction never shares memory with
-    the state.
+    its roots were computed (True for blocks not kept). ``seeds`` (n,) on the stack's device:
+    the blocks' rounding seeds, for moving averages kept in bfloat16 (``rounding``). The
+    direction never shares memory with the state.
     """
     order = grad.dim() - 1
     if keep is None:
@@ -191,11 +194,15 @@ def stack_step(
     dims = factored_dims(state, order)
     for i in dims:
         _update_factor(state[f"factor_{i}"], grad, i, opts.beta2, gate)
-    v = state.get("graft_v", None)
+    # Moving averages in the math dtype (a copy when kept narrower, stored back below).
+    v_state = state.get("graft_v", None)
+    v = None if v_state is None else widened(v_state, grad.dtype)
     if opts.grafting in ("adam", "rmsprop"):
         _ema(v, opts.grafting_beta2, gate).addcmul_(grad, grad, value=1.0 - opts.grafting_beta2)
     elif opts.grafting == "adagrad":
         v.addcmul_(grad, grad)
+    if v is not None:
+        store_(v_state, v, seeds, t)
 
     roots_ok = None
     if due is True:
@@ -203,10 +210,11 @@ def stack_step(
     elif due is not False:
         roots_ok = refresh(state, opts, t, order, keep, due)
 
-    filtered = state.get("filtered_grad", None)
+    f_state = state.get("filtered_grad", None)
+    filtered = None if f_state is None else widened(f_state, grad.dtype)
     if opts.eigenvalue_corrected:
         # From step 1 (in the identity basis until the first refresh) unless grafting is on.
-        d = _corrected_step(state, grad, v, opts, t, gate)
+        d = _corrected_step(state, grad, v, filtered, opts, t, gate)
     else:
         if filtered is not None:
             filtered.lerp_(grad, gate.rows(1.0 - opts.beta1, 0.0, filtered))
@@ -224,6 +232,8 @@ def stack_step(
                 graft = _grafting_direction(m, v, opts, t)
                 scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
                 d.mul_(scale.view(-1, *([1] * order)))
+    if filtered is not None:
+        store_(f_state, filtered, seeds, t)
     if d is filtered:
         # Weight decay and the gate below write into d: keep the state out of it.
         d = d.clone()

@@ -38,6 +38,7 @@ import torch
 from tensordict import TensorDict
 
 from ..algorithm.packing import pack, packed_size
+from ..algorithm.rounding import row_seeds
 from ..blocking import ParamBlocking
 from ..options import GroupOptions
 from ..placement.layout import StackLayout
@@ -74,9 +75,9 @@ def block_state_spec(
     if opts.eigenvalue_corrected:
         spec.append(("corrected_eigenvalues", block_shape, dtype))
     if opts.grafting in ("adam", "rmsprop", "adagrad"):
-        spec.append(("graft_v", block_shape, dtype))
+        spec.append(("graft_v", block_shape, opts.grafting_dtype or dtype))
     if opts.beta1 > 0:
-        spec.append(("filtered_grad", block_shape, dtype))
+        spec.append(("filtered_grad", block_shape, opts.first_moment_dtype or dtype))
     if opts.momentum > 0:
         spec.append(("momentum", block_shape, dtype))
     spec.append(("root_failures", (1,), torch.int32))
@@ -133,6 +134,11 @@ class BlockStack:
         if self.layout.row_phases is None:
             return None
         return torch.tensor(self.layout.row_phases, dtype=torch.long, device="cpu")
+
+    @functools.cached_property
+    def seeds(self) -> torch.Tensor:
+        """Each row's rounding seed, from its block (``algorithm.rounding``), on the device."""
+        return row_seeds(self.layout.row_owner, self.device)
 
     @property
     def num_rows(self) -> int:

@@ -26,6 +26,7 @@ RUNS = [
         ("plain", True),
         ("holder_decay", False),
         ("eigenvalue_corrected", False),
+        ("lean", False),
     )
 ]
 

@@ -36,7 +36,12 @@ NAN_CASE = dict(nan_step=3, momentum=0.0)
 EC_CASE = dict(preconditioner="eigenvalue_corrected")
 SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
 # Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices.
-LEAN_CASE = dict(max_factor_ratio=2, symmetric_packing=False)
+LEAN_CASE = dict(
+    max_factor_ratio=2,
+    symmetric_packing=False,
+    grafting_dtype="bfloat16",
+    first_moment_dtype="bfloat16",
+)
 
 
 @pytest.fixture(scope="module")

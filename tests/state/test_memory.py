@@ -94,3 +94,19 @@ def test_the_report_counts_everything_kept_between_steps():
     assert report.buffers["bookkeeping"] < report.state_bytes
     assert report.per_param() == report.total / report.params
     assert "B per parameter" in str(report)
+
+
+def test_bfloat16_moving_averages_are_counted_with_their_rounding_patterns():
+    """Moving averages kept in bfloat16: half the bytes of grafting and first moment, plus one
+    int32 rounding pattern per block size (4 bytes per element of one block), shared like the
+    packing indices."""
+    model, opt = _trained(grafting_dtype=torch.bfloat16, first_moment_dtype=torch.bfloat16)
+    _, wide = _trained()
+    report, wide_report = opt.memory_report(), wide.memory_report()
+    for kind in ("grafting", "first moment"):
+        assert 2 * report.state[kind] == wide_report.state[kind]
+    block_sizes = {8 * 12, 8, 16 * 8, 8 * 8, 16}
+    patterns = 4 * sum(block_sizes)
+    assert report.buffers["rounding patterns"] == patterns
+    indices = sum(4 * (m * m + _packed(m)) for m in (8, 12, 16))
+    assert report.total == _held_bytes(opt, list(model.parameters())) + indices + patterns
