@@ -98,6 +98,9 @@ def main() -> None:
         "(MEMORY_SETTINGS), this many seeds",
     )
     ap.add_argument(
+        "--memory-settings", default="", help="with --memory-seeds: these (comma-separated)"
+    )
+    ap.add_argument(
         "--convention-seeds",
         type=int,
         default=0,
@@ -110,7 +113,8 @@ def main() -> None:
         variants = {"all at once": [], "staggered": ["--stagger-roots"]}
         return variant_convergence(args, "stagger", variants, args.stagger_seeds)
     if args.memory_seeds:
-        variants = {"defaults": [], **MEMORY_SETTINGS}
+        names = args.memory_settings.split(",") if args.memory_settings else MEMORY_SETTINGS
+        variants = {"defaults": [], **{n: MEMORY_SETTINGS[n] for n in names}}
         return variant_convergence(args, "memory", variants, args.memory_seeds)
     if args.convention_seeds:
         return convention_convergence(args)
@@ -226,6 +230,12 @@ MEMORY_SETTINGS = {
         *("--shampoo-option", "first_moment_dtype=bfloat16"),
     ],
     "max_factor_ratio=2": ["--shampoo-option", "max_factor_ratio=2"],
+    "root_dtype=int8": ["--shampoo-option", "root_dtype=int8"],
+    "lean-int8": [
+        *("--shampoo-option", "max_factor_ratio=4", "--shampoo-option", "root_dtype=int8"),
+        *("--shampoo-option", "grafting_dtype=bfloat16"),
+        *("--shampoo-option", "first_moment_dtype=bfloat16"),
+    ],
 }
 
 

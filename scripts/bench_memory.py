@@ -38,6 +38,13 @@ SETTINGS = {
         "first_moment_dtype": "bfloat16",
     },
     "max_factor_ratio=2": {"max_factor_ratio": 2},
+    # The lean setting with 8-bit quantized roots.
+    "lean-int8": {
+        "max_factor_ratio": 4,
+        "root_dtype": "int8",
+        "grafting_dtype": "bfloat16",
+        "first_moment_dtype": "bfloat16",
+    },
 }
 WORLD = {"llama8b": 512, "llama70b": 4096}
 

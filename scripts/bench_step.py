@@ -35,11 +35,12 @@ def packing_bytes(opt: ShardedShampoo) -> int:
     for g in opt.group_states:
         for stack in g.blocks.stacks:
             for key, t in stack.state.items():
-                if t.dim() != 2 or not key.startswith(("factor_", "root_")):
+                if t.dim() != 2 or not key.startswith(("factor_", "root_")) or "scale" in key:
                     continue  # full matrices (n, m, m), or not a matrix
                 m = int((math.isqrt(8 * t.shape[1] + 1) - 1) // 2)
                 written = m * m if key.startswith("root_") else t.shape[1]
-                out += t.shape[0] * written * t.element_size()
+                # Quantized roots are unpacked after dequantizing, in float32.
+                out += t.shape[0] * written * (4 if t.dtype == torch.int8 else t.element_size())
     return out
 
 

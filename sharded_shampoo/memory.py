@@ -44,6 +44,7 @@ _KINDS = {
 
 
 def _kind(key: str) -> str:
+    key = key.removesuffix("_scale")  # a quantized matrix's scales count with its codes
     base = key.rsplit("_", 1)[0] if key.rsplit("_", 1)[-1].isdigit() else key
     return _KINDS.get(base, key)
 

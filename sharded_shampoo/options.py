@@ -186,6 +186,8 @@ def parse_factor_dtype(value: Any, name: str = "factor_dtype") -> torch.dtype:
 
 
 def _root_dtype(name: str, v: Any) -> torch.dtype | None:
+    if v in ("int8", "torch.int8", torch.int8):  # 8-bit quantized (algorithm/quantize.py)
+        return torch.int8
     return None if v is None else parse_factor_dtype(v, name)
 
 
@@ -392,8 +394,9 @@ OPTIONS: tuple[Option, ...] = (
         "root_dtype",
         None,
         _root_dtype,
-        "dtype roots and eigenvectors are kept in, e.g. torch.bfloat16 (computed and applied "
-        "in the math dtype; None: the math dtype)",
+        "dtype roots and eigenvectors are kept in, e.g. torch.bfloat16, or torch.int8 for "
+        "8-bit blockwise quantization (computed and applied in the math dtype; None: the "
+        "math dtype)",
         structure=_same("root_dtype"),
         stored=lambda o: _dtype_name(o.root_dtype),
         storage=True,

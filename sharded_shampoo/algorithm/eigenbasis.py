@@ -42,6 +42,7 @@ from ..options import GroupOptions
 from .modes import factored_dims, precondition
 from .packing import unpack
 from .roots import eigh, keep_successes
+from .storage import read
 
 __all__ = ["canonical_ties", "refresh_eigenbasis"]
 
@@ -141,13 +142,12 @@ def refresh_eigenbasis(
     dims = factored_dims(state, order)
     new, permutations, ok = {}, [], None
     for i in dims:
-        old = state[f"eigenvectors_{i}"]
         f = unpack(state[f"factor_{i}"])
         a = f.to(torch.promote_types(f.dtype, torch.float32))
         if reference:
             scale = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
             a = a / scale + opts.epsilon * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        q_old = old.to(a.dtype)
+        q_old = read(state, f"eigenvectors_{i}", a.dtype)
         if opts.eigenbasis == "eigh":
             estimates, q, good = _eigh(a)
             if reference and opts.eigenbasis_tolerance > 0:
@@ -179,21 +179,30 @@ def refresh_eigenbasis(
             estimates = torch.diagonal(r, dim1=-2, dim2=-1).abs()
             good = torch.isfinite(q).flatten(1).all(1)
         q = canonical_ties(estimates, torch.where(good.view(-1, 1, 1), q, q_old))
-        new[i] = q.to(old.dtype)
+        new[i] = q
         ok = good if ok is None else ok & good
     assert ok is not None
     take = (ok & keep).view(-1, *([1] * (values.dim() - 1)))
     filtered = state.get("filtered_grad", None)
-    if filtered is not None:  # kept in the eigenbasis: into the new one, in the math dtype
-        old_q = [state[f"eigenvectors_{i}"] if i in new else None for i in range(order)]
-        new_qt = [new[i].mT if i in new else None for i in range(order)]
-        wide = filtered.to(values.dtype)
-        moved = precondition(precondition(wide, old_q), new_qt)
-        filtered.copy_(torch.where(take, moved, wide))
+    if filtered is not None:  # kept in the eigenbasis: the old one, as stored, copied first
+        old_q = [
+            read(state, f"eigenvectors_{i}", values.dtype).clone() if i in new else None
+            for i in range(order)
+        ]
     for i, perm in permutations:
         # Entry j of dim i follows column perm[j] of the old eigenvectors.
         shape = [1] * values.dim()
         shape[0], shape[i + 1] = perm.shape[0], perm.shape[1]
         index = perm.view(shape).expand_as(values)
         values.copy_(torch.where(take, values.gather(i + 1, index), values))
-    return keep_successes(state, "eigenvectors", new, ok, keep)
+    succeeded = keep_successes(state, "eigenvectors", new, ok, keep)
+    if filtered is not None:
+        # Into the new basis as it is stored (rounded or quantized), which later steps use.
+        new_qt = [
+            read(state, f"eigenvectors_{i}", values.dtype).mT if i in new else None
+            for i in range(order)
+        ]
+        wide = filtered.to(values.dtype)
+        moved = precondition(precondition(wide, old_q), new_qt)
+        filtered.copy_(torch.where(take, moved, wide))
+    return succeeded

@@ -40,13 +40,15 @@ def refresh_roots(
     exponent = opts.exponent(len(dims))
     new_roots, ok = {}, None
     for i in dims:
-        old = state[f"root_{i}"]
+        old, factor = state[f"root_{i}"], unpack(state[f"factor_{i}"])
+        # Quantized roots are computed in the factors' work dtype (``storage`` quantizes them).
+        work = torch.promote_types(factor.dtype, torch.float32)
         r, good = inverse_roots(
-            unpack(state[f"factor_{i}"]),
+            factor,
             scale=scale,
             epsilon=opts.epsilon,
             exponent=exponent,
-            out_dtype=old.dtype,
+            out_dtype=old.dtype if old.is_floating_point() else work,
         )
         new_roots[i] = r
         ok = good if ok is None else ok & good
@@ -80,6 +82,7 @@ def refresh(
         return _refresh(state, opts, t, order, keep)
     dims = factored_dims(state, order)
     changed = [f"{opts.basis}_{i}" for i in dims] + ["root_failures"]
+    changed += [f"{key}_scale" for key in changed if f"{key}_scale" in state.keys()]
     if opts.eigenvalue_corrected:
         changed.append("corrected_eigenvalues")
         if "filtered_grad" in state.keys():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import pack
+from .storage import write_where
 
 __all__ = ["inverse_roots", "eigh", "keep_successes"]
 
@@ -26,13 +26,10 @@ def keep_successes(
     (``keep``) where ``ok``; the other kept blocks keep their previous matrices and count one
     more consecutive failure, a success resets it; blocks not kept change nothing. Returns
     ``ok``, True for the blocks not kept. On the device: no host read. Packed matrices
-    (``packing``) stay packed."""
+    (``packing``) stay packed, quantized ones quantized (``storage``)."""
     take = ok & keep
     for i, q in new.items():
-        old = state[f"{prefix}_{i}"]
-        if old.dim() == 2:
-            q = pack(q)
-        old.copy_(torch.where(take.view(-1, *([1] * (old.dim() - 1))), q, old))
+        write_where(state, f"{prefix}_{i}", q, take)
     failures = state["root_failures"]
     counted = torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1)
     failures.copy_(torch.where(keep.view(-1, 1), counted, failures))

@@ -17,9 +17,10 @@ from tensordict import TensorDict
 
 from ..options import GroupOptions
 from .modes import factored_dims, precondition
-from .packing import pack, unpack
+from .packing import pack
 from .refresh import refresh
 from .rounding import store_, widened
+from .storage import read
 
 __all__ = ["RowGate", "factor_gram_inputs", "stack_step"]
 
@@ -119,7 +120,7 @@ def _corrected_step(
     grafting."""
     order = grad.dim() - 1
     dims = factored_dims(state, order)
-    q = [state[f"eigenvectors_{i}"] if i in dims else None for i in range(order)]
+    q = [read(state, f"eigenvectors_{i}", grad.dtype) if i in dims else None for i in range(order)]
     rotated = precondition(grad, [None if x is None else x.mT for x in q])
     corrected = state["corrected_eigenvalues"]
     weight = 1.0 if opts.beta2 == 1.0 else 1.0 - opts.beta2
@@ -226,7 +227,7 @@ def stack_step(
             # Shampoo direction would be m itself, grafting takes it alone (diagonal).
             d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m
         else:
-            roots = [unpack(state[f"root_{i}"]) if i in dims else None for i in range(order)]
+            roots = [read(state, f"root_{i}", m.dtype) if i in dims else None for i in range(order)]
             d = precondition(m, roots)
             if opts.grafting is not None:
                 graft = _grafting_direction(m, v, opts, t)

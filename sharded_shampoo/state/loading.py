@@ -79,6 +79,7 @@ def check_state_dict(
             )
         if steps:
             options["step"] = steps.pop()
+        _check_quantized(gi, saved, group)
         candidate = {**group, **options}
         try:
             opts = GroupOptions.from_group(candidate)
@@ -120,6 +121,21 @@ def check_state_dict(
                     )
                 copies.append((t, src))
     return new_options, copies
+
+
+def _check_quantized(gi: int, saved: dict[str, Any], group: dict[str, Any]) -> None:
+    """Quantized roots (``root_dtype="int8"``) load only into the same storage: their codes and
+    scales do not convert."""
+    ours, theirs = group.get("root_dtype"), saved.get("root_dtype")
+    if "int8" not in (ours, theirs):
+        return
+    for name in ("root_dtype", "symmetric_packing"):
+        if saved.get(name) != group.get(name):
+            raise ValueError(
+                f"param group {gi}: {name}: {saved.get(name)!r} saved, {group.get(name)!r} "
+                "here; quantized roots load only with the same root_dtype and "
+                "symmetric_packing"
+            )
 
 
 def _by_name(gi: int, saved: dict[str, Any], group: dict[str, Any]) -> list:

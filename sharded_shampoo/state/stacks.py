@@ -11,7 +11,8 @@ Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
                                   ``symmetric_packing`` (n, m_i (m_i + 1) / 2), its upper
                                   triangle (``algorithm.packing``), as root_i
     root_i         (n, m_i, m_i)  its inverse root, in ``root_dtype`` or the math dtype
-                                  (identity until computed)
+                                  (identity until computed); ``root_dtype="int8"``: codes,
+                                  with root_i_scale (n, runs) beside them (``quantize``)
     eigenvectors_i (n, m_i, m_i)  instead of root_i with the eigenvalue-corrected preconditioner:
                                   the factor's eigenbasis (identity until computed)
     corrected_eigenvalues (n, *shape)  with it: second moment of the rotated gradient; and
@@ -37,8 +38,10 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
-from ..algorithm.packing import pack, packed_size
+from ..algorithm.packing import packed_size
+from ..algorithm.quantize import scale_shape
 from ..algorithm.rounding import row_seeds
+from ..algorithm.storage import write_where
 from ..blocking import ParamBlocking
 from ..options import GroupOptions
 from ..placement.layout import StackLayout
@@ -72,6 +75,8 @@ def block_state_spec(
         # Roots are symmetric; eigenvectors are not.
         basis_shape = (m, m) if opts.eigenvalue_corrected else symmetric
         spec.append((f"{opts.basis}_{i}", basis_shape, opts.root_dtype or dtype))
+        if opts.root_dtype == torch.int8:  # quantized: a scale per run of entries
+            spec.append((f"{opts.basis}_{i}_scale", scale_shape(basis_shape), torch.float32))
     if opts.eigenvalue_corrected:
         spec.append(("corrected_eigenvalues", block_shape, dtype))
     if opts.grafting in ("adam", "rmsprop", "adagrad"):
@@ -205,12 +210,18 @@ class GroupBlocks:
             tensors = {
                 key: pool.take(shape, dtype) for key, shape, dtype in state_spec(layout, opts)
             }
-            # Roots and eigenvectors start as the identity.
+            # Roots and eigenvectors start as the identity: stored once as the stack stores
+            # it (packed, narrow or quantized), then copied to every row.
             for i in opts.preconditioned_dims(layout.block_shape):
-                m = layout.block_shape[i]
-                t = tensors[f"{opts.basis}_{i}"]
-                eye = torch.eye(m, dtype=t.dtype, device=t.device)
-                t.copy_(pack(eye) if t.dim() == 2 else eye)
+                m, key = layout.block_shape[i], f"{opts.basis}_{i}"
+                names = [k for k in tensors if k in (key, f"{key}_scale")]
+                one = TensorDict(
+                    {k: torch.empty_like(tensors[k][:1]) for k in names}, batch_size=[1]
+                )
+                eye = torch.eye(m, dtype=torch.float32, device=pool.device).unsqueeze(0)
+                write_where(one, key, eye, torch.ones(1, dtype=torch.bool, device=pool.device))
+                for k in names:
+                    tensors[k].copy_(one[k].expand_as(tensors[k]))
             td = TensorDict(tensors, batch_size=[layout.num_rows], device=pool.device)
             si = len(self.stacks)
             self.stacks.append(BlockStack(layout, td))

@@ -35,12 +35,14 @@ WEIGHT_DECAY_VARIANTS = {
 NAN_CASE = dict(nan_step=3, momentum=0.0)
 EC_CASE = dict(preconditioner="eigenvalue_corrected")
 SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
-# Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices.
+# Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices, bfloat16
+# moving averages, 8-bit quantized roots and eigenvectors.
 LEAN_CASE = dict(
     max_factor_ratio=2,
     symmetric_packing=False,
     grafting_dtype="bfloat16",
     first_moment_dtype="bfloat16",
+    root_dtype="int8",
 )
 
 

@@ -55,7 +55,7 @@ BAD = [
     ("eigenbasis_tolerance", 1.5),
     ("max_factor_ratio", 0),
     ("max_factor_ratio", 2.5),
-    ("root_dtype", torch.int8),
+    ("root_dtype", torch.int16),
     ("root_dtype", "float8"),
     ("symmetric_packing", "no"),
     ("lr", True),

@@ -233,3 +233,62 @@ def test_bfloat16_moving_averages_train_resume_and_convert():
     for p, q in zip(wide.state, into.state, strict=True):
         for key in ("blocks.0.graft_v", "blocks.0.filtered_grad"):
             assert torch.equal(into.state[q][key], wide.state[p][key].bfloat16())
+
+
+def test_int8_roots_stay_near_the_float32_run_and_resume_bitwise():
+    """root_dtype="int8": codes and scales (1.06 bytes per entry instead of 4), parameters
+    within 1% of the float32 run's, eigenvalue-corrected too; a resume is bitwise; a float32
+    state is refused naming root_dtype."""
+    for extra in ({}, {"preconditioner": "eigenvalue_corrected"}):
+        full_params, full = _steps_with_fixed_gradients(20, **extra)
+        q_params, quantized = _steps_with_fixed_gradients(20, root_dtype="int8", **extra)
+        for p, q in zip(full_params, q_params, strict=True):
+            assert (q - p).norm() <= 1e-2 * p.norm(), extra
+        kind = "eigenvectors" if extra else "roots"
+        ratio = quantized.memory_report().state[kind] / full.memory_report().state[kind]
+        assert 0.26 < ratio < 0.30, ratio
+    params, opt = _steps_with_fixed_gradients(13, root_dtype="int8")
+    state = opt.state[params[0]]
+    assert state["blocks.0.root_0"].dtype == torch.int8 and "blocks.0.root_0_scale" in state
+    saved = roundtrip(opt.state_dict())
+    again_params, again = _steps_with_fixed_gradients(0, root_dtype="int8")
+    with torch.no_grad():
+        for p, q in zip(params, again_params, strict=True):
+            q.copy_(p)
+    again.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for o, ps in ((opt, params), (again, again_params)):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+            o.step()
+    for p, q in zip(params, again_params, strict=True):
+        assert torch.equal(p, q)
+    _, wide = _steps_with_fixed_gradients(0)
+    with pytest.raises(ValueError, match="root_dtype: 'int8' saved, None here"):
+        wide.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_the_lean_setting_resumes_bitwise_from_a_checkpoint(tmp_path, stagger):
+    """Every memory option at once (8-bit roots, bfloat16 moving averages, diagonal 1-D blocks),
+    staggered refreshes too: a DCP checkpoint resumes bitwise, and the full state dict holds
+    the quantized roots' scales."""
+    lean = dict(
+        OPTS, max_factor_ratio=4, root_dtype="int8", grafting_dtype="bfloat16",
+        first_moment_dtype="bfloat16", stagger_roots=stagger,
+    )  # fmt: skip
+    model = make_model()
+    opt = ShardedShampoo(model.parameters(), **lean)
+    train(model, opt, 6)
+    save_checkpoint(str(tmp_path / "ckpt"), model, opt)
+    after = train(model, opt, 6, start=6)
+    again_model = make_model(seed=3)
+    again = ShardedShampoo(again_model.parameters(), **lean)
+    load_checkpoint(str(tmp_path / "ckpt"), again_model, again)
+    assert train(again_model, again, 6, start=6) == after
+    for p, q in zip(model.parameters(), again_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    keys = set().union(*(s.keys() for s in again.full_state_dict()["state"].values()))
+    assert any(k.endswith("root_0_scale") for k in keys)

@@ -14,11 +14,11 @@ VARIANTS = {
     # Weight decay applied by the DTensor holders (flags written and read on the device).
     "holder_decay": {"momentum": 0.0},
     "eigenvalue_corrected": {"preconditioner": "eigenvalue_corrected"},
-    # Memory options: diagonal and one-sided blocks, bfloat16 roots and stochastically rounded
-    # moving averages (index patterns cached on the device).
+    # Memory options: diagonal and one-sided blocks, 8-bit quantized roots and stochastically
+    # rounded bfloat16 moving averages (index patterns cached on the device).
     "lean": {
         "max_factor_ratio": 4,
-        "root_dtype": torch.bfloat16,
+        "root_dtype": torch.int8,
         "grafting_dtype": torch.bfloat16,
         "first_moment_dtype": torch.bfloat16,
     },
