@@ -292,3 +292,20 @@ def test_the_lean_setting_resumes_bitwise_from_a_checkpoint(tmp_path, stagger):
         assert torch.equal(p, q)
     keys = set().union(*(s.keys() for s in again.full_state_dict()["state"].values()))
     assert any(k.endswith("root_0_scale") for k in keys)
+
+
+def test_a_float32_checkpoint_loads_into_bfloat16_storage(tmp_path):
+    """Through DCP: roots and moving averages saved in float32 load, rounded to nearest, into
+    an optimizer that keeps them in bfloat16."""
+    model, opt = _trained(True)
+    save_checkpoint(str(tmp_path / "ckpt"), model, opt)
+    narrow = dict(root_dtype="bfloat16", grafting_dtype="bfloat16", first_moment_dtype="bfloat16")
+    other_model = make_model(seed=2)
+    other = ShardedShampoo(other_model.parameters(), **OPTS, **narrow)
+    load_checkpoint(str(tmp_path / "ckpt"), other_model, other)
+    for p, q in zip(opt.state, other.state, strict=True):
+        for key, value in opt.state[p].items():
+            if key.startswith("blocks."):
+                stored = other.state[q][key]
+                assert torch.equal(stored, value.to(stored.dtype)), key
+    assert other.param_groups[0]["root_dtype"] == "bfloat16"
