@@ -15,8 +15,9 @@ One line per check, then a non-zero exit if any failed. Nothing is downloaded.
   ``torch.cuda.set_sync_debug_mode``; CPU: the synchronizing calls the step makes), one
   process and FSDP2: at most 1; and in a refresh step, for the record.
 - ``speed``: a GPT of about 100M parameters (``--small``: a tiny one) in float32: AdamW's
-  optimizer step, ShardedShampoo's in a step without a refresh and in a refresh step, and each
-  one's peak memory over a training step, in the same run.
+  optimizer step, ShardedShampoo's (defaults, full matrices, the memory-lean setting) in a step
+  without a refresh and in a refresh step, each one's peak memory over a training step and
+  what it keeps (``memory_report``), in the same run.
 
     python scripts/gpu_check.py                     # CUDA, the whole check (minutes)
     python scripts/gpu_check.py --device cpu --small   # the same checks here, in seconds
@@ -306,12 +307,25 @@ def check_speed(device, small: bool) -> None:
     data = torch.randint(
         0, cfg.vocab, (batch_size, cfg.context + 1), generator=torch.Generator().manual_seed(0)
     ).to(device)
+    # Shampoo at its defaults, with full matrices (what packing costs here) and in the
+    # memory-lean setting (README, Memory).
+    configs = {
+        "adamw": None,
+        "shampoo": {},
+        "shampoo unpacked": {"symmetric_packing": False},
+        "shampoo lean": {
+            "max_factor_ratio": 4,
+            "root_dtype": torch.int8,
+            "grafting_dtype": torch.bfloat16,
+            "first_moment_dtype": torch.bfloat16,
+        },
+    }
     figures = {}
-    for name in ("adamw", "shampoo"):
+    for name, options in configs.items():
         torch.manual_seed(0)
         model = GPT(cfg).to(device)
         params = sum(p.numel() for p in model.parameters())
-        if name == "adamw":
+        if options is None:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         else:
             opt = ShardedShampoo(
@@ -319,6 +333,7 @@ def check_speed(device, small: bool) -> None:
                 lr=1e-4,
                 precondition_frequency=frequency,
                 max_preconditioner_dim=1024,
+                **options,
             )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -332,19 +347,25 @@ def check_speed(device, small: bool) -> None:
             sync()
             elapsed = time.perf_counter() - t0
             if step > 2:  # warm
-                (refresh if name == "shampoo" and step % frequency == 0 else plain).append(elapsed)
+                shampoo = options is not None
+                (refresh if shampoo and step % frequency == 0 else plain).append(elapsed)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-        figures[name] = (statistics.median(plain), max(refresh, default=float("nan")), peak)
-    (a_step, _, a_peak), (s_step, s_refresh, s_peak) = figures["adamw"], figures["shampoo"]
+        kept = 8.0 if options is None else opt.memory_report().per_param()
+        figures[name] = (statistics.median(plain), max(refresh, default=float("nan")), peak, kept)
+    a_step, _, a_peak, _ = figures["adamw"]
     gib = 2**30
+    lines = [
+        f"{name} optimizer step {step * 1e3:.1f} ms ({step / a_step:.1f}x AdamW), refresh "
+        f"step {refresh * 1e3:.0f} ms, peak memory {peak / gib:.2f} GiB, kept {kept:.1f} B/param"
+        for name, (step, refresh, peak, kept) in figures.items()
+        if name != "adamw"
+    ]
     report(
         "speed",
         True,
-        f"GPT {params / 1e6:.1f}M params, float32, batch {batch_size}x{cfg.context}: "
-        f"optimizer step AdamW {a_step * 1e3:.1f} ms, Shampoo {s_step * 1e3:.1f} ms "
-        f"({s_step / a_step:.1f}x), refresh step {s_refresh * 1e3:.0f} ms "
-        f"(every {frequency}); peak memory AdamW {a_peak / gib:.2f} GiB, Shampoo "
-        f"{s_peak / gib:.2f} GiB",
+        f"GPT {params / 1e6:.1f}M params, float32, batch {batch_size}x{cfg.context}, roots "
+        f"every {frequency}: AdamW {a_step * 1e3:.1f} ms, peak {a_peak / gib:.2f} GiB; "
+        + "; ".join(lines),
     )
 
 
