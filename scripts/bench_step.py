@@ -26,6 +26,7 @@ from train import parse_option
 from workloads import GPT, GPTConfig, lm_batch, param_count
 
 from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.algorithm.packing import packed_order
 
 
 def packing_bytes(opt: ShardedShampoo) -> int:
@@ -37,7 +38,7 @@ def packing_bytes(opt: ShardedShampoo) -> int:
             for key, t in stack.state.items():
                 if t.dim() != 2 or not key.startswith(("factor_", "root_")) or "scale" in key:
                     continue  # full matrices (n, m, m), or not a matrix
-                m = int((math.isqrt(8 * t.shape[1] + 1) - 1) // 2)
+                m = packed_order(t.shape[1])
                 written = m * m if key.startswith("root_") else t.shape[1]
                 # Quantized roots are unpacked after dequantizing, in float32.
                 out += t.shape[0] * written * (4 if t.dtype == torch.int8 else t.element_size())

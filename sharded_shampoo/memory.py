@@ -27,6 +27,7 @@ from tensordict import TensorDict
 
 from .algorithm.packing import index_bytes
 from .algorithm.rounding import pattern_bytes
+from .topology import is_dtensor
 
 __all__ = ["MemoryReport", "memory_report"]
 
@@ -178,5 +179,4 @@ def memory_report(optimizer) -> MemoryReport:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    local = getattr(t, "to_local", None)
-    return local() if local is not None and type(t).__name__ == "DTensor" else t
+    return t.to_local() if is_dtensor(t) else t

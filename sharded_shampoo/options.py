@@ -233,6 +233,20 @@ def _same(field: str) -> Callable[[Any], Any]:
     return lambda o: getattr(o, field)
 
 
+def _storage_dtype(name: str, check: Callable[[str, Any], Any], doc: str) -> Option:
+    """A state dtype option (None by default): fixed once state exists, held by name in the
+    param group, converted on load."""
+    return Option(
+        name,
+        None,
+        check,
+        doc,
+        structure=_same(name),
+        stored=lambda o: _dtype_name(getattr(o, name)),
+        storage=True,
+    )
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("lr", 1e-3, real(0.0), "step size"),
     Option(
@@ -390,35 +404,23 @@ OPTIONS: tuple[Option, ...] = (
         structure=_same("max_factor_ratio"),
         record=lambda o: -1 if o.max_factor_ratio is None else o.max_factor_ratio,
     ),
-    Option(
+    _storage_dtype(
         "root_dtype",
-        None,
         _root_dtype,
         "dtype roots and eigenvectors are kept in, e.g. torch.bfloat16, or torch.int8 for "
         "8-bit blockwise quantization (computed and applied in the math dtype; None: the "
         "math dtype)",
-        structure=_same("root_dtype"),
-        stored=lambda o: _dtype_name(o.root_dtype),
-        storage=True,
     ),
-    Option(
+    _storage_dtype(
         "grafting_dtype",
-        None,
         _average_dtype,
         "dtype the grafting second moment is kept in, e.g. torch.bfloat16 (updated in the math "
         "dtype, stored with stochastic rounding; None: the math dtype)",
-        structure=_same("grafting_dtype"),
-        stored=lambda o: _dtype_name(o.grafting_dtype),
-        storage=True,
     ),
-    Option(
+    _storage_dtype(
         "first_moment_dtype",
-        None,
         _average_dtype,
         "dtype the first moment (betas[0] > 0) is kept in, as grafting_dtype",
-        structure=_same("first_moment_dtype"),
-        stored=lambda o: _dtype_name(o.first_moment_dtype),
-        storage=True,
     ),
     Option(
         "symmetric_packing",

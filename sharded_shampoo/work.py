@@ -84,9 +84,12 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
         stack, rows = w.stack, w.rows
         due = _due(w, t)
         index = due.index if isinstance(due, Rows) else due
+        # Rounding seeds only where a moving average is kept in bfloat16.
+        rounded = w.opts.grafting_dtype is not None or w.opts.first_moment_dtype is not None
+        seeds = stack.seeds if rounded else None
         if rows is None:
             w.direction, ok = stack_step(
-                stack.state, w.grad, w.param, w.opts, t, w.keep, index, stack.seeds
+                stack.state, w.grad, w.param, w.opts, t, w.keep, index, seeds
             )
         else:
             w.direction = torch.zeros_like(w.grad)
@@ -99,7 +102,7 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
                 t,
                 w.keep[rows.index],
                 index,
-                stack.seeds[rows.index],
+                None if seeds is None else seeds[rows.index],
             )
             stack.state[rows.index] = sub
         if ok is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "index_bytes",
     "pack",
     "other_layout",
+    "packed_order",
     "packed_size",
     "relayout",
     "symmetric_state",
@@ -36,11 +37,10 @@ def packed_size(m: int) -> int:
     return m * (m + 1) // 2
 
 
-def _order(p: int) -> int:
+def packed_order(p: int) -> int | None:
+    """The m of a packed (m, m) matrix of ``p`` entries; None when ``p`` is no such size."""
     m = (math.isqrt(8 * p + 1) - 1) // 2
-    if packed_size(m) != p:
-        raise ValueError(f"{p} is not the size of a packed symmetric matrix")
-    return m
+    return m if packed_size(m) == p else None
 
 
 def _indices(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +76,9 @@ def unpack(x: torch.Tensor) -> torch.Tensor:
     (n, m, m): ``x`` itself."""
     if x.dim() == 3:
         return x
-    m = _order(x.shape[-1])
+    m = packed_order(x.shape[-1])
+    if m is None:
+        raise ValueError(f"{x.shape[-1]} is not the size of a packed symmetric matrix")
     _, full = _indices(m, x.device)
     return x.index_select(-1, full).view(*x.shape[:-1], m, m)
 
@@ -87,8 +89,8 @@ def other_layout(shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if len(shape) == 2 and shape[0] == shape[1]:
         return (packed_size(shape[0]),)
     if len(shape) == 1:
-        m = (math.isqrt(8 * shape[0] + 1) - 1) // 2
-        return (m, m) if packed_size(m) == shape[0] else None
+        m = packed_order(shape[0])
+        return None if m is None else (m, m)
     return None
 
 

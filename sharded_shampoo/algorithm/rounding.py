@@ -47,9 +47,7 @@ def store_(dst: torch.Tensor, value: torch.Tensor, seeds: torch.Tensor | None, t
     value = value.float()  # float64 math: to float32 first, then stochastically
     n = value.shape[0]
     flat = value.reshape(n, -1)
-    row = torch.zeros(n, 1, dtype=torch.int32, device=value.device)
-    if seeds is not None:
-        row = ((seeds.view(n, 1) * _ROW) & 0xFFFF).to(torch.int32)
+    row = 0 if seeds is None else ((seeds.view(n, 1) * _ROW) & 0xFFFF).to(torch.int32)
     # Small ints throughout: the sum stays far below 2^31 before it is reduced mod 2^16.
     noise = (_pattern(flat.shape[1], value.device) + (row + (t * _STEP) % 65536)) & 0xFFFF
     bits = flat.view(torch.int32) + noise
