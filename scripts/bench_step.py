@@ -145,10 +145,26 @@ def other_optimizers(model: torch.nn.Module):
                 print(f"  {package}.{name}: could not be built ({type(e).__name__}: {e})")
 
 
+def wrap(model: torch.nn.Module, world: int, args) -> torch.nn.Module:
+    """The GPT as ``args.parallelism`` shares it over ``world`` ranks (DDP or FSDP2)."""
+    if world == 1:
+        return model
+    if args.parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    fsdp_mesh = init_device_mesh("cpu", (world,))  # named: not torch's default accelerator
+    for block in model.blocks:
+        fully_shard(block, mesh=fsdp_mesh)
+    fully_shard(model, mesh=fsdp_mesh)
+    return model
+
+
 def measure(rank: int, world: int, args) -> dict:
     """Runs AdamW and ShardedShampoo on this rank (DDP when world > 1); rank 0's figures."""
-    from torch.nn.parallel import DistributedDataParallel
-
     torch.set_num_threads(args.threads)
     data = torch.randint(0, 256, (1_000_000,))  # timing only: content does not matter
     tensor_parallel = world > 1 and args.parallelism == "fsdp2_tp"
@@ -166,21 +182,10 @@ def measure(rank: int, world: int, args) -> dict:
         make = lambda: GPT(GPTConfig(context=args.context, width=args.width, layers=args.layers))  # noqa: E731
         data_rank = rank
 
-    def wrap(m):
-        if world == 1:
-            return m
-        if args.parallelism == "ddp":
-            return DistributedDataParallel(m)
+    def wrap_model(m):
         if tensor_parallel:
             return parallelize_llama(m, mesh["tp"], mesh["dp"])
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        fsdp_mesh = init_device_mesh("cpu", (world,))  # named: not torch's default accelerator
-        for block in m.blocks:
-            fully_shard(block, mesh=fsdp_mesh)
-        fully_shard(m, mesh=fsdp_mesh)
-        return m
+        return wrap(m, world, args)
 
     r = {
         "world": world,
@@ -193,13 +198,13 @@ def measure(rank: int, world: int, args) -> dict:
     torch.manual_seed(0)
     model = make()
     r["params"] = param_count(model)
-    ddp = wrap(model)
+    ddp = wrap_model(model)
     adamw = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
     fb_a, opt_a = time_steps(ddp, adamw, data, args, torch.Generator().manual_seed(data_rank))
 
     torch.manual_seed(0)
     model = make()
-    ddp = wrap(model)
+    ddp = wrap_model(model)
     # Preconditioning starts at step 1, so the timed steps are ordinary ones; the amortized
     # step (every root computed) is timed apart.
     shampoo = ShardedShampoo(
@@ -278,70 +283,75 @@ def measure(rank: int, world: int, args) -> dict:
     return r
 
 
-def spikes(rank: int, world: int, args) -> dict:
-    """Per-step optimizer time over the two periods after the first root computation (at step
-    ``freq``, where every block computes its roots, staggered or not: timed apart), with and
-    without staggered roots, at each of ``args.spike_frequencies``. Gradients are random and
-    the same on every rank (as after DDP's averaging; FSDP2: each rank's shard of them), so
-    what is timed is the optimizer alone."""
-    from torch.distributed.tensor import DTensor
+def spike_settings(freq: int) -> dict[str, dict]:
+    """What ``spikes`` compares at refresh period ``freq``: every refresh in one step, each
+    block in its phase, the same in the background (``refresh_delay`` 1 and ``freq / 10``;
+    all at once too), and no refresh after the first (the floor)."""
+    d = max(1, freq // 10)
+    return {
+        "all_at_once": {},
+        "staggered": {"stagger_roots": True},
+        "background_d1": {"stagger_roots": True, "refresh_delay": 1},
+        f"background_d{d}": {"stagger_roots": True, "refresh_delay": d},
+        f"background_all_at_once_d{d}": {"refresh_delay": d},
+        "no_refresh": {"precondition_frequency": 10**9, "start_preconditioning_step": freq},
+    }
 
+
+def spikes(rank: int, world: int, args) -> dict:
+    """Per-step times, whole step (forward, backward, optimizer) and optimizer step alone, over
+    the two periods after the first refresh (at step ``freq``, where every block refreshes,
+    staggered or not: timed apart), for each of ``spike_settings`` at each of
+    ``args.spike_frequencies``; DDP or FSDP2 when ``world > 1`` (rank 0's figures: a step
+    there waits for the slowest rank in its collectives)."""
     torch.set_num_threads(args.threads)
     cfg = GPTConfig(context=args.context, width=args.width, layers=args.layers)
+    data = torch.randint(0, 256, (1_000_000,))  # timing only: content does not matter
     out = {}
     for freq in [int(f) for f in args.spike_frequencies.split(",")]:
-        for stagger in (False, True):
+        for name, setting in spike_settings(freq).items():
             torch.manual_seed(0)
             model = GPT(cfg)
-            if world > 1 and args.parallelism == "fsdp2":
-                from torch.distributed.device_mesh import init_device_mesh
-                from torch.distributed.fsdp import fully_shard
-
-                fsdp_mesh = init_device_mesh("cpu", (world,))
-                for block in model.blocks:
-                    fully_shard(block, mesh=fsdp_mesh)
-                fully_shard(model, mesh=fsdp_mesh)
-            params = [p for p in model.parameters() if p.requires_grad]
+            wrapped = wrap(model, world, args)
             opt = ShardedShampoo(
-                params,
+                [p for p in model.parameters() if p.requires_grad],
                 lr=1e-4,
                 max_preconditioner_dim=args.max_preconditioner_dim,
-                precondition_frequency=freq,
-                stagger_roots=stagger,
+                **{"precondition_frequency": freq, **dict(args.shampoo_option), **setting},
                 communication_dtype=getattr(torch, args.communication_dtype),
             )
-            times, first = [], 0.0
+            gen = torch.Generator().manual_seed(rank)
+            whole, step_only, first = [], [], 0.0
             for step in range(1, 3 * freq + 1):
-                gen = torch.Generator().manual_seed(step)
-                for p in params:
-                    g = torch.randn(p.shape, generator=gen) * 1e-2
-                    if isinstance(p, DTensor):  # this rank's rows (torch.chunk layout)
-                        lo = -(-p.shape[0] // world) * rank
-                        g = DTensor.from_local(
-                            g[lo : lo + p.to_local().shape[0]],
-                            p.device_mesh,
-                            p.placements,
-                            run_check=False,
-                            shape=p.shape,
-                            stride=p.stride(),
-                        )
-                    p.grad = g
+                x, y = lm_batch(data, args.batch, args.context, gen)
                 t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                wrapped(x, y).backward()
+                t1 = time.perf_counter()
                 opt.step()
+                t2 = time.perf_counter()
                 if step == freq:
-                    first = time.perf_counter() - t0
+                    first = t2 - t1
                 elif step > freq:
-                    times.append(time.perf_counter() - t0)
-            times.sort()
-            out[f"f{freq}_{'staggered' if stagger else 'all_at_once'}"] = {
-                "median_ms": statistics.median(times) * 1e3,
-                "p95_ms": times[int(0.95 * (len(times) - 1))] * 1e3,
-                "max_ms": times[-1] * 1e3,
-                "mean_ms": statistics.mean(times) * 1e3,
-                "steps": len(times),
-                "first_roots_ms": first * 1e3,
+                    whole.append(t2 - t0)
+                    step_only.append(t2 - t1)
+            out[f"f{freq}_{name}"] = {
+                "whole": _summary(whole),
+                "optimizer": _summary(step_only),
+                "steps": len(whole),
+                "first_refresh_ms": first * 1e3,
             }
     return {"world": world, "parallelism": args.parallelism if world > 1 else "none", "spikes": out}
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p95_ms": times[int(0.95 * (len(times) - 1))] * 1e3,
+        "max_ms": times[-1] * 1e3,
+        "mean_ms": statistics.mean(times) * 1e3,
+    }
 
 
 PRECONDITIONERS = {
@@ -405,27 +415,27 @@ def report_preconditioners(r: dict) -> None:
 
 def report_spikes(r: dict) -> None:
     print(
-        f"world size {r['world']} ({r['parallelism']}): optimizer step (ms) over the two "
-        "periods after the first roots (every block's, once, at the start: timed apart)"
+        f"world size {r['world']} ({r['parallelism']}): per-step times (ms) over the two "
+        "periods after the first refresh (every block's, at once: timed apart)"
     )
     print(
-        f"  {'':24s} {'median':>8s} {'p95':>8s} {'max':>8s} {'mean':>8s} {'max/median':>11s} "
-        f"{'first roots':>12s}"
+        f"  {'':34s} {'whole step':>35s}   {'optimizer step':>26s}\n"
+        f"  {'':34s} {'median':>8s} {'p95':>7s} {'max':>7s} {'mean':>7s} {'max/med':>7s}"
+        f"   {'median':>8s} {'p95':>7s} {'max':>7s} {'mean':>7s}"
     )
     rows = r["spikes"]
     for name, s in rows.items():
+        w, o = s["whole"], s["optimizer"]
         print(
-            f"  {name:24s} {s['median_ms']:8.1f} {s['p95_ms']:8.1f} {s['max_ms']:8.1f} "
-            f"{s['mean_ms']:8.1f} {s['max_ms'] / s['median_ms']:11.2f} "
-            f"{s['first_roots_ms']:12.1f}"
+            f"  {name:34s} {w['median_ms']:8.1f} {w['p95_ms']:7.1f} {w['max_ms']:7.1f} "
+            f"{w['mean_ms']:7.1f} {w['max_ms'] / w['median_ms']:7.2f}   {o['median_ms']:8.1f} "
+            f"{o['p95_ms']:7.1f} {o['max_ms']:7.1f} {o['mean_ms']:7.1f}"
         )
     for name, s in rows.items():
-        if name.endswith("staggered"):
-            base = rows[name.replace("staggered", "all_at_once")]
-            print(
-                f"  {name}: mean {s['mean_ms']:.1f} ms against {base['mean_ms']:.1f} ms "
-                f"without staggering ({s['mean_ms'] / base['mean_ms']:.2f}x)"
-            )
+        floor = rows.get(name.split("_", 1)[0] + "_no_refresh")
+        if floor is not None and not name.endswith("no_refresh"):
+            ratio = s["whole"]["mean_ms"] / floor["whole"]["mean_ms"]
+            print(f"  {name}: mean whole step {ratio:.3f}x that without refreshes")
 
 
 def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:
@@ -546,10 +556,10 @@ def main() -> None:
     ap.add_argument(
         "--spikes",
         action="store_true",
-        help="per-step optimizer time (median, p95, max) over two periods, with and "
-        "without stagger_roots, instead of the default figures",
+        help="instead: per-step times (median, p95, max), whole step and optimizer step, "
+        "refreshes at once, staggered, in the background and none",
     )
-    ap.add_argument("--spike-frequencies", default="50,100")
+    ap.add_argument("--spike-frequencies", default="50")
     ap.add_argument(
         "--preconditioners",
         action="store_true",

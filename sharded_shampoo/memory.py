@@ -4,7 +4,8 @@ Counted once per storage (views of one buffer are one buffer), parameters and gr
 excluded, the way a user would count AdamW's 8 bytes per parameter:
 
 - ``state``, per kind: the blocks' state this rank owns (factors, roots or eigenvectors,
-  corrected eigenvalues, grafting, first moment, momentum, failure counters), from the stacks.
+  corrected eigenvalues, grafting, first moment, momentum, failure counters, refreshes in
+  flight with ``refresh_delay``), from the stacks.
 - ``buffers``, per name: what the step keeps allocated between steps (each distributor's
   ``buffers()``: gradient and weight stacks, exchange buffers), the index tensors cached for
   ``symmetric_packing`` (shared by every optimizer of the process on that device, counted in
@@ -27,6 +28,7 @@ from tensordict import TensorDict
 
 from .algorithm.packing import index_bytes
 from .algorithm.rounding import pattern_bytes
+from .state.stacks import PENDING
 from .topology import is_dtensor
 
 __all__ = ["MemoryReport", "memory_report"]
@@ -45,6 +47,8 @@ _KINDS = {
 
 
 def _kind(key: str) -> str:
+    if key.startswith(PENDING):  # ``refresh_delay``
+        return "refreshes in flight"
     key = key.removesuffix("_scale")  # a quantized matrix's scales count with its codes
     base = key.rsplit("_", 1)[0] if key.rsplit("_", 1)[-1].isdigit() else key
     return _KINDS.get(base, key)

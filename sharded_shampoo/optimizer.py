@@ -35,6 +35,7 @@ from .options import (
 )
 from .params import check_distinct, materialize, materialize_group, shardings_of
 from .placement import GroupSpec, Plan
+from .refreshes import Refreshes
 from .state.consolidation import FullRequest
 from .state.dicts import StateDicts, pickled
 from .state.groups import GroupState
@@ -146,6 +147,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._plan = Plan(self._topology.shards, self._topology.world_mesh)
             self._communication_dtype = communication_dtype
             self._distributors: list[Distributor] = []
+            self._refreshes = Refreshes(self._topology.device)
             self._groups: list[GroupState] = []
             self._built = False
             # Object collectives (the agreement) on this rank's accelerator, not cuda:0.
@@ -305,7 +307,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             work = [w for d in self._distributors for w in d.collect(step)]
             gate(work)
             steps = [g["step"] for g in self.param_groups]
-            error = compute(work, steps, self._block_name)
+            # Refreshes computed in the background are installed before the math uses them.
+            installed = self._refreshes.install(step.options, steps, self._block_name)
+            error = compute(work, steps, self._block_name, self._refreshes) or installed
             # Parameters are not touched until every rank learnt that every rank succeeded and
             # stepped alike: what went wrong rides the status words of each exchange.
             failed = error is not None or invalid is not None
@@ -386,12 +390,14 @@ class ShardedShampoo(torch.optim.Optimizer):
         it would change the optimizer before a refused or failed load. Inside ``saving()`` the
         tensors are views instead, which costs no copy; a save only reads them.
         """
+        self._refreshes.wait()  # what is in flight is in the state dict
         return self._dicts.state_dict()
 
     def full_state_dict(self) -> dict[str, Any]:
         """``state_dict()`` with every block of every parameter, on every rank: for a framework
         that saves one rank's ``state_dict()`` (the Hugging Face Trainer and Lightning under
         DDP). When sharded it is a collective: every rank must call it."""
+        self._refreshes.wait()
         return self._dicts.gathered(keep=True)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -399,6 +405,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         gathers every block onto global rank ``to``, whose next ``state_dict()`` returns them
         all (the others' is unchanged). When sharded it is a collective: every rank must call
         it."""
+        self._refreshes.wait()
         self._dicts.consolidate(to)
 
     @contextlib.contextmanager
@@ -441,7 +448,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._refreshes.wait()  # nothing in flight may write over what is loaded
         self._dicts.load(state_dict)
+        self._refreshes.restore(self._groups)  # what was in flight when it was saved
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

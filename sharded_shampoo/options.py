@@ -348,6 +348,15 @@ OPTIONS: tuple[Option, ...] = (
         "root failures in a row a block may have before the step raises",
     ),
     Option(
+        "refresh_delay",
+        0,
+        integer(0),
+        "steps d after which a refresh is installed: computed in the background from the "
+        "factors of the step it is due, used from d steps later (0: at once, in the step; "
+        "less than precondition_frequency)",
+        structure=_same("refresh_delay"),
+    ),
+    Option(
         "stagger_roots",
         False,
         boolean,
@@ -469,6 +478,12 @@ class _Options:
         """The inverse-root exponent for a block with ``order`` dims."""
         return self.inverse_exponent_override.get(order, 1.0 / (2 * order))
 
+    @property
+    def first_preconditioned_step(self) -> int:
+        """The first step whose direction uses roots (before it: grafting alone): the first
+        refresh's step, plus ``refresh_delay``."""
+        return self.start_preconditioning_step + self.refresh_delay
+
     def is_amortized_step(self, t: int) -> bool:
         """Whether every block's roots are recomputed at step ``t`` (without staggering)."""
         start = self.start_preconditioning_step
@@ -482,6 +497,13 @@ class _Options:
             raise ValueError(
                 f"nesterov=True requires momentum > 0 and dampening == 0, got "
                 f"momentum={values['momentum']!r}, dampening={values['dampening']!r}"
+            )
+        if values["refresh_delay"] >= values["precondition_frequency"]:
+            raise ValueError(
+                "refresh_delay must be less than precondition_frequency (a block's refresh "
+                f"is installed before its next is due), got refresh_delay="
+                f"{values['refresh_delay']!r}, precondition_frequency="
+                f"{values['precondition_frequency']!r}"
             )
         if values["start_preconditioning_step"] is None:
             values["start_preconditioning_step"] = values["precondition_frequency"]

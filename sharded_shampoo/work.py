@@ -13,6 +13,7 @@ from .algorithm import due_rows, stack_step
 from .diagnostics import BlockNamer, ParamNamer, check_roots
 from .distributors import StackWork, Step
 from .options import GroupOptions
+from .refreshes import Refreshes
 from .state import Rows
 from .status import step_digest
 
@@ -75,25 +76,36 @@ def gate(work: list[StackWork]) -> None:
         w.keep = finite if w.rows is None else finite | ~w.rows.mask
 
 
-def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | None:
+def compute(
+    work: list[StackWork], steps: list[int], name: BlockNamer, refreshes: Refreshes
+) -> str | None:
     """The math, stack by stack, at each group's next step (``steps[group] + 1``); returns the
-    error to raise (roots that kept failing)."""
+    error to raise (roots that kept failing). With ``refresh_delay`` the refreshes due are
+    started in the background (``refreshes``) instead of computed in the step."""
     error = None
     for w in work:
         t = steps[w.group] + 1
         stack, rows = w.stack, w.rows
         due = _due(w, t)
+        delayed = w.opts.refresh_delay > 0 and due is not False
         index = due.index if isinstance(due, Rows) else due
         # Rounding seeds only where a moving average is kept in bfloat16.
         rounded = w.opts.grafting_dtype is not None or w.opts.first_moment_dtype is not None
         seeds = stack.seeds if rounded else None
         if rows is None:
             w.direction, ok = stack_step(
-                stack.state, w.grad, w.param, w.opts, t, w.keep, index, seeds
+                stack.working,
+                w.grad,
+                w.param,
+                w.opts,
+                t,
+                w.keep,
+                False if delayed else index,
+                seeds,
             )
         else:
             w.direction = torch.zeros_like(w.grad)
-            sub = stack.state[rows.index]
+            sub = stack.working[rows.index]
             w.direction[rows.index], ok = stack_step(
                 sub,
                 w.grad[rows.index],
@@ -101,10 +113,12 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
                 w.opts,
                 t,
                 w.keep[rows.index],
-                index,
+                False if delayed else index,
                 None if seeds is None else seeds[rows.index],
             )
-            stack.state[rows.index] = sub
+            stack.working[rows.index] = sub
+        if delayed:
+            refreshes.launch(w.group, stack, w.opts, t, _stack_rows(due, rows), w.keep)
         if ok is not None:
             if isinstance(due, Rows):
                 named = due.host
@@ -112,6 +126,14 @@ def compute(work: list[StackWork], steps: list[int], name: BlockNamer) -> str | 
                 named = torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
             error = check_roots(w.group, w.opts, stack, ok, named, name, t) or error
     return error
+
+
+def _stack_rows(due: Rows | bool, rows: Rows | None) -> Rows | None:
+    """The rows of the stack that ``due`` (of the selected ``rows``) names; None: all."""
+    if due is True:
+        return rows
+    assert isinstance(due, Rows)
+    return due if rows is None else Rows(rows.index[due.index], due.host)
 
 
 def _due(w: StackWork, t: int) -> Rows | bool:

@@ -5,7 +5,16 @@ moving averages in bfloat16).
 Batched over the blocks of a stack; nothing here knows about parameters, param groups or
 processes, so a block's update is the same wherever it is computed."""
 
-from .refresh import due_rows, refresh
+from .refresh import decompose, due_rows, install, install_keys, refresh, refresh_inputs
 from .step import RowGate, stack_step
 
-__all__ = ["RowGate", "due_rows", "refresh", "stack_step"]
+__all__ = [
+    "RowGate",
+    "decompose",
+    "due_rows",
+    "install",
+    "install_keys",
+    "refresh",
+    "refresh_inputs",
+    "stack_step",
+]

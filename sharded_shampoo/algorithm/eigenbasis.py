@@ -39,12 +39,12 @@ import torch
 from tensordict import TensorDict
 
 from ..options import GroupOptions
-from .modes import factored_dims, precondition
+from .modes import precondition
 from .packing import unpack
 from .roots import eigh, keep_successes
 from .storage import read
 
-__all__ = ["canonical_ties", "refresh_eigenbasis"]
+__all__ = ["canonical_ties", "eigenbases", "install_eigenbases"]
 
 # Eigenvalues within TIES x eps(dtype) x m x max|eigenvalue| of the smallest form its cluster:
 # the rounding of a null space's eigenvalues, far below any eigenvalue gradients make.
@@ -132,15 +132,15 @@ def canonical_ties(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def refresh_eigenbasis(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
-) -> torch.Tensor:
-    """Recomputes the eigenvectors of the kept blocks (``keep``) of the stack at step ``t``;
-    returns which succeeded, True for the blocks not kept (they change nothing)."""
-    values = state["corrected_eigenvalues"]
+def eigenbases(
+    state: TensorDict, opts: GroupOptions, t: int, dims: tuple[int, ...]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
+    """The new eigenvectors of dims ``dims`` of every block of the stack at step ``t``, from
+    its factors and current eigenvectors (nothing else is read, nothing written): per dim the
+    matrices (the previous ones where the block failed), per block whether every dim
+    succeeded, and per dim (soap QR only) the permutation the corrected eigenvalues follow."""
     reference = opts.eigenbasis_convention == "reference"
-    dims = factored_dims(state, order)
-    new, permutations, ok = {}, [], None
+    new, permutations, ok = {}, {}, None
     for i in dims:
         f = unpack(state[f"factor_{i}"])
         a = f.to(torch.promote_types(f.dtype, torch.float32))
@@ -170,7 +170,7 @@ def refresh_eigenbasis(
             estimates = (q_old * fq).sum(-2)
             _, perm = torch.sort(_sort_key(estimates), dim=-1, descending=True, stable=True)
             estimates = estimates.gather(-1, perm)
-            permutations.append((i, perm))
+            permutations[i] = perm
             fq = fq.gather(2, perm.unsqueeze(1).expand_as(fq))
             for it in range(opts.qr_iterations):
                 q, r = torch.linalg.qr(fq if it == 0 else a @ q)
@@ -178,31 +178,47 @@ def refresh_eigenbasis(
             # space shows there as the cluster of smallest values, wherever the old basis had it.
             estimates = torch.diagonal(r, dim1=-2, dim2=-1).abs()
             good = torch.isfinite(q).flatten(1).all(1)
-        q = canonical_ties(estimates, torch.where(good.view(-1, 1, 1), q, q_old))
-        new[i] = q
+        new[i] = canonical_ties(estimates, torch.where(good.view(-1, 1, 1), q, q_old))
         ok = good if ok is None else ok & good
     assert ok is not None
-    take = (ok & keep).view(-1, *([1] * (values.dim() - 1)))
+    return new, ok, permutations
+
+
+def install_eigenbases(
+    state: TensorDict,
+    values: dict[str, torch.Tensor],
+    ok: torch.Tensor,
+    permutations: dict[int, torch.Tensor],
+    keep: torch.Tensor,
+    order: int,
+) -> torch.Tensor:
+    """Installs new eigenvectors (``values``, stored as the state stores them) in the kept
+    blocks (``keep``) where ``ok``: the corrected eigenvalues follow ``permutations``, the
+    filtered gradient is rotated from the old basis into the new one. Returns which succeeded,
+    True for the blocks not kept (they change nothing)."""
+    corrected = state["corrected_eigenvalues"]
+    take = (ok & keep).view(-1, *([1] * (corrected.dim() - 1)))
+    dims = [i for i in range(order) if f"eigenvectors_{i}" in values]
     filtered = state.get("filtered_grad", None)
     if filtered is not None:  # kept in the eigenbasis: the old one, as stored, copied first
         old_q = [
-            read(state, f"eigenvectors_{i}", values.dtype).clone() if i in new else None
+            read(state, f"eigenvectors_{i}", corrected.dtype).clone() if i in dims else None
             for i in range(order)
         ]
-    for i, perm in permutations:
+    for i, perm in permutations.items():
         # Entry j of dim i follows column perm[j] of the old eigenvectors.
-        shape = [1] * values.dim()
+        shape = [1] * corrected.dim()
         shape[0], shape[i + 1] = perm.shape[0], perm.shape[1]
-        index = perm.view(shape).expand_as(values)
-        values.copy_(torch.where(take, values.gather(i + 1, index), values))
-    succeeded = keep_successes(state, "eigenvectors", new, ok, keep)
+        index = perm.view(shape).expand_as(corrected)
+        corrected.copy_(torch.where(take, corrected.gather(i + 1, index), corrected))
+    succeeded = keep_successes(state, values, ok, keep)
     if filtered is not None:
         # Into the new basis as it is stored (rounded or quantized), which later steps use.
         new_qt = [
-            read(state, f"eigenvectors_{i}", values.dtype).mT if i in new else None
+            read(state, f"eigenvectors_{i}", corrected.dtype).mT if i in dims else None
             for i in range(order)
         ]
-        wide = filtered.to(values.dtype)
+        wide = filtered.to(corrected.dtype)
         moved = precondition(precondition(wide, old_q), new_qt)
         filtered.copy_(torch.where(take, moved, wide))
     return succeeded

@@ -95,9 +95,9 @@ def other_layout(shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def symmetric_state(key: str) -> bool:
-    """Whether the state named ``key`` (``...factor_i`` or ``...root_i``) is a symmetric
-    matrix."""
-    return re.fullmatch(r"(factor|root)_\d+", key.rsplit(".", 1)[-1]) is not None
+    """Whether the state named ``key`` (``...factor_i``, ``...root_i`` or a refresh in
+    flight's ``...pending_root_i``) is a symmetric matrix."""
+    return re.fullmatch(r"(factor|root|pending_root)_\d+", key.rsplit(".", 1)[-1]) is not None
 
 
 def relayout(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -1,11 +1,13 @@
 """Refreshes: the roots of root-inverse Shampoo or the eigenbases of the eigenvalue-corrected
 preconditioner, of a stack's blocks, and when each block's is due.
 
-One interface for both (``refresh``): per block, whether it succeeded; a block that fails
-keeps what it had and counts a failure (``roots.keep_successes``), a block not kept (a
-non-finite gradient in this step) changes nothing. Steps that refresh read the device back
-(the decompositions check their convergence on the host; failures are retried alone in
-float64); the others do not come here.
+A refresh is two halves: ``decompose`` computes the new matrices from the factors (a pure
+function: with ``refresh_delay`` it runs in the background, see ``sharded_shampoo.refreshes``)
+and ``install`` writes them into the state; ``refresh`` does both at once. Per block, whether
+it succeeded: a block that fails keeps what it had and counts a failure
+(``roots.keep_successes``), a block not kept (a non-finite gradient when it was due) changes
+nothing. Decompositions read the device back (they check their convergence on the host;
+failures are retried alone in float64); steps without one do not.
 """
 
 from __future__ import annotations
@@ -14,57 +16,95 @@ import torch
 from tensordict import TensorDict
 
 from ..options import GroupOptions
-from .eigenbasis import refresh_eigenbasis
+from .eigenbasis import eigenbases, install_eigenbases
 from .modes import factored_dims
 from .packing import unpack
 from .roots import inverse_roots, keep_successes
+from .storage import stored
 
-__all__ = ["due_rows", "refresh", "refresh_roots"]
+__all__ = ["decompose", "due_rows", "install", "install_keys", "refresh", "refresh_inputs"]
 
 
-def refresh_roots(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
-) -> torch.Tensor:
-    """Recomputes the roots of the kept blocks of the stack; returns which succeeded (n,) bool,
-    True for the blocks not kept (they keep their roots, as they keep all their state).
+def refresh_inputs(state: TensorDict, opts: GroupOptions, order: int) -> list[str]:
+    """The state a refresh reads (``decompose``): the factors, and the current roots or
+    eigenvectors (how they are stored; a new eigenbasis starts from the old one)."""
+    dims = factored_dims(state, order)
+    keys = [
+        k for i in dims for k in (f"factor_{i}", f"{opts.basis}_{i}", f"{opts.basis}_{i}_scale")
+    ]
+    return [k for k in keys if k in state.keys()]
 
-    A block for which any factor's root fails keeps all its previous roots, and its
-    ``root_failures`` count goes up; a success resets the count.
-    """
-    if opts.use_bias_correction and opts.beta2 < 1.0:
-        scale = 1.0 / (1.0 - opts.beta2**t)
+
+def install_keys(state: TensorDict, opts: GroupOptions, order: int) -> list[str]:
+    """The state ``install`` writes."""
+    dims = factored_dims(state, order)
+    keys = [f"{opts.basis}_{i}" for i in dims] + ["root_failures"]
+    keys += [f"{key}_scale" for key in keys if f"{key}_scale" in state.keys()]
+    if opts.eigenvalue_corrected:
+        keys.append("corrected_eigenvalues")
+        if "filtered_grad" in state.keys():
+            keys.append("filtered_grad")  # kept in the eigenbasis
+    return keys
+
+
+def decompose(state: TensorDict, opts: GroupOptions, t: int, order: int) -> TensorDict:
+    """The new roots (or eigenvectors) of every block of the stack at step ``t``, from its
+    factors (and current eigenvectors: ``refresh_inputs``); nothing is written. A TensorDict
+    over the blocks: the matrices as the state stores them (packed, narrow or quantized), ``ok``
+    (n, 1) whether every dim succeeded (a failed block's matrices are its previous ones), and
+    with soap QR ``permutation_i``, the order its corrected eigenvalues of dim i follow.
+
+    A pure function of its inputs: what ``install`` makes of it is the same whenever and
+    wherever it was computed (``refresh_delay`` computes it in the background)."""
+    dims = factored_dims(state, order)
+    n = state.batch_size[0]
+    permutations: dict[int, torch.Tensor] = {}
+    if opts.eigenvalue_corrected:
+        new, ok, permutations = eigenbases(state, opts, t, dims)
     else:
         scale = 1.0
-    dims = factored_dims(state, order)
-    # A block's order is that of its preconditioned dims (the others act as a batch).
-    exponent = opts.exponent(len(dims))
-    new_roots, ok = {}, None
-    for i in dims:
-        old, factor = state[f"root_{i}"], unpack(state[f"factor_{i}"])
-        # Quantized roots are computed in the factors' work dtype (``storage`` quantizes them).
-        work = torch.promote_types(factor.dtype, torch.float32)
-        r, good = inverse_roots(
-            factor,
-            scale=scale,
-            epsilon=opts.epsilon,
-            exponent=exponent,
-            out_dtype=old.dtype if old.is_floating_point() else work,
-        )
-        new_roots[i] = r
-        ok = good if ok is None else ok & good
-    assert ok is not None
-    return keep_successes(state, "root", new_roots, ok, keep)
+        if opts.use_bias_correction and opts.beta2 < 1.0:
+            scale = 1.0 / (1.0 - opts.beta2**t)
+        # A block's order is that of its preconditioned dims (the others act as a batch).
+        exponent = opts.exponent(len(dims))
+        new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
+        for i in dims:
+            old, factor = state[f"root_{i}"], unpack(state[f"factor_{i}"])
+            # Quantized roots are computed in the factors' work dtype (``storage`` quantizes).
+            work = torch.promote_types(factor.dtype, torch.float32)
+            new[i], good = inverse_roots(
+                factor,
+                scale=scale,
+                epsilon=opts.epsilon,
+                exponent=exponent,
+                out_dtype=old.dtype if old.is_floating_point() else work,
+            )
+            ok = ok & good
+    out = {"ok": ok.view(n, 1)}
+    for i, q in new.items():
+        out.update(stored(state, f"{opts.basis}_{i}", q))
+    for i, perm in permutations.items():
+        out[f"permutation_{i}"] = perm
+    return TensorDict(out, batch_size=[n], device=state.device)
 
 
-def _refresh(
-    state: TensorDict, opts: GroupOptions, t: int, order: int, keep: torch.Tensor
+def install(
+    state: TensorDict, new: TensorDict, opts: GroupOptions, order: int, keep: torch.Tensor
 ) -> torch.Tensor:
-    """Roots, or eigenvectors with the eigenvalue-corrected preconditioner, of every block."""
-    if not factored_dims(state, order):  # nothing to refresh (``max_factor_ratio``)
-        return torch.ones_like(keep)
+    """Installs what ``decompose`` computed (``new``) in the kept blocks (``keep``, (n,) bool)
+    of ``state``; returns per block whether it succeeded, True for the blocks not kept.
+
+    A block for which any dim failed keeps all its previous matrices, and its
+    ``root_failures`` count goes up; a success resets the count; a block not kept (a
+    non-finite gradient when it was due) changes nothing."""
+    ok = new["ok"].view(-1)
+    values = {k: new[k] for k in new.keys() if k.startswith(opts.basis)}
     if opts.eigenvalue_corrected:
-        return refresh_eigenbasis(state, opts, t, order, keep)
-    return refresh_roots(state, opts, t, order, keep)
+        permutations = {
+            int(k.rsplit("_", 1)[1]): new[k] for k in new.keys() if k.startswith("permutation_")
+        }
+        return install_eigenbases(state, values, ok, permutations, keep, order)
+    return keep_successes(state, values, ok, keep)
 
 
 def refresh(
@@ -75,20 +115,17 @@ def refresh(
     keep: torch.Tensor,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Recomputes the roots (or eigenbases) of the blocks ``rows`` (indices on the stack's
-    device; None: all), one batched decomposition per dim; returns per row whether it
-    succeeded (see ``refresh_roots``)."""
+    """Recomputes and installs at once the roots (or eigenbases) of the blocks ``rows``
+    (indices on the stack's device; None: all), one batched decomposition per dim; returns per
+    row whether it succeeded (see ``install``)."""
+    if not factored_dims(state, order):  # nothing to refresh (``max_factor_ratio``)
+        return torch.ones_like(keep if rows is None else keep[rows])
     if rows is None:
-        return _refresh(state, opts, t, order, keep)
-    dims = factored_dims(state, order)
-    changed = [f"{opts.basis}_{i}" for i in dims] + ["root_failures"]
-    changed += [f"{key}_scale" for key in changed if f"{key}_scale" in state.keys()]
-    if opts.eigenvalue_corrected:
-        changed.append("corrected_eigenvalues")
-        if "filtered_grad" in state.keys():
-            changed.append("filtered_grad")  # kept in the eigenbasis
-    sub = state.select(*[f"factor_{i}" for i in dims], *changed)[rows]
-    ok = _refresh(sub, opts, t, order, keep[rows])
+        return install(state, decompose(state, opts, t, order), opts, order, keep)
+    changed = install_keys(state, opts, order)
+    keys = dict.fromkeys([*refresh_inputs(state, opts, order), *changed])
+    sub = state.select(*keys)[rows]
+    ok = install(sub, decompose(sub, opts, t, order), opts, order, keep[rows])
     for key in changed:
         state[key][rows] = sub[key]
     return ok

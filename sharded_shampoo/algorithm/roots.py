@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import torch
 
-from .storage import write_where
+from .storage import copy_where
 
 __all__ = ["inverse_roots", "eigh", "keep_successes"]
 
 
 def keep_successes(
-    state, prefix: str, new: dict[int, torch.Tensor], ok: torch.Tensor, keep: torch.Tensor
+    state, values: dict[str, torch.Tensor], ok: torch.Tensor, keep: torch.Tensor
 ) -> torch.Tensor:
-    """Writes ``new[i]`` into ``state[f"{prefix}_{i}"]``, per dim i, for the kept blocks
-    (``keep``) where ``ok``; the other kept blocks keep their previous matrices and count one
-    more consecutive failure, a success resets it; blocks not kept change nothing. Returns
-    ``ok``, True for the blocks not kept. On the device: no host read. Packed matrices
-    (``packing``) stay packed, quantized ones quantized (``storage``)."""
-    take = ok & keep
-    for i, q in new.items():
-        write_where(state, f"{prefix}_{i}", q, take)
+    """Copies ``values`` (new roots or eigenvectors, stored as the state stores them:
+    ``storage.stored``) into ``state`` for the kept blocks (``keep``) where ``ok``; the other
+    kept blocks keep their previous matrices and count one more consecutive failure, a success
+    resets it; blocks not kept change nothing. Returns ``ok``, True for the blocks not kept. On
+    the device: no host read."""
+    copy_where(state, values, ok & keep)
     failures = state["root_failures"]
     counted = torch.where(ok.view(-1, 1), torch.zeros_like(failures), failures + 1)
     failures.copy_(torch.where(keep.view(-1, 1), counted, failures))

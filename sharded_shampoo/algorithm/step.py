@@ -133,7 +133,7 @@ def _corrected_step(
     graft = None
     if opts.grafting is not None:
         graft = _grafting_direction(precondition(m, q), v, opts, t)
-        if t < opts.start_preconditioning_step or not dims:
+        if t < opts.first_preconditioned_step or not dims:
             return graft  # before the first refresh, or a block with no factor (diagonal)
     c2 = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
     exponent = opts.inverse_exponent_override.get(order, 0.5)
@@ -222,7 +222,7 @@ def stack_step(
             m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
         else:
             m = grad
-        if t < opts.start_preconditioning_step or not dims:
+        if t < opts.first_preconditioned_step or not dims:
             # Roots are still the identity, or the block has none (``max_factor_ratio``): the
             # Shampoo direction would be m itself, grafting takes it alone (diagonal).
             d = _grafting_direction(m, v, opts, t) if opts.grafting is not None else m

@@ -23,6 +23,11 @@ Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
     root_failures  (n, 1)         consecutive failed root computations (int32); (1,) per block,
                                   not 0-d: torch's full state-dict loading mishandles 0-d
                                   tensors a rank does not own (it adds them without their key)
+    pending_*                     with ``refresh_delay``: a refresh in flight (``refreshes``):
+                                  pending_root_i or pending_eigenvectors_i (and _scale) as
+                                  stored, pending_permutation_i (n, m_i) with soap QR,
+                                  pending_ok (n, 1) bool, pending_step (n, 1) int64: the step
+                                  it is installed at (0: none)
 
 The math dtype is the parameter dtype promoted to at least float32. The tensors are views into
 the rank's ``StatePool``; state is only ever updated in place, so per-block views
@@ -48,6 +53,7 @@ from ..placement.layout import StackLayout
 from .pool import StatePool, pooled_sizes
 
 __all__ = [
+    "PENDING",
     "BlockStack",
     "GroupBlocks",
     "RowSelection",
@@ -56,6 +62,10 @@ __all__ = [
     "math_dtype",
     "state_spec",
 ]
+
+
+# The prefix of the state of a refresh in flight.
+PENDING = "pending_"
 
 
 def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -86,6 +96,18 @@ def block_state_spec(
     if opts.momentum > 0:
         spec.append(("momentum", block_shape, dtype))
     spec.append(("root_failures", (1,), torch.int32))
+    if opts.refresh_delay > 0:
+        # A refresh in flight (``refreshes``): what it computed, and the step it is installed
+        # at (0: none), so that a checkpoint taken meanwhile resumes it.
+        for key, shape, dtype in list(spec):
+            if key.startswith(opts.basis):
+                spec.append((f"{PENDING}{key}", shape, dtype))
+        soap_qr = opts.eigenbasis == "qr" and opts.eigenbasis_convention == "soap"
+        if opts.eigenvalue_corrected and soap_qr:
+            for i in opts.preconditioned_dims(block_shape):
+                spec.append((f"{PENDING}permutation_{i}", (block_shape[i],), torch.int64))
+        spec.append((f"{PENDING}ok", (1,), torch.bool))
+        spec.append((f"{PENDING}step", (1,), torch.int64))
     return spec
 
 
@@ -144,6 +166,27 @@ class BlockStack:
     def seeds(self) -> torch.Tensor:
         """Each row's rounding seed, from its block (``algorithm.rounding``), on the device."""
         return row_seeds(self.layout.row_owner, self.device)
+
+    @functools.cached_property
+    def working(self) -> TensorDict:
+        """The state a step reads and writes (``state`` less the refreshes in flight, which
+        ``refreshes`` writes in the background)."""
+        return self.state.exclude(*self._pending_keys)
+
+    @functools.cached_property
+    def pending(self) -> TensorDict:
+        """The refreshes in flight (``refresh_delay``), named without their prefix: what
+        ``algorithm.decompose`` computed, ``step`` (n, 1) the step they are installed at (0:
+        none). Views of ``state``."""
+        return TensorDict(
+            {k.removeprefix(PENDING): self.state[k] for k in self._pending_keys},
+            batch_size=self.state.batch_size,
+            device=self.state.device,
+        )
+
+    @property
+    def _pending_keys(self) -> list[str]:
+        return [k for k in self.state.keys() if k.startswith(PENDING)]
 
     @property
     def num_rows(self) -> int:

@@ -155,6 +155,28 @@ CONFIGS = {
     ),
     "unpacked": dict(symmetric_packing=False, betas=(0.9, 0.99)),
     "ec_unpacked": dict(preconditioner="eigenvalue_corrected", symmetric_packing=False),
+    # Refreshes computed in the background from step t's factors and used from t + d: every
+    # preconditioner and eigenbasis, staggered (the blocks whose phase comes within d steps of
+    # the start skip it), started at step 1, one-sided blocks, a parameter without a gradient
+    # at its install step (skip=7 below).
+    "delayed": dict(refresh_delay=2, betas=(0.9, 0.99)),
+    "delayed_staggered": dict(refresh_delay=3, stagger_roots=True),
+    "delayed_early_start": dict(refresh_delay=1, start_preconditioning_step=1, grafting=None),
+    "delayed_factor_ratio": dict(refresh_delay=4, max_factor_ratio=2, momentum=0.5),
+    "ec_eigh_delayed": dict(preconditioner="eigenvalue_corrected", refresh_delay=2),
+    "ec_qr_delayed_staggered_grafting": dict(
+        preconditioner="eigenvalue_corrected",
+        eigenbasis="qr",
+        stagger_roots=True,
+        grafting="adam",
+        refresh_delay=2,
+    ),
+    "ec_soap_qr_delayed": dict(
+        preconditioner="eigenvalue_corrected",
+        eigenbasis_convention="soap",
+        eigenbasis="qr",
+        refresh_delay=1,
+    ),
 }
 
 

@@ -25,9 +25,9 @@ CASES = {
     "root_failure": (dp_cases.root_failure, {}),
     "explicit_mesh": (dp_cases.same_grads, {"explicit_mesh": True}),
     "added_group": (dp_cases.added_group, {}),
-    "staggered": (dp_cases.same_grads, {"stagger": True}),
-    "eigenvalue_corrected": (dp_cases.same_grads, {"eigenvalue_corrected": True}),
-    "eigenvalue_corrected_soap": (dp_cases.same_grads, {"eigenvalue_corrected": "soap"}),
+    **{v: (dp_cases.same_grads, {"variant": v}) for v in scenarios.VARIANTS},
+    # Background refreshes: the failures surface at the install step, on every rank.
+    "root_failure_background": (dp_cases.root_failure, {"refresh_delay": 1}),
 }
 TRAINER_GROUP_CASE = (dp_cases.same_grads, {"num_trainers_per_group": 2})
 
@@ -50,16 +50,14 @@ def reference():
     tiny, _ = scenarios.train_with_same_grads(
         shapes=scenarios.TINY_SHAPES, options=scenarios.TINY_OPTIONS
     )
-    staggered, _ = scenarios.train_with_same_grads(options=scenarios.STAGGERED_OPTIONS)
-    corrected, _ = scenarios.train_with_same_grads(options=scenarios.EC_OPTIONS)
-    soap, _ = scenarios.train_with_same_grads(options=scenarios.EC_SOAP_OPTIONS)
     return {
         "params": params,
         "state_bytes": opt.state_bytes(),
         "tiny": tiny,
-        "staggered": staggered,
-        "eigenvalue_corrected": corrected,
-        "eigenvalue_corrected_soap": soap,
+        **{
+            v: scenarios.train_with_same_grads(options=options)[0]
+            for v, options in scenarios.VARIANTS.items()
+        },
     }
 
 
@@ -148,9 +146,12 @@ def test_plan_mismatch_raises_on_every_rank(group):
         assert "rank 1: param_groups[1]['params'][2] (34,)" in m, m
 
 
-def test_root_failure_on_one_rank_raises_on_every_rank(group):
+@pytest.mark.parametrize("case", ["root_failure", "root_failure_background"])
+def test_root_failure_on_one_rank_raises_on_every_rank(group, case):
+    """Synchronous refreshes, and background ones (which fail in the worker and are counted,
+    warned about and raised on at their install step)."""
     world, results = group
-    values = results["root_failure"].ok()
+    values = results[case].ok()
     for r, (outcome, total) in enumerate(values):
         assert total == world  # the group still works after the error
         assert "unchanged=True" in outcome, outcome
@@ -197,13 +198,11 @@ def test_explicit_mesh_and_added_group_match_single_process(group, reference, ca
     )
 
 
-@pytest.mark.parametrize(
-    "variant", ["staggered", "eigenvalue_corrected", "eigenvalue_corrected_soap"]
-)
+@pytest.mark.parametrize("variant", list(scenarios.VARIANTS))
 def test_variant_matches_single_process(group, reference, variant):
-    """Staggered roots (phases come from shapes alone) and eigenvalue-corrected Shampoo (eigh
-    and QR eigenbases, both conventions): the result is one process's at every world size
-    (float64, as test_fp64_matches_single_process)."""
+    """Staggered roots (phases come from shapes alone), eigenvalue-corrected Shampoo (eigh
+    and QR eigenbases, both conventions) and refreshes in the background: the result is one
+    process's at every world size (float64, as test_fp64_matches_single_process)."""
     world, results = group
     values = results[variant].ok()
     assert_replicas_identical(values)

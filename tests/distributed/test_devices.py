@@ -27,6 +27,7 @@ RUNS = [
         ("holder_decay", False),
         ("eigenvalue_corrected", False),
         ("lean", False),
+        ("background", False),
     )
 ]
 

@@ -142,16 +142,21 @@ def test_bench_step_reports_spikes(tmp_path):
     out = run(
         *(
             "bench_step.py --spikes --spike-frequencies 4 --width 32 --layers 1 --context 16"
-            " --world-sizes 1 --json"
+            " --batch 2 --world-sizes 1 --json"
         ).split(),
         str(path),
     )
     (r,) = json.loads(path.read_text())
-    for name in ("f4_all_at_once", "f4_staggered"):
-        s = r["spikes"][name]
-        assert s["steps"] == 8 and 0 < s["median_ms"] <= s["p95_ms"] <= s["max_ms"], s
-        assert s["first_roots_ms"] > 0
-    assert "f4_staggered: mean" in out
+    names = ["all_at_once", "staggered", "background_d1", "background_all_at_once_d1"]
+    for name in [*names, "no_refresh"]:
+        s = r["spikes"][f"f4_{name}"]
+        assert s["steps"] == 8 and s["first_refresh_ms"] > 0, s
+        for part in ("whole", "optimizer"):
+            t = s[part]
+            assert 0 < t["median_ms"] <= t["p95_ms"] <= t["max_ms"], (name, part, t)
+        assert s["optimizer"]["median_ms"] < s["whole"]["median_ms"]
+    for name in names:
+        assert f"f4_{name}: mean whole step" in out
 
 
 def test_bench_converge_compares_staggered_roots(tmp_path):

@@ -32,6 +32,7 @@ LOADS = {
         ("fsdp", "fsdp2-nested"),
         ("ddp", "ddp2-staggered"),
         ("ddp", "ddp2-ec"),
+        ("ddp", "ddp2-background"),
     ],
     3: [
         ("fsdp", "ddp2"),
@@ -40,6 +41,7 @@ LOADS = {
         ("ddp", "fsdp2-nested"),
         ("fsdp", "ddp2-staggered"),
         ("fsdp", "ddp2-ec"),
+        ("fsdp", "ddp2-background"),
     ],
     4: [
         ("fsdp", "fsdp4"),
@@ -49,6 +51,7 @@ LOADS = {
         ("hsdp", "single1"),
         ("hsdp", "ddp2-staggered"),
         ("hsdp", "ddp2-ec"),
+        ("hsdp", "ddp2-background"),
     ],
 }
 
@@ -147,9 +150,10 @@ def test_resharded_resume_continues_training(loaded, reference, target, source):
 
 @pytest.mark.parametrize("target, source", VARIANT_LOADS)
 def test_staggered_and_eigenvalue_corrected_checkpoints_reshard(loaded, saved, target, source):
-    """Saved at 2 ranks (DDP) with staggered roots, or with the eigenvalue-corrected
-    preconditioner (QR eigenbases), loaded at 2 (DDP: bitwise the uninterrupted run), 3 (FSDP2)
-    and 4 (HSDP): training continues as one process would."""
+    """Saved at 2 ranks (DDP) with staggered roots, with the eigenvalue-corrected
+    preconditioner (QR eigenbases), or with both and a refresh in flight, loaded at 2 (DDP:
+    bitwise the uninterrupted run), 3 (FSDP2) and 4 (HSDP): training continues as one process
+    would."""
     values = loaded[(target, source)].ok()
     if target == source.split("-")[0]:
         for r, (v, expected) in enumerate(zip(values, saved[source], strict=True)):

@@ -158,13 +158,14 @@ class Creations(TorchFunctionMode):
 
 # Held on the host by design (read there only): the group's step, the blocking records, the
 # staggered phases, a row selection's host copy, the status words' pinned staging buffer.
-HOST_HELD = {"step", "blocking", "phases", "host"}
+# Refreshes in flight: which rows are busy until when, and which failed (read by the worker).
+HOST_HELD = {"step", "blocking", "phases", "host", "_busy", "failed"}
 
 
 def held_tensors(opt) -> list[tuple[str, torch.device]]:
-    """(path, device) of every tensor reachable from the optimizer's state, pools and
-    distributors, except the host-side bookkeeping named in ``HOST_HELD`` and what the plan
-    (host-side planning data) and device meshes hold."""
+    """(path, device) of every tensor reachable from the optimizer's state, pools,
+    distributors and refreshes in flight, except the host-side bookkeeping named in
+    ``HOST_HELD`` and what the plan (host-side planning data) and device meshes hold."""
     from torch.distributed.device_mesh import DeviceMesh
 
     from sharded_shampoo.placement import Plan
@@ -201,4 +202,5 @@ def held_tensors(opt) -> list[tuple[str, torch.device]]:
     visit(dict(opt.state), "state", 0)
     visit([g.pool for g in opt.group_states], "pools", 0)
     visit(list(opt.distributors), "distributors", 0)
+    visit(opt._refreshes, "refreshes", 0)
     return out

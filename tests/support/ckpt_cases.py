@@ -65,6 +65,13 @@ def full_params(model):
 VARIANTS = {
     "-staggered": {"stagger_roots": True},
     "-ec": {"preconditioner": "eigenvalue_corrected", "eigenbasis": "qr"},
+    # Saved after step 6 with the refresh due at 5 in flight (installed at 8).
+    "-background": {
+        "preconditioner": "eigenvalue_corrected",
+        "eigenbasis": "qr",
+        "stagger_roots": True,
+        "refresh_delay": 3,
+    },
 }
 
 

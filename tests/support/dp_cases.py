@@ -18,8 +18,7 @@ def same_grads(
     world,
     tiny=False,
     explicit_mesh=False,
-    stagger=False,
-    eigenvalue_corrected=False,
+    variant=None,
     **kwargs,
 ):
     if kwargs.get("num_trainers_per_group") == "world":
@@ -33,12 +32,8 @@ def same_grads(
         if tiny
         else (scenarios.GROUP_SHAPES, scenarios.GROUP_OPTIONS)
     )
-    if stagger:
-        options = scenarios.STAGGERED_OPTIONS
-    if eigenvalue_corrected:
-        options = (
-            scenarios.EC_SOAP_OPTIONS if eigenvalue_corrected == "soap" else scenarios.EC_OPTIONS
-        )
+    if variant is not None:
+        options = scenarios.VARIANTS[variant]
     params, opt = scenarios.train_with_same_grads(shapes=shapes, options=options, **kwargs)
     return {
         "params": params,
@@ -78,7 +73,7 @@ def plan_mismatch(rank, world):
     return "no error"
 
 
-def root_failure(rank, world):
+def root_failure(rank, world, **options):
     """Rank 0's eigendecompositions always fail: every rank must raise, none may hang."""
     original = roots_module.eigh
     if rank == 0:
@@ -88,16 +83,16 @@ def root_failure(rank, world):
 
         roots_module.eigh = broken
     try:
-        return _train_until_error(rank, world)
+        return _train_until_error(rank, world, **options)
     finally:
         roots_module.eigh = original
 
 
-def _train_until_error(rank, world):
+def _train_until_error(rank, world, **options):
     groups = scenarios.make_params(scenarios.GROUP_SHAPES)
     opt = ShardedShampoo(
         [
-            {"params": ps, **o, "precondition_frequency": 2}
+            {"params": ps, **o, "precondition_frequency": 2, **options}
             for ps, o in zip(groups, scenarios.GROUP_OPTIONS, strict=True)
         ],
         max_consecutive_root_failures=2,

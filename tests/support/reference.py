@@ -33,6 +33,7 @@ DEFAULTS = dict(
     eigenbasis_convention="reference",
     eigenbasis_tolerance=0.0,
     max_factor_ratio=None,
+    refresh_delay=0,
     symmetric_packing=True,  # storage only: nothing here
 )
 
@@ -163,6 +164,19 @@ class ReferenceShampoo:
             if all(g is None for g in group_grads):
                 continue
             group["t"] += 1
+            # Refreshes computed d steps ago are installed now, gradient or not.
+            for st in group["state"].values():
+                pending = st.pop("pending", None)
+                if pending is None:
+                    continue
+                if pending[0] != group["t"]:
+                    st["pending"] = pending
+                elif group["opts"]["preconditioner"] == "eigenvalue_corrected":
+                    st["Q"], perms = pending[1]
+                    for i, perm in perms:  # corrected eigenvalues follow their eigenvectors
+                        st["V"] = st["V"].index_select(i, perm)
+                else:
+                    st["P"] = pending[1]
             for pi, (w, g) in enumerate(zip(group["params"], group_grads, strict=True)):
                 if g is not None:
                     self._step_param(gi, group, pi, w, g.to(torch.float64))
@@ -211,26 +225,38 @@ class ReferenceShampoo:
             # block at the steps t > start with t % f == its phase
             start, f = o["start_preconditioning_step"], o["precondition_frequency"]
             phase = self.phases.get((gi, pi, bid), 0)
+            # With a delay d, the refresh is computed from these factors and installed at
+            # t + d (in step()); a block with one in flight skips the refreshes due meanwhile.
             corrected = o["preconditioner"] == "eigenvalue_corrected"
-            if corrected and (t == start or (t > start and t % f == phase)):
+            delay = o["refresh_delay"]
+            due = (t == start or (t > start and t % f == phase)) and "pending" not in st
+            if corrected and due:
                 new_Q, perms = list(st["Q"]), []
                 for i in dims:
                     Q, perm = ref_eigenbasis(st["F"][i], st["Q"][i], o, t)
                     new_Q[i] = Q
                     if perm is not None:
                         perms.append((i, perm))
-                st["Q"] = new_Q
-                for i, perm in perms:  # corrected eigenvalues follow their eigenvectors
-                    st["V"] = st["V"].index_select(i, perm)
-            if not corrected and (t == start or (t > start and t % f == phase)):
+                if delay:
+                    st["pending"] = (t + delay, (new_Q, perms))
+                else:
+                    st["Q"] = new_Q
+                    for i, perm in perms:  # corrected eigenvalues follow their eigenvectors
+                        st["V"] = st["V"].index_select(i, perm)
+            if not corrected and due:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 kd = len(dims)
                 e = (o["inverse_exponent_override"] or {}).get(kd, 1.0 / (2 * max(kd, 1)))
+                new_P = list(st["P"])
                 for i in dims:
                     L, Q = torch.linalg.eigh(st["F"][i] / c)
                     # F is PSD: clamp rounding below zero, then add epsilon.
                     L = L.clamp_min(0) + o["epsilon"]
-                    st["P"][i] = Q @ torch.diag(L ** (-e)) @ Q.T
+                    new_P[i] = Q @ torch.diag(L ** (-e)) @ Q.T
+                if delay:
+                    st["pending"] = (t + delay, new_P)
+                else:
+                    st["P"] = new_P
             # 6. filtered gradient
             if beta1 > 0:
                 st["M"] = beta1 * st["M"] + (1 - beta1) * G
@@ -258,7 +284,7 @@ class ReferenceShampoo:
                     st["V"] = st["V"] + Gq * Gq
                 else:
                     st["V"] = beta2 * st["V"] + (1 - beta2) * Gq * Gq
-            if (t < start or not dims) and (o["grafting"] is not None or not corrected):
+            if (t < start + delay or not dims) and (o["grafting"] is not None or not corrected):
                 D = graft(M)  # no factor at all: the grafting (diagonal) direction
             elif corrected:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0

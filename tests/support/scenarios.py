@@ -69,6 +69,18 @@ EC_OPTIONS = [
 ]
 # The same in the SOAP paper's conventions (the above: the reference implementation's).
 EC_SOAP_OPTIONS = [dict(o, eigenbasis_convention="soap") for o in EC_OPTIONS]
+# Refreshes computed in the background and installed d steps later: staggered root-inverse
+# Shampoo, and eigenvalue-corrected with eigh and QR eigenbases.
+BACKGROUND_OPTIONS = [dict(o, refresh_delay=2) for o in STAGGERED_OPTIONS]
+EC_BACKGROUND_OPTIONS = [dict(o, refresh_delay=3) for o in EC_OPTIONS]
+# The option sets compared with one process, by name.
+VARIANTS = {
+    "staggered": STAGGERED_OPTIONS,
+    "eigenvalue_corrected": EC_OPTIONS,
+    "eigenvalue_corrected_soap": EC_SOAP_OPTIONS,
+    "background": BACKGROUND_OPTIONS,
+    "background_eigenvalue_corrected": EC_BACKGROUND_OPTIONS,
+}
 TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
 TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dtype=torch.float64)]
 
