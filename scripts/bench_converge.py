@@ -101,6 +101,13 @@ def main() -> None:
         "--memory-settings", default="", help="with --memory-seeds: these (comma-separated)"
     )
     ap.add_argument(
+        "--delay-seeds",
+        type=int,
+        default=0,
+        help="instead: Shampoo on lm with refreshes in the step and in the background "
+        "(refresh_delay 1 and 2: precondition_frequency / 10), this many seeds",
+    )
+    ap.add_argument(
         "--convention-seeds",
         type=int,
         default=0,
@@ -116,6 +123,12 @@ def main() -> None:
         names = args.memory_settings.split(",") if args.memory_settings else MEMORY_SETTINGS
         variants = {"defaults": [], **{n: MEMORY_SETTINGS[n] for n in names}}
         return variant_convergence(args, "memory", variants, args.memory_seeds)
+    if args.delay_seeds:
+        # 1 and precondition_frequency / 10 at train.py's lm default (20).
+        variants = {"synchronous": []}
+        for d in (1, 2):
+            variants[f"refresh_delay={d}"] = ["--shampoo-option", f"refresh_delay={d}"]
+        return variant_convergence(args, "delay", variants, args.delay_seeds)
     if args.convention_seeds:
         return convention_convergence(args)
     grid = [float(g) for g in args.grid.split(",")]

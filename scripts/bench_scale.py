@@ -264,7 +264,10 @@ def pretend_peers_answered(opt) -> None:
 
     import sharded_shampoo.work
 
-    dist.all_to_all_single = lambda output, *args, **kwargs: output.zero_()
+    def all_to_all_single(output, *args, **kwargs):
+        output.zero_()  # done at once: no handle to wait for
+
+    dist.all_to_all_single = all_to_all_single
     sharded_shampoo.work.step_digest = lambda entries: 0
 
 
@@ -397,10 +400,10 @@ def verdicts(rows: list[dict]) -> None:
 
 
 def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> dict:
-    """From the plan and the cost model alone (nothing timed): the slowest rank's step in each
-    phase of a period, without and with stagger_roots, in units of the slowest rank's
-    ordinary step. Ranks wait for each other every step, so a step costs the maximum over ranks
-    of (per-step work + the root work of that rank's blocks due in it)."""
+    """From the plan and the cost model alone (nothing timed): the slowest rank's step over a
+    period, refreshes all at once, staggered, and staggered in the background
+    (``refresh_delay`` 1 and ``frequency / 10``), in units of the slowest rank's ordinary
+    optimizer step (``background_model``)."""
     import torch
     from torch.distributed.tensor import Shard
 
@@ -411,7 +414,10 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
 
     shapes = tuple(tuple(p.shape) for p in build_model(model_name).parameters())
     out = {"model": model_name, "world": world, "frequency": frequency}
-    for stagger in (False, True):
+    d = max(1, frequency // 10)
+    settings = {"all_at_once": (False, 0), "staggered": (True, 0)}
+    settings.update({"background_d1": (True, 1), f"background_d{d}": (True, d)})
+    for name, (stagger, delay) in settings.items():
         opts = GroupOptions.from_group(
             dict(OPTION_DEFAULTS, precondition_frequency=frequency, stagger_roots=stagger)
         )
@@ -430,14 +436,44 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
                 per_step[r] += step_cost(shape)
                 phase = g.phases[pi][bid] if g.phases else 0
                 roots[(r, phase)] = roots.get((r, phase), 0.0) + root_cost(shape)
-        slowest = [max(per_step)] * frequency
-        for (r, phase), work in roots.items():
-            slowest[phase] = max(slowest[phase], per_step[r] + work)
+        steps = background_model(per_step, roots, frequency, delay)
         unit = max(per_step)
-        name = "staggered" if stagger else "all_at_once"
-        out[f"{name}_mean"] = statistics.mean(slowest) / unit
-        out[f"{name}_max"] = max(slowest) / unit
+        out[f"{name}_mean"] = statistics.mean(steps) / unit
+        out[f"{name}_max"] = max(steps) / unit
     return out
+
+
+def background_model(
+    per_step: list[float], roots: dict[tuple[int, int], float], frequency: int, delay: int
+) -> list[float]:
+    """The optimizer steps of the third period of a run (the first two fill the queues), each
+    the slowest rank's (ranks wait for each other every step): a rank's step is its per-step
+    work, plus, without a delay, the root work of its blocks due in it (``roots``: per (rank,
+    phase)); with ``delay`` d, that work goes to the rank's worker when the step's math is done,
+    runs at the main thread's speed (a core of its own), one job after the other, and the step
+    d steps later waits for it if it is not done."""
+    by_rank: dict[int, dict[int, float]] = {}
+    for (r, phase), work in roots.items():
+        by_rank.setdefault(r, {})[phase] = work
+    now, steps = 0.0, []
+    free = dict.fromkeys(by_rank, 0.0)  # when each rank's worker is next idle
+    done: dict[tuple[int, int], float] = {}  # (rank, install step) -> finish time
+    for t in range(3 * frequency):
+        step = max(per_step)
+        for r, phases in by_rank.items():
+            wait = max(0.0, done.pop((r, t), 0.0) - now)
+            own = wait + per_step[r]
+            work = phases.get(t % frequency, 0.0)
+            if work and not delay:
+                own += work
+            elif work:
+                free[r] = max(free[r], now + own) + work
+                done[(r, t + delay)] = free[r]
+            step = max(step, own)
+        now += step
+        if t >= 2 * frequency:
+            steps.append(step)
+    return steps
 
 
 def main() -> None:
@@ -455,26 +491,30 @@ def main() -> None:
     ap.add_argument(
         "--stagger-model",
         action="store_true",
-        help="instead: the cost model's step per phase with and without stagger_roots",
+        help="instead: the cost model's step over a period, refreshes at once, staggered "
+        "and in the background",
     )
     args = ap.parse_args()
     if args.stagger_model:
         print(
-            "slowest rank's step over a period, in units of its ordinary step "
-            "(cost model, from the plan; nothing timed)"
+            "slowest rank's optimizer step over a period, in units of its ordinary step: mean / max"
+            " (cost model, from the plan; nothing timed)"
         )
-        print(f"{'model':9s} {'W':>5s} {'f':>4s}  all at once: mean / max   staggered: mean / max")
+        names = None
         for model, worlds, f, fsdp in (
             ("gpt2", (1, 2, 8, 64), 50, False),
             ("llama8b", (64, 512, 4096), 100, True),
         ):
             for world in worlds:
                 r = stagger_model(model, world, f, fsdp)
-                print(
-                    f"{model:9s} {world:5d} {f:4d}  {r['all_at_once_mean']:11.2f} / "
-                    f"{r['all_at_once_max']:5.2f}   {r['staggered_mean']:9.2f} / "
-                    f"{r['staggered_max']:5.2f}"
-                )
+                settings = [k.removesuffix("_mean") for k in r if k.endswith("_mean")]
+                if settings != names:
+                    names = settings
+                    print(
+                        f"{'model':9s} {'W':>5s} {'f':>4s}" + "".join(f" {n:>16s}" for n in names)
+                    )
+                cells = "".join(f" {r[n + '_mean']:7.2f} / {r[n + '_max']:6.2f}" for n in names)
+                print(f"{model:9s} {world:5d} {f:4d}{cells}")
         return
     if args.one:
         model, mode, world = args.one.split(",")

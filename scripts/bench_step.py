@@ -295,7 +295,64 @@ def spike_settings(freq: int) -> dict[str, dict]:
         f"background_d{d}": {"stagger_roots": True, "refresh_delay": d},
         f"background_all_at_once_d{d}": {"refresh_delay": d},
         "no_refresh": {"precondition_frequency": 10**9, "start_preconditioning_step": freq},
+        # Exchanges in one collective each way, after all the math (no overlap).
+        "no_refresh_one_bucket": {
+            "precondition_frequency": 10**9,
+            "start_preconditioning_step": freq,
+            "exchange_buckets": 1,
+        },
     }
+
+
+class MathTimer:
+    """Accumulates the time spent in the stacks' math (``sharded_shampoo.work``'s per-stack
+    gate and update), by wrapping it while active."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self):
+        import sharded_shampoo.work as work
+
+        self._work, self._saved = work, (work.gate, work._compute)
+
+        def timed(fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+
+            return wrapper
+
+        work.gate, work._compute = (timed(f) for f in self._saved)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._work.gate, self._work._compute = self._saved
+
+
+def collectives_ms(opt: ShardedShampoo, reps: int = 10) -> float:
+    """The optimizer step's collectives alone (every bucket's, issued at once, then waited
+    for), on the distributors' own buffers: median over ``reps`` (ms)."""
+    from sharded_shampoo.distributors import ReplicatedDistributor, ShardedDistributor
+
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        handles = []
+        for d in opt.distributors:
+            if isinstance(d, ShardedDistributor):
+                for kind in ("grad", "dir"):
+                    handles += [d._all_to_all(kind, b) for b in range(d.num_buckets)]
+            elif isinstance(d, ReplicatedDistributor):
+                handles += [d._gather(b) for b in range(len(d.gathered))]
+        for h in handles:
+            if h is not None:
+                h.wait()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def spikes(rank: int, world: int, args) -> dict:
@@ -321,23 +378,27 @@ def spikes(rank: int, world: int, args) -> dict:
                 communication_dtype=getattr(torch, args.communication_dtype),
             )
             gen = torch.Generator().manual_seed(rank)
-            whole, step_only, first = [], [], 0.0
+            whole, step_only, math_only, first = [], [], [], 0.0
             for step in range(1, 3 * freq + 1):
                 x, y = lm_batch(data, args.batch, args.context, gen)
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 wrapped(x, y).backward()
                 t1 = time.perf_counter()
-                opt.step()
+                with MathTimer() as timer:
+                    opt.step()
                 t2 = time.perf_counter()
                 if step == freq:
                     first = t2 - t1
                 elif step > freq:
                     whole.append(t2 - t0)
                     step_only.append(t2 - t1)
+                    math_only.append(timer.seconds)
             out[f"f{freq}_{name}"] = {
                 "whole": _summary(whole),
                 "optimizer": _summary(step_only),
+                "math_median_ms": statistics.median(math_only) * 1e3,
+                "collectives_ms": collectives_ms(opt) if world > 1 else 0.0,
                 "steps": len(whole),
                 "first_refresh_ms": first * 1e3,
             }
@@ -433,9 +494,23 @@ def report_spikes(r: dict) -> None:
         )
     for name, s in rows.items():
         floor = rows.get(name.split("_", 1)[0] + "_no_refresh")
-        if floor is not None and not name.endswith("no_refresh"):
+        if floor is not None and "no_refresh" not in name:
             ratio = s["whole"]["mean_ms"] / floor["whole"]["mean_ms"]
             print(f"  {name}: mean whole step {ratio:.3f}x that without refreshes")
+    if r["world"] > 1:
+        print("  optimizer step (median) against its math and its collectives alone (medians):")
+        for name, s in rows.items():
+            if "no_refresh" in name:
+                step, math_ms, comm = (
+                    s["optimizer"]["median_ms"],
+                    s["math_median_ms"],
+                    s["collectives_ms"],
+                )
+                print(
+                    f"  {name}: step {step:.1f} ms, math {math_ms:.1f} ms, collectives "
+                    f"{comm:.1f} ms: {step / max(math_ms, comm):.2f}x the larger, "
+                    f"{step / (math_ms + comm):.2f}x their sum"
+                )
 
 
 def _rank_main(rank: int, world: int, store: str, args, out: str) -> None:

@@ -41,7 +41,7 @@ from .state.dicts import StateDicts, pickled
 from .state.groups import GroupState
 from .status import raise_if_failed, read_outcome
 from .topology import Topology, peers_of
-from .work import begin_step, compute, gate
+from .work import begin_step, compute
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
@@ -110,7 +110,9 @@ class ShardedShampoo(torch.optim.Optimizer):
     are sharded over as many ranks as leave each about 8 blocks; ``num_trainers_per_group=k``
     shards within groups of k consecutive ranks, replicated across groups. DDP gradients must
     already be averaged and identical on every rank. The result is the single-process one,
-    whatever the world size.
+    whatever the world size. Each exchange is split into ``exchange_buckets`` collectives over
+    groups of stacks, issued asynchronously, so that one group's communication overlaps
+    another's math (1: one collective each way).
 
     Every option may differ per param group; options that shape the state (block size,
     merging, factor dtype, grafting type, whether beta1 and momentum are on) cannot change once
@@ -126,6 +128,7 @@ class ShardedShampoo(torch.optim.Optimizer):
         mesh: Any = None,
         communication_dtype: torch.dtype = torch.float32,
         num_trainers_per_group: int | None = None,
+        exchange_buckets: int = 4,
         **options: Any,
     ) -> None:
         try:
@@ -140,10 +143,18 @@ class ShardedShampoo(torch.optim.Optimizer):
                     "communication_dtype must be one of torch.float32, torch.bfloat16, "
                     f"torch.float16, torch.float64, got {communication_dtype!r}"
                 )
+            if (
+                isinstance(exchange_buckets, bool)
+                or not isinstance(exchange_buckets, int)
+                or exchange_buckets < 1
+            ):
+                raise ValueError(f"exchange_buckets must be an int >= 1, got {exchange_buckets!r}")
             params = materialize(params)
             self._topology = Topology(
                 params, mesh, num_trainers_per_group, defaults, communication_dtype
             )
+            self._topology.settings.append(("setting", "exchange_buckets", exchange_buckets))
+            self._exchange_buckets = exchange_buckets
             self._plan = Plan(self._topology.shards, self._topology.world_mesh)
             self._communication_dtype = communication_dtype
             self._distributors: list[Distributor] = []
@@ -256,6 +267,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._plan,
             self._topology,
             self._communication_dtype,
+            self._exchange_buckets,
         )
 
     def _options(self, gi: int) -> GroupOptions:
@@ -285,9 +297,11 @@ class ShardedShampoo(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss.
 
-        Validate, collect (gradients into stacks), gate (which blocks step), compute (the math),
-        exchange (directions and status words), read the outcome (the step's one host read),
-        raise on every rank if any rank failed or ranks disagree, else apply.
+        Validate, collect (gradients into stacks), install the refreshes computed in the
+        background that are due, compute (per stack: which blocks step, the math; exchanges
+        overlap it), exchange (the last directions and status words), read the outcome (the
+        step's one host read), raise on every rank if any rank failed or ranks disagree, else
+        apply.
         """
         loss = None
         if closure is not None:
@@ -304,12 +318,12 @@ class ShardedShampoo(torch.optim.Optimizer):
         if step is None:
             return loss
         try:
-            work = [w for d in self._distributors for w in d.collect(step)]
-            gate(work)
+            collected = [(d, d.collect(step)) for d in self._distributors]
+            work = [w for _, ws in collected for w in ws]
             steps = [g["step"] for g in self.param_groups]
             # Refreshes computed in the background are installed before the math uses them.
             installed = self._refreshes.install(step.options, steps, self._block_name)
-            error = compute(work, steps, self._block_name, self._refreshes) or installed
+            error = compute(collected, steps, self._block_name, self._refreshes) or installed
             # Parameters are not touched until every rank learnt that every rank succeeded and
             # stepped alike: what went wrong rides the status words of each exchange.
             failed = error is not None or invalid is not None
@@ -467,6 +481,7 @@ ShardedShampoo.__init__.__signature__ = optimizer_signature(
         ("mesh", None),
         ("communication_dtype", torch.float32),
         ("num_trainers_per_group", None),
+        ("exchange_buckets", 4),
     )
 )
 ShardedShampoo.__doc__ = ShardedShampoo.__doc__.replace("{options}", options_doc().strip())

@@ -118,7 +118,7 @@ class Refreshes:
             step[rows.index] = _signed(keep, installed_at)
         pending = stack.pending
 
-        def work() -> torch.Tensor:
+        def work() -> list[int]:
             new = decompose(inputs.exclude("keep"), opts, t, order)
             for key in new.keys():
                 if rows is None:

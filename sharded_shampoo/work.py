@@ -1,4 +1,4 @@
-"""One step's math on this rank's stacks: which rows step (``gate``), then each stack's update
+"""One step's math on this rank's stacks: for each, which rows step (``gate``), then its update
 (``compute``). Between the distributors' ``collect`` and ``exchange``; nothing here is read back
 from the device, except in steps that refresh roots."""
 
@@ -11,7 +11,7 @@ import torch
 
 from .algorithm import due_rows, stack_step
 from .diagnostics import BlockNamer, ParamNamer, check_roots
-from .distributors import StackWork, Step
+from .distributors import Distributor, StackWork, Step
 from .options import GroupOptions
 from .refreshes import Refreshes
 from .state import Rows
@@ -66,66 +66,74 @@ def begin_step(
     return Step([g["params"] for g in param_groups], chosen, active, digest), invalid
 
 
-def gate(work: list[StackWork]) -> None:
-    """Which rows of each stack step (``StackWork.keep``, on the device): those whose
+def gate(w: StackWork) -> None:
+    """Which rows of the stack step (``StackWork.keep``, on the device): those whose
     gradient's norm is finite (no NaN or Inf, and a square that does not overflow its dtype);
     rows of parameters without a gradient count as kept (they are not computed at all)."""
-    for w in work:
-        w.norms = torch.linalg.vector_norm(w.grad.flatten(1), dim=1)
-        finite = torch.isfinite(w.norms)
-        w.keep = finite if w.rows is None else finite | ~w.rows.mask
+    w.norms = torch.linalg.vector_norm(w.grad.flatten(1), dim=1)
+    finite = torch.isfinite(w.norms)
+    w.keep = finite if w.rows is None else finite | ~w.rows.mask
 
 
 def compute(
-    work: list[StackWork], steps: list[int], name: BlockNamer, refreshes: Refreshes
+    collected: list[tuple[Distributor, list[StackWork]]],
+    steps: list[int],
+    name: BlockNamer,
+    refreshes: Refreshes,
 ) -> str | None:
-    """The math, stack by stack, at each group's next step (``steps[group] + 1``); returns the
-    error to raise (roots that kept failing). With ``refresh_delay`` the refreshes due are
-    started in the background (``refreshes``) instead of computed in the step."""
+    """The math, distributor by distributor, stack by stack in each one's order, at each
+    group's next step (``steps[group] + 1``): each stack's gradient is waited for (``arrive``),
+    gated (``gate``) and computed, and its distributor told (``computed``, then ``flush``
+    after its last); returns the error to raise (roots that kept failing). With
+    ``refresh_delay`` the refreshes due are started in the background (``refreshes``) instead
+    of computed in the step."""
     error = None
-    for w in work:
-        t = steps[w.group] + 1
-        stack, rows = w.stack, w.rows
-        due = _due(w, t)
-        delayed = w.opts.refresh_delay > 0 and due is not False
-        index = due.index if isinstance(due, Rows) else due
-        # Rounding seeds only where a moving average is kept in bfloat16.
-        rounded = w.opts.grafting_dtype is not None or w.opts.first_moment_dtype is not None
-        seeds = stack.seeds if rounded else None
-        if rows is None:
-            w.direction, ok = stack_step(
-                stack.working,
-                w.grad,
-                w.param,
-                w.opts,
-                t,
-                w.keep,
-                False if delayed else index,
-                seeds,
-            )
-        else:
-            w.direction = torch.zeros_like(w.grad)
-            sub = stack.working[rows.index]
-            w.direction[rows.index], ok = stack_step(
-                sub,
-                w.grad[rows.index],
-                None if w.param is None else w.param[rows.index],
-                w.opts,
-                t,
-                w.keep[rows.index],
-                False if delayed else index,
-                None if seeds is None else seeds[rows.index],
-            )
-            stack.working[rows.index] = sub
-        if delayed:
-            refreshes.launch(w.group, stack, w.opts, t, _stack_rows(due, rows), w.keep)
-        if ok is not None:
-            if isinstance(due, Rows):
-                named = due.host
-            else:
-                named = torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
-            error = check_roots(w.group, w.opts, stack, ok, named, name, t) or error
+    for distributor, work in collected:
+        for w in work:
+            distributor.arrive(w)
+            gate(w)
+            error = _compute(w, steps[w.group] + 1, name, refreshes) or error
+            distributor.computed(w)
+        distributor.flush()
     return error
+
+
+def _compute(w: StackWork, t: int, name: BlockNamer, refreshes: Refreshes) -> str | None:
+    """One stack's math at step ``t``; returns the error to raise, if any."""
+    stack, rows = w.stack, w.rows
+    due = _due(w, t)
+    delayed = w.opts.refresh_delay > 0 and due is not False
+    index = due.index if isinstance(due, Rows) else due
+    # Rounding seeds only where a moving average is kept in bfloat16.
+    rounded = w.opts.grafting_dtype is not None or w.opts.first_moment_dtype is not None
+    seeds = stack.seeds if rounded else None
+    if rows is None:
+        w.direction, ok = stack_step(
+            stack.working, w.grad, w.param, w.opts, t, w.keep, False if delayed else index, seeds
+        )
+    else:
+        w.direction = torch.zeros_like(w.grad)
+        sub = stack.working[rows.index]
+        w.direction[rows.index], ok = stack_step(
+            sub,
+            w.grad[rows.index],
+            None if w.param is None else w.param[rows.index],
+            w.opts,
+            t,
+            w.keep[rows.index],
+            False if delayed else index,
+            None if seeds is None else seeds[rows.index],
+        )
+        stack.working[rows.index] = sub
+    if delayed:
+        refreshes.launch(w.group, stack, w.opts, t, _stack_rows(due, rows), w.keep)
+    if ok is None:
+        return None
+    if isinstance(due, Rows):
+        named = due.host
+    else:
+        named = torch.arange(stack.num_rows, device="cpu") if rows is None else rows.host
+    return check_roots(w.group, w.opts, stack, ok, named, name, t)
 
 
 def _stack_rows(due: Rows | bool, rows: Rows | None) -> Rows | None:

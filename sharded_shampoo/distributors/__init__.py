@@ -9,10 +9,12 @@ per way the parameters are held, behind one interface.
   ``all_to_all``.
 
 A model may need several (FSDP2 with a few plain parameters). The optimizer's step is then the
-same whatever the mode: ``collect`` (each distributor fills its stacks' gradient buffers) ->
-the math on every stack -> ``exchange`` (directions travel; status words tell every rank
-whether any rank failed or stepped differently) -> ``apply`` (only once every distributor's
-exchange came back clean, so a failure anywhere changes no parameter anywhere).
+same whatever the mode: ``collect`` (each distributor starts filling its stacks' gradient
+buffers) -> the math on every stack (``arrive`` before it, ``computed`` after it: a bucket's
+communication overlaps another's math) -> ``exchange`` (the last directions travel; status
+words tell every rank whether any rank failed or stepped differently) -> ``apply`` (only once
+every distributor's exchange came back clean, so a failure anywhere changes no parameter
+anywhere).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from .replicated import ReplicatedDistributor
 from .sharded import ShardedDistributor
 
 
-def build_distributors(blocks, plan, topology, dtype: torch.dtype) -> list[Distributor]:
+def build_distributors(
+    blocks, plan, topology, dtype: torch.dtype, buckets: int = 1
+) -> list[Distributor]:
     """One distributor per way the parameters are held. FSDP2 on a single rank still goes
     through the DTensor one (with nothing to send): its parameters are DTensors, which only it
     reads and writes."""
@@ -34,11 +38,13 @@ def build_distributors(blocks, plan, topology, dtype: torch.dtype) -> list[Distr
     if mesh is None:
         out.append(LocalDistributor(blocks, device))
     else:
-        replicated = ReplicatedDistributor(blocks, plan, topology.rank, mesh, dtype, device)
+        replicated = ReplicatedDistributor(
+            blocks, plan, topology.rank, mesh, dtype, device, buckets
+        )
         if replicated.status_index > 0:  # some rank has blocks of plain parameters
             out.append(replicated)
     if topology.world_mesh is not None:
-        out.append(ShardedDistributor(blocks, plan, topology.rank, dtype, device))
+        out.append(ShardedDistributor(blocks, plan, topology.rank, dtype, device, buckets))
     return out
 
 

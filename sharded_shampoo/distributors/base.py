@@ -44,14 +44,17 @@ class StackWork:
 class Distributor:
     """Moves one kind of parameter's gradients into stacks and directions back.
 
-    ``collect(step)`` returns the work of the stacks with something to compute, their gradient
-    buffers filled; the optimizer then fills each ``direction``. ``exchange(step, failed)``
-    shares the directions (``failed``: this rank hit an error it will raise) and returns what
-    the status words said as a summary on the device, ``(any rank failed, ranks disagree)``
-    (None without collectives): the optimizer reads every summary in the step's one host
-    read, and ``status(summary)`` turns this distributor's into a ``Status`` (naming ranks
-    takes a second read, only when something went wrong). ``apply(step)`` updates the
-    parameters, called only when no distributor's exchange reported a problem.
+    ``collect(step)`` returns the work of the stacks with something to compute, in the order
+    to compute it; before the math of one the optimizer calls ``arrive(work)`` (its gradient
+    buffer is then filled), after it ``computed(work)`` (its ``direction`` is set), so that
+    communication can overlap the math of other stacks, and ``flush()`` after the last.
+    ``exchange(step, failed)`` shares the last directions (``failed``: this rank hit an error
+    it will raise) and returns what the status words said as a summary on the device, ``(any
+    rank failed, ranks disagree)`` (None without collectives): the optimizer reads every
+    summary in the step's one host read, and ``status(summary)`` turns this distributor's into
+    a ``Status`` (naming ranks takes a second read, only when something went wrong).
+    ``apply(step)`` updates the parameters, called only when no distributor's exchange
+    reported a problem.
     ``collective`` distributors take collectives in ``collect`` and ``exchange`` on every step,
     whatever happens, so that no rank waits alone.
     """
@@ -77,6 +80,17 @@ class Distributor:
 
     def collect(self, step: Step) -> list[StackWork]:
         raise NotImplementedError
+
+    def arrive(self, work: StackWork) -> None:
+        """Makes sure ``work``'s gradient buffer is filled."""
+
+    def computed(self, work: StackWork) -> None:
+        """``work.direction`` is ready."""
+
+    def flush(self) -> None:
+        """Every stack of this distributor is computed (on this rank): the communication it
+        could start before ``exchange`` starts now. Called in distributor order, so that
+        every rank issues the same collectives in the same order, whatever it computed."""
 
     def exchange(self, step: Step, failed: bool) -> torch.Tensor | None:
         return None

@@ -24,6 +24,7 @@ collective instead of two.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..status import STATUS_WORDS
@@ -31,7 +32,7 @@ from .layout import StackLayout
 from .plan import Plan
 from .sharding import Piece, pieces_of_block, shard_pieces
 
-__all__ = ["Chunks", "PieceRoutes", "Route", "allgather_segments"]
+__all__ = ["Chunks", "PieceRoutes", "Route", "allgather_segments", "stack_buckets"]
 
 
 def allgather_segments(plan: Plan) -> list[list[tuple[int, int, StackLayout, int]]]:
@@ -50,6 +51,29 @@ def allgather_segments(plan: Plan) -> list[list[tuple[int, int, StackLayout, int
                     start += layout.num_rows * layout.row_numel
         out.append(segments)
     return out
+
+
+def stack_buckets(plan: Plan, buckets: int) -> dict[tuple, int]:
+    """Which ``all_to_all`` (of at most ``buckets``) carries each kind of stack of the plan's
+    DTensor parameters: ``(group, dtype, block shape) -> bucket``, the same on every rank (from
+    the shapes alone). Kinds in order of first appearance, cut into runs of about equal
+    elements, none empty, so that the exchange of one run overlaps the math of another."""
+    sizes: dict[tuple, int] = {}
+    for gi, group in enumerate(plan.groups):
+        for pi, blocking in enumerate(group.blockings):
+            if group.spec.sharding(pi) is None:
+                continue
+            for region in blocking.regions:
+                key = (gi, group.spec.dtypes[pi], region.block_shape)
+                sizes[key] = sizes.get(key, 0) + region.num_blocks * math.prod(region.block_shape)
+    count = max(1, min(buckets, len(sizes)))
+    total, seen, out = sum(sizes.values()), 0, {}
+    for key, size in sizes.items():
+        # The bucket in which this kind's middle element falls.
+        out[key] = min(count - 1, (seen + size // 2) * count // max(total, 1))
+        seen += size
+    used = {b: i for i, b in enumerate(sorted(set(out.values())))}
+    return {key: used[b] for key, b in out.items()}
 
 
 @dataclass(frozen=True)
@@ -74,7 +98,7 @@ class Chunks:
     ``entries[j]``: ``(offset, route)`` for the routes of peer ``j``, in order;
     ``flag_at[j]``: where each of those routes' flag sits; ``status_at[j]``: where the status
     words of the chunk start; ``starts[j]``, ``sizes[j]``: the chunk; ``data[j]``: elements
-    of one section of it."""
+    of one section of it; ``total``: the buffer's length."""
 
     def __init__(self, per_peer: list[list[Route]], sections: int, flags: bool, status: bool):
         self.entries: list[list[tuple[int, Route]]] = []
@@ -103,23 +127,37 @@ class Chunks:
         self.total = start
 
 
+def _chunks(per_bucket, sections: int, flags: bool, status: bool) -> list[Chunks]:
+    """One ``Chunks`` (one buffer) per bucket; status words in the last one's chunks."""
+    last = len(per_bucket) - 1
+    return [
+        Chunks(per_peer, sections, flags, status and b == last)
+        for b, per_peer in enumerate(per_bucket)
+    ]
+
+
 class PieceRoutes:
-    """Every route of one rank, by peer (global rank):
+    """Every route of one rank, by bucket (``stack_buckets``: one ``all_to_all_single`` each)
+    and by peer (global rank):
 
     - ``grad_send`` / ``grad_recv``: gradient (and weight) pieces: mine to the blocks' owners;
       my blocks' pieces from their sources.
     - ``dir_send`` / ``dir_recv``: direction pieces back, to every holder, each route with a
-      flag, each chunk with status words.
+      flag, the last bucket's chunks with status words.
     - My own pieces of my own blocks go through my own chunk, like anyone's.
     """
 
-    def __init__(self, plan: Plan, rank: int, sections: int) -> None:
+    def __init__(self, plan: Plan, rank: int, sections: int, buckets: int = 1) -> None:
         mesh = plan.mesh
         W = plan.world_size
-        grad_out: list[list[Route]] = [[] for _ in range(W)]  # by owner
-        dir_in: list[list[Route]] = [[] for _ in range(W)]
-        grad_in: list[list[Route]] = [[] for _ in range(W)]  # by source
-        dir_out: list[list[Route]] = [[] for _ in range(W)]  # by holder
+        self.buckets = bucket_of = stack_buckets(plan, buckets)
+        count = max(bucket_of.values(), default=0) + 1
+
+        def lists() -> list[list[list[Route]]]:
+            return [[[] for _ in range(W)] for _ in range(count)]
+
+        grad_out, dir_in = lists(), lists()  # by bucket, then owner
+        grad_in, dir_out = lists(), lists()  # by bucket, then source / holder
         coord = mesh.coord(rank) if mesh is not None else ()
         for gi, group in enumerate(plan.groups):
             mine = group.owned.get(rank, {})
@@ -127,27 +165,32 @@ class PieceRoutes:
                 sharding = group.spec.sharding(pi)
                 if sharding is None:
                     continue
+                dtype = group.spec.dtypes[pi]
                 for bid, piece in shard_pieces(blocking, sharding, coord):
                     route = Route(gi, pi, bid, piece)
                     owner = group.owners[pi][bid]
+                    b = bucket_of[(gi, dtype, blocking.block_shape(bid))]
                     if mesh.source(sharding, piece.shard, owner) == rank:
-                        grad_out[owner].append(route)
-                    dir_in[owner].append(route)
+                        grad_out[b][owner].append(route)
+                    dir_in[b][owner].append(route)
                 for bid in sorted(mine.get(pi, ())):
+                    b = bucket_of[(gi, dtype, blocking.block_shape(bid))]
                     for piece in pieces_of_block(blocking, sharding, bid):
                         route = Route(gi, pi, bid, piece)
-                        grad_in[mesh.source(sharding, piece.shard, rank)].append(route)
+                        grad_in[b][mesh.source(sharding, piece.shard, rank)].append(route)
                         for h in mesh.holders(sharding, piece.shard):
-                            dir_out[h].append(route)
+                            dir_out[b][h].append(route)
         self.rank = rank
         self.sections = sections
-        self.grad_send = Chunks(grad_out, sections, flags=False, status=False)
-        self.grad_recv = Chunks(grad_in, sections, flags=False, status=False)
-        self.dir_send = Chunks(dir_out, 1, flags=True, status=True)
-        self.dir_recv = Chunks(dir_in, 1, flags=True, status=True)
+        self.grad_send = _chunks(grad_out, sections, flags=False, status=False)
+        self.grad_recv = _chunks(grad_in, sections, flags=False, status=False)
+        self.dir_send = _chunks(dir_out, 1, flags=True, status=True)
+        self.dir_recv = _chunks(dir_in, 1, flags=True, status=True)
 
     def bytes_sent(self, grad_itemsize: int, dir_itemsize: int) -> int:
         """Exactly what this rank sends to other ranks in one step."""
-        others = [j for j in range(len(self.grad_send.sizes)) if j != self.rank]
-        sent = sum(self.grad_send.sizes[j] for j in others) * grad_itemsize
-        return sent + sum(self.dir_send.sizes[j] for j in others) * dir_itemsize
+
+        def others(chunks: list[Chunks]) -> int:
+            return sum(s for c in chunks for j, s in enumerate(c.sizes) if j != self.rank)
+
+        return others(self.grad_send) * grad_itemsize + others(self.dir_send) * dir_itemsize

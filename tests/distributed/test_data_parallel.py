@@ -24,6 +24,7 @@ CASES = {
     "mismatch": (dp_cases.plan_mismatch, {}),
     "root_failure": (dp_cases.root_failure, {}),
     "explicit_mesh": (dp_cases.same_grads, {"explicit_mesh": True}),
+    "one_bucket": (dp_cases.same_grads, {"exchange_buckets": 1}),
     "added_group": (dp_cases.added_group, {}),
     **{v: (dp_cases.same_grads, {"variant": v}) for v in scenarios.VARIANTS},
     # Background refreshes: the failures surface at the install step, on every rank.
@@ -210,3 +211,15 @@ def test_variant_matches_single_process(group, reference, variant):
     assert err <= EXACT_TOLERANCE, f"world {world}: relative error {err:.2e}"
     # The variant changed the result: the comparison means something.
     assert scenarios.max_rel_err(reference["params"], reference[variant]) > 1e-3
+
+
+def test_overlapped_allgathers_are_bitwise_one_allgather(group):
+    """The directions gathered in buckets of stacks, each as soon as its stacks are computed
+    (the default), are bitwise those of one AllGather after all the math."""
+    world, results = group
+    bucketed, single = results["fp64"].ok(), results["one_bucket"].ok()
+    for a, b in zip(bucketed, single, strict=True):
+        for x, y in zip(
+            [p for g in a["params"] for p in g], [p for g in b["params"] for p in g], strict=True
+        ):
+            assert torch.equal(x, y), f"world {world}"

@@ -20,7 +20,7 @@ from torch.distributed.tensor.placement_types import Partial, _StridedShard
 from sharded_shampoo.blocking import make_blocking
 from sharded_shampoo.options import OPTION_DEFAULTS, GroupOptions
 from sharded_shampoo.placement import GroupSpec, Plan, WorldMesh, pieces_of_block, shard_pieces
-from sharded_shampoo.placement.routes import PieceRoutes
+from sharded_shampoo.placement.routes import PieceRoutes, stack_buckets
 from sharded_shampoo.placement.sharding import block_box, largest_piece
 from sharded_shampoo.topology import sharding_of
 
@@ -162,7 +162,7 @@ def test_unsupported_placements_are_named(placements):
         sharding_of(placements, [0, 1, 2], (2, 2, 2), 2, "layer.weight")
 
 
-def routes_of(shapes, mesh_shape, placements, **options):
+def routes_of(shapes, mesh_shape, placements, buckets=1, **options):
     world = torch.Size(mesh_shape).numel()
     mesh = WorldMesh(list(range(world)), mesh_shape)
     plan = Plan(world, mesh)
@@ -178,7 +178,7 @@ def routes_of(shapes, mesh_shape, placements, **options):
             shardings,
         )
     )
-    return plan, mesh, [PieceRoutes(plan, r, sections=1) for r in range(world)]
+    return plan, mesh, [PieceRoutes(plan, r, sections=1, buckets=buckets) for r in range(world)]
 
 
 def bytes_that_must_move(plan, mesh):
@@ -216,14 +216,17 @@ GPT_LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("buckets", [1, 4])
 @pytest.mark.parametrize("mesh_shape, placements", GPT_LAYOUTS)
-def test_exactly_the_pieces_that_must_move_are_sent(mesh_shape, placements):
+def test_exactly_the_pieces_that_must_move_are_sent(mesh_shape, placements, buckets):
     """No padding: all ranks together send the pieces that must move, plus a flag per piece
-    and a few status words per peer; and ranks send about equal amounts."""
+    and a few status words per peer, in one collective each way or in buckets; and ranks send
+    about equal amounts."""
     from workloads import GPT, GPTConfig
 
     shapes = [tuple(p.shape) for p in GPT(GPTConfig()).parameters() if p.dim() == 2]
-    plan, mesh, built = routes_of(shapes, mesh_shape, placements)
+    plan, mesh, built = routes_of(shapes, mesh_shape, placements, buckets)
+    assert all(len(r.grad_send) == min(buckets, 3) for r in built)  # 3 block shapes
     minimum = bytes_that_must_move(plan, mesh)
     sent = [routes.bytes_sent(4, 4) for routes in built]
     assert minimum <= sum(sent) <= 1.001 * minimum, (sum(sent), minimum)
@@ -248,6 +251,21 @@ def test_set_up_visits_only_a_ranks_own_pieces():
     routes = PieceRoutes(plan, 7, sections=1)
     # Rank 7 holds one row of each weight: 4 pieces per weight (one per column block).
     assert (
-        sum(len(e) for e in routes.grad_send.entries) + sum(len(e) for e in routes.dir_recv.entries)
+        sum(len(e) for c in routes.grad_send for e in c.entries)
+        + sum(len(e) for c in routes.dir_recv for e in c.entries)
         == 32
     )
+
+
+@pytest.mark.parametrize("buckets", [1, 2, 3, 8])
+def test_stack_kinds_are_cut_into_runs_of_about_equal_size(buckets):
+    """Each kind of stack (group, dtype, block shape) goes to one bucket: in order of first
+    appearance, none empty, at most as many as asked or as there are kinds."""
+    from workloads import GPT, GPTConfig
+
+    shapes = [tuple(p.shape) for p in GPT(GPTConfig()).parameters()]
+    plan, _, _ = routes_of(shapes, (2,), [Shard(0)], max_preconditioner_dim=256)
+    of = stack_buckets(plan, buckets)
+    order = list(of.values())
+    assert order == sorted(order) and set(order) == set(range(max(order) + 1))
+    assert max(order) + 1 == min(buckets, len(of))

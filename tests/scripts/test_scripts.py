@@ -222,6 +222,7 @@ def test_gpu_check_passes_on_the_cpu():
     for name in (
         "exact shampoo",
         "exact eigenvalue_corr",
+        "exact background",
         "fsdp2 shampoo",
         "dcp",
         "full_state_dict",
@@ -231,6 +232,7 @@ def test_gpu_check_passes_on_the_cpu():
     ):
         assert any(n.startswith(name) for n in names), (name, out)
     assert out.count("1 in a step without a refresh") == 2, out
+    assert "shampoo background optimizer step" in out, out
     assert out.rstrip().splitlines()[-1].startswith("0 failed")
 
 
