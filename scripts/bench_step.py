@@ -283,25 +283,23 @@ def measure(rank: int, world: int, args) -> dict:
     return r
 
 
-def spike_settings(freq: int) -> dict[str, dict]:
+def spike_settings(freq: int, world: int) -> dict[str, dict]:
     """What ``spikes`` compares at refresh period ``freq``: every refresh in one step, each
     block in its phase, the same in the background (``refresh_delay`` 1 and ``freq / 10``;
-    all at once too), and no refresh after the first (the floor)."""
+    all at once too), and no refresh after the first (the floor; with several ranks, also
+    without overlapping the exchanges with the math)."""
     d = max(1, freq // 10)
-    return {
+    settings = {
         "all_at_once": {},
         "staggered": {"stagger_roots": True},
         "background_d1": {"stagger_roots": True, "refresh_delay": 1},
         f"background_d{d}": {"stagger_roots": True, "refresh_delay": d},
         f"background_all_at_once_d{d}": {"refresh_delay": d},
         "no_refresh": {"precondition_frequency": 10**9, "start_preconditioning_step": freq},
-        # Exchanges in one collective each way, after all the math (no overlap).
-        "no_refresh_one_bucket": {
-            "precondition_frequency": 10**9,
-            "start_preconditioning_step": freq,
-            "exchange_buckets": 1,
-        },
     }
+    if world > 1:  # exchanges in one collective each way, after all the math (no overlap)
+        settings["no_refresh_one_bucket"] = {**settings["no_refresh"], "exchange_buckets": 1}
+    return settings
 
 
 class MathTimer:
@@ -347,7 +345,7 @@ def collectives_ms(opt: ShardedShampoo, reps: int = 10) -> float:
                 for kind in ("grad", "dir"):
                     handles += [d._all_to_all(kind, b) for b in range(d.num_buckets)]
             elif isinstance(d, ReplicatedDistributor):
-                handles += [d._gather(b) for b in range(len(d.gathered))]
+                handles += [d._gather(lo, hi) for lo, hi in d._slices]
         for h in handles:
             if h is not None:
                 h.wait()
@@ -366,7 +364,9 @@ def spikes(rank: int, world: int, args) -> dict:
     data = torch.randint(0, 256, (1_000_000,))  # timing only: content does not matter
     out = {}
     for freq in [int(f) for f in args.spike_frequencies.split(",")]:
-        for name, setting in spike_settings(freq).items():
+        for name, setting in spike_settings(freq, world).items():
+            if args.spike_settings and name not in args.spike_settings.split(","):
+                continue
             torch.manual_seed(0)
             model = GPT(cfg)
             wrapped = wrap(model, world, args)
@@ -635,6 +635,9 @@ def main() -> None:
         "refreshes at once, staggered, in the background and none",
     )
     ap.add_argument("--spike-frequencies", default="50")
+    ap.add_argument(
+        "--spike-settings", default="", help="with --spikes: only these (comma-separated)"
+    )
     ap.add_argument(
         "--preconditioners",
         action="store_true",

@@ -151,10 +151,13 @@ class ShardedShampoo(torch.optim.Optimizer):
                 raise ValueError(f"exchange_buckets must be an int >= 1, got {exchange_buckets!r}")
             params = materialize(params)
             self._topology = Topology(
-                params, mesh, num_trainers_per_group, defaults, communication_dtype
+                params,
+                mesh,
+                num_trainers_per_group,
+                defaults,
+                communication_dtype,
+                exchange_buckets,
             )
-            self._topology.settings.append(("setting", "exchange_buckets", exchange_buckets))
-            self._exchange_buckets = exchange_buckets
             self._plan = Plan(self._topology.shards, self._topology.world_mesh)
             self._communication_dtype = communication_dtype
             self._distributors: list[Distributor] = []
@@ -267,7 +270,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             self._plan,
             self._topology,
             self._communication_dtype,
-            self._exchange_buckets,
+            self._topology.exchange_buckets,
         )
 
     def _options(self, gi: int) -> GroupOptions:

@@ -23,6 +23,8 @@ Rules, which the tests' reference implements:
 
 from __future__ import annotations
 
+import os
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +42,10 @@ from .state.groups import GroupState
 from .state.stacks import BlockStack
 
 __all__ = ["Refreshes"]
+
+# How much lower the worker's priority is (a nice value: 10 gives it about a tenth of a core
+# that a training thread also wants).
+WORKER_NICENESS = 10
 
 
 @dataclass
@@ -68,9 +74,6 @@ class Refreshes:
         self._busy: dict[int, torch.Tensor] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._stream = None
-
-    def __len__(self) -> int:
-        return len(self._jobs)
 
     # ------------------------------------------------------------ starting
 
@@ -132,7 +135,9 @@ class Refreshes:
 
     def _submit(self, work: Callable[[], list[int]], inputs: TensorDict) -> Future:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sharded_shampoo-refresh")
+            self._executor = ThreadPoolExecutor(
+                1, thread_name_prefix="sharded_shampoo-refresh", initializer=_yield_to_training
+            )
             weakref.finalize(self, self._executor.shutdown, wait=False)
         if self._device.type != "cuda":
             return self._executor.submit(work)
@@ -226,6 +231,8 @@ class Refreshes:
                 if "step" not in stack.pending.keys():
                     continue
                 steps = stack.pending["step"].view(-1).abs().cpu()  # once per load
+                # An install step already passed cannot come: nothing is in flight there.
+                steps[steps <= int(group.step)] = 0
                 self._busy[id(stack)] = steps
                 for s in sorted(set(steps.tolist()) - {0}):
                     host = (steps == s).nonzero().flatten()
@@ -240,3 +247,13 @@ class Refreshes:
 def _signed(keep: torch.Tensor, step: int) -> torch.Tensor:
     """(n, 1): ``step`` where ``keep``, else ``-step``."""
     return (keep.view(-1, 1).long() * 2 - 1) * step
+
+
+def _yield_to_training() -> None:
+    """The worker runs at a lower scheduling priority (Linux: per thread), so that where the
+    cores are busy (CPU training) it takes what the training threads leave instead of slowing
+    them down; where cores are idle it runs at full speed all the same."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass

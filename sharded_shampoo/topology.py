@@ -298,8 +298,10 @@ class Topology:
         num_trainers_per_group: int | None,
         defaults: dict[str, Any],
         communication_dtype: torch.dtype,
+        exchange_buckets: int = 1,
     ) -> None:
         self.world_mesh = dtensor_mesh(params)
+        self.exchange_buckets = exchange_buckets
         if self.world_mesh is not None and (mesh is not None or num_trainers_per_group is not None):
             raise ValueError(
                 "with DTensor parameters the optimizer shards over the whole "
@@ -318,6 +320,9 @@ class Topology:
         self.settings = [
             ("setting", "the number of ranks blocks are sharded over", self.shards),
             ("setting", "communication_dtype", str(communication_dtype)),
+            # How many collectives each exchange is split into: the same everywhere, or a rank
+            # waits in one the others never issue.
+            ("setting", "exchange_buckets", exchange_buckets),
             (
                 "setting",
                 "the DTensor parameters' world mesh",

@@ -16,6 +16,7 @@ CASES_2 = {
     "comm_same_size": (fc.construction_differs, {"what": "communication_dtype_same_size"}),
     "comm_other_size": (fc.construction_differs, {"what": "communication_dtype_other_size"}),
     "lr_at_construction": (fc.construction_differs, {"what": "lr"}),
+    "buckets": (fc.construction_differs, {"what": "exchange_buckets"}),
     "names_order": (fc.construction_differs, {"what": "names_order"}),
     "truncated": (fc.truncated_checkpoint, {}),
     "plain_dcp": (fc.plain_dcp_load_refused, {}),
@@ -109,6 +110,7 @@ def test_a_rank_without_gradients_does_not_leave_the_others_waiting(world2):
             "lr_at_construction",
             "the options of param group 0 differ (rank 0: lr=0.01; rank 1: lr=0.02)",
         ),
+        ("buckets", "exchange_buckets differs (rank 0: 4; rank 1: 2)"),
         ("names_order", "parameter #0 differs (rank 0: 0.weight (4, 4); rank 1: 1.weight (4, 4))"),
     ],
 )

@@ -179,6 +179,9 @@ def test_distribution_options_are_validated():
         ShardedShampoo([p], communication_dtype=torch.int8)
     with pytest.raises(ValueError, match="num_trainers_per_group .* world size 1, got 2"):
         ShardedShampoo([p], num_trainers_per_group=2)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"exchange_buckets must be an int >= 1, got {bad}"):
+            ShardedShampoo([p], exchange_buckets=bad)
     # Without a process group the optimizer computes everything itself.
     opt = ShardedShampoo([p], num_trainers_per_group=1)
     assert opt.bytes_sent_per_step() == 0 and opt.owned_blocks() == 1

@@ -159,6 +159,17 @@ def test_bench_step_reports_spikes(tmp_path):
         assert f"f4_{name}: mean whole step" in out
 
 
+def test_bench_step_spikes_compare_the_step_with_its_math_and_collectives():
+    out = run(
+        *(
+            "bench_step.py --spikes --spike-frequencies 4 --width 32 --layers 1 --context 16"
+            " --batch 2 --world-sizes 2 --parallelism ddp"
+        ).split()
+    )
+    for name in ("no_refresh", "no_refresh_one_bucket"):
+        assert f"f4_{name}: step" in out and "x the larger" in out, out
+
+
 def test_bench_converge_compares_staggered_roots(tmp_path):
     out = run(
         *(

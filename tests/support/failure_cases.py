@@ -118,6 +118,8 @@ def construction_differs(rank, world, what):
         kwargs["communication_dtype"] = torch.bfloat16 if rank == 0 else torch.float16
     elif what == "communication_dtype_other_size":
         kwargs["communication_dtype"] = torch.float32 if rank == 0 else torch.bfloat16
+    elif what == "exchange_buckets":  # different collectives per step: must not get that far
+        kwargs["exchange_buckets"] = 4 if rank == 0 else 2
     elif what == "lr":
         kwargs["lr"] = 0.01 if rank == 0 else 0.02
     elif what == "names_order":
