@@ -26,6 +26,7 @@ VARIANTS = {  # name: options, each against one process with the same options
     "staggered": dict(stagger_roots=True),
     "eigenvalue_corrected": dict(preconditioner="eigenvalue_corrected"),
     "eigenvalue_corrected_qr": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr"),
+    "background": dict(stagger_roots=True, refresh_delay=2),  # refreshes in the background
 }
 # (mode, world): variants run there.
 RUNS = {
