@@ -3,6 +3,8 @@
 Workloads (nothing is downloaded):
   lm      a byte-level GPT on the Python standard library's own source, split by file
   digits  a small ConvNet on scikit-learn's bundled 8x8 digits, with a held-out split
+  autoencoder  a deep MLP autoencoder (64-512-256-128-16 and back) on the same digits,
+          trained to reconstruct its input (binary cross-entropy on the pixels)
 
 Each optimizer of the run trains the same model from the same seed; per step the script logs
 train loss, learning rate and step time (JSON lines), evaluates on the validation split every
@@ -55,6 +57,29 @@ class DigitsNet(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.head(h.flatten(1)), y)
 
 
+class Autoencoder(torch.nn.Module):
+    """Hinton and Salakhutdinov's deep autoencoder, at the scale of 8x8 digits: a 16-unit
+    bottleneck between layers of very different widths, the classic hard case for first-order
+    methods and the usual test of second-order ones."""
+
+    WIDTHS = (64, 512, 256, 128, 16, 128, 256, 512, 64)
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = self.WIDTHS
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Linear(a, b) for a, b in zip(w[:-1], w[1:], strict=True)
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i + 1 < len(self.layers) and i != len(self.layers) // 2 - 1:
+                h = torch.tanh(h)
+        return torch.nn.functional.binary_cross_entropy_with_logits(h, x.flatten(1))
+
+
 class Workload:
     """A model factory, the data, and batches fixed by (seed, rank, step)."""
 
@@ -78,12 +103,15 @@ class Workload:
         if self.args.workload == "lm":
             a = self.args
             return GPT(GPTConfig(context=a.context, width=a.width, layers=a.layers, heads=a.heads))
-        return DigitsNet()
+        return DigitsNet() if self.args.workload == "digits" else Autoencoder()
 
     def batch(self, split: str, rank: int, step: int):
         data = self.train_data if split == "train" else self.val_data
+        seed = self.args.seed
+        if split == "val" and self.args.eval_seed >= 0:
+            seed = self.args.eval_seed
         gen = torch.Generator().manual_seed(
-            self.args.seed * 1_000_003 + rank * 10_007 + step + (0 if split == "train" else 7**9)
+            seed * 1_000_003 + rank * 10_007 + step + (0 if split == "train" else 7**9)
         )
         if self.args.workload == "lm":
             return lm_batch(data, self.args.batch, self.args.context, gen)
@@ -94,28 +122,70 @@ class Workload:
 # ---------------------------------------------------------------- one rank
 
 
-def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace):
+def muon_params(model: torch.nn.Module) -> tuple[list, list]:
+    """(for Muon, for AdamW): Muon takes the weights of the hidden layers, as its documentation
+    advises, AdamW the rest (embeddings, the output layer, biases, norms). A conv filter goes to
+    Muon as a matrix (out channels x the rest), as in Muon's CIFAR-10 runs: a 2-D parameter that
+    shares its storage, given the filter's gradient by a hook after each backward."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    hidden = {id(m.weight) for m in layers[:-1]}
+    matrices = []
+    for p in model.parameters():
+        if id(p) in hidden and p.dim() > 2:
+            flat = torch.nn.Parameter(p.detach().view(p.shape[0], -1))
+
+            def hand_over(p: torch.Tensor, flat: torch.nn.Parameter = flat) -> None:
+                flat.grad = p.grad.view(flat.shape)
+
+            p.register_post_accumulate_grad_hook(hand_over)
+            matrices.append(flat)
+        elif id(p) in hidden:
+            matrices.append(p)
+    return matrices, [p for p in model.parameters() if id(p) not in hidden]
+
+
+def make_optimizers(name: str, model: torch.nn.Module, args: argparse.Namespace):
+    """(the optimizers, their base learning rate): one optimizer, or Muon and AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=args.adamw_lr, weight_decay=args.weight_decay
-        ), args.adamw_lr
-    return ShardedShampoo(
-        params,
-        lr=args.shampoo_lr,
-        betas=(0.9, args.beta2),
-        epsilon=args.epsilon,
-        weight_decay=args.weight_decay,
-        max_preconditioner_dim=args.max_preconditioner_dim,
-        precondition_frequency=args.precondition_frequency,
-        start_preconditioning_step=args.precondition_frequency,
-        grafting=args.grafting if args.grafting != "none" else None,
-        stagger_roots=args.stagger_roots,
-        preconditioner=args.preconditioner,
-        eigenbasis=args.eigenbasis,
-        eigenbasis_convention=args.eigenbasis_convention,
-        **dict(args.shampoo_option),
-    ), args.shampoo_lr
+        adamw = torch.optim.AdamW(
+            params, lr=args.adamw_lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay
+        )
+        return [adamw], args.adamw_lr
+    if name == "muon":
+        # match_rms_adamw scales each matrix's update to AdamW's RMS, so that one learning
+        # rate (and weight decay) serves both parts (Moonshot's "Muon is scalable").
+        matrices, rest = muon_params(model)
+        muon = torch.optim.Muon(
+            matrices,
+            lr=args.muon_lr,
+            weight_decay=args.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        adamw = torch.optim.AdamW(
+            rest, lr=args.muon_lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay
+        )
+        return [muon, adamw], args.muon_lr
+    return [
+        ShardedShampoo(
+            params,
+            lr=args.shampoo_lr,
+            betas=(0.9, args.beta2),
+            grafting_beta2=args.beta2,
+            epsilon=args.epsilon,
+            weight_decay=args.weight_decay,
+            max_preconditioner_dim=args.max_preconditioner_dim,
+            precondition_frequency=args.precondition_frequency,
+            start_preconditioning_step=args.start_preconditioning_step
+            or args.precondition_frequency,
+            grafting=args.grafting if args.grafting != "none" else None,
+            stagger_roots=args.stagger_roots,
+            preconditioner=args.preconditioner,
+            eigenbasis=args.eigenbasis,
+            eigenbasis_convention=args.eigenbasis_convention,
+            **dict(args.shampoo_option),
+        )
+    ], args.shampoo_lr
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -153,7 +223,9 @@ def train_one(
     name: str, args: argparse.Namespace, workload: Workload, rank: int, world: int
 ) -> None:
     model = wrap(workload.model(), args.parallelism, world)
-    opt, base_lr = make_optimizer(name, model, args)
+    opts, base_lr = make_optimizers(name, model, args)
+    # Muon comes with a second optimizer; the checkpoint takes one (refused in parse_args).
+    opt = opts[0]
     if isinstance(opt, ShardedShampoo) and world > 1:
         placement_summary(opt, args.parallelism, rank, world)
     log_path = os.path.join(args.out_dir, f"{name}.jsonl")
@@ -182,14 +254,15 @@ def train_one(
         bar = tqdm(total=args.steps, initial=first - 1, desc=name, file=sys.stdout, leave=True)
     last = min(args.steps, args.stop_after or args.steps)
     for step in range(first, last + 1):
-        for group in opt.param_groups:
+        for group in (g for o in opts for g in o.param_groups):
             group["lr"] = base_lr * lr_factor(step, args)
         t0 = time.perf_counter()
         x, y = workload.batch("train", rank, step)
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss = model(x, y)
         loss.backward()
-        opt.step()
+        for o in opts:
+            o.step()
         dt = time.perf_counter() - t0
         wall += dt
         row = {
@@ -337,8 +410,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workload", choices=["lm", "digits"], default="lm")
-    ap.add_argument("--optimizer", choices=["shampoo", "adamw", "both"], default="both")
+    ap.add_argument("--workload", choices=["lm", "digits", "autoencoder"], default="lm")
+    ap.add_argument(
+        "--optimizer",
+        choices=["shampoo", "adamw", "muon", "both"],
+        default="both",
+        help="muon: torch.optim.Muon for the hidden layers' weights, AdamW for the rest",
+    )
     ap.add_argument("--nproc", type=int, default=2, help="processes to start (not under torchrun)")
     ap.add_argument("--parallelism", choices=["none", "ddp", "fsdp2", "hsdp"], default="ddp")
     ap.add_argument("--steps", type=int, default=300)
@@ -351,12 +429,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-bytes", type=int, default=8_000_000)
     ap.add_argument("--shampoo-lr", type=float, default=3e-3)
     ap.add_argument("--adamw-lr", type=float, default=3e-3)
+    ap.add_argument("--muon-lr", type=float, default=3e-3, help="of both its parts")
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--beta2", type=float, default=0.999)
+    ap.add_argument(
+        "--beta2",
+        type=float,
+        default=0.999,
+        help="every optimizer's second-moment EMA (Shampoo: factors and grafting)",
+    )
     ap.add_argument("--epsilon", type=float, default=1e-10)
     ap.add_argument("--grafting", default="adam")
     ap.add_argument("--max-preconditioner-dim", type=int, default=1024)
     ap.add_argument("--precondition-frequency", type=int, default=20)
+    ap.add_argument(
+        "--start-preconditioning-step",
+        type=int,
+        default=0,
+        help="the first step with roots (default: --precondition-frequency)",
+    )
     ap.add_argument(
         "--preconditioner",
         choices=["shampoo", "eigenvalue_corrected"],
@@ -393,6 +483,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument(
+        "--eval-seed",
+        type=int,
+        default=-1,
+        help="draw the validation batches from this seed, the same for every --seed (default: "
+        "from --seed)",
+    )
+    ap.add_argument(
         "--out-dir", default="", help="logs, plot and checkpoints (default runs/WORKLOAD)"
     )
     ap.add_argument("--checkpoint-every", type=int, default=100, help="0: no checkpoints")
@@ -410,8 +507,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", args.workload)
-    if args.workload == "digits" and args.batch == 16:
+    if args.workload != "lm" and args.batch == 16:
         args.batch = 32
+    if args.optimizer == "muon" and (args.checkpoint_every or args.resume):
+        ap.error("--optimizer muon is two optimizers, which the checkpoints do not take: "
+                 "give --checkpoint-every 0 and no --resume")  # fmt: skip
+    if args.optimizer == "muon" and args.parallelism not in ("none", "ddp"):
+        ap.error("--optimizer muon: torch.optim.Muon takes plain tensors: --parallelism none or "
+                 "ddp")  # fmt: skip
     return args
 
 

@@ -60,34 +60,46 @@ def test_bench_step_reports_its_figures(tmp_path):
     assert two["measured_bytes_sent"] >= two["allgather_minimum_bytes"]
 
 
-def test_bench_converge_reports_steps_to_target(tmp_path):
-    run(
-        *(
-            "bench_converge.py --workloads digits --steps 10 --eval-every 5 --grid 0.003 --threads"
-            " 1 --out-dir"
-        ).split(),
-        str(tmp_path),
+def test_muon_takes_the_hidden_layers_and_conv_filters_as_matrices():
+    """train.py's Muon baseline: the hidden layers' weights go to Muon, conv filters as
+    (out, rest) matrices sharing the filter's storage and given its gradient after backward;
+    the output layer and the biases go to AdamW."""
+    import torch
+    import train
+
+    torch.manual_seed(0)
+    model = train.DigitsNet()
+    matrices, rest = train.muon_params(model)
+    convs = (model.conv1.weight, model.conv2.weight)
+    assert [m.shape for m in matrices] == [(16, 9), (32, 144)]
+    assert [m.data_ptr() for m in matrices] == [c.data_ptr() for c in convs]
+    assert {id(p) for p in rest} == {id(p) for p in model.parameters()} - {id(c) for c in convs}
+    x = torch.rand(4, 1, 8, 8)
+    model(x, torch.tensor([0, 1, 2, 3])).backward()
+    for m, c in zip(matrices, convs, strict=True):
+        assert torch.equal(m.grad, c.grad.reshape(m.shape))
+    before = [c.detach().clone() for c in convs]
+    torch.optim.Muon(matrices, lr=0.1, adjust_lr_fn="match_rms_adamw").step()
+    for b, c in zip(before, convs, strict=True):
+        assert not torch.equal(b, c)
+    auto = train.Autoencoder()
+    matrices, rest = train.muon_params(auto)
+    assert [m.shape for m in matrices] == [layer.weight.shape for layer in auto.layers[:-1]]
+
+
+def test_train_runs_muon_on_the_autoencoder_and_refuses_its_checkpoints(tmp_path):
+    common = "train.py --workload autoencoder --optimizer muon --steps 4 --parallelism none"
+    out = run(*common.split(), "--checkpoint-every", "0", "--out-dir", str(tmp_path))
+    row = next(line.split() for line in out.splitlines() if line.startswith("muon "))
+    assert int(row[1]) == 4 and 0 < float(row[3]) < 1  # binary cross-entropy of pixels
+    refused = subprocess.run(
+        [sys.executable, *common.split(), "--out-dir", str(tmp_path / "ckpt")],
+        cwd=SCRIPTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    r = json.loads((tmp_path / "converge.json").read_text())["digits"]
-    # What is reported is what the runs logged: each optimizer's final validation loss, and
-    # the first evaluation at or below the target (tuned AdamW's final loss), if any.
-    for name in ("adamw", "shampoo", "soap"):
-        rows = [
-            json.loads(line)
-            for line in open(
-                tmp_path
-                / "digits"
-                / f"{name}-lr0.003"
-                / f"{'adamw' if name == 'adamw' else 'shampoo'}.jsonl"
-            )
-        ]
-        evals = [row for row in rows if "val_loss" in row]
-        assert r[name]["final_val_loss"] == evals[-1]["val_loss"], name
-        first = next(
-            (row["step"] for row in evals if row["val_loss"] <= r["target_val_loss"]), None
-        )
-        assert r[name]["steps_to_target"] == first, (name, r[name], evals)
-    assert (tmp_path / "digits.png").exists()
+    assert refused.returncode == 2 and "--checkpoint-every 0" in refused.stderr
 
 
 def simulated(mode: str, world: int) -> dict:
