@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict
 
-from .algorithm import decompose, install, install_keys, refresh_inputs
+from .algorithm import decompose, install, install_keys, refresh_inputs, storage_format
 from .algorithm.modes import factored_dims
 from .diagnostics import BlockNamer, check_roots
 from .options import GroupOptions
@@ -120,9 +120,10 @@ class Refreshes:
         else:
             step[rows.index] = _signed(keep, installed_at)
         pending = stack.pending
+        like = storage_format(stack.state, opts, order)
 
         def work() -> list[int]:
-            new = decompose(inputs.exclude("keep"), opts, t, order)
+            new = decompose(inputs.exclude("keep"), opts, t, order, like)
             for key in new.keys():
                 if rows is None:
                     pending[key].copy_(new[key])

@@ -5,7 +5,15 @@ moving averages in bfloat16).
 Batched over the blocks of a stack; nothing here knows about parameters, param groups or
 processes, so a block's update is the same wherever it is computed."""
 
-from .refresh import decompose, due_rows, install, install_keys, refresh, refresh_inputs
+from .refresh import (
+    decompose,
+    due_rows,
+    install,
+    install_keys,
+    refresh,
+    refresh_inputs,
+    storage_format,
+)
 from .step import RowGate, stack_step
 
 __all__ = [
@@ -17,4 +25,5 @@ __all__ = [
     "refresh",
     "refresh_inputs",
     "stack_step",
+    "storage_format",
 ]

@@ -12,6 +12,8 @@ failures are retried alone in float64); steps without one do not.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from tensordict import TensorDict
 
@@ -22,17 +24,34 @@ from .packing import unpack
 from .roots import inverse_roots, keep_successes
 from .storage import stored
 
-__all__ = ["decompose", "due_rows", "install", "install_keys", "refresh", "refresh_inputs"]
+__all__ = [
+    "decompose",
+    "due_rows",
+    "install",
+    "install_keys",
+    "refresh",
+    "refresh_inputs",
+    "storage_format",
+]
 
 
 def refresh_inputs(state: TensorDict, opts: GroupOptions, order: int) -> list[str]:
-    """The state a refresh reads (``decompose``): the factors, and the current roots or
-    eigenvectors (how they are stored; a new eigenbasis starts from the old one)."""
+    """The state a refresh reads (``decompose``): the factors, and with eigenvalue correction
+    the current eigenvectors (a new eigenbasis starts from the old one). New roots need only
+    the factors."""
     dims = factored_dims(state, order)
-    keys = [
-        k for i in dims for k in (f"factor_{i}", f"{opts.basis}_{i}", f"{opts.basis}_{i}_scale")
-    ]
+    keys = [f"factor_{i}" for i in dims]
+    if opts.eigenvalue_corrected:
+        keys += [k for i in dims for k in (f"{opts.basis}_{i}", f"{opts.basis}_{i}_scale")]
     return [k for k in keys if k in state.keys()]
+
+
+def storage_format(state: TensorDict, opts: GroupOptions, order: int) -> dict[str, torch.Tensor]:
+    """How ``state`` stores each dim's matrix (packed or not, its dtype), as ``decompose``
+    writes them: a view of no rows of each, which copies nothing."""
+    return {
+        f"{opts.basis}_{i}": state[f"{opts.basis}_{i}"][:0] for i in factored_dims(state, order)
+    }
 
 
 def install_keys(state: TensorDict, opts: GroupOptions, order: int) -> list[str]:
@@ -47,17 +66,25 @@ def install_keys(state: TensorDict, opts: GroupOptions, order: int) -> list[str]
     return keys
 
 
-def decompose(state: TensorDict, opts: GroupOptions, t: int, order: int) -> TensorDict:
+def decompose(
+    state: TensorDict,
+    opts: GroupOptions,
+    t: int,
+    order: int,
+    like: Mapping[str, torch.Tensor] | None = None,
+) -> TensorDict:
     """The new roots (or eigenvectors) of every block of the stack at step ``t``, from its
     factors (and current eigenvectors: ``refresh_inputs``); nothing is written. A TensorDict
     over the blocks: the matrices as the state stores them (packed, narrow or quantized), ``ok``
     (n, 1) whether every dim succeeded (a failed block's matrices are its previous ones), and
     with soap QR ``permutation_i``, the order its corrected eigenvalues of dim i follow.
+    ``like`` says how the state stores the matrices (``storage_format``; default ``state``).
 
     A pure function of its inputs: what ``install`` makes of it is the same whenever and
     wherever it was computed (``refresh_delay`` computes it in the background)."""
     dims = factored_dims(state, order)
     n = state.batch_size[0]
+    like = state if like is None else like
     permutations: dict[int, torch.Tensor] = {}
     if opts.eigenvalue_corrected:
         new, ok, permutations = eigenbases(state, opts, t, dims)
@@ -69,7 +96,7 @@ def decompose(state: TensorDict, opts: GroupOptions, t: int, order: int) -> Tens
         exponent = opts.exponent(len(dims))
         new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
         for i in dims:
-            old, factor = state[f"root_{i}"], unpack(state[f"factor_{i}"])
+            old, factor = like[f"root_{i}"], unpack(state[f"factor_{i}"])
             # Quantized roots are computed in the factors' work dtype (``storage`` quantizes).
             work = torch.promote_types(factor.dtype, torch.float32)
             new[i], good = inverse_roots(
@@ -82,7 +109,7 @@ def decompose(state: TensorDict, opts: GroupOptions, t: int, order: int) -> Tens
             ok = ok & good
     out = {"ok": ok.view(n, 1)}
     for i, q in new.items():
-        out.update(stored(state, f"{opts.basis}_{i}", q))
+        out.update(stored(like, f"{opts.basis}_{i}", q))
     for i, perm in permutations.items():
         out[f"permutation_{i}"] = perm
     return TensorDict(out, batch_size=[n], device=state.device)

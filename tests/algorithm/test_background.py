@@ -112,6 +112,24 @@ def test_result_does_not_depend_on_when_the_worker_finishes(monkeypatch):
     assert not torch.equal(synchronous[0][0], fast[0][0])
 
 
+@pytest.mark.parametrize("name", ["staggered", "lean", "ec_soap_qr"])
+def test_the_background_copy_holds_only_what_the_decomposition_reads(monkeypatch, name):
+    """New roots need only the factors (quantized roots included); a new eigenbasis also
+    starts from the current one."""
+    seen = []
+    original = refreshes_module.decompose
+
+    def spy(state, *args, **kwargs):
+        seen.append(sorted(k.rsplit("_", 1)[0] for k in state.keys()))
+        return original(state, *args, **kwargs)
+
+    monkeypatch.setattr(refreshes_module, "decompose", spy)
+    run({**BASE, **CONFIGS[name]})
+    ec = name.startswith("ec")
+    assert seen and all(set(keys) == ({"factor", "eigenvectors"} if ec else {"factor"})
+                        for keys in seen)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_checkpoint_with_a_refresh_in_flight_resumes_bitwise(name):
     options = {**BASE, **CONFIGS[name]}
