@@ -129,8 +129,9 @@ def muon_params(model: torch.nn.Module) -> tuple[list, list]:
     shares its storage, given the filter's gradient by a hook after each backward."""
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     hidden = {id(m.weight) for m in layers[:-1]}
+    params = [p for p in model.parameters() if p.requires_grad]
     matrices = []
-    for p in model.parameters():
+    for p in params:
         if id(p) in hidden and p.dim() > 2:
             flat = torch.nn.Parameter(p.detach().view(p.shape[0], -1))
 
@@ -141,7 +142,7 @@ def muon_params(model: torch.nn.Module) -> tuple[list, list]:
             matrices.append(flat)
         elif id(p) in hidden:
             matrices.append(p)
-    return matrices, [p for p in model.parameters() if id(p) not in hidden]
+    return matrices, [p for p in params if id(p) not in hidden]
 
 
 def make_optimizers(name: str, model: torch.nn.Module, args: argparse.Namespace):
