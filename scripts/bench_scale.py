@@ -423,7 +423,7 @@ def stagger_model(model_name: str, world: int, frequency: int, fsdp: bool) -> di
         )
         plan = Plan(world, WorldMesh(list(range(world)), (world,)) if fsdp else None)
         shardings = (
-            tuple(sharding_of([Shard(0)], [0], (world,), len(s), "p") for s in shapes)
+            tuple(sharding_of([Shard(0)], ((0,),), (world,), len(s), "p") for s in shapes)
             if fsdp
             else None
         )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .placement.sharding import Sharding
-from .topology import Topology, dtensor_sharding, is_dtensor
+from .topology import Topology, is_dtensor
 
 __all__ = ["PARAM_DTYPES", "check_distinct", "materialize", "materialize_group", "shardings_of"]
 
@@ -63,7 +63,7 @@ def shardings_of(
                 f"{name}: ShardedShampoo supports float16, bfloat16, float32 and float64 "
                 f"parameters, got {p.dtype}"
             )
-        out.append(dtensor_sharding(p, topology.world_mesh, name) if is_dtensor(p) else None)
+        out.append(topology.sharding(p, name) if is_dtensor(p) else None)
     devices = {p.device for p in params}
     if devices - {topology.device}:
         raise ValueError(

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from .blocking import make_blocking
-from .placement.sharding import Sharding, WorldMesh
+from .placement.sharding import Sharding
+from .placement.world import Axis, Mode, WorldMesh, modes_of, world_of
 
 __all__ = [
     "MIN_BLOCKS_PER_RANK",
@@ -25,6 +26,7 @@ __all__ = [
     "check_backend",
     "dtensor_mesh",
     "dtensor_sharding",
+    "mesh_layout",
     "sharding_of",
     "is_dtensor",
     "iter_tensors",
@@ -52,56 +54,78 @@ def iter_tensors(params: list):
                 yield t
 
 
+def mesh_layout(mesh: Any, world: WorldMesh) -> list[list[Mode]]:
+    """Per dim of ``mesh``, the modes (size, stride) its ranks walk over ``world``'s positions,
+    read from the ranks of this rank's slice of ``mesh``: however the mesh was made
+    (``init_device_mesh``, sliced, ``_unflatten``, ``_flatten``), only which ranks it spans, and
+    in which order, count. ValueError when its dims walk no layout of positive strides."""
+    grid = mesh.mesh
+    at = [world.position(r) for r in grid.flatten().tolist()]
+    if None in at:
+        raise ValueError(f"the mesh {mesh} spans ranks outside the world's")
+    positions = torch.tensor(at, dtype=torch.long).view(grid.shape)
+    origin = (0,) * positions.dim()
+    walks = [
+        (positions[origin[:d] + (slice(None),) + origin[d + 1 :]] - positions[origin]).tolist()
+        for d in range(positions.dim())
+    ]
+    layout = [modes_of(w) for w in walks]
+    # The mesh is the sum of its dims' walks (each dim walks alike from every point).
+    expected = positions[origin]
+    for d, w in enumerate(walks):
+        shape = [1] * positions.dim()
+        shape[d] = len(w)
+        expected = expected + torch.tensor(w, dtype=torch.long).view(shape)
+    if None in layout or not torch.equal(expected, positions):
+        raise ValueError(
+            f"the mesh {mesh} is not a grid of evenly strided ranks in its root mesh's rank "
+            f"order (positions {positions.tolist()})"
+        )
+    return layout
+
+
 def dtensor_mesh(params: list) -> WorldMesh | None:
-    """The world mesh of the DTensor parameters, or None when there are none."""
-    mesh = None
+    """The world mesh of the DTensor parameters (``placement.world``), or None when there
+    are none: the world's ranks in the first DTensor's root mesh's order, cut so that every
+    DTensor's mesh dims are runs of its dims."""
+    meshes = {}
     for t in iter_tensors(params):
         if is_dtensor(t):
-            mesh = t.device_mesh._get_root_mesh()
-            break
-    if mesh is None:
+            meshes.setdefault(t.device_mesh, None)
+    if not meshes:
         return None
     if not dist.is_initialized():
         raise ValueError("DTensor parameters need an initialized process group")
+    ranks = next(iter(meshes))._get_root_mesh().mesh.flatten().tolist()
     world = dist.get_world_size()
-    if sorted(mesh.mesh.flatten().tolist()) != list(range(world)):
+    if sorted(ranks) != list(range(world)):
         raise ValueError(
             "the DTensor parameters' mesh must span the whole world (ranks 0..world_size-1); "
-            f"got {mesh.mesh.tolist()}"
+            f"got {ranks}"
         )
-    return WorldMesh(mesh.mesh.flatten().tolist(), tuple(mesh.mesh.shape), mesh)
-
-
-def _mesh_dims(p: Any, world: WorldMesh, name: str) -> list[int]:
-    """The world-mesh dim of each dim of ``p``'s mesh (the world mesh, or a slice of it)."""
-    mesh = p.device_mesh
-    if mesh._get_root_mesh() != world.mesh:
-        raise ValueError(f"{name}: its mesh is not on the same root mesh as the other DTensors")
-    if mesh == world.mesh:
-        return list(range(len(world.shape)))
-    names = mesh.mesh_dim_names
-    if not names or not world.names or any(n not in world.names for n in names):
-        raise ValueError(
-            f"{name}: its mesh (dims {names}) is not a slice by dim names of the world mesh "
-            f"(dims {world.names}); flattened meshes are not supported"
-        )
-    return [world.names.index(n) for n in names]
+    line = WorldMesh(ranks, (world,))  # the positions, before the world is cut
+    return world_of(ranks, {str(m): mesh_layout(m, line) for m in meshes})
 
 
 def sharding_of(
-    placements, mesh_dims: list[int], world_shape: tuple[int, ...], ndim: int, name: str
+    placements, mesh_axes: tuple[Axis, ...], world_shape: tuple[int, ...], ndim: int, name: str
 ) -> Sharding:
-    """How a tensor of ``ndim`` dims with ``placements`` on the world-mesh dims ``mesh_dims``
-    is split over a world mesh of shape ``world_shape``.
+    """How a tensor of ``ndim`` dims with ``placements`` on a mesh whose dims are the world
+    axes ``mesh_axes`` (``WorldMesh.axes``) is split over a world mesh of shape
+    ``world_shape``.
 
     Placements: ``Replicate()``; ``Shard(d)`` (nested left to right); ``_StridedShard(d)`` whose
     ``split_factor`` is the size of the one later mesh dim splitting d (FSDP2 over a
-    tensor-parallel dim: it splits inside it). Anything else raises ValueError naming ``name``.
+    tensor-parallel dim: it splits inside it). A mesh dim of one rank splits nothing. Anything
+    else raises ValueError naming ``name``.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    by_dim: dict[int, list[tuple[int, Any]]] = {}
+    def size(axis: Axis) -> int:
+        return math.prod(world_shape[m] for m in axis)
+
+    by_dim: dict[int, list[tuple[Axis, Any]]] = {}
     for i, pl in enumerate(placements):
         if isinstance(pl, Replicate):
             continue
@@ -110,42 +134,41 @@ def sharding_of(
                 f"{name}: placement {pl!r} on mesh dim {i} is not supported "
                 "(Shard, _StridedShard and Replicate are)"
             )
-        by_dim.setdefault(pl.dim, []).append((mesh_dims[i], pl))
-    splits: list[tuple[int, ...]] = []
+        if size(mesh_axes[i]) > 1:
+            by_dim.setdefault(pl.dim, []).append((mesh_axes[i], pl))
+    splits: list[tuple[Axis, ...]] = []
     for d in range(ndim):
         entries = by_dim.get(d, [])
         strided = [k for k, (_, pl) in enumerate(entries) if isinstance(pl, _StridedShard)]
-        order = [m for m, _ in entries]
+        order = [a for a, _ in entries]
         if strided:
             k = strided[0]
             later = entries[k + 1 :]
-            factor = math.prod(world_shape[m] for m, _ in later)
+            factor = math.prod(size(a) for a, _ in later)
             # DTensor's strided layout is the nested one only inside one later mesh dim (with
             # two, uneven sizes place elements elsewhere): FSDP2 over tensor parallelism.
-            if len(strided) > 1 or len(later) != 1 or entries[k][1].split_factor != factor:
+            if len(strided) > 1 or len(later) > 1 or entries[k][1].split_factor != factor:
                 raise ValueError(
                     f"{name}: placements {tuple(placements)} are not supported (a "
                     "_StridedShard must split inside the one later mesh dim sharding its dim)"
                 )
-            order = [m for m, _ in entries[:k]] + [m for m, _ in later] + [entries[k][0]]
+            order = [a for a, _ in entries[:k]] + [a for a, _ in later] + [entries[k][0]]
         splits.append(tuple(order))
     return Sharding(world_shape, tuple(splits))
 
 
-def dtensor_sharding(p: Any, world: WorldMesh | None, name: str) -> Sharding:
-    """How DTensor ``p`` is split over the world mesh (``sharding_of``), checked against what
-    this rank holds: its local shape always; its offset against DTensor's own
-    ``compute_local_shape_and_global_offset`` unless a ``_StridedShard`` is involved. For those
-    the data FSDP2 holds is the nested split (it chunks each tensor-parallel shard), but
-    DTensor's offsets for uneven splits are not: 7 rows on a (3, 2) FSDP2 x TP mesh, rank (2, 0)
-    holds no row and (2, 1) holds row 6, where DTensor (torch 2.13) says the reverse (measured
-    with real FSDP2 on 6 ranks)."""
+def dtensor_sharding(p: Any, world: WorldMesh, axes: tuple[Axis, ...], name: str) -> Sharding:
+    """How DTensor ``p``, whose mesh dims are the world axes ``axes``, is split over the world
+    mesh (``sharding_of``), checked against what this rank holds: its local shape always; its
+    offset against DTensor's own ``compute_local_shape_and_global_offset`` unless a
+    ``_StridedShard`` is involved. For those the data FSDP2 holds is the nested split (it
+    chunks each tensor-parallel shard), but DTensor's offsets for uneven splits are not: 7 rows
+    on a (3, 2) FSDP2 x TP mesh, rank (2, 0) holds no row and (2, 1) holds row 6, where DTensor
+    (torch 2.13) says the reverse (measured with real FSDP2 on 6 ranks)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    if world is None:
-        raise ValueError("DTensor parameters must be passed when the optimizer is built")
-    sharding = sharding_of(p.placements, _mesh_dims(p, world, name), world.shape, p.dim(), name)
+    sharding = sharding_of(p.placements, axes, world.shape, p.dim(), name)
     box = sharding.box(tuple(p.shape), world.coord(dist.get_rank()))
     local = tuple(p.to_local().shape)
     if any(isinstance(pl, _StridedShard) for pl in p.placements):
@@ -301,6 +324,7 @@ class Topology:
         exchange_buckets: int = 1,
     ) -> None:
         self.world_mesh = dtensor_mesh(params)
+        self._mesh_axes: dict[Any, tuple[Axis, ...]] = {}
         self.exchange_buckets = exchange_buckets
         if self.world_mesh is not None and (mesh is not None or num_trainers_per_group is not None):
             raise ValueError(
@@ -363,6 +387,18 @@ class Topology:
                     "Trainer: after TrainingArguments)."
                 )
             )
+
+    def sharding(self, p: Any, name: str) -> Sharding:
+        """How DTensor ``p`` is split over the world mesh (``dtensor_sharding``); each mesh's
+        dims are read onto the world's once."""
+        if self.world_mesh is None:
+            raise ValueError("DTensor parameters must be passed when the optimizer is built")
+        mesh = p.device_mesh
+        if mesh not in self._mesh_axes:
+            self._mesh_axes[mesh] = self.world_mesh.axes(
+                mesh_layout(mesh, self.world_mesh), f"{name}: its mesh {mesh}"
+            )
+        return dtensor_sharding(p, self.world_mesh, self._mesh_axes[mesh], name)
 
     def mesh(self) -> Any:
         """The 1-D mesh blocks are sharded over (created on first use), or None."""

@@ -13,7 +13,8 @@ from .cost import block_cost, block_state_elements, root_cost, step_cost
 from .layout import StackLayout, group_stacks
 from .phases import assign_phases
 from .planner import assign_blocks
-from .sharding import Sharding, WorldMesh, largest_piece
+from .sharding import Sharding, largest_piece
+from .world import WorldMesh
 
 __all__ = ["GroupSpec", "GroupPlan", "Plan"]
 

@@ -2,15 +2,16 @@
 
 Every shard-shape edge case is handled here, and only here.
 
-A DTensor parameter (FSDP2, HSDP, tensor parallel, or FSDP2 x TP) lives on a *world mesh*
-(the root mesh of its mesh, spanning every rank). On each mesh dim its placement is
-``Shard(d)``, ``_StridedShard(d)`` or ``Replicate()``. Along a tensor dim d, the mesh dims that
-shard it split it by nested torch.chunk (chunk size ceil(n / k), trailing chunks possibly
-short or empty), outermost first: left to right for ``Shard``; a ``_StridedShard`` (FSDP2 over
-a tensor-parallel dim) splits *inside* the later mesh dims that shard the same tensor dim, as
-its ``split_factor`` says. So what a rank holds is a *box*, one interval per tensor dim, fixed
-by its coordinates on the mesh dims that shard the parameter (its *shard*); the ranks that
-differ only on the other mesh dims hold copies (its *holders*).
+A DTensor parameter (FSDP2, HSDP, tensor parallel, or FSDP2 x TP) lives on a mesh whose dims
+are *axes* of the *world mesh* (``world``: each axis one or more world dims, flattened). On
+each axis its placement is ``Shard(d)``, ``_StridedShard(d)`` or ``Replicate()``. Along a
+tensor dim d, the axes that shard it split it by nested torch.chunk (chunk size ceil(n / k)
+over the axis's k ranks, trailing chunks possibly short or empty), outermost first: left to
+right for ``Shard``; a ``_StridedShard`` (FSDP2 over a tensor-parallel dim) splits *inside*
+the later axis that shards the same tensor dim, as its ``split_factor`` says. So what a rank
+holds is a *box*, one interval per tensor dim, fixed by its coordinates on the world dims of
+the axes that shard the parameter (its *shard*); the ranks that differ only on the other
+world dims hold copies (its *holders*).
 
 Blocks are boxes too, in the parameter's own dims: a merged dim made of two or more dims is
 at most ``max_preconditioner_dim`` long (``blocking.merged_shape``), so it is one chunk, which
@@ -29,12 +30,12 @@ import math
 from dataclasses import dataclass
 
 from ..blocking import ParamBlocking
+from .world import Axis
 
 __all__ = [
     "Box",
     "Piece",
     "Sharding",
-    "WorldMesh",
     "block_box",
     "largest_piece",
     "pieces_of_block",
@@ -47,30 +48,38 @@ Box = tuple[tuple[int, int], ...]  # per tensor dim, [lo, hi)
 @dataclass(frozen=True)
 class Sharding:
     """How a parameter is split over the world mesh of shape ``mesh_shape``: ``splits[d]``
-    lists the mesh dims splitting tensor dim d, outermost first. Mesh dims in no split
-    replicate the parameter."""
+    lists the axes splitting tensor dim d, outermost first, each axis the world dims
+    (outermost first) flattened into one mesh dim. World dims in no split replicate the
+    parameter."""
 
     mesh_shape: tuple[int, ...]
-    splits: tuple[tuple[int, ...], ...]
+    splits: tuple[tuple[Axis, ...], ...]
 
     @property
     def shard_dims(self) -> tuple[int, ...]:
-        """The mesh dims a rank's coordinates on which fix what it holds, in mesh order."""
-        return tuple(sorted(m for dims in self.splits for m in dims))
+        """The world dims a rank's coordinates on which fix what it holds, in mesh order."""
+        return tuple(sorted(m for axes in self.splits for axis in axes for m in axis))
 
     def replica_dims(self) -> tuple[int, ...]:
-        """The mesh dims along which ranks hold copies of the same part."""
+        """The world dims along which ranks hold copies of the same part."""
         sharding = set(self.shard_dims)
         return tuple(m for m in range(len(self.mesh_shape)) if m not in sharding)
 
+    def sizes(self) -> list[list[int]]:
+        """Per tensor dim, the number of ranks of each axis splitting it."""
+        return [[math.prod(self.mesh_shape[m] for m in a) for a in axes] for axes in self.splits]
+
     def box(self, shape: tuple[int, ...], coord: tuple[int, ...]) -> Box:
-        """What the rank at mesh coordinate ``coord`` holds."""
+        """What the rank at world coordinate ``coord`` holds."""
         out = []
-        for n, dims in zip(shape, self.splits, strict=True):
+        for n, axes, sizes in zip(shape, self.splits, self.sizes(), strict=True):
             lo, hi = 0, n
-            for m in dims:
-                chunk = -(-(hi - lo) // self.mesh_shape[m])
-                lo, hi = min(lo + coord[m] * chunk, hi), min(lo + (coord[m] + 1) * chunk, hi)
+            for axis, k in zip(axes, sizes, strict=True):
+                c = 0
+                for m in axis:  # the coordinate on the axis: row-major over its world dims
+                    c = c * self.mesh_shape[m] + coord[m]
+                chunk = -(-(hi - lo) // k)
+                lo, hi = min(lo + c * chunk, hi), min(lo + (c + 1) * chunk, hi)
             out.append((lo, hi))
         return tuple(out)
 
@@ -139,19 +148,19 @@ def _largest(lo: int, hi: int, a: int, b: int, sizes: list[int]) -> tuple[int, t
 
 
 def _shard_coord(sharding: Sharding, per_dim: list[tuple]) -> tuple[int, ...]:
-    """Coordinates on ``shard_dims`` from each tensor dim's chunk coordinates."""
-    at = {
-        m: c
-        for dims, coords in zip(sharding.splits, per_dim, strict=True)
-        for m, c in zip(dims, coords, strict=True)
-    }
+    """Coordinates on ``shard_dims`` from each tensor dim's chunk coordinates (one per axis)."""
+    at = {}
+    for axes, coords in zip(sharding.splits, per_dim, strict=True):
+        for axis, c in zip(axes, coords, strict=True):
+            for m in reversed(axis):
+                c, at[m] = divmod(c, sharding.mesh_shape[m])
     return tuple(at[m] for m in sharding.shard_dims)
 
 
 def pieces_of_block(blocking: ParamBlocking, sharding: Sharding, bid: int) -> list[Piece]:
     """The non-empty pieces of block ``bid``, in shard order."""
     box = block_box(blocking, bid)
-    sizes = [[sharding.mesh_shape[m] for m in dims] for dims in sharding.splits]
+    sizes = sharding.sizes()
     per_dim = [
         list(_meets(0, n, a, b, s)) for n, (a, b), s in zip(blocking.shape, box, sizes, strict=True)
     ]
@@ -168,8 +177,8 @@ def largest_piece(blocking: ParamBlocking, sharding: Sharding, bid: int) -> tupl
     dim's longest intersection is found on its own."""
     box = block_box(blocking, bid)
     found = []
-    for n, (a, b), dims in zip(blocking.shape, box, sharding.splits, strict=True):
-        length, coords = _largest(0, n, a, b, [sharding.mesh_shape[m] for m in dims])
+    for n, (a, b), sizes in zip(blocking.shape, box, sharding.sizes(), strict=True):
+        length, coords = _largest(0, n, a, b, sizes)
         if length <= 0:
             return None
         found.append(coords)
@@ -206,52 +215,3 @@ def shard_pieces(
         )
         out.append((bid, Piece(shard, box)))
     return out
-
-
-class WorldMesh:
-    """The mesh that every DTensor parameter lives on, or on a slice of (by dim names): the
-    root mesh of theirs, spanning the whole world: ``ranks`` in row-major order over ``shape``
-    (``mesh``: the DeviceMesh, None in plans built without one). Ranks are found by
-    coordinates and back."""
-
-    def __init__(self, ranks: list[int], shape: tuple[int, ...], mesh=None) -> None:
-        self.mesh = mesh
-        self.shape = shape
-        self.names = mesh.mesh_dim_names if mesh is not None else None
-        self._ranks = ranks
-        self._at = {r: i for i, r in enumerate(self._ranks)}
-        self._strides = [math.prod(self.shape[m + 1 :]) for m in range(len(self.shape))]
-
-    def rank(self, coord: tuple[int, ...]) -> int:
-        return self._ranks[sum(c * s for c, s in zip(coord, self._strides, strict=True))]
-
-    def coord(self, rank: int) -> tuple[int, ...]:
-        i = self._at[rank]
-        return tuple((i // s) % n for s, n in zip(self._strides, self.shape, strict=True))
-
-    def holders(
-        self, sharding: Sharding, shard: tuple[int, ...], limit: int | None = None
-    ) -> list[int]:
-        """The ranks holding shard ``shard`` (coordinates on ``sharding.shard_dims``): every
-        coordinate on the other mesh dims, in mesh order (the first ``limit`` of them)."""
-        coord = [0] * len(self.shape)
-        for m, c in zip(sharding.shard_dims, shard, strict=True):
-            coord[m] = c
-        free = sharding.replica_dims()
-        out = []
-        for values in itertools.product(*(range(self.shape[m]) for m in free)):
-            for m, c in zip(free, values, strict=True):
-                coord[m] = c
-            out.append(self.rank(tuple(coord)))
-            if len(out) == limit:
-                break
-        return out
-
-    def source(self, sharding: Sharding, shard: tuple[int, ...], owner: int) -> int:
-        """The holder of ``shard`` that sends its gradient to ``owner``: the one whose
-        coordinates on the replicating mesh dims are the owner's (under HSDP, the holder in the
-        owner's replica group), so that gradients never cross those dims."""
-        coord = list(self.coord(owner))
-        for m, c in zip(sharding.shard_dims, shard, strict=True):
-            coord[m] = c
-        return self.rank(tuple(coord))

@@ -183,7 +183,9 @@ def test_memory_is_balanced_with_compute(fsdp):
     shapes, world = llama8b_shapes(), 512
     plan = Plan(world, WorldMesh(list(range(world)), (world,)) if fsdp else None)
     shardings = (
-        tuple(sharding_of([Shard(0)], [0], (world,), len(s), "p") for s in shapes) if fsdp else None
+        tuple(sharding_of([Shard(0)], ((0,),), (world,), len(s), "p") for s in shapes)
+        if fsdp
+        else None
     )
     opts = options(precondition_frequency=100)  # adam grafting and beta1: 2 vector states
     plan.add_group(GroupSpec(tuple(shapes), (torch.float32,) * len(shapes), opts, shardings))

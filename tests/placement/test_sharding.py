@@ -8,6 +8,7 @@ every rank's box.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -60,10 +61,16 @@ def brute_block_box(b, bid):
 
 @st.composite
 def layouts(draw):
+    """A tensor shape, a world mesh, the parameter mesh's dims as axes of the world (each one
+    or more world dims flattened, in any order; world dims in none replicate) and placements."""
     shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
-    mesh_shape = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+    world = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=4)))
+    order = draw(st.permutations(range(len(world))))
+    labels = [draw(st.integers(-1, len(world) - 1)) for _ in world]
+    axes = [tuple(m for m in order if labels[m] == k) for k in range(len(world))]
+    axes = tuple(a for a in axes if a) or ((order[0],),)
     placements = []
-    for _ in mesh_shape:
+    for _ in axes:
         d = draw(st.integers(-1, len(shape) - 1))
         placements.append(Replicate() if d < 0 else Shard(d))
     if draw(st.booleans()):
@@ -72,21 +79,34 @@ def layouts(draw):
         d = next((p.dim for p in placements[1:] if isinstance(p, Shard)), None)
         later = [m for m, p in enumerate(placements) if m > 0 and d is not None and p == Shard(d)]
         if len(later) == 1:
-            placements[0] = _StridedShard(d, split_factor=mesh_shape[later[0]])
-    return shape, mesh_shape, placements
+            size = math.prod(world[m] for m in axes[later[0]])
+            placements[0] = _StridedShard(d, split_factor=size)
+    return shape, world, axes, placements
 
 
-@settings(max_examples=300, deadline=None)
+def axis_coord(world, axes, c):
+    """The parameter mesh's coordinate of world coordinate ``c``: row-major on each axis."""
+    out = []
+    for axis in axes:
+        k = 0
+        for m in axis:
+            k = k * world[m] + c[m]
+        out.append(k)
+    return tuple(out)
+
+
+@settings(max_examples=400, deadline=None)
 @given(layout=layouts(), max_dim=st.integers(1, 12), merge=st.booleans())
 def test_boxes_and_pieces_match_torch_for_every_placement(layout, max_dim, merge):
-    shape, mesh_shape, placements = layout
-    sharding = sharding_of(placements, list(range(len(mesh_shape))), mesh_shape, len(shape), "p")
+    shape, world, axes, placements = layout
+    sharding = sharding_of(placements, axes, world, len(shape), "p")
     b = make_blocking(shape, max_dim, merge)
-    coords = list(itertools.product(*(range(n) for n in mesh_shape)))
+    coords = list(itertools.product(*(range(n) for n in world)))
+    mesh_shape = tuple(math.prod(world[m] for m in a) for a in axes)
     boxes = {}
     for c in coords:
         mine = sharding.box(shape, c)
-        expected = torch_box(shape, mesh_shape, c, placements)
+        expected = torch_box(shape, mesh_shape, axis_coord(world, axes, c), placements)
         assert all(
             e is None and lo == hi or e == (lo, hi)
             for (lo, hi), e in zip(mine, expected, strict=True)
@@ -122,7 +142,10 @@ def test_boxes_and_pieces_match_torch_for_every_placement(layout, max_dim, merge
 
 
 def test_edge_cases_by_hand():
-    S = lambda *p: sharding_of(p, list(range(len(p))), (4,) if len(p) == 1 else (2, 2), 1, "p")  # noqa: E731
+    def S(*p):
+        mesh = (4,) if len(p) == 1 else (2, 2)
+        return sharding_of(p, tuple((m,) for m in range(len(p))), mesh, 1, "p")
+
     # 10 rows on 4 ranks in the torch.chunk layout: 3, 3, 3, 1; 3 rows on 4: one rank empty.
     assert [S(Shard(0)).box((10,), (k,)) for k in range(4)] == [
         ((0, 3),),
@@ -159,7 +182,7 @@ def test_edge_cases_by_hand():
 )
 def test_unsupported_placements_are_named(placements):
     with pytest.raises(ValueError, match="layer.weight"):
-        sharding_of(placements, [0, 1, 2], (2, 2, 2), 2, "layer.weight")
+        sharding_of(placements, ((0,), (1,), (2,)), (2, 2, 2), 2, "layer.weight")
 
 
 def routes_of(shapes, mesh_shape, placements, buckets=1, **options):
@@ -167,7 +190,9 @@ def routes_of(shapes, mesh_shape, placements, buckets=1, **options):
     mesh = WorldMesh(list(range(world)), mesh_shape)
     plan = Plan(world, mesh)
     shardings = tuple(
-        sharding_of(placements, list(range(len(mesh_shape))), mesh_shape, len(s), "p")
+        sharding_of(
+            placements, tuple((m,) for m in range(len(mesh_shape))), mesh_shape, len(s), "p"
+        )
         for s in shapes
     )
     plan.add_group(
@@ -239,7 +264,7 @@ def test_set_up_visits_only_a_ranks_own_pieces():
     world = 4096
     mesh = WorldMesh(list(range(world)), (world,))
     plan = Plan(world, mesh)
-    sharding = sharding_of([Shard(0)], [0], (world,), 2, "w")
+    sharding = sharding_of([Shard(0)], ((0,),), (world,), 2, "w")
     plan.add_group(
         GroupSpec(
             ((4096, 4096),) * 4,

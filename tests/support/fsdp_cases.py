@@ -113,8 +113,10 @@ def fsdp(
     steps=STEPS,
     nan_step=None,
     drop_grads=False,
+    meshes=None,
     **overrides,
 ):
+    """``meshes``: a kind of ``meshes.fsdp_meshes`` (each layer's mesh made that way)."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -122,6 +124,11 @@ def fsdp(
 
     model = make_net()
     kwargs = {"mesh": world_mesh(world)}
+    by_layer = {}
+    if meshes is not None:
+        import meshes as mesh_kinds
+
+        by_layer = mesh_kinds.fsdp_meshes(meshes, world)
     if hsdp:
         kwargs["mesh"] = init_device_mesh(
             DEVICE_TYPE, (2, world // 2), mesh_dim_names=("rep", "shard")
@@ -143,8 +150,10 @@ def fsdp(
         ]
     else:
         for name in ("inp", "squeeze", "expand", "out"):
-            fully_shard(getattr(model, name), **kwargs)
-        fully_shard(model, **kwargs)
+            fully_shard(
+                getattr(model, name), **{**kwargs, "mesh": by_layer.get(name, kwargs["mesh"])}
+            )
+        fully_shard(model, **{**kwargs, "mesh": by_layer.get("", kwargs["mesh"])})
     opt = ShardedShampoo(
         [p for p in model.parameters() if p.requires_grad], **{**OPTIONS, **overrides}
     )

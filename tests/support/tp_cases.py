@@ -2,7 +2,9 @@
 
 Modes: ``single`` (one process, the reference), ``tp`` (tensor parallel over every rank),
 ``fsdp_tp`` (FSDP2 x TP on a (dp, tp) mesh of 2 x world/2), ``hsdp_tp`` (HSDP x TP on a
-(replicate, shard, tp) mesh of 2 x 1 x world/2), ``fsdp`` (FSDP2 over every rank) and ``ddp``.
+(replicate, shard, tp) mesh of 2 x 1 x world/2), the last two with their meshes unflattened from a
+1-D world mesh (``fsdp_tp_unflattened``, ``hsdp_tp_unflattened``), ``fsdp`` (FSDP2 over every
+rank) and ``ddp``.
 Every mode trains on the same global batch, split over the data-parallel ranks only.
 """
 
@@ -57,6 +59,10 @@ class ScaledLlama(Llama):
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+# Modes whose meshes are unflattened from a 1-D world mesh (torchtitan's way): meshes.tp_meshes.
+UNFLATTENED = {"fsdp_tp_unflattened": "unflattened", "hsdp_tp_unflattened": "unflattened_hsdp"}
+
+
 def make_llama(scaled: bool = True) -> Llama:
     """The test model (``scaled``: with the logit scale of ``ScaledLlama``)."""
     torch.manual_seed(0)
@@ -101,6 +107,10 @@ def parallelize(model: Llama, mode: str, world: int):
             DEVICE_TYPE, (2, 1, world // 2), mesh_dim_names=("rep", "shard", "tp")
         )
         dp_mesh = mesh["rep", "shard"]
+    elif mode in UNFLATTENED:
+        import meshes
+
+        mesh, dp_mesh = meshes.tp_meshes(UNFLATTENED[mode], world)
     else:
         raise ValueError(mode)
     parallelize_llama(model, mesh["tp"] if mesh.ndim > 1 else mesh, dp_mesh)
