@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import fsdp_cases
 import pytest
-import scenarios
 import torch
 from harness import run_cases
-from scenarios import DDP_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -110,33 +108,23 @@ def world4():
     return dict(zip(names, run_cases(4, cases), strict=True))
 
 
-def check_against_reference(values, reference, tolerance=DDP_TOLERANCE):
-    ref_params, _ = reference
-    for r, v in enumerate(values[1:], start=1):
-        for a, b in zip(v["params"], values[0]["params"], strict=True):
-            assert torch.equal(a, b), f"rank {r} ends with other parameters than rank 0"
-    err = scenarios.max_rel_err([values[0]["params"]], [ref_params])
-    assert err <= tolerance, f"relative error {err:.2e}"
-    return err
-
-
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_fsdp_matches_single_process(world, request, reference):
     results = request.getfixturevalue(f"world{world}")
     values = results["fsdp"].ok()
-    check_against_reference(values, reference)
+    fsdp_cases.check_against_reference(values, reference)
 
 
 def test_hsdp_matches_single_process_and_splits_work_over_all_ranks(world4, reference):
     values = world4["hsdp"].ok()
-    check_against_reference(values, reference)
+    fsdp_cases.check_against_reference(values, reference)
     owned = [v["owned_blocks"] for v in values]
     assert all(n > 0 for n in owned), owned  # the replicate dimension shares the work too
 
 
 def test_mixed_sharded_and_replicated_parameters(world2, reference):
     values = world2["mixed"].ok()
-    check_against_reference(values, reference)
+    fsdp_cases.check_against_reference(values, reference)
     assert values[0]["allgather_bytes"] > 0 and values[0]["bytes_sent"] > 0
 
 
@@ -155,7 +143,9 @@ def test_state_bytes_per_rank_fall(world4, reference):
 @pytest.mark.parametrize("variant", list(WEIGHT_DECAY_VARIANTS))
 def test_weight_decay_placements_match_single_process(world2, variant):
     values = world2[variant].ok()
-    check_against_reference(values, fsdp_cases.train_reference(**WEIGHT_DECAY_VARIANTS[variant]))
+    fsdp_cases.check_against_reference(
+        values, fsdp_cases.train_reference(**WEIGHT_DECAY_VARIANTS[variant])
+    )
 
 
 def test_failures_under_hsdp_raise_everywhere_and_nan_stays_out(world4):
@@ -175,7 +165,7 @@ def test_failures_under_hsdp_raise_everywhere_and_nan_stays_out(world4):
 def test_fsdp_on_a_single_rank(reference):
     ((mixed, full),) = [v for v in run_cases(1, [(fsdp_cases.fsdp_single_rank, {})])[0].ok()]
     for values in (mixed, full):
-        check_against_reference([values], reference)
+        fsdp_cases.check_against_reference([values], reference)
 
 
 @pytest.mark.parametrize("world, case", [(2, "nan"), (4, "nan"), (4, "hsdp_nan")])
@@ -185,20 +175,20 @@ def test_a_block_with_a_nan_gradient_is_skipped_on_every_holder(world2, world4, 
     which the block is skipped in that step."""
     values = {2: world2, 4: world4}[world][case].ok()
     reference = fsdp_cases.train_reference(**NAN_CASE)
-    check_against_reference(values, reference)
+    fsdp_cases.check_against_reference(values, reference)
     plain = fsdp_cases.train_reference(momentum=0.0)
     assert not torch.allclose(reference[0][0], plain[0][0], atol=1e-6)  # the skip mattered
 
 
 def test_parameters_without_a_gradient_in_some_steps(world2):
     values = world2["drop_grads"].ok()
-    check_against_reference(values, fsdp_cases.train_reference(drop_grads=True))
+    fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(drop_grads=True))
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_staggered_roots_match_single_process(world2, world4, world):
     values = {2: world2, 4: world4}[world]["staggered"].ok()
-    check_against_reference(values, fsdp_cases.train_reference(stagger_roots=True))
+    fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(stagger_roots=True))
 
 
 @pytest.mark.parametrize(
@@ -215,13 +205,15 @@ def test_eigenvalue_corrected_matches_single_process(world2, world4, world, case
     values = {2: world2, 4: world4}[world][case].ok()
     basis = "qr" if case.startswith(("hsdp", "soap")) else "eigh"
     options = SOAP_CASE if case.startswith("soap") else EC_CASE
-    check_against_reference(values, fsdp_cases.train_reference(**options, eigenbasis=basis))
+    fsdp_cases.check_against_reference(
+        values, fsdp_cases.train_reference(**options, eigenbasis=basis)
+    )
 
 
 @pytest.mark.parametrize("case, options", [("lean", {}), ("lean_eigenvalue_corrected", EC_CASE)])
 def test_memory_options_match_single_process(world4, case, options):
     values = world4[case].ok()
-    check_against_reference(values, fsdp_cases.train_reference(**LEAN_CASE, **options))
+    fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(**LEAN_CASE, **options))
 
 
 @pytest.mark.parametrize("case", ["fsdp", "mixed"])

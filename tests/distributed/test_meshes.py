@@ -14,8 +14,6 @@ import meshes
 import pytest
 import tp_cases
 from harness import run_cases
-from test_fsdp import check_against_reference
-from test_tensor_parallel import check
 
 
 def refused(rank, world):
@@ -62,14 +60,14 @@ def llama_reference():
 
 @pytest.mark.parametrize("kind", meshes.FSDP_KINDS)
 def test_fsdp_on_every_mesh_matches_single_process(world4, fsdp_reference, kind):
-    check_against_reference(world4[kind].ok(), fsdp_reference)
+    fsdp_cases.check_against_reference(world4[kind].ok(), fsdp_reference)
 
 
 @pytest.mark.parametrize("mode", list(tp_cases.UNFLATTENED))
 def test_tensor_parallel_on_unflattened_meshes_matches_single_process(
     world4, llama_reference, mode
 ):
-    check(world4[mode].ok(), llama_reference)
+    tp_cases.check(world4[mode].ok(), llama_reference)
 
 
 def test_a_grid_that_is_no_mesh_is_refused_on_every_rank(world4):

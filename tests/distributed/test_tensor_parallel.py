@@ -111,25 +111,12 @@ def references():
     return {v: tp_cases.run(0, 1, "single", **o) for v, o in VARIANTS.items()}
 
 
-def check(values, reference):
-    """Every rank ends with the same full parameters, those of one process."""
-    names = list(reference["params"])
-    for r, v in enumerate(values):
-        assert list(v["params"]) == names
-        if r:
-            assert all(v["params"][n].equal(values[0]["params"][n]) for n in names), r
-    err = scenarios.max_rel_err(
-        [[values[0]["params"][n] for n in names]], [[reference["params"][n] for n in names]]
-    )
-    assert err <= DDP_TOLERANCE, f"relative error {err:.2e}"
-
-
 @pytest.mark.parametrize(
     "mode, world, variant", [(mode, world, v) for (mode, world), vs in RUNS.items() for v in vs]
 )
 def test_matches_single_process(groups, references, mode, world, variant):
     values = groups[(mode, variant)].ok()
-    check(values, references[variant])
+    tp_cases.check(values, references[variant])
     if variant == "base":
         expected = {
             "tp": {"(Shard(dim=0),)", "(Shard(dim=1),)", "(Replicate(),)"},
@@ -162,7 +149,7 @@ def test_nan_block_is_skipped_everywhere(groups, references):
         values[0]["params"][n].equal(references["base"]["params"][n])
         for n in references["base"]["params"]
     )  # the skip changed the result: the case is not vacuous
-    check(values, references["nan"])
+    tp_cases.check(values, references["nan"])
 
 
 def test_root_failures_raise_on_every_rank_together(groups):
@@ -194,12 +181,12 @@ def test_checkpoints_cross_modes_and_world_sizes(groups, references, name):
     """Saved after FIRST steps, loaded in another mode (and world size), THEN more steps: the
     uninterrupted one-process run of FIRST + THEN steps."""
     assert tp_cases.FIRST + tp_cases.THEN == tp_cases.STEPS
-    check(groups[name].ok(), references["base"])
+    tp_cases.check(groups[name].ok(), references["base"])
 
 
 def test_one_process_loads_a_tensor_parallel_checkpoint(groups, root, references):
     groups["save fsdp_tp"].ok()
-    check([tp_cases.resume(0, 1, "single", root, "fsdp_tp")], references["base"])
+    tp_cases.check([tp_cases.resume(0, 1, "single", root, "fsdp_tp")], references["base"])
 
 
 @pytest.mark.parametrize("tp", [2, 4])

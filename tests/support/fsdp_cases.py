@@ -271,3 +271,15 @@ def fsdp_single_rank(rank, world):
     out = fsdp(rank, world, mixed=True)
     out2 = fsdp(rank, world)
     return out, out2
+
+
+def check_against_reference(values, reference, tolerance=scenarios.DDP_TOLERANCE):
+    """Every rank ends with the same full parameters, within ``tolerance`` of one process's
+    (``reference``: ``train_reference()``)."""
+    ref_params, _ = reference
+    for r, v in enumerate(values[1:], start=1):
+        for a, b in zip(v["params"], values[0]["params"], strict=True):
+            assert torch.equal(a, b), f"rank {r} ends with other parameters than rank 0"
+    err = scenarios.max_rel_err([values[0]["params"]], [ref_params])
+    assert err <= tolerance, f"relative error {err:.2e}"
+    return err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import scenarios
 import torch
 from harness import DEVICE_TYPE, device, to_host
 from torch import nn
@@ -337,3 +338,16 @@ def _assembled(model) -> dict[str, torch.Tensor]:
                 )
         out[name] = full
     return out
+
+
+def check(values, reference):
+    """Every rank ends with the same full parameters, those of one process."""
+    names = list(reference["params"])
+    for r, v in enumerate(values):
+        assert list(v["params"]) == names
+        if r:
+            assert all(v["params"][n].equal(values[0]["params"][n]) for n in names), r
+    err = scenarios.max_rel_err(
+        [[values[0]["params"][n] for n in names]], [[reference["params"][n] for n in names]]
+    )
+    assert err <= scenarios.DDP_TOLERANCE, f"relative error {err:.2e}"
