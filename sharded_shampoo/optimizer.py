@@ -396,11 +396,15 @@ class ShardedShampoo(torch.optim.Optimizer):
         """The optimizer's state (see :mod:`sharded_shampoo.state.dicts` for its keys), as a
         copy.
 
-        When sharded, which blocks: this rank's (what DCP's sharded save wants), or every
-        block inside ``full_state()`` (a collective) and when torch's
-        ``get_optimizer_state_dict(..., StateDictOptions(full_state_dict=True))`` asks (found
-        in its frames; if torch's state-dict code is there but its options cannot be read,
-        this raises rather than guess: see ``state.consolidation``).
+        When sharded, the caller says which blocks: this rank's inside ``sharded_state()``
+        and when torch's ``get_optimizer_state_dict`` asks for a sharded dict (what DCP's
+        sharded save wants); every block after ``consolidate_state_dict`` (on that rank),
+        inside ``full_state()`` (a collective), when torch asks with
+        ``StateDictOptions(full_state_dict=True)`` and under Accelerate's ``save_state``
+        (torch's and Accelerate's requests are found in their frames). Unsaid, it raises
+        ``StateDictRequestError`` naming these ways: this rank's blocks saved by one rank
+        would be a checkpoint that cannot be resumed. So does torch's state-dict code whose
+        options cannot be read (see ``state.consolidation``).
 
         A copy, not views of the live state: ``dcp.load`` reads a checkpoint into the state
         dict it is given before ``set_optimizer_state_dict`` validates it, and into live views

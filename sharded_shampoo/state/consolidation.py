@@ -32,11 +32,34 @@ from ..placement import Plan
 from .pool import StatePool
 from .stacks import pool_lengths, state_spec
 
-__all__ = ["FullRequest", "StateDictRequestError", "full_state_request", "gather_blocks"]
+__all__ = [
+    "UNSAID",
+    "FullRequest",
+    "StateDictRequestError",
+    "full_state_request",
+    "gather_blocks",
+]
 
 _TORCH_STATE_DICT = "torch.distributed.checkpoint.state_dict"
 # FSDP1's optimizer state-dict functions, which would gather plain tensors by their own rules.
 _FSDP1 = "torch.distributed.fsdp"
+# Accelerate's save_state: every rank calls state_dict(), the main process (each node's with
+# save_on_each_node) writes it.
+_ACCELERATE_SAVE = ("accelerate.checkpointing", "save_accelerator_state")
+# Accelerate wrapping an optimizer: every rank loads its own state_dict() back, on its device.
+_ACCELERATE_WRAP = ("accelerate.optimizer", "__init__")
+
+UNSAID = (
+    "ShardedShampoo shards its state over {ranks} ranks, each keeping the blocks it owns, so a "
+    "plain state_dict() would hold this rank's blocks only, and a checkpoint saved from one "
+    "rank could not be resumed. Say which is wanted: every rank calls "
+    "opt.consolidate_state_dict(to=0) before rank 0's state_dict() (every block, on rank 0); "
+    "`with opt.full_state(cpu_offload=...):` around a call every rank makes (every block); "
+    "`with opt.sharded_state():` when every rank saves its own blocks; torch's "
+    "get_optimizer_state_dict and sharded_shampoo.checkpoint say it themselves. Under the "
+    "Hugging Face Trainer with DDP: Trainer(..., "
+    "callbacks=[sharded_shampoo.integrations.hf.FullOptimizerStateCallback()])"
+)
 
 
 @dataclass(frozen=True)
@@ -54,11 +77,17 @@ class StateDictRequestError(RuntimeError):
 
 
 def full_state_request(sharded: bool) -> Any | None:
-    """torch's state-dict options (``full_state_dict``, ``cpu_offload``) when the caller of
-    ``state_dict()`` is ``torch.distributed.checkpoint.state_dict``'s code (at any depth: a
-    wrapper may add frames), else None. torch passes no options to an optimizer's
-    ``state_dict()``; this reads them from its frames (a local ``info`` holding them; a test
-    asserts it is found, ``tests/state/test_full_state_dict.py``).
+    """Which blocks the caller of ``state_dict()`` wants, read from the callers' frames (at
+    any depth: a wrapper may add frames), or None (unsaid):
+
+    - torch's ``torch.distributed.checkpoint.state_dict`` code: its options
+      (``full_state_dict``, ``cpu_offload``). torch passes none to an optimizer's
+      ``state_dict()``; they are a local ``info`` of its frames (a test asserts it is found,
+      ``tests/state/test_full_state_dict.py``).
+    - Accelerate's ``save_state``, which every rank calls and the main process writes: every
+      block, on rank 0 (on each rank with ``save_on_each_node``); Accelerate wrapping the
+      optimizer (``AcceleratedOptimizer``), which loads each rank's dict back on its device:
+      this rank's blocks.
 
     Fails closed when ``sharded``: torch's state-dict code in the stack without options this
     can read (a torch that moved them), or FSDP1's ``optim_state_dict``, raise
@@ -72,6 +101,10 @@ def full_state_request(sharded: bool) -> Any | None:
             info = frame.f_locals.get("info")
             if hasattr(info, "full_state_dict") and hasattr(info, "cpu_offload"):
                 return info
+        elif (module, frame.f_code.co_name) == _ACCELERATE_SAVE:
+            return FullRequest(cpu_offload=not frame.f_locals.get("save_on_each_node", False))
+        elif (module, frame.f_code.co_name) == _ACCELERATE_WRAP:
+            return FullRequest(full_state_dict=False)
         elif sharded and module.startswith(_FSDP1) and "optim_state_dict" in frame.f_code.co_name:
             raise StateDictRequestError(
                 "FSDP1's optim_state_dict cannot hold ShardedShampoo's state (each rank owns "

@@ -2,9 +2,12 @@
 
 A rank's state dict holds, per parameter, ``blocks.<id>.<name>`` for the blocks it owns (keys
 name blocks of the full parameter, so they do not depend on who owns them), ``blocking`` (its
-blocking record, ``record``) and ``step``. When sharded, which blocks: this rank's (what DCP's
-sharded save wants), or every block when asked (``full_state``, a consolidation, or torch's
-``get_optimizer_state_dict(full_state_dict=True)``: ``consolidation``). Loading checks
+blocking record, ``record``) and ``step``. When sharded, which blocks the caller must say:
+this rank's (``sharded_state``, or torch's ``get_optimizer_state_dict``: what DCP's sharded
+save wants), or every block (``full_state``, a consolidation, torch's
+``get_optimizer_state_dict(full_state_dict=True)``, Accelerate's ``save_state``:
+``consolidation``); unsaid, ``state_dict()`` refuses rather than return this rank's blocks
+for one rank to save as if they were all. Loading checks
 everything first (``loading``), compares outcomes across ranks, then copies.
 """
 
@@ -22,7 +25,13 @@ from ..diagnostics import ParamNamer
 from ..options import GroupOptions
 from ..placement import Plan
 from ..topology import Topology
-from .consolidation import FullRequest, full_state_request, gather_blocks
+from .consolidation import (
+    UNSAID,
+    FullRequest,
+    StateDictRequestError,
+    full_state_request,
+    gather_blocks,
+)
 from .groups import GroupState
 from .loading import check_state_dict
 
@@ -61,8 +70,13 @@ class StateDicts:
             sd, self._consolidated = self._consolidated, None
             return sd
         request = self._request
+        sharded = self._plan.world_size > 1
         if request is None:
-            request = full_state_request(sharded=self._plan.world_size > 1)
+            request = full_state_request(sharded=sharded)
+        if request is None and sharded:
+            # This rank's blocks alone, saved by one rank, would be a checkpoint that cannot
+            # be resumed: refused until the caller says which blocks it wants.
+            raise StateDictRequestError(UNSAID.format(ranks=self._plan.world_size))
         if request is not None and request.full_state_dict:
             # Every block, on every rank, or on rank 0 only with cpu_offload (as torch keeps it).
             rank0 = not dist.is_initialized() or dist.get_rank() == 0

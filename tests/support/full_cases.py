@@ -96,7 +96,11 @@ def requests(rank, world, mode, root):
     )
     with opt.full_state():
         out["context_blocks"] = blocks(opt.state_dict())
-    out["plain_blocks"] = blocks(opt.state_dict())
+    try:
+        opt.state_dict()
+        out["plain"] = "no error"
+    except StateDictRequestError as e:
+        out["plain"] = str(e)
     with opt.sharded_state():
         out["sharded_blocks"] = blocks(opt.state_dict())
     namespace = {"__name__": "torch.distributed.checkpoint.state_dict", "opt": opt}

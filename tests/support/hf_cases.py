@@ -37,7 +37,7 @@ def tiny_gpt2():
     return model
 
 
-def trainer(out, path, fsdp=False, callback=True):
+def trainer(out, path, fsdp=False, callback=True, steps=STEPS):
     """``path``: "optimizers" (a built optimizer and scheduler) or "cls" (optimizer_cls_and_kwargs,
     built by the Trainer after wrapping: the path HF requires under FSDP)."""
     from transformers import Trainer, TrainingArguments
@@ -48,7 +48,7 @@ def trainer(out, path, fsdp=False, callback=True):
         extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
     args = TrainingArguments(
         output_dir=out,
-        max_steps=STEPS,
+        max_steps=steps,
         save_steps=SAVE,
         per_device_train_batch_size=4,
         logging_steps=1,
@@ -96,13 +96,77 @@ def train_and_resume(rank, world, root, path, fsdp=False, callback=True):
         first = trainer(out, path, fsdp, callback)
         first.train()
         second = trainer(out + "-resumed", path, fsdp, callback)
-        try:
-            second.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE}"))
-        except ValueError as e:  # expected without the callback under DDP
-            return {"error": str(e)}
+        second.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE}"))
     return {
         "losses": losses(first),
         "resumed": losses(second),
         "optimizer": type(second.optimizer).__name__,
         "files": sorted(os.listdir(os.path.join(out, f"checkpoint-{SAVE}"))),
     }
+
+
+def save_without_callback(rank, world, root):
+    """DDP without ``FullOptimizerStateCallback``, trained up to its first save: how each
+    rank's ``train()`` ended, and what the checkpoint folder holds. Rank 0 raises in the save;
+    rank 1, which does not save the optimizer, goes on alone (the group's last case)."""
+    import warnings
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
+    )
+    out = os.path.join(root, "no-callback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(out, "cls", callback=False, steps=SAVE)
+        try:
+            t.train()
+            ended = "trained"
+        except Exception as e:
+            ended = f"{type(e).__name__}: {e}"
+    folder = os.path.join(out, f"checkpoint-{SAVE}")
+    return {"ended": ended, "files": sorted(os.listdir(folder)) if os.path.isdir(folder) else []}
+
+
+def accelerate_save_state(rank, world, root):
+    """Accelerate's own loop under DDP: ``save_state`` after SAVE steps (every rank calls the
+    optimizer's ``state_dict()``, the main process writes it), a new Accelerator that
+    ``load_state``s it and trains the rest: both runs' losses, and the blocks in the file."""
+    from accelerate import Accelerator
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
+    )
+    folder = os.path.join(root, "accelerate")
+    data = Tokens()
+
+    def run(start, stop, load=False):
+        accelerator = Accelerator(cpu=DEVICE_TYPE == "cpu")
+        model = tiny_gpt2()
+        opt = ShardedShampoo(model.named_parameters(), **OPTIONS)
+        model, opt = accelerator.prepare(model, opt)
+        if load:
+            accelerator.load_state(folder)
+        losses = []
+        for step in range(start, stop):
+            batch = data[[(step * world + rank) % len(data)]]
+            opt.zero_grad()
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            opt.step()
+            losses.append(loss.item())
+            if step + 1 == SAVE and not load:
+                accelerator.save_state(folder)
+        return losses
+
+    whole = run(0, STEPS)
+    resumed = run(SAVE, STEPS, load=True)
+    saved = torch.load(os.path.join(folder, "optimizer.bin"), weights_only=False)
+    blocks = sum(1 for s in saved["state"].values() for k in s if k.startswith("blocks."))
+    return {"whole": whole, "resumed": resumed, "blocks_saved": blocks}
+
+
+def accelerate_blocks() -> int:
+    """How many blocks the tiny GPT-2's optimizer state holds in one process."""
+    model = tiny_gpt2()
+    opt = ShardedShampoo(model.named_parameters(), **OPTIONS)
+    return sum(1 for s in opt.state_dict()["state"].values() for k in s if k.startswith("blocks."))

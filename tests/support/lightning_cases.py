@@ -103,7 +103,9 @@ def train_and_resume(rank, world, root, fsdp=False):
     out = {}
     if not fsdp:  # one file, written by rank 0: it must hold every rank's blocks
         saved = torch.load(path, weights_only=False)["optimizer_states"][0]
-        own = module.optimizers().optimizer.state_dict()
+        opt = module.optimizers().optimizer
+        with opt.sharded_state():
+            own = opt.state_dict()
         count = lambda sd: sum(  # noqa: E731
             len([k for k in s if k.startswith("blocks.")]) for s in sd["state"].values()
         )
