@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,29 @@ from .work import begin_step, compute
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 
 COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+COMPILED_STEP = (
+    "ShardedShampoo.step() cannot run under torch.compile: each step exchanges gradients and "
+    "directions between ranks and reads one status word back to the host, so that a failure "
+    "raises on every rank before any parameter changes; Dynamo would break the graph there and "
+    "recompile the math for every stack shape. The math is batched per stack already. Call "
+    "opt.step() outside the compiled function, and compile the model (torch.compile(model))."
+)
+
+
+def refuse_compiled_caller() -> None:
+    """Raises when torch.compile's wrapper is among the callers: Dynamo, told to skip
+    ``step``, runs it eagerly from inside compiled code (a graph break per call, and a compile
+    of the rest of the step's callers each time)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if (
+            frame.f_code.co_name == "compile_wrapper"
+            and frame.f_globals.get("__name__") == "torch._dynamo.eval_frame"
+        ):
+            raise RuntimeError(COMPILED_STEP)
+        frame = frame.f_back
 
 
 class ShardedShampoo(torch.optim.Optimizer):
@@ -296,6 +320,7 @@ class ShardedShampoo(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- step
 
+    @torch.compiler.disable  # Dynamo never traces it: a compiled caller is found and refused
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss.
@@ -305,7 +330,11 @@ class ShardedShampoo(torch.optim.Optimizer):
         overlap it), exchange (the last directions and status words), read the outcome (the
         step's one host read), raise on every rank if any rank failed or ranks disagree, else
         apply.
+
+        Not for ``torch.compile``: called from compiled code (``torch.compile(opt.step)``, or a
+        compiled function that calls it) it raises ``RuntimeError`` before doing anything.
         """
+        refuse_compiled_caller()
         loss = None
         if closure is not None:
             with torch.enable_grad():

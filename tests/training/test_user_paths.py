@@ -4,6 +4,7 @@ plain run of the same optimizer that it must equal (float64), or the behaviour i
 
 from __future__ import annotations
 
+import pytest
 import scenarios  # the DDP tests' float64 model and batches
 import torch
 
@@ -62,6 +63,36 @@ def test_frozen_parameter_stays_then_trains_once_unfrozen():
     frozen.requires_grad_(True)
     train(net, opt, 4)
     assert not torch.equal(frozen, before) and torch.isfinite(frozen).all()
+
+
+def test_a_compiled_step_is_refused_before_anything_changes():
+    """``torch.compile(opt.step)`` and a compiled function that calls ``opt.step()`` raise at
+    once, naming the way out, with parameters and state untouched; the eager step then runs
+    as if nothing happened."""
+    net, ref = model(), model()
+    opt = ShardedShampoo(net.parameters(), **OPTS)
+    ref_opt = ShardedShampoo(ref.parameters(), **OPTS)
+    train(net, opt, 4)
+    train(ref, ref_opt, 4)
+    state = [t.clone() for s in opt.state_dict()["state"].values() for t in s.values()]
+
+    def train_step(step):
+        loss_of(net, step).backward()
+        opt.step()
+
+    for compiled in (torch.compile(opt.step, backend="eager"), torch.compile(train_step)):
+        opt.zero_grad()
+        loss_of(net, 4).backward()
+        before = params(net)
+        with pytest.raises(RuntimeError, match=r"cannot run under torch.compile.*outside"):
+            compiled() if compiled.__name__ == "step" else compiled(4)
+        assert all(torch.equal(a, b) for a, b in zip(params(net), before, strict=True))
+        after = [t for s in opt.state_dict()["state"].values() for t in s.values()]
+        assert all(torch.equal(a, b) for a, b in zip(after, state, strict=True))
+    opt.zero_grad()
+    train(net, opt, 3)  # steps 0-2 of the batches again, after the 4: as the reference does
+    train(ref, ref_opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(params(net), params(ref), strict=True))
 
 
 def test_compiled_model_trains_like_the_eager_one():
