@@ -5,8 +5,8 @@ torchtitan (0.3) builds optimizers in ``OptimizersContainer``, which knows a fix
 else is torchtitan's own: param groups by FQN pattern (their ``param_names``, ``fused`` and
 ``foreach`` keys are accepted), its LR schedulers, gradient clipping on DTensor gradients, and
 its checkpoint manager (DCP, sync or async), which saves the optimizer through torchtitan's
-flat FQN-keyed state dict. The optimizer's state exists from construction and changes only
-inside ``step()``, as torchtitan's async staging needs.
+flat FQN-keyed state dict, each rank its own blocks. The optimizer's state exists from
+construction and changes only inside ``step()``, as torchtitan's async staging needs.
 
 In a job's config module::
 
@@ -19,6 +19,7 @@ Options of the whole optimizer (``communication_dtype``) go in ``factory_kwargs`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,24 @@ class ShampooOptimizersContainer(OptimizersContainer):
         if name == NAME:
             return ShardedShampoo
         return OptimizersContainer._resolve_optimizer_factory(name)
+
+    # torchtitan's checkpointer saves and loads the container through DCP on every rank, each
+    # its own part: each ShardedShampoo its own blocks (its plain state_dict() asks).
+    def state_dict(self) -> dict[str, Any]:
+        with self._sharded():
+            return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with self._sharded():
+            super().load_state_dict(state_dict)
+
+    @contextlib.contextmanager
+    def _sharded(self):
+        with contextlib.ExitStack() as stack:
+            for optimizer in self.optimizers:
+                if isinstance(optimizer, ShardedShampoo):
+                    stack.enter_context(optimizer.sharded_state())
+            yield
 
 
 def sharded_shampoo_config(

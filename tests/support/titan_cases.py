@@ -84,9 +84,11 @@ def train_with(job) -> dict:
             for n, p in model.named_parameters()
         }
         opt = trainer.optimizers.optimizers[0]
+        with opt.sharded_state():
+            own = opt.state_dict()["state"]
         state = {
             f"{n}.{k}": (v.to_local() if hasattr(v, "to_local") else v).clone()
-            for n, s in opt.state_dict()["state"].items()
+            for n, s in own.items()
             for k, v in s.items()
             if isinstance(v, torch.Tensor)
         }
