@@ -78,8 +78,8 @@ def mesh_layout(mesh: Any, world: WorldMesh) -> list[list[Mode]]:
         expected = expected + torch.tensor(w, dtype=torch.long).view(shape)
     if None in layout or not torch.equal(expected, positions):
         raise ValueError(
-            f"the mesh {mesh} is not a grid of evenly strided ranks in its root mesh's rank "
-            f"order (positions {positions.tolist()})"
+            f"the mesh {mesh} is not a grid of evenly strided ranks in the world's rank order "
+            f"(the first DTensor parameter's root mesh's): positions {positions.tolist()}"
         )
     return layout
 
