@@ -2,9 +2,9 @@
 
 - Its ``Trainer`` (what ``torchtitan.train`` builds; ``titan_job``'s config, CPU shims in
   ``titan_train``) with FSDP2, HSDP, TP, FSDP2 x TP and HSDP x TP, on both DTensor backends
-  where they differ: 10 steps of its Llama 3 debug model, checkpointed by its checkpointer
-  (sync and async) at step 5; a second job resumed from step 5 continues bitwise (losses,
-  parameters, this rank's optimizer state).
+  where they differ: 6 steps of its Llama 3 debug model (two of its layers), checkpointed by
+  its checkpointer (sync and async) at step 3; a second job resumed from step 3 continues
+  bitwise (losses, parameters, every rank's optimizer state).
 - Context parallelism (FSDP over dp_shard x cp, a flattened dim under the full-DTensor
   backend): torchtitan's CP attention has no CPU kernels, so the trainer is built, not trained.
 - tp_cases' float64 Llama on ``ParallelDims(...).build_mesh()``'s meshes, every layout above
@@ -29,14 +29,12 @@ HSDP = {"data_parallel_replicate": 2, "data_parallel_shard": 2}
 HSDP_TP = {"data_parallel_replicate": 2, "data_parallel_shard": 1, **TP}
 # name: (world, degrees, backend, options)
 TRAINER = {
-    "fsdp": (2, FSDP, "partial_dtensor", {}),
     "fsdp-async": (2, FSDP, "partial_dtensor", {"async_mode": "async"}),
     "fsdp-full-dtensor": (2, FSDP, "full_dtensor", {}),
     "tp-async": (2, TP, "partial_dtensor", {"async_mode": "async"}),
     "hsdp": (4, HSDP, "partial_dtensor", {}),
     "fsdp_tp": (4, {**FSDP, **TP}, "partial_dtensor", {}),
-    "fsdp_tp-full-dtensor": (4, {**FSDP, **TP}, "full_dtensor", {"async_mode": "async"}),
-    "hsdp_tp": (4, HSDP_TP, "partial_dtensor", {}),
+    "hsdp_tp": (4, HSDP_TP, "partial_dtensor", {"async_mode": "async"}),
 }
 CP = {"data_parallel_shard": 2, "context_parallel": 2}
 BUILT = {  # name: (degrees, options)
@@ -110,14 +108,14 @@ def test_trainer_trains_and_resumes_bitwise(groups, name):
     whole, resumed = groups[name].ok(), groups[f"resumed-{name}"].ok()
     first = titan_cases.FIRST
     for w, r in zip(whole, resumed, strict=True):
-        assert {"step-5", "step-10"} <= set(w["saved"]), w["saved"]
+        assert {f"step-{first}", f"step-{2 * first}"} <= set(w["saved"]), w["saved"]
         assert len(w["losses"]) == titan_cases.STEPS
         assert r["losses"] == w["losses"][first:]  # bitwise
         assert all(r["params"][n].equal(p) for n, p in w["params"].items())
         assert w["state"].keys() == r["state"].keys() and w["state"]
         assert all(r["state"][k].equal(t) for k, t in w["state"].items())
     losses = whole[0]["losses"]
-    assert losses[-1] < losses[0] - 2.0, losses  # it trained (from about 8.3)
+    assert losses[-1] < losses[0] - 1.5, losses  # it trained (from about 8.3)
     for w in whole[1:]:  # every rank holds the same full parameters
         assert all(w["params"][n].equal(p) for n, p in whole[0]["params"].items())
 

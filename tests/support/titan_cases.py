@@ -4,8 +4,8 @@
 - ``trainer``: torchtitan's own ``Trainer`` (what ``torchtitan.train`` builds) on
   ``titan_job``'s config: its ``ParallelDims`` meshes, its Llama 3 debug model parallelized by
   its ``parallelize_llama``, its optimizer container holding ShardedShampoo, its LR schedulers,
-  gradient clipping, training loop and checkpointer. Trains 10 steps saving at 5 and 10; a
-  second job (new processes) on the same folder resumes from step 5 and trains to 10.
+  gradient clipping, training loop and checkpointer. Trains 6 steps saving at 3 and 6; a
+  second job (new processes) on the same folder resumes from step 3 and trains to 6.
 - ``built``: the same trainer built, not trained (context parallelism, whose attention has no
   CPU kernels): the optimizer's view of its meshes.
 - ``dims``: tp_cases' float64 Llama on the meshes ``ParallelDims(...).build_mesh()`` makes,
@@ -23,7 +23,7 @@ import titan_train
 import torch
 from harness import to_host
 
-STEPS, FIRST = 10, 5  # the job saves every FIRST steps; the resumed job starts at FIRST
+STEPS, FIRST = 6, 3  # the job saves every FIRST steps; the resumed job starts at FIRST
 LAYERS = 2
 
 
@@ -101,7 +101,7 @@ def trainer(
     rank, world, root, name, degrees, backend="partial_dtensor", async_mode="disabled", resume=False
 ):
     """The job of ``name`` (its checkpoints under ``root/name``): uninterrupted, or (``resume``,
-    in processes of their own, as a new job) resumed from its step-5 checkpoint."""
+    in processes of their own, as a new job) resumed from its step-FIRST checkpoint."""
     titan_train.install_cpu_shims()
     os.environ.setdefault("LOCAL_RANK", "0")  # one CPU "device" per process
     folder = os.path.join(root, name)
