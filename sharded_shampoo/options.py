@@ -375,14 +375,20 @@ OPTIONS: tuple[Option, ...] = (
         "eigenbasis",
         "eigh",
         choice(*EIGENBASES),
-        "eigenvalue-corrected: eigh or QR",
+        "how a refresh finds each factor's eigenbasis: eigh (an eigendecomposition) or qr "
+        "(from the previous basis: a product with the factor and a QR decomposition per "
+        "iteration); root-inverse Shampoo with qr keeps the basis beside the roots, which "
+        "come from it and the eigenvalues diag(Q^T F Q)",
         structure=_same("eigenbasis"),
+        # Root-inverse Shampoo keeps the basis with qr only. (-1: eigenvalue-corrected, whose
+        # state is the same with either, and records written before the option was recorded.)
+        record=lambda o: -1 if o.eigenvalue_corrected else EIGENBASES.index(o.eigenbasis),
     ),
     Option(
         "qr_iterations",
         1,
         integer(1, MAX_QR_ITERATIONS),
-        "eigenvalue-corrected QR: iterations per refresh",
+        "QR: iterations per refresh",
         structure=_same("qr_iterations"),
     ),
     Option(
@@ -462,10 +468,13 @@ class _Options:
         return self.preconditioner == "eigenvalue_corrected"
 
     @property
-    def basis(self) -> str:
-        """The state name of the per-dim matrices a refresh computes: ``root_i`` or
-        ``eigenvectors_i``."""
-        return "eigenvectors" if self.eigenvalue_corrected else "root"
+    def bases(self) -> tuple[str, ...]:
+        """The state names of the per-dim matrices a refresh computes (``<name>_i``): the
+        eigenvectors with eigenvalue correction, else the roots, and with ``eigenbasis="qr"``
+        the eigenvectors they come from too."""
+        if self.eigenvalue_corrected:
+            return ("eigenvectors",)
+        return ("root", "eigenvectors") if self.eigenbasis == "qr" else ("root",)
 
     def preconditioned_dims(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The dims of a block of ``shape`` that get a factor (``max_factor_ratio``)."""

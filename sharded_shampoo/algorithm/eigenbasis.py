@@ -44,7 +44,7 @@ from .packing import unpack
 from .roots import eigh, keep_successes
 from .storage import read
 
-__all__ = ["canonical_ties", "eigenbases", "install_eigenbases"]
+__all__ = ["canonical_ties", "eigenbases", "install_eigenbases", "warm_roots"]
 
 # Eigenvalues within TIES x eps(dtype) x m x max|eigenvalue| of the smallest form its cluster:
 # the rounding of a null space's eigenvalues, far below any eigenvalue gradients make.
@@ -182,6 +182,42 @@ def eigenbases(
         ok = good if ok is None else ok & good
     assert ok is not None
     return new, ok, permutations
+
+
+def warm_roots(
+    state: TensorDict, opts: GroupOptions, scale: float, exponent: float, dims: tuple[int, ...]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Root-inverse Shampoo's roots from warm-started eigenbases (``eigenbasis="qr"``), as the
+    reference implementation's eigendecomposed Shampoo computes them: per dim, from the
+    previous basis ``Q`` (the identity before the first), ``qr_iterations`` steps of
+    ``Q <- qr(F Q)`` (simultaneous iteration: the QR algorithm on ``Q^T F Q``, without its
+    second product), the eigenvalues ``lambda = diag(Q^T F Q)``, and the root
+    ``Q diag((max(lambda, 0) * scale + epsilon) ** -exponent) Q^T``; a null space's columns
+    made canonical as the eigenvalue-corrected bases' are (``canonical_ties``). The roots do
+    not depend on the columns' order or signs, so nothing is sorted. Batched over the stack: a
+    product and a QR decomposition per iteration, two products more for the eigenvalues and
+    the root; one host read (which blocks have a null space; ``canonical_ties``). Returns
+    ``{"root_i", "eigenvectors_i"}`` and per block whether every dim's came out finite."""
+    new, ok = {}, None
+    for i in dims:
+        f = unpack(state[f"factor_{i}"])
+        a = f.to(torch.promote_types(f.dtype, torch.float32))
+        q = read(state, f"eigenvectors_{i}", a.dtype)
+        for _ in range(opts.qr_iterations):
+            q, _ = torch.linalg.qr(a @ q)
+        values = (q * (a @ q)).sum(-2)  # diag(Q^T F Q): column j of Q dotted with (F Q)_j
+        # A null space's columns are whatever rounding made them, and later warm starts would
+        # follow them: a basis of their span instead, and one eigenvalue for the cluster, so
+        # that the root there is the same whatever its basis.
+        q = canonical_ties(values, q)
+        values = _sort_key(values)
+        w = (values.clamp_min(0.0) * scale + opts.epsilon).pow(-exponent)
+        root = (q * w.unsqueeze(-2)) @ q.mT
+        good = torch.isfinite(root).flatten(1).all(1)
+        new[f"root_{i}"], new[f"eigenvectors_{i}"] = root, q
+        ok = good if ok is None else ok & good
+    assert ok is not None
+    return new, ok
 
 
 def install_eigenbases(

@@ -18,7 +18,7 @@ import torch
 from tensordict import TensorDict
 
 from ..options import GroupOptions
-from .eigenbasis import eigenbases, install_eigenbases
+from .eigenbasis import eigenbases, install_eigenbases, warm_roots
 from .modes import factored_dims
 from .packing import unpack
 from .roots import inverse_roots, keep_successes
@@ -41,8 +41,8 @@ def refresh_inputs(state: TensorDict, opts: GroupOptions, order: int) -> list[st
     the factors."""
     dims = factored_dims(state, order)
     keys = [f"factor_{i}" for i in dims]
-    if opts.eigenvalue_corrected:
-        keys += [k for i in dims for k in (f"{opts.basis}_{i}", f"{opts.basis}_{i}_scale")]
+    if opts.eigenvalue_corrected or opts.eigenbasis == "qr":
+        keys += [k for i in dims for k in (f"eigenvectors_{i}", f"eigenvectors_{i}_scale")]
     return [k for k in keys if k in state.keys()]
 
 
@@ -50,14 +50,16 @@ def storage_format(state: TensorDict, opts: GroupOptions, order: int) -> dict[st
     """How ``state`` stores each dim's matrix (packed or not, its dtype), as ``decompose``
     writes them: a view of no rows of each, which copies nothing."""
     return {
-        f"{opts.basis}_{i}": state[f"{opts.basis}_{i}"][:0] for i in factored_dims(state, order)
+        f"{base}_{i}": state[f"{base}_{i}"][:0]
+        for i in factored_dims(state, order)
+        for base in opts.bases
     }
 
 
 def install_keys(state: TensorDict, opts: GroupOptions, order: int) -> list[str]:
     """The state ``install`` writes."""
     dims = factored_dims(state, order)
-    keys = [f"{opts.basis}_{i}" for i in dims] + ["root_failures"]
+    keys = [f"{base}_{i}" for i in dims for base in opts.bases] + ["root_failures"]
     keys += [f"{key}_scale" for key in keys if f"{key}_scale" in state.keys()]
     if opts.eigenvalue_corrected:
         keys.append("corrected_eigenvalues")
@@ -87,29 +89,34 @@ def decompose(
     like = state if like is None else like
     permutations: dict[int, torch.Tensor] = {}
     if opts.eigenvalue_corrected:
-        new, ok, permutations = eigenbases(state, opts, t, dims)
+        bases, ok, permutations = eigenbases(state, opts, t, dims)
+        new = {f"eigenvectors_{i}": q for i, q in bases.items()}
     else:
         scale = 1.0
         if opts.use_bias_correction and opts.beta2 < 1.0:
             scale = 1.0 / (1.0 - opts.beta2**t)
         # A block's order is that of its preconditioned dims (the others act as a batch).
         exponent = opts.exponent(len(dims))
-        new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
-        for i in dims:
-            old, factor = like[f"root_{i}"], unpack(state[f"factor_{i}"])
-            # Quantized roots are computed in the factors' work dtype (``storage`` quantizes).
-            work = torch.promote_types(factor.dtype, torch.float32)
-            new[i], good = inverse_roots(
-                factor,
-                scale=scale,
-                epsilon=opts.epsilon,
-                exponent=exponent,
-                out_dtype=old.dtype if old.is_floating_point() else work,
-            )
-            ok = ok & good
+        if opts.eigenbasis == "qr":
+            new, ok = warm_roots(state, opts, scale, exponent, dims)
+        else:
+            new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
+            for i in dims:
+                old, factor = like[f"root_{i}"], unpack(state[f"factor_{i}"])
+                # Quantized roots are computed in the factors' work dtype (``storage``
+                # quantizes).
+                work = torch.promote_types(factor.dtype, torch.float32)
+                new[f"root_{i}"], good = inverse_roots(
+                    factor,
+                    scale=scale,
+                    epsilon=opts.epsilon,
+                    exponent=exponent,
+                    out_dtype=old.dtype if old.is_floating_point() else work,
+                )
+                ok = ok & good
     out = {"ok": ok.view(n, 1)}
-    for i, q in new.items():
-        out.update(stored(like, f"{opts.basis}_{i}", q))
+    for key, matrices in new.items():
+        out.update(stored(like, key, matrices))
     for i, perm in permutations.items():
         out[f"permutation_{i}"] = perm
     return TensorDict(out, batch_size=[n], device=state.device)
@@ -125,7 +132,7 @@ def install(
     ``root_failures`` count goes up; a success resets the count; a block not kept (a
     non-finite gradient when it was due) changes nothing."""
     ok = new["ok"].view(-1)
-    values = {k: new[k] for k in new.keys() if k.startswith(opts.basis)}
+    values = {k: new[k] for k in new.keys() if k.startswith(opts.bases)}
     if opts.eigenvalue_corrected:
         permutations = {
             int(k.rsplit("_", 1)[1]): new[k] for k in new.keys() if k.startswith("permutation_")

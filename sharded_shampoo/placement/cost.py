@@ -15,11 +15,11 @@ kind, ``torch.linalg.eigh`` of a 256 x 256 float32 matrix takes 3.2 ms and of 10
 eigendecomposition costs about 12-17 matrix-product FLOPs per d^3. ``ELEMENTWISE_COST`` is the
 same kind of estimate for the dozen memory-bound passes over a block each step.
 
-Its memory is ``block_state_elements``: a factor and a root per dim (2 d_i^2, half that packed;
-none for a dim ``max_factor_ratio`` leaves without a factor) plus the vector
-states. Within one block shape the two are proportional; across shapes they are not (a 1-D
-block of 1024 holds as large a factor as a 1024 x 1024 block and costs almost no compute), so
-the planner balances both (``planner``).
+Its memory is ``block_state_elements``: a factor and the matrices a refresh writes per dim (a
+root: 2 d_i^2, half that packed; eigenvectors are never packed; none for a dim
+``max_factor_ratio`` leaves without a factor) plus the vector states. Within one block shape the
+two are proportional; across shapes they are not (a 1-D block of 1024 holds as large a factor
+as a 1024 x 1024 block and costs almost no compute), so the planner balances both (``planner``).
 
 So a 1024 x 1024 block (8.6 GFLOP per step plus 2 x 15 GFLOP every f steps) costs far more
 than sixteen 256 x 256 blocks (16 x 0.54 GFLOP), though their bytes are the same.
@@ -78,10 +78,15 @@ def block_state_elements(
     vector_states: int,
     dims: tuple[int, ...] | None = None,
     packed: bool = False,
+    bases: tuple[str, ...] = ("root",),
 ) -> int:
-    """Elements of state a block keeps: a factor and a root per dim with a factor (``dims``;
-    None: all), upper triangles when ``packed``, plus ``vector_states`` tensors of the block's
-    own shape (grafting, filtered gradient, momentum)."""
-    per_matrix = (lambda d: d * (d + 1) // 2) if packed else (lambda d: d * d)
-    matrices = sum(2 * per_matrix(d) for d in _factored(shape, dims))
+    """Elements of state a block keeps: per dim with a factor (``dims``; None: all) the factor
+    and the matrices of ``bases`` (``GroupOptions.bases``: roots symmetric, upper triangles
+    when ``packed``; eigenvectors full), plus ``vector_states`` tensors of the block's own
+    shape (grafting, filtered gradient, momentum)."""
+    symmetric = (lambda d: d * (d + 1) // 2) if packed else (lambda d: d * d)
+    matrices = sum(
+        symmetric(d) + sum(symmetric(d) if b == "root" else d * d for b in bases)
+        for d in _factored(shape, dims)
+    )
     return matrices + vector_states * math.prod(shape)

@@ -152,7 +152,7 @@ class Plan:
             + opts.eigenvalue_corrected
         )
         memory = [
-            block_state_elements(s, vectors, d, opts.symmetric_packing)
+            block_state_elements(s, vectors, d, opts.symmetric_packing, opts.bases)
             for s, d in zip(shapes, dims, strict=True)
         ]
         assignment = assign_blocks(

@@ -18,7 +18,7 @@ import hashlib
 import torch
 
 from ..blocking import ParamBlocking
-from ..options import GRAFTING_TYPES, RECORDED, GroupOptions
+from ..options import EIGENBASES, GRAFTING_TYPES, RECORDED, GroupOptions
 
 __all__ = ["RECORD_SIZE", "blocking_record", "phases_digest", "record_difference"]
 
@@ -83,12 +83,17 @@ def _option_values(opts_ints: dict[str, int]) -> dict[str, object]:
             out[name] = {1: "soap", 2: "reference", -1: "soap"}[i]
         elif name == "max_factor_ratio":
             out[name] = None if i == -1 else i
+        elif name == "eigenbasis":
+            # -1 in a root-inverse record: written before the option was recorded, so eigh.
+            out[name] = EIGENBASES[max(i, 0)]
         elif name == "merge_dims" or "> 0" in name:
             out[name] = bool(i)
         else:
             out[name] = i
     if out.get("preconditioner") != "eigenvalue_corrected":
         out.pop("eigenbasis_convention", None)
+    else:
+        out.pop("eigenbasis", None)  # its state is the same with either
     return out
 
 

@@ -13,8 +13,9 @@ Keys of a stack's TensorDict, for blocks of order k with shape (m_1, ..., m_k):
     root_i         (n, m_i, m_i)  its inverse root, in ``root_dtype`` or the math dtype
                                   (identity until computed); ``root_dtype="int8"``: codes,
                                   with root_i_scale (n, runs) beside them (``quantize``)
-    eigenvectors_i (n, m_i, m_i)  instead of root_i with the eigenvalue-corrected preconditioner:
-                                  the factor's eigenbasis (identity until computed)
+    eigenvectors_i (n, m_i, m_i)  instead of root_i with the eigenvalue-corrected preconditioner,
+                                  beside it with ``eigenbasis="qr"``: the factor's eigenbasis
+                                  (identity until computed), as root_i is stored but unpacked
     corrected_eigenvalues (n, *shape)  with it: second moment of the rotated gradient; and
                                   filtered_grad is then kept in the eigenbasis
     graft_v        (n, *shape)    grafting second moment (adam, rmsprop, adagrad grafting only)
@@ -82,11 +83,12 @@ def block_state_spec(
         m = block_shape[i]
         symmetric = (packed_size(m),) if opts.symmetric_packing else (m, m)
         spec.append((f"factor_{i}", symmetric, opts.factor_dtype))
-        # Roots are symmetric; eigenvectors are not.
-        basis_shape = (m, m) if opts.eigenvalue_corrected else symmetric
-        spec.append((f"{opts.basis}_{i}", basis_shape, opts.root_dtype or dtype))
-        if opts.root_dtype == torch.int8:  # quantized: a scale per run of entries
-            spec.append((f"{opts.basis}_{i}_scale", scale_shape(basis_shape), torch.float32))
+        for name in opts.bases:
+            # Roots are symmetric; eigenvectors are not.
+            basis_shape = symmetric if name == "root" else (m, m)
+            spec.append((f"{name}_{i}", basis_shape, opts.root_dtype or dtype))
+            if opts.root_dtype == torch.int8:  # quantized: a scale per run of entries
+                spec.append((f"{name}_{i}_scale", scale_shape(basis_shape), torch.float32))
     if opts.eigenvalue_corrected:
         spec.append(("corrected_eigenvalues", block_shape, dtype))
     if opts.grafting in ("adam", "rmsprop", "adagrad"):
@@ -100,7 +102,7 @@ def block_state_spec(
         # A refresh in flight (``refreshes``): what it computed, and the step it is installed
         # at (0: none), so that a checkpoint taken meanwhile resumes it.
         for key, shape, dtype in list(spec):
-            if key.startswith(opts.basis):
+            if key.startswith(opts.bases):
                 spec.append((f"{PENDING}{key}", shape, dtype))
         soap_qr = opts.eigenbasis == "qr" and opts.eigenbasis_convention == "soap"
         if opts.eigenvalue_corrected and soap_qr:
@@ -256,15 +258,17 @@ class GroupBlocks:
             # Roots and eigenvectors start as the identity: stored once as the stack stores
             # it (packed, narrow or quantized), then copied to every row.
             for i in opts.preconditioned_dims(layout.block_shape):
-                m, key = layout.block_shape[i], f"{opts.basis}_{i}"
-                names = [k for k in tensors if k in (key, f"{key}_scale")]
-                one = TensorDict(
-                    {k: torch.empty_like(tensors[k][:1]) for k in names}, batch_size=[1]
-                )
-                eye = torch.eye(m, dtype=torch.float32, device=pool.device).unsqueeze(0)
-                write_where(one, key, eye, torch.ones(1, dtype=torch.bool, device=pool.device))
-                for k in names:
-                    tensors[k].copy_(one[k].expand_as(tensors[k]))
+                for base in opts.bases:
+                    m, key = layout.block_shape[i], f"{base}_{i}"
+                    names = [k for k in tensors if k in (key, f"{key}_scale")]
+                    one = TensorDict(
+                        {k: torch.empty_like(tensors[k][:1]) for k in names}, batch_size=[1]
+                    )
+                    eye = torch.eye(m, dtype=torch.float32, device=pool.device).unsqueeze(0)
+                    yes = torch.ones(1, dtype=torch.bool, device=pool.device)
+                    write_where(one, key, eye, yes)
+                    for k in names:
+                        tensors[k].copy_(one[k].expand_as(tensors[k]))
             td = TensorDict(tensors, batch_size=[layout.num_rows], device=pool.device)
             si = len(self.stacks)
             self.stacks.append(BlockStack(layout, td))

@@ -160,6 +160,24 @@ CONFIGS = {
     # the start skip it), started at step 1, one-sided blocks, a parameter without a gradient
     # at its install step (skip=7 below).
     "delayed": dict(refresh_delay=2, betas=(0.9, 0.99)),
+    # Root-inverse Shampoo's roots from warm-started eigenbases (eigenbasis="qr"): one and two
+    # iterations, every step, staggered, in the background, one-sided; from step 10, when the
+    # factors (of blocks of up to 8) have full rank, and from step 1.
+    "qr_roots": dict(eigenbasis="qr", betas=(0.9, 0.99), start_preconditioning_step=10),
+    "qr_roots_every_step": dict(
+        eigenbasis="qr", qr_iterations=2, precondition_frequency=1, start_preconditioning_step=10
+    ),
+    "qr_roots_staggered": dict(
+        eigenbasis="qr", stagger_roots=True, momentum=0.5, start_preconditioning_step=10
+    ),
+    # From step 1, every step: rank-deficient factors, whose null spaces get a basis that
+    # depends on their span alone.
+    "qr_roots_rank_deficient": dict(
+        eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1
+    ),
+    "qr_roots_delayed_factor_ratio": dict(
+        eigenbasis="qr", refresh_delay=2, max_factor_ratio=2, start_preconditioning_step=10
+    ),
     "delayed_staggered": dict(refresh_delay=3, stagger_roots=True),
     "delayed_early_start": dict(refresh_delay=1, start_preconditioning_step=1, grafting=None),
     "delayed_factor_ratio": dict(refresh_delay=4, max_factor_ratio=2, momentum=0.5),

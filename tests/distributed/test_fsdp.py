@@ -33,6 +33,9 @@ WEIGHT_DECAY_VARIANTS = {
 NAN_CASE = dict(nan_step=3, momentum=0.0)
 EC_CASE = dict(preconditioner="eigenvalue_corrected")
 SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
+# Root-inverse Shampoo's roots from warm-started eigenbases, every step from step 1 (rank-
+# deficient factors: their null spaces' bases must not depend on the world size either).
+QR_ROOTS_CASE = dict(eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1)
 # Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices, bfloat16
 # moving averages, 8-bit quantized roots and eigenvectors.
 LEAN_CASE = dict(
@@ -91,6 +94,7 @@ def world4():
         "hsdp_eigenvalue_corrected",
         "lean",
         "lean_eigenvalue_corrected",
+        "qr_roots",
     ]
     cases = [
         (fsdp_cases.fsdp, {}),
@@ -104,6 +108,7 @@ def world4():
         (fsdp_cases.fsdp, {"hsdp": True, **EC_CASE, "eigenbasis": "qr"}),
         (fsdp_cases.fsdp, LEAN_CASE),
         (fsdp_cases.fsdp, {**LEAN_CASE, **EC_CASE}),
+        (fsdp_cases.fsdp, QR_ROOTS_CASE),
     ]
     return dict(zip(names, run_cases(4, cases), strict=True))
 
@@ -227,3 +232,9 @@ def test_overlapped_buckets_are_bitwise_one_collective(world2, case):
         assert a["losses"] == b["losses"]
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"], strict=True))
         assert a["bytes_sent"] == b["bytes_sent"]  # status words once either way
+
+
+def test_qr_roots_match_single_process(world4):
+    """Roots from warm-started eigenbases, refreshed every step from step 1."""
+    values = world4["qr_roots"].ok()
+    fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(**QR_ROOTS_CASE))

@@ -27,12 +27,13 @@ VARIANTS = {  # name: options, each against one process with the same options
     "eigenvalue_corrected": dict(preconditioner="eigenvalue_corrected"),
     "eigenvalue_corrected_qr": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr"),
     "background": dict(stagger_roots=True, refresh_delay=2),  # refreshes in the background
+    "qr_roots": dict(eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1),
 }
 # (mode, world): variants run there.
 RUNS = {
     ("tp", 2): ["base", "nan", "eigenvalue_corrected"],
     ("fsdp_tp", 4): list(VARIANTS),
-    ("hsdp_tp", 4): ["base", "eigenvalue_corrected_qr"],
+    ("hsdp_tp", 4): ["base", "eigenvalue_corrected_qr", "qr_roots"],
 }
 
 

@@ -12,13 +12,15 @@ from convnet import OPTS, make_model, roundtrip, train
 from sharded_shampoo import ShardedShampoo
 
 
-def test_resume_from_state_dict_is_bitwise_identical():
+@pytest.mark.parametrize("extra", [{}, {"eigenbasis": "qr"}], ids=["eigh", "qr_roots"])
+def test_resume_from_state_dict_is_bitwise_identical(extra):
+    """With roots from warm-started eigenbases too: the bases are state."""
     full_model = make_model()
-    full_opt = ShardedShampoo(full_model.parameters(), **OPTS)
+    full_opt = ShardedShampoo(full_model.parameters(), **OPTS, **extra)
     full_losses = train(full_model, full_opt, 14)
 
     model = make_model()
-    opt = ShardedShampoo(model.parameters(), **OPTS)
+    opt = ShardedShampoo(model.parameters(), **OPTS, **extra)
     losses = train(model, opt, 6)
     saved_model = roundtrip(model.state_dict())
     saved_opt = roundtrip(opt.state_dict())
@@ -26,7 +28,7 @@ def test_resume_from_state_dict_is_bitwise_identical():
 
     model = make_model(seed=123)  # different initial weights: everything must come from the save
     model.load_state_dict(saved_model)
-    opt = ShardedShampoo(model.parameters(), **OPTS)
+    opt = ShardedShampoo(model.parameters(), **OPTS, **extra)
     opt.load_state_dict(saved_opt)
     losses += train(model, opt, 8, start=6)
 
@@ -147,6 +149,19 @@ def test_root_inverse_state_refused_by_an_eigenvalue_corrected_optimizer():
         for i, st in before["state"].items()
         for k, v in st.items()
     )
+
+
+def test_roots_of_another_eigenbasis_are_refused_naming_it():
+    """Root-inverse Shampoo keeps its eigenbases with eigenbasis="qr" only: a state dict of the
+    other method is refused by the record, before anything is loaded."""
+    model = make_model()
+    qr = ShardedShampoo(model.parameters(), **OPTS, eigenbasis="qr")
+    train(model, qr, 2)
+    eigh = ShardedShampoo(make_model().parameters(), **OPTS)
+    with pytest.raises(ValueError, match="eigenbasis: qr saved, eigh here"):
+        eigh.load_state_dict(qr.state_dict())
+    with pytest.raises(ValueError, match="eigenbasis: eigh saved, qr here"):
+        qr.load_state_dict(eigh.state_dict())
 
 
 def test_full_state_dict_with_cpu_offload_in_one_process():

@@ -176,7 +176,7 @@ class ReferenceShampoo:
                     for i, perm in perms:  # corrected eigenvalues follow their eigenvectors
                         st["V"] = st["V"].index_select(i, perm)
                 else:
-                    st["P"] = pending[1]
+                    st["P"], st["Q"] = pending[1]
             for pi, (w, g) in enumerate(zip(group["params"], group_grads, strict=True)):
                 if g is not None:
                     self._step_param(gi, group, pi, w, g.to(torch.float64))
@@ -247,16 +247,28 @@ class ReferenceShampoo:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 kd = len(dims)
                 e = (o["inverse_exponent_override"] or {}).get(kd, 1.0 / (2 * max(kd, 1)))
-                new_P = list(st["P"])
+                new_P, new_Q = list(st["P"]), list(st["Q"])
                 for i in dims:
-                    L, Q = torch.linalg.eigh(st["F"][i] / c)
+                    if o["eigenbasis"] == "qr":
+                        # From the previous basis: simultaneous iteration, then the
+                        # eigenvalues diag(Q^T F Q) of the basis it ends with.
+                        Q = st["Q"][i]
+                        for _ in range(o["qr_iterations"]):
+                            Q, _ = torch.linalg.qr(st["F"][i] @ Q)
+                        L = torch.diagonal(Q.T @ st["F"][i] @ Q).clone()
+                        Q = ref_canonical_ties(L, Q)  # a null space: a basis of its span
+                        L[ref_tied(L)] = L.min()
+                        L = L / c
+                        new_Q[i] = Q
+                    else:
+                        L, Q = torch.linalg.eigh(st["F"][i] / c)
                     # F is PSD: clamp rounding below zero, then add epsilon.
                     L = L.clamp_min(0) + o["epsilon"]
                     new_P[i] = Q @ torch.diag(L ** (-e)) @ Q.T
                 if delay:
-                    st["pending"] = (t + delay, new_P)
+                    st["pending"] = (t + delay, (new_P, new_Q))
                 else:
-                    st["P"] = new_P
+                    st["P"], st["Q"] = new_P, new_Q
             # 6. filtered gradient
             if beta1 > 0:
                 st["M"] = beta1 * st["M"] + (1 - beta1) * G

@@ -73,8 +73,15 @@ EC_SOAP_OPTIONS = [dict(o, eigenbasis_convention="soap") for o in EC_OPTIONS]
 # Shampoo, and eigenvalue-corrected with eigh and QR eigenbases.
 BACKGROUND_OPTIONS = [dict(o, refresh_delay=2) for o in STAGGERED_OPTIONS]
 EC_BACKGROUND_OPTIONS = [dict(o, refresh_delay=3) for o in EC_OPTIONS]
+# Root-inverse Shampoo's roots from warm-started eigenbases: group 0 as is, group 1 staggered
+# and in the background.
+QR_ROOTS_OPTIONS = [
+    dict(GROUP_OPTIONS[0], eigenbasis="qr"),
+    dict(STAGGERED_OPTIONS[1], eigenbasis="qr", refresh_delay=1),
+]
 # The option sets compared with one process, by name.
 VARIANTS = {
+    "qr_roots": QR_ROOTS_OPTIONS,
     "staggered": STAGGERED_OPTIONS,
     "eigenvalue_corrected": EC_OPTIONS,
     "eigenvalue_corrected_soap": EC_SOAP_OPTIONS,
