@@ -28,11 +28,13 @@ import torch
 __all__ = [
     "GRAFTING_TYPES",
     "GroupOptions",
+    "MAX_NEWTON_ROOT",
     "OPTIONS",
     "OPTION_DEFAULTS",
     "check_dtype_range",
     "check_group_keys",
     "constructor_options",
+    "newton_root",
     "optimizer_signature",
     "options_doc",
     "parse_factor_dtype",
@@ -47,6 +49,11 @@ EIGENBASIS_CONVENTIONS = ("reference", "soap")
 # products of every factor (10**4 took 0.43 s per refresh of one 6 x 5 block), and a few
 # already converge from the warm start.
 MAX_QR_ITERATIONS = 100
+# Coupled Newton iterations per root (``roots.newton_inverse_roots``): 4 to 6 matrix products
+# each; 30 reach float64's rounding from a condition number of 1e8 (exponent 1/4).
+MAX_NEWTON_ITERATIONS = 1000
+# The largest p of an exponent 1/p the Newton iteration takes (a product per bit of p).
+MAX_NEWTON_ROOT = 16
 # Integer options are recorded in int64 checkpoint records (state/record.py).
 _INT_MAX = 2**63 - 1
 
@@ -152,6 +159,10 @@ def _start(name: str, v: Any) -> int | None:
 
 def _ratio(name: str, v: Any) -> int | None:
     return None if v is None else integer(1)(name, v)
+
+
+def _newton(name: str, v: Any) -> int | None:
+    return None if v is None else integer(1, MAX_NEWTON_ITERATIONS)(name, v)
 
 
 def _grafting(name: str, v: Any) -> str | None:
@@ -392,6 +403,14 @@ OPTIONS: tuple[Option, ...] = (
         structure=_same("qr_iterations"),
     ),
     Option(
+        "newton_iterations",
+        None,
+        _newton,
+        "root-inverse Shampoo: compute the inverse roots by this many iterations of the "
+        "coupled Newton iteration (matrix products only, no host read) instead of from "
+        "eigenbases; exponents 1/p for integer p up to 16 (None: eigenbases)",
+    ),
+    Option(
         "eigenbasis_convention",
         "reference",
         choice(*EIGENBASIS_CONVENTIONS),
@@ -450,6 +469,28 @@ OPTION_DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 STRUCTURAL = tuple(o for o in OPTIONS if o.structure is not None)
 RECORDED = tuple(o for o in OPTIONS if o.record is not None)
 STORAGE = tuple(o.name for o in OPTIONS if o.storage)
+
+
+def newton_root(exponent: float) -> int | None:
+    """The integer p of an exponent 1/p the Newton iteration takes, else None."""
+    p = round(1.0 / exponent)
+    return p if 1 <= p <= MAX_NEWTON_ROOT and abs(p * exponent - 1.0) < 1e-9 else None
+
+
+def _check_newton(values: dict[str, Any]) -> None:
+    """``newton_iterations`` computes inverse roots 1/p of root-inverse Shampoo's factors."""
+    if values["preconditioner"] != "shampoo" or values["eigenbasis"] != "eigh":
+        raise ValueError(
+            "newton_iterations computes root-inverse Shampoo's inverse roots without "
+            "eigenbases: it takes preconditioner='shampoo' and eigenbasis='eigh', got "
+            f"preconditioner={values['preconditioner']!r}, eigenbasis={values['eigenbasis']!r}"
+        )
+    for order, exponent in values["inverse_exponent_override"].items():
+        if newton_root(exponent) is None:
+            raise ValueError(
+                f"newton_iterations computes inverse roots 1/p for integer p in 1.."
+                f"{MAX_NEWTON_ROOT}: inverse_exponent_override[{order}]={exponent!r} is not one"
+            )
 
 
 class _Options:
@@ -514,6 +555,8 @@ class _Options:
                 f"{values['refresh_delay']!r}, precondition_frequency="
                 f"{values['precondition_frequency']!r}"
             )
+        if values["newton_iterations"] is not None:
+            _check_newton(values)
         if values["start_preconditioning_step"] is None:
             values["start_preconditioning_step"] = values["precondition_frequency"]
         if values["grafting"] == "default":

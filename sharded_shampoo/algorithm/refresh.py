@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import torch
 from tensordict import TensorDict
 
-from ..options import GroupOptions
+from ..options import GroupOptions, newton_root
 from .eigenbasis import eigenbases, install_eigenbases, warm_roots
 from .modes import factored_dims
 from .packing import unpack
-from .roots import inverse_roots, keep_successes
+from .roots import inverse_roots, keep_successes, newton_inverse_roots
 from .storage import stored
 
 __all__ = [
@@ -101,18 +101,30 @@ def decompose(
             new, ok = warm_roots(state, opts, scale, exponent, dims)
         else:
             new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
+            p = newton_root(exponent)
             for i in dims:
                 old, factor = like[f"root_{i}"], unpack(state[f"factor_{i}"])
                 # Quantized roots are computed in the factors' work dtype (``storage``
                 # quantizes).
                 work = torch.promote_types(factor.dtype, torch.float32)
-                new[f"root_{i}"], good = inverse_roots(
-                    factor,
-                    scale=scale,
-                    epsilon=opts.epsilon,
-                    exponent=exponent,
-                    out_dtype=old.dtype if old.is_floating_point() else work,
-                )
+                out_dtype = old.dtype if old.is_floating_point() else work
+                if opts.newton_iterations is not None and p is not None:
+                    new[f"root_{i}"], good = newton_inverse_roots(
+                        factor,
+                        scale=scale,
+                        epsilon=opts.epsilon,
+                        p=p,
+                        iterations=opts.newton_iterations,
+                        out_dtype=out_dtype,
+                    )
+                else:
+                    new[f"root_{i}"], good = inverse_roots(
+                        factor,
+                        scale=scale,
+                        epsilon=opts.epsilon,
+                        exponent=exponent,
+                        out_dtype=out_dtype,
+                    )
                 ok = ok & good
     out = {"ok": ok.view(n, 1)}
     for key, matrices in new.items():

@@ -16,7 +16,7 @@ import torch
 
 from .storage import copy_where
 
-__all__ = ["inverse_roots", "eigh", "keep_successes"]
+__all__ = ["inverse_roots", "eigh", "keep_successes", "newton_inverse_roots"]
 
 
 def keep_successes(
@@ -86,4 +86,59 @@ def inverse_roots(
             if bool(good.all()) and bool(torch.isfinite(r).all()):
                 roots[j] = r
                 ok[j] = True
+    return roots, ok
+
+
+def _power(m: torch.Tensor, p: int) -> torch.Tensor:
+    """``m ** p`` for a stack of matrices, by squaring (a product per bit of ``p``)."""
+    out = None
+    while True:
+        if p & 1:
+            out = m if out is None else out @ m
+        p >>= 1
+        if not p:
+            return out
+        m = m @ m
+
+
+def newton_inverse_roots(
+    factors: torch.Tensor,
+    *,
+    scale: float,
+    epsilon: float,
+    p: int,
+    iterations: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A / c + epsilon I) ** (-1 / p)`` of a stack of factors by ``iterations`` steps of the
+    coupled Newton iteration (Guo and Higham, 2006): matrix products only, batched, no host
+    read. Returns ``(roots, ok)`` as ``inverse_roots`` does; ``ok`` is False where a root
+    came out non-finite.
+
+    With ``A' = A * scale + epsilon I`` and ``z = (1 + p) / (2 ||A'||_F)``:
+    ``X_0 = z^(1/p) I``, ``M_0 = z A'``, then ``T = ((p + 1) I - M_k) / p``,
+    ``X_{k+1} = X_k T``, ``M_{k+1} = T^p M_k``. ``M_k = X_k^p A'`` throughout, and ``M_k -> I``:
+    ``X_k -> A'^(-1/p)``. ``z`` puts the eigenvalues of ``M_0`` in ``(0, (1 + p) / 2]``, where
+    the iteration converges for each eigenvalue ``m``: ``m -> m ((p + 1 - m) / p)^p`` grows
+    by about ``(1 + 1/p)^p`` (2.25 to 2.7) per step while small, then converges
+    quadratically. So ``log(cond(A')) / log(2.25) + 5`` steps reach the working precision;
+    an eigenvector whose eigenvalue has not converged gets a smaller root than
+    ``eigh`` would give (``z^(1/p)`` times the growth so far): for a rank-deficient factor
+    with a small ``epsilon``, its null space is preconditioned less than by ``eigh``, by
+    design of a fixed count. The root is symmetrized at the end (rounding makes ``X``
+    slightly asymmetric). It does not start from the previous root: the coupled iteration
+    needs ``X_0`` to commute with ``A'``, which a root of an older factor does not."""
+    work_dtype = torch.promote_types(factors.dtype, torch.float32)
+    a = factors.to(work_dtype) * scale
+    eye = torch.eye(a.shape[-1], dtype=work_dtype, device=a.device)
+    a = a + epsilon * eye
+    z = (1.0 + p) / (2.0 * torch.linalg.matrix_norm(a).clamp_min(torch.finfo(work_dtype).tiny))
+    x = z.pow(1.0 / p).view(-1, 1, 1) * eye
+    m = z.view(-1, 1, 1) * a
+    for _ in range(iterations):
+        t = ((p + 1) * eye - m) / p
+        x = x @ t
+        m = _power(t, p) @ m
+    roots = ((x + x.mT) / 2).to(out_dtype)
+    ok = torch.isfinite(roots).flatten(1).all(1)
     return roots, ok

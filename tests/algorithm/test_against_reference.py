@@ -175,6 +175,11 @@ CONFIGS = {
     "qr_roots_rank_deficient": dict(
         eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1
     ),
+    # Inverse roots by the coupled Newton iteration: every order's exponent (1/2 to 1/8),
+    # overridden to 1/3 and 1/6, staggered, in the background.
+    "newton": dict(newton_iterations=30, betas=(0.9, 0.99)),
+    "newton_override": dict(newton_iterations=25, inverse_exponent_override={1: 1 / 3, 2: 1 / 6}),
+    "newton_staggered_delayed": dict(newton_iterations=30, stagger_roots=True, refresh_delay=2),
     "qr_roots_delayed_factor_ratio": dict(
         eigenbasis="qr", refresh_delay=2, max_factor_ratio=2, start_preconditioning_step=10
     ),

@@ -36,6 +36,8 @@ SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
 # Root-inverse Shampoo's roots from warm-started eigenbases, every step from step 1 (rank-
 # deficient factors: their null spaces' bases must not depend on the world size either).
 QR_ROOTS_CASE = dict(eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1)
+# Inverse roots by the coupled Newton iteration.
+NEWTON_CASE = dict(newton_iterations=30)
 # Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices, bfloat16
 # moving averages, 8-bit quantized roots and eigenvectors.
 LEAN_CASE = dict(
@@ -95,6 +97,7 @@ def world4():
         "lean",
         "lean_eigenvalue_corrected",
         "qr_roots",
+        "newton",
     ]
     cases = [
         (fsdp_cases.fsdp, {}),
@@ -109,6 +112,7 @@ def world4():
         (fsdp_cases.fsdp, LEAN_CASE),
         (fsdp_cases.fsdp, {**LEAN_CASE, **EC_CASE}),
         (fsdp_cases.fsdp, QR_ROOTS_CASE),
+        (fsdp_cases.fsdp, NEWTON_CASE),
     ]
     return dict(zip(names, run_cases(4, cases), strict=True))
 
@@ -234,7 +238,9 @@ def test_overlapped_buckets_are_bitwise_one_collective(world2, case):
         assert a["bytes_sent"] == b["bytes_sent"]  # status words once either way
 
 
-def test_qr_roots_match_single_process(world4):
-    """Roots from warm-started eigenbases, refreshed every step from step 1."""
-    values = world4["qr_roots"].ok()
-    fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(**QR_ROOTS_CASE))
+@pytest.mark.parametrize("case, options", [("qr_roots", QR_ROOTS_CASE), ("newton", NEWTON_CASE)])
+def test_root_methods_match_single_process(world4, case, options):
+    """Roots from warm-started eigenbases, refreshed every step from step 1; roots by the
+    coupled Newton iteration."""
+    values = world4[case].ok()
+    fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(**options))

@@ -30,6 +30,7 @@ DEFAULTS = dict(
     preconditioner="shampoo",
     eigenbasis="eigh",
     qr_iterations=1,
+    newton_iterations=None,
     eigenbasis_convention="reference",
     eigenbasis_tolerance=0.0,
     max_factor_ratio=None,
@@ -107,6 +108,19 @@ def ref_eigenbasis(F, Q_old, o, t):
     for _ in range(o["qr_iterations"]):
         Q, R = torch.linalg.qr(F @ Q)
     return ref_canonical_ties(torch.diagonal(R).abs(), Q), perm
+
+
+def ref_newton_root(A, p, iterations):
+    """A ** (-1/p) by the coupled Newton iteration, one matrix: X = z^(1/p) I, M = z A with
+    z = (1 + p) / (2 ||A||_F); then T = ((p + 1) I - M) / p, X <- X T, M <- T^p M."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    z = (1 + p) / (2 * torch.linalg.norm(A))
+    X, M = z ** (1 / p) * eye, z * A
+    for _ in range(iterations):
+        T = ((p + 1) * eye - M) / p
+        X = X @ T
+        M = torch.linalg.matrix_power(T, p) @ M
+    return (X + X.T) / 2
 
 
 def ref_merged_shape(shape, max_dim, merge):
@@ -249,6 +263,13 @@ class ReferenceShampoo:
                 e = (o["inverse_exponent_override"] or {}).get(kd, 1.0 / (2 * max(kd, 1)))
                 new_P, new_Q = list(st["P"]), list(st["Q"])
                 for i in dims:
+                    if o["newton_iterations"] is not None:
+                        new_P[i] = ref_newton_root(
+                            st["F"][i] / c + o["epsilon"] * torch.eye(st["F"][i].shape[0]),
+                            round(1 / e),
+                            o["newton_iterations"],
+                        )
+                        continue
                     if o["eigenbasis"] == "qr":
                         # From the previous basis: simultaneous iteration, then the
                         # eigenvalues diag(Q^T F Q) of the basis it ends with.

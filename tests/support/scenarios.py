@@ -79,9 +79,15 @@ QR_ROOTS_OPTIONS = [
     dict(GROUP_OPTIONS[0], eigenbasis="qr"),
     dict(STAGGERED_OPTIONS[1], eigenbasis="qr", refresh_delay=1),
 ]
+# Inverse roots by the coupled Newton iteration, group 1 in the background.
+NEWTON_OPTIONS = [
+    dict(GROUP_OPTIONS[0], newton_iterations=30),
+    dict(GROUP_OPTIONS[1], newton_iterations=25, refresh_delay=2),
+]
 # The option sets compared with one process, by name.
 VARIANTS = {
     "qr_roots": QR_ROOTS_OPTIONS,
+    "newton": NEWTON_OPTIONS,
     "staggered": STAGGERED_OPTIONS,
     "eigenvalue_corrected": EC_OPTIONS,
     "eigenvalue_corrected_soap": EC_SOAP_OPTIONS,
