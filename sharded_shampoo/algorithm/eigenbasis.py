@@ -185,32 +185,64 @@ def eigenbases(
 
 
 def warm_roots(
-    state: TensorDict, opts: GroupOptions, scale: float, exponent: float, dims: tuple[int, ...]
+    state: TensorDict,
+    opts: GroupOptions,
+    t: int,
+    scale: float,
+    exponent: float,
+    dims: tuple[int, ...],
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Root-inverse Shampoo's roots from warm-started eigenbases (``eigenbasis="qr"``), as the
     reference implementation's eigendecomposed Shampoo computes them: per dim, from the
-    previous basis ``Q`` (the identity before the first), ``qr_iterations`` steps of
-    ``Q <- qr(F Q)`` (simultaneous iteration: the QR algorithm on ``Q^T F Q``, without its
-    second product), the eigenvalues ``lambda = diag(Q^T F Q)``, and the root
-    ``Q diag((max(lambda, 0) * scale + epsilon) ** -exponent) Q^T``; a null space's columns
-    made canonical as the eigenvalue-corrected bases' are (``canonical_ties``). The roots do
-    not depend on the columns' order or signs, so nothing is sorted. Batched over the stack: a
-    product and a QR decomposition per iteration, two products more for the eigenvalues and
-    the root; one host read (which blocks have a null space; ``canonical_ties``). Returns
-    ``{"root_i", "eigenvectors_i"}`` and per block whether every dim's came out finite."""
+    previous basis ``Q`` (its columns by decreasing ``diag(Q^T F Q)``), ``qr_iterations``
+    steps of ``Q <- qr(F Q)`` (simultaneous iteration: the QR algorithm on ``Q^T F Q``, without
+    its second product), the eigenvalues ``lambda = diag(Q^T F Q)``, and the root
+    ``Q diag((max(lambda, 0) * scale + epsilon) ** -exponent) Q^T``.
+
+    The first refresh (``t`` is ``start_preconditioning_step``) takes ``eigh``'s basis, as
+    SOAP takes its first: from the identity, one QR step a refresh left the roots far from the
+    factor's for tens of steps (lm, a refresh every step from step 1: validation loss 4.03
+    after 60 steps against eigh's 2.54). A null space's columns are whatever rounding made
+    them, and later warm starts would follow them: they are replaced by a basis of their span
+    (``canonical_ties``), whose eigenvalues are then read as the others' are. The roots do not
+    depend on the columns' order or signs, so nothing is sorted. Batched over the stack: a
+    product and a QR decomposition per iteration, a product for the order and two for the
+    eigenvalues and the root. A block whose factor is rank-deficient (several of the last
+    QR's ``|diag(R)|`` tied at the smallest) takes ``eigh``'s basis instead: there the QR's
+    columns are rounding, which differs between modes. Two host reads (which blocks are
+    rank-deficient, which have a null space). Returns ``{"root_i",
+    "eigenvectors_i"}`` and per block whether every dim's came out finite."""
     new, ok = {}, None
     for i in dims:
         f = unpack(state[f"factor_{i}"])
         a = f.to(torch.promote_types(f.dtype, torch.float32))
-        q = read(state, f"eigenvectors_{i}", a.dtype)
-        for _ in range(opts.qr_iterations):
-            q, _ = torch.linalg.qr(a @ q)
-        values = (q * (a @ q)).sum(-2)  # diag(Q^T F Q): column j of Q dotted with (F Q)_j
-        # A null space's columns are whatever rounding made them, and later warm starts would
-        # follow them: a basis of their span instead, and one eigenvalue for the cluster, so
-        # that the root there is the same whatever its basis.
-        q = canonical_ties(values, q)
-        values = _sort_key(values)
+        if t == opts.start_preconditioning_step:
+            values, q, good = _eigh(a)
+            q = torch.where(good.view(-1, 1, 1), q, torch.eye(q.shape[-1], dtype=q.dtype))
+            values, q = values.flip(-1), q.flip(-1)  # largest first, as below
+        else:
+            # Columns by decreasing estimated eigenvalue diag(Q^T F Q) before the QR
+            # decomposition, which orthogonalizes them in order: a null space's columns of
+            # F Q are rounding, and first they would take directions of the range.
+            old = read(state, f"eigenvectors_{i}", a.dtype)
+            fq = a @ old
+            order = torch.sort(_sort_key((old * fq).sum(-2)), descending=True, stable=True)[1]
+            fq = fq.gather(-1, order.unsqueeze(-2).expand_as(fq))
+            for it in range(opts.qr_iterations):
+                q, r = torch.linalg.qr(fq if it == 0 else a @ q)
+            # A rank-deficient factor: F Q's columns beyond its rank are rounding, and the QR
+            # decomposition's columns there (range columns too, when the last ones left are
+            # nearly parallel) follow the rounding, which differs between modes. Such blocks
+            # (several |diag(R)| tied at the smallest) take eigh's basis instead.
+            deficient = (_tied(torch.diagonal(r, dim1=-2, dim2=-1).abs()).sum(-1) > 1).nonzero()
+            rows = deficient.flatten().tolist()
+            if rows:
+                _, q_e, good = _eigh(a[rows])
+                q[rows] = torch.where(good.view(-1, 1, 1), q_e.flip(-1), q[rows])
+            values = (q * (a @ q)).sum(-2)  # diag(Q^T F Q): column j of Q dotted with (F Q)_j
+        canonical = canonical_ties(values, q)
+        if canonical is not q:
+            q, values = canonical, (canonical * (a @ canonical)).sum(-2)
         w = (values.clamp_min(0.0) * scale + opts.epsilon).pow(-exponent)
         root = (q * w.unsqueeze(-2)) @ q.mT
         good = torch.isfinite(root).flatten(1).all(1)

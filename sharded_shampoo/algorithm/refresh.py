@@ -98,7 +98,7 @@ def decompose(
         # A block's order is that of its preconditioned dims (the others act as a batch).
         exponent = opts.exponent(len(dims))
         if opts.eigenbasis == "qr":
-            new, ok = warm_roots(state, opts, scale, exponent, dims)
+            new, ok = warm_roots(state, opts, t, scale, exponent, dims)
         else:
             new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
             p = newton_root(exponent)

@@ -115,7 +115,8 @@ def newton_inverse_roots(
     read. Returns ``(roots, ok)`` as ``inverse_roots`` does; ``ok`` is False where a root
     came out non-finite.
 
-    With ``A' = A * scale + epsilon I`` and ``z = (1 + p) / (2 ||A'||_F)``:
+    With ``A' = A * scale + max(epsilon, d u ||A * scale||_F) I`` (``u``: the work dtype's
+    rounding unit) and ``z = (1 + p) / (2 ||A'||_F)``:
     ``X_0 = z^(1/p) I``, ``M_0 = z A'``, then ``T = ((p + 1) I - M_k) / p``,
     ``X_{k+1} = X_k T``, ``M_{k+1} = T^p M_k``. ``M_k = X_k^p A'`` throughout, and ``M_k -> I``:
     ``X_k -> A'^(-1/p)``. ``z`` puts the eigenvalues of ``M_0`` in ``(0, (1 + p) / 2]``, where
@@ -124,14 +125,21 @@ def newton_inverse_roots(
     quadratically. So ``log(cond(A')) / log(2.25) + 5`` steps reach the working precision;
     an eigenvector whose eigenvalue has not converged gets a smaller root than
     ``eigh`` would give (``z^(1/p)`` times the growth so far): for a rank-deficient factor
-    with a small ``epsilon``, its null space is preconditioned less than by ``eigh``, by
-    design of a fixed count. The root is symmetrized at the end (rounding makes ``X``
-    slightly asymmetric). It does not start from the previous root: the coupled iteration
-    needs ``X_0`` to commute with ``A'``, which a root of an older factor does not."""
+    with a small ``epsilon``, its null space is preconditioned less than by ``eigh`` (by the
+    fixed count, and by the shift's floor where ``epsilon`` is below it). The root is
+    symmetrized at the end (rounding makes ``X`` slightly asymmetric). It does not start from
+    the previous root: the coupled iteration needs ``X_0`` to commute with ``A'``, which a
+    root of an older factor does not."""
     work_dtype = torch.promote_types(factors.dtype, torch.float32)
     a = factors.to(work_dtype) * scale
-    eye = torch.eye(a.shape[-1], dtype=work_dtype, device=a.device)
-    a = a + epsilon * eye
+    d = a.shape[-1]
+    eye = torch.eye(d, dtype=work_dtype, device=a.device)
+    # The iteration cannot clamp a rounding-negative eigenvalue as eigh's roots do, and one
+    # would grow without bound: the shift is at least d rounding units of the factor's norm,
+    # above the rounding of every product (1e-12 on a float32 factor of rank 1 diverged in
+    # 24 iterations).
+    floor = d * torch.finfo(work_dtype).eps * torch.linalg.matrix_norm(a)
+    a = a + floor.clamp_min(epsilon).view(-1, 1, 1) * eye
     z = (1.0 + p) / (2.0 * torch.linalg.matrix_norm(a).clamp_min(torch.finfo(work_dtype).tiny))
     x = z.pow(1.0 / p).view(-1, 1, 1) * eye
     m = z.view(-1, 1, 1) * a

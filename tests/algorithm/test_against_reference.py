@@ -162,7 +162,7 @@ CONFIGS = {
     "delayed": dict(refresh_delay=2, betas=(0.9, 0.99)),
     # Root-inverse Shampoo's roots from warm-started eigenbases (eigenbasis="qr"): one and two
     # iterations, every step, staggered, in the background, one-sided; from step 10, when the
-    # factors (of blocks of up to 8) have full rank, and from step 1.
+    # factors (of blocks of up to 8) have full rank.
     "qr_roots": dict(eigenbasis="qr", betas=(0.9, 0.99), start_preconditioning_step=10),
     "qr_roots_every_step": dict(
         eigenbasis="qr", qr_iterations=2, precondition_frequency=1, start_preconditioning_step=10
@@ -170,16 +170,16 @@ CONFIGS = {
     "qr_roots_staggered": dict(
         eigenbasis="qr", stagger_roots=True, momentum=0.5, start_preconditioning_step=10
     ),
-    # From step 1, every step: rank-deficient factors, whose null spaces get a basis that
-    # depends on their span alone.
-    "qr_roots_rank_deficient": dict(
-        eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1
-    ),
     # Inverse roots by the coupled Newton iteration: every order's exponent (1/2 to 1/8),
     # overridden to 1/3 and 1/6, staggered, in the background.
     "newton": dict(newton_iterations=30, betas=(0.9, 0.99)),
     "newton_override": dict(newton_iterations=25, inverse_exponent_override={1: 1 / 3, 2: 1 / 6}),
     "newton_staggered_delayed": dict(newton_iterations=30, stagger_roots=True, refresh_delay=2),
+    # From step 1, every step: rank-deficient factors take eigh's bases until they have full
+    # rank.
+    "qr_roots_rank_deficient": dict(
+        eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1
+    ),
     "qr_roots_delayed_factor_ratio": dict(
         eigenbasis="qr", refresh_delay=2, max_factor_ratio=2, start_preconditioning_step=10
     ),

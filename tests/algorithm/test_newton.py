@@ -1,9 +1,12 @@
 """Inverse roots by the coupled Newton iteration (``newton_iterations``) against eigh, float64.
 
-The bound per condition number: after 30 iterations the relative error (Frobenius) is within
-``cond x 1e-15`` for exponents 1/2 to 1/6 from a condition number of 1e2 to 1e8 (measured:
-about cond x 1e-17 to 1e-18). A rank-deficient factor's range gets eigh's root; its null
-space, under-converged by a fixed count, a root between the starting scale and eigh's.
+The root is of ``A + s I``, ``s = max(epsilon, d u ||A||_F)`` (``u``: the work dtype's rounding
+unit): below that floor an eigenvalue is rounding, which the iteration cannot clamp. The bound
+per condition number: after 30 iterations the relative error (Frobenius) against eigh's root
+of the same shifted matrix is within ``cond x 1e-15`` for exponents 1/2 to 1/6 from a condition
+number of 1e2 to 1e8 (measured: about cond x 1e-17 to 1e-18). A rank-deficient factor's range
+gets eigh's root; its null space, under-converged by a fixed count, a root between the
+starting scale and eigh's.
 """
 
 from __future__ import annotations
@@ -36,11 +39,16 @@ def newton(a, p, iterations=30, epsilon=0.0):
     return roots[0]
 
 
+def floor(a):
+    """The shift the iteration adds at least: d rounding units of ``||a||_F`` (float64)."""
+    return a.shape[-1] * torch.finfo(a.dtype).eps * torch.linalg.matrix_norm(a).item()
+
+
 @pytest.mark.parametrize("p", [2, 3, 4, 6])
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6, 1e8])
 def test_error_within_the_bound_per_condition_number(cond, p):
     a, q, values = spd(24, cond)
-    exact = (q * values.pow(-1.0 / p)) @ q.T
+    exact = (q * (values + floor(a)).pow(-1.0 / p)) @ q.T
     err = torch.linalg.matrix_norm(newton(a, p) - exact) / torch.linalg.matrix_norm(exact)
     assert err <= cond * 1e-15, f"cond {cond:.0e}, p {p}: relative error {err:.2e}"
 
@@ -49,7 +57,7 @@ def test_too_few_iterations_leave_small_eigenvalues_underconverged():
     """A fixed count is a fixed precision: 10 iterations of cond 1e6 are far off, and the
     error shrinks with the count (so the count is the user's to choose)."""
     a, q, values = spd(24, 1e6)
-    exact = (q * values.pow(-0.25)) @ q.T
+    exact = (q * (values + floor(a)).pow(-0.25)) @ q.T
     errs = [
         (torch.linalg.matrix_norm(newton(a, 4, n) - exact) / torch.linalg.matrix_norm(exact))
         for n in (5, 10, 20)
@@ -108,3 +116,22 @@ def test_what_the_newton_iteration_cannot_do_is_refused(options, message):
     p = torch.nn.Parameter(torch.randn(4, 4))
     with pytest.raises(ValueError, match=message):
         ShardedShampoo([p], **{"newton_iterations": 20, **options})
+
+
+def test_float32_rank_one_factor_with_a_tiny_epsilon_stays_finite():
+    """A float32 factor of rank 1 and epsilon 1e-12, far below float32's rounding of the
+    factor: unshifted, rounding-negative eigenvalues grew without bound (NaN after 24
+    iterations, seen in training). With the floor the roots are finite, and along the
+    gradient they are eigh's."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(128, 1, generator=gen)
+    a = (g @ g.T).unsqueeze(0)
+    for p in (2, 4):
+        roots, ok = newton_inverse_roots(
+            a, scale=1.0, epsilon=1e-12, p=p, iterations=30, out_dtype=torch.float32
+        )
+        assert bool(ok.all()) and torch.isfinite(roots).all()
+        u = (g / g.norm()).double()
+        along = (u.T @ roots[0].double() @ u).item()
+        expected = g.norm().double().item() ** (-2.0 / p)
+        assert abs(along - expected) <= 1e-3 * expected, (p, along, expected)

@@ -110,10 +110,13 @@ def ref_eigenbasis(F, Q_old, o, t):
     return ref_canonical_ties(torch.diagonal(R).abs(), Q), perm
 
 
-def ref_newton_root(A, p, iterations):
-    """A ** (-1/p) by the coupled Newton iteration, one matrix: X = z^(1/p) I, M = z A with
-    z = (1 + p) / (2 ||A||_F); then T = ((p + 1) I - M) / p, X <- X T, M <- T^p M."""
-    eye = torch.eye(A.shape[0], dtype=A.dtype)
+def ref_newton_root(F, epsilon, p, iterations):
+    """(F + s I) ** (-1/p), s = max(epsilon, d eps(float64) ||F||_F), by the coupled Newton
+    iteration: X = z^(1/p) I, M = z A with z = (1 + p) / (2 ||A||_F); then
+    T = ((p + 1) I - M) / p, X <- X T, M <- T^p M."""
+    d = F.shape[0]
+    eye = torch.eye(d, dtype=F.dtype)
+    A = F + max(epsilon, d * torch.finfo(F.dtype).eps * torch.linalg.norm(F).item()) * eye
     z = (1 + p) / (2 * torch.linalg.norm(A))
     X, M = z ** (1 / p) * eye, z * A
     for _ in range(iterations):
@@ -265,20 +268,27 @@ class ReferenceShampoo:
                 for i in dims:
                     if o["newton_iterations"] is not None:
                         new_P[i] = ref_newton_root(
-                            st["F"][i] / c + o["epsilon"] * torch.eye(st["F"][i].shape[0]),
-                            round(1 / e),
-                            o["newton_iterations"],
+                            st["F"][i] / c, o["epsilon"], round(1 / e), o["newton_iterations"]
                         )
                         continue
                     if o["eigenbasis"] == "qr":
                         # From the previous basis: simultaneous iteration, then the
                         # eigenvalues diag(Q^T F Q) of the basis it ends with.
-                        Q = st["Q"][i]
-                        for _ in range(o["qr_iterations"]):
-                            Q, _ = torch.linalg.qr(st["F"][i] @ Q)
-                        L = torch.diagonal(Q.T @ st["F"][i] @ Q).clone()
-                        Q = ref_canonical_ties(L, Q)  # a null space: a basis of its span
-                        L[ref_tied(L)] = L.min()
+                        F = st["F"][i]
+                        if t == start:  # the first basis: eigh's, largest first
+                            L, Q = torch.linalg.eigh(F)
+                            L, Q = L.flip(0), Q.flip(1)
+                        else:  # columns by decreasing diag(Q^T F Q), then QR steps
+                            Q = st["Q"][i]
+                            Q = Q[:, ref_sort(torch.diagonal(Q.T @ F @ Q), descending=True)]
+                            for _ in range(o["qr_iterations"]):
+                                Q, R = torch.linalg.qr(F @ Q)
+                            if len(ref_tied(torch.diagonal(R).abs())) > 1:  # rank-deficient
+                                Q = torch.linalg.eigh(F)[1].flip(1)
+                            L = torch.diagonal(Q.T @ F @ Q)
+                        if len(ref_tied(L)) > 1:  # a null space: a basis of its span
+                            Q = ref_canonical_ties(L, Q)
+                            L = torch.diagonal(Q.T @ F @ Q)
                         L = L / c
                         new_Q[i] = Q
                     else:
