@@ -58,6 +58,15 @@ def _tied(values: torch.Tensor) -> torch.Tensor:
     return values - low <= spread * values.abs().amax(-1, keepdim=True)
 
 
+def _rank_deficient(r: torch.Tensor) -> torch.Tensor:
+    """Per matrix ``F Q = Q' R`` (``r``: the R factors, (n, m, m)): whether two or more of
+    ``|diag(R)|`` are rounding, below ``TIES x eps(dtype) x sqrt(m)`` of the largest (a factor
+    of lower rank than ``m - 1``)."""
+    d = torch.diagonal(r, dim1=-2, dim2=-1).abs()
+    tol = TIES * torch.finfo(d.dtype).eps * d.shape[-1] ** 0.5
+    return (d <= tol * d.amax(-1, keepdim=True)).sum(-1) > 1
+
+
 def _sort_key(values: torch.Tensor) -> torch.Tensor:
     """``values`` with the smallest's cluster set to the smallest: sorted stably, tied columns
     keep their order instead of an order rounding would give them."""
@@ -207,8 +216,9 @@ def warm_roots(
     (``canonical_ties``), whose eigenvalues are then read as the others' are. The roots do not
     depend on the columns' order or signs, so nothing is sorted. Batched over the stack: a
     product and a QR decomposition per iteration, a product for the order and two for the
-    eigenvalues and the root. A block whose factor is rank-deficient (several of the last
-    QR's ``|diag(R)|`` tied at the smallest) takes ``eigh``'s basis instead: there the QR's
+    eigenvalues and the root. A block whose factor is rank-deficient (``_rank_deficient``:
+    several of the last QR's ``|diag(R)|`` are rounding) takes ``eigh``'s basis instead:
+    there the QR's
     columns are rounding, which differs between modes. Two host reads (which blocks are
     rank-deficient, which have a null space). Returns ``{"root_i",
     "eigenvectors_i"}`` and per block whether every dim's came out finite."""
@@ -233,9 +243,8 @@ def warm_roots(
             # A rank-deficient factor: F Q's columns beyond its rank are rounding, and the QR
             # decomposition's columns there (range columns too, when the last ones left are
             # nearly parallel) follow the rounding, which differs between modes. Such blocks
-            # (several |diag(R)| tied at the smallest) take eigh's basis instead.
-            deficient = (_tied(torch.diagonal(r, dim1=-2, dim2=-1).abs()).sum(-1) > 1).nonzero()
-            rows = deficient.flatten().tolist()
+            # take eigh's basis instead.
+            rows = _rank_deficient(r).nonzero().flatten().tolist()
             if rows:
                 _, q_e, good = _eigh(a[rows])
                 q[rows] = torch.where(good.view(-1, 1, 1), q_e.flip(-1), q[rows])

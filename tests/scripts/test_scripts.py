@@ -268,3 +268,25 @@ def test_eigenvalue_corrected_matches_the_reference_implementation():
     (float64, 20 steps with refreshes, eigh and QR)."""
     out = run("compare_reference.py", "--reference", os.environ["SHAMPOO_REFERENCE"])
     assert out.rstrip().splitlines()[-1].startswith("worst"), out
+
+
+def test_bench_refresh_reports_every_method_per_size():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_refresh.py"), "--sizes", "16,32", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [
+        line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["16"], ["32"])
+    ]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("16", "full"),
+        ("16", "low-rank"),
+        ("32", "full"),
+        ("32", "low-rank"),
+    ]
+    for r in rows:  # eigh's own ratio is 1, every method's is a positive figure
+        assert r[4] == "(1.00x)" and all(float(r[i]) > 0 for i in (3, 5, 7, 9)), r

@@ -283,7 +283,9 @@ class ReferenceShampoo:
                             Q = Q[:, ref_sort(torch.diagonal(Q.T @ F @ Q), descending=True)]
                             for _ in range(o["qr_iterations"]):
                                 Q, R = torch.linalg.qr(F @ Q)
-                            if len(ref_tied(torch.diagonal(R).abs())) > 1:  # rank-deficient
+                            r = torch.diagonal(R).abs()  # rank-deficient: 2+ are rounding
+                            tol = 64 * torch.finfo(r.dtype).eps * len(r) ** 0.5 * r.max()
+                            if int((r <= tol).sum()) > 1:
                                 Q = torch.linalg.eigh(F)[1].flip(1)
                             L = torch.diagonal(Q.T @ F @ Q)
                         if len(ref_tied(L)) > 1:  # a null space: a basis of its span
