@@ -211,24 +211,23 @@ def warm_roots(
     The first refresh (``t`` is ``start_preconditioning_step``) takes ``eigh``'s basis, as
     SOAP takes its first: from the identity, one QR step a refresh left the roots far from the
     factor's for tens of steps (lm, a refresh every step from step 1: validation loss 4.03
-    after 60 steps against eigh's 2.54). A null space's columns are whatever rounding made
-    them, and later warm starts would follow them: they are replaced by a basis of their span
-    (``canonical_ties``), whose eigenvalues are then read as the others' are. The roots do not
-    depend on the columns' order or signs, so nothing is sorted. Batched over the stack: a
-    product and a QR decomposition per iteration, a product for the order and two for the
-    eigenvalues and the root. A block whose factor is rank-deficient (``_rank_deficient``:
-    several of the last QR's ``|diag(R)|`` are rounding) takes ``eigh``'s basis instead:
-    there the QR's
-    columns are rounding, which differs between modes. Two host reads (which blocks are
-    rank-deficient, which have a null space). Returns ``{"root_i",
-    "eigenvectors_i"}`` and per block whether every dim's came out finite."""
+    after 60 steps against eigh's 2.54). A block whose factor is rank-deficient
+    (``_rank_deficient``: several of the last QR's ``|diag(R)|`` are rounding) takes
+    ``eigh``'s basis too: there the QR's columns are rounding, which differs between modes. A
+    null space's columns, whatever rounding made them, are replaced by a basis of their span
+    (``canonical_ties``), whose eigenvalues are then read as the others' are, so that later
+    warm starts do not follow rounding. Batched over the stack: a product and a QR
+    decomposition per iteration, a product for the order and two for the eigenvalues and the
+    root; two host reads (which blocks are rank-deficient, which have a null space). Returns
+    ``{"root_i", "eigenvectors_i"}`` and per block whether every dim's came out finite."""
     new, ok = {}, None
     for i in dims:
         f = unpack(state[f"factor_{i}"])
         a = f.to(torch.promote_types(f.dtype, torch.float32))
         if t == opts.start_preconditioning_step:
             values, q, good = _eigh(a)
-            q = torch.where(good.view(-1, 1, 1), q, torch.eye(q.shape[-1], dtype=q.dtype))
+            eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+            q = torch.where(good.view(-1, 1, 1), q, eye)
             values, q = values.flip(-1), q.flip(-1)  # largest first, as below
         else:
             # Columns by decreasing estimated eigenvalue diag(Q^T F Q) before the QR
