@@ -28,6 +28,7 @@ RUNS = [
         ("eigenvalue_corrected", False),
         ("lean", False),
         ("background", False),
+        ("qr_roots", False),
     )
 ]
 

@@ -24,6 +24,8 @@ VARIANTS = {
     },
     # The audited step installs the refresh computed in the background since the step before.
     "background": {"refresh_delay": 1},
+    # Roots from QR eigenbases (the bases held beside them) computed in the background.
+    "qr_roots": {"eigenbasis": "qr", "refresh_delay": 1},
 }
 
 
