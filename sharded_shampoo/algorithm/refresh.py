@@ -41,7 +41,7 @@ def refresh_inputs(state: TensorDict, opts: GroupOptions, order: int) -> list[st
     the factors."""
     dims = factored_dims(state, order)
     keys = [f"factor_{i}" for i in dims]
-    if opts.eigenvalue_corrected or opts.eigenbasis == "qr":
+    if "eigenvectors" in opts.bases:  # a new eigenbasis starts from the old one
         keys += [k for i in dims for k in (f"eigenvectors_{i}", f"eigenvectors_{i}_scale")]
     return [k for k in keys if k in state.keys()]
 
@@ -101,31 +101,26 @@ def decompose(
             new, ok = warm_roots(state, opts, t, scale, exponent, dims)
         else:
             new, ok = {}, torch.ones(n, dtype=torch.bool, device=state.device)
-            p = newton_root(exponent)
+            # Newton's iteration for exponents 1/p it takes (the options refuse overrides it
+            # does not; an order above 8 falls back to eigh).
+            p = None if opts.newton_iterations is None else newton_root(exponent)
             for i in dims:
                 old, factor = like[f"root_{i}"], unpack(state[f"factor_{i}"])
                 # Quantized roots are computed in the factors' work dtype (``storage``
                 # quantizes).
                 work = torch.promote_types(factor.dtype, torch.float32)
-                out_dtype = old.dtype if old.is_floating_point() else work
-                if opts.newton_iterations is not None and p is not None:
-                    new[f"root_{i}"], good = newton_inverse_roots(
-                        factor,
-                        scale=scale,
-                        epsilon=opts.epsilon,
-                        p=p,
-                        iterations=opts.newton_iterations,
-                        out_dtype=out_dtype,
-                    )
+                common = dict(
+                    scale=scale,
+                    epsilon=opts.epsilon,
+                    out_dtype=old.dtype if old.is_floating_point() else work,
+                )
+                if p is None:
+                    root, good = inverse_roots(factor, exponent=exponent, **common)
                 else:
-                    new[f"root_{i}"], good = inverse_roots(
-                        factor,
-                        scale=scale,
-                        epsilon=opts.epsilon,
-                        exponent=exponent,
-                        out_dtype=out_dtype,
+                    root, good = newton_inverse_roots(
+                        factor, p=p, iterations=opts.newton_iterations, **common
                     )
-                ok = ok & good
+                new[f"root_{i}"], ok = root, ok & good
     out = {"ok": ok.view(n, 1)}
     for key, matrices in new.items():
         out.update(stored(like, key, matrices))
