@@ -58,13 +58,9 @@ def _tied(values: torch.Tensor) -> torch.Tensor:
     return values - low <= spread * values.abs().amax(-1, keepdim=True)
 
 
-def _rank_deficient(r: torch.Tensor) -> torch.Tensor:
-    """Per matrix ``F Q = Q' R`` (``r``: the R factors, (n, m, m)): whether two or more of
-    ``|diag(R)|`` are rounding, below ``TIES x eps(dtype) x sqrt(m)`` of the largest (a factor
-    of lower rank than ``m - 1``)."""
-    d = torch.diagonal(r, dim1=-2, dim2=-1).abs()
-    tol = TIES * torch.finfo(d.dtype).eps * d.shape[-1] ** 0.5
-    return (d <= tol * d.amax(-1, keepdim=True)).sum(-1) > 1
+def _above_rounding(values: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
+    """``values`` (n, m) with those at most ``rounding`` (n,) set to zero."""
+    return torch.where(values <= rounding.unsqueeze(-1), 0.0, values)
 
 
 def _sort_key(values: torch.Tensor) -> torch.Tensor:
@@ -202,56 +198,56 @@ def warm_roots(
     dims: tuple[int, ...],
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Root-inverse Shampoo's roots from warm-started eigenbases (``eigenbasis="qr"``), as the
-    reference implementation's eigendecomposed Shampoo computes them: per dim, from the
-    previous basis ``Q`` (its columns by decreasing ``diag(Q^T F Q)``), ``qr_iterations``
-    steps of ``Q <- qr(F Q)`` (simultaneous iteration: the QR algorithm on ``Q^T F Q``, without
-    its second product), the eigenvalues ``lambda = diag(Q^T F Q)``, and the root
-    ``Q diag((max(lambda, 0) * scale + epsilon) ** -exponent) Q^T``.
+    reference implementation's eigendecomposed Shampoo computes them: per dim, with
+    ``A = F * scale`` (``scale``: 1 / the bias correction) and the previous basis ``Q``,
+    ``qr_iterations`` steps of ``Q <- qr((A + s I) Q)`` (simultaneous iteration, its columns
+    first put in order of decreasing ``diag(Q^T A Q)``), the eigenvalues
+    ``lambda = diag(Q^T A Q)`` of the basis it ends with, and the root
+    ``Q diag((max(lambda, 0) + epsilon) ** -exponent) Q^T``.
 
-    The first refresh (``t`` is ``start_preconditioning_step``) takes ``eigh``'s basis, as
+    ``A``'s rounding is ``u = eps(dtype) x m x ||A||_F`` (a bound on a Rayleigh quotient's).
+    The shift ``s`` is ``max(epsilon, u)``: it leaves the eigenvectors ``A``'s, and a column
+    in ``A``'s null space (a factor of fewer gradients than its order: 1-D blocks, unseen
+    embedding rows, early steps) comes out of the product as ``s`` times itself plus
+    rounding, so that the QR decomposition keeps it, orthogonalized against the range,
+    instead of a direction the rounding gives, which differs between modes. For the order,
+    estimates at most ``u`` count as zero: those columns keep their previous order.
+    Unlike ``eigh`` of ``A``, no ``eigh`` or host read is needed for a rank-deficient
+    factor (an ``eigh`` fallback for those made the QR refresh of lm 3.3x slower).
+
+    The first refresh (``t`` is ``start_preconditioning_step``) takes ``eigh``'s basis, its
+    null space's made canonical (``canonical_ties``: one host read), columns largest first, as
     SOAP takes its first: from the identity, one QR step a refresh left the roots far from the
     factor's for tens of steps (lm, a refresh every step from step 1: validation loss 4.03
-    after 60 steps against eigh's 2.54). A block whose factor is rank-deficient
-    (``_rank_deficient``: several of the last QR's ``|diag(R)|`` are rounding) takes
-    ``eigh``'s basis too: there the QR's columns are rounding, which differs between modes. A
-    null space's columns, whatever rounding made them, are replaced by a basis of their span
-    (``canonical_ties``), whose eigenvalues are then read as the others' are, so that later
-    warm starts do not follow rounding. Batched over the stack: a product and a QR
-    decomposition per iteration, a product for the order and two for the eigenvalues and the
-    root; two host reads (which blocks are rank-deficient, which have a null space). Returns
-    ``{"root_i", "eigenvectors_i"}`` and per block whether every dim's came out finite."""
+    after 60 steps against eigh's 2.54). Later ones are batched over the stack, with no
+    host read: per iteration a product and a QR decomposition, then a product for the
+    eigenvalues and one for the root. Returns ``{"root_i", "eigenvectors_i"}`` and per block
+    whether every dim's came out finite."""
     new, ok = {}, None
     for i in dims:
         f = unpack(state[f"factor_{i}"])
-        a = f.to(torch.promote_types(f.dtype, torch.float32))
+        a = f.to(torch.promote_types(f.dtype, torch.float32)) * scale
+        m = a.shape[-1]
+        rounding = torch.finfo(a.dtype).eps * m * torch.linalg.matrix_norm(a)
         if t == opts.start_preconditioning_step:
             values, q, good = _eigh(a)
-            eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-            q = torch.where(good.view(-1, 1, 1), q, eye)
-            values, q = values.flip(-1), q.flip(-1)  # largest first, as below
+            eye = torch.eye(m, dtype=q.dtype, device=q.device)
+            q = canonical_ties(values, torch.where(good.view(-1, 1, 1), q, eye)).flip(-1)
         else:
-            # Columns by decreasing estimated eigenvalue diag(Q^T F Q) before the QR
-            # decomposition, which orthogonalizes them in order: a null space's columns of
-            # F Q are rounding, and first they would take directions of the range.
+            # Columns by decreasing diag(Q^T A Q) before the QR decomposition, which
+            # orthogonalizes them in order: the range's first, the null space's after them.
             old = read(state, f"eigenvectors_{i}", a.dtype)
-            fq = a @ old
-            order = torch.sort(_sort_key((old * fq).sum(-2)), descending=True, stable=True)[1]
-            fq = fq.gather(-1, order.unsqueeze(-2).expand_as(fq))
+            shift = rounding.clamp_min(opts.epsilon).view(-1, 1, 1)
+            aq = a @ old
+            estimates = _above_rounding((old * aq).sum(-2), rounding)
+            order = torch.sort(estimates, descending=True, stable=True)[1]  # null: as it was
+            index = order.unsqueeze(-2).expand_as(aq)
+            q = old.gather(-1, index)
+            sq = aq.gather(-1, index) + shift * q  # (A + s I) Q, its columns in the new order
             for it in range(opts.qr_iterations):
-                q, r = torch.linalg.qr(fq if it == 0 else a @ q)
-            # A rank-deficient factor: F Q's columns beyond its rank are rounding, and the QR
-            # decomposition's columns there (range columns too, when the last ones left are
-            # nearly parallel) follow the rounding, which differs between modes. Such blocks
-            # take eigh's basis instead.
-            rows = _rank_deficient(r).nonzero().flatten().tolist()
-            if rows:
-                _, q_e, good = _eigh(a[rows])
-                q[rows] = torch.where(good.view(-1, 1, 1), q_e.flip(-1), q[rows])
-            values = (q * (a @ q)).sum(-2)  # diag(Q^T F Q): column j of Q dotted with (F Q)_j
-        canonical = canonical_ties(values, q)
-        if canonical is not q:
-            q, values = canonical, (canonical * (a @ canonical)).sum(-2)
-        w = (values.clamp_min(0.0) * scale + opts.epsilon).pow(-exponent)
+                q = torch.linalg.qr(sq if it == 0 else a @ q + shift * q)[0]
+        values = (q * (a @ q)).sum(-2)  # diag(Q^T A Q): column j of Q dotted with (A Q)_j
+        w = (values.clamp_min(0.0) + opts.epsilon).pow(-exponent)
         root = (q * w.unsqueeze(-2)) @ q.mT
         good = torch.isfinite(root).flatten(1).all(1)
         new[f"root_{i}"], new[f"eigenvectors_{i}"] = root, q

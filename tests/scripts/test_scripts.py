@@ -270,9 +270,20 @@ def test_eigenvalue_corrected_matches_the_reference_implementation():
     assert out.rstrip().splitlines()[-1].startswith("worst"), out
 
 
-def test_bench_refresh_reports_every_method_per_size():
+def test_bench_refresh_reports_every_method_per_size_and_step():
     out = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench_refresh.py"), "--sizes", "16,32", "--repeats", "1"],
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_refresh.py"),
+            "--sizes",
+            "16,32",
+            "--repeats",
+            "1",
+            "--workloads",
+            "autoencoder",
+            "--step-count",
+            "12",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
@@ -290,3 +301,12 @@ def test_bench_refresh_reports_every_method_per_size():
     ]
     for r in rows:  # eigh's own ratio is 1, every method's is a positive figure
         assert r[4] == "(1.00x)" and all(float(r[i]) > 0 for i in (3, 5, 7, 9)), r
+    # The step table: every optimizer, its times positive, Muon's own ratio 1.
+    steps = {
+        " ".join(line.split()[:-4]): line.split()[-4:]
+        for line in out.stdout.split("refreshed every step")[1].splitlines()[2:]
+    }
+    assert set(steps) == {"adamw", "muon", "shampoo eigh", "shampoo qr", "shampoo newton30",
+                          "EC eigh", "EC qr (soap)"}, steps  # fmt: skip
+    assert steps["muon"][3] == "1.00x", steps
+    assert all(float(v) > 0 for row in steps.values() for v in row[:3]), steps

@@ -272,26 +272,24 @@ class ReferenceShampoo:
                         )
                         continue
                     if o["eigenbasis"] == "qr":
-                        # From the previous basis: simultaneous iteration, then the
-                        # eigenvalues diag(Q^T F Q) of the basis it ends with.
-                        F = st["F"][i]
+                        # From the previous basis: simultaneous iteration on A + s I, then the
+                        # eigenvalues diag(Q^T A Q) of the basis it ends with.
+                        A = st["F"][i] / c
                         if t == start:  # the first basis: eigh's, largest first
-                            L, Q = torch.linalg.eigh(F)
-                            L, Q = L.flip(0), Q.flip(1)
-                        else:  # columns by decreasing diag(Q^T F Q), then QR steps
+                            L, Q = torch.linalg.eigh(A)
+                            Q = ref_canonical_ties(L, Q).flip(1)
+                        else:  # columns by decreasing diag(Q^T A Q), then QR steps
+                            u = torch.finfo(A.dtype).eps * A.shape[0] * torch.linalg.norm(A)
+                            s = max(o["epsilon"], float(u))  # the shift: above A's rounding
                             Q = st["Q"][i]
-                            Q = Q[:, ref_sort(torch.diagonal(Q.T @ F @ Q), descending=True)]
+                            key = torch.diagonal(Q.T @ A @ Q).clone()
+                            key[key <= u] = 0.0  # rounding: tied, in their previous order
+                            Q = Q[:, torch.argsort(key, descending=True, stable=True)]
                             for _ in range(o["qr_iterations"]):
-                                Q, R = torch.linalg.qr(F @ Q)
-                            r = torch.diagonal(R).abs()  # rank-deficient: 2+ are rounding
-                            tol = 64 * torch.finfo(r.dtype).eps * len(r) ** 0.5 * r.max()
-                            if int((r <= tol).sum()) > 1:
-                                Q = torch.linalg.eigh(F)[1].flip(1)
-                            L = torch.diagonal(Q.T @ F @ Q)
-                        if len(ref_tied(L)) > 1:  # a null space: a basis of its span
-                            Q = ref_canonical_ties(L, Q)
-                            L = torch.diagonal(Q.T @ F @ Q)
-                        L = L / c
+                                Q, _ = torch.linalg.qr(
+                                    (A + s * torch.eye(A.shape[0], dtype=A.dtype)) @ Q
+                                )
+                        L = torch.diagonal(Q.T @ A @ Q)
                         new_Q[i] = Q
                     else:
                         L, Q = torch.linalg.eigh(st["F"][i] / c)
