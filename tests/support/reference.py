@@ -63,16 +63,19 @@ def ref_sort(values, descending):
 
 
 def ref_canonical_ties(values, Q):
-    """The columns of the cluster of smallest eigenvalues replaced by the eigenvectors of
-    N^T diag(1..m)/m N, ascending."""
+    """The columns N of the cluster of smallest eigenvalues replaced by N Q_c, Q_c R the QR
+    decomposition (R's diagonal made non-negative) of N^T X[:, cluster], X an m x m standard
+    normal draw seeded by m, in float64."""
     m = values.shape[0]
     cols = ref_tied(values)
     if len(cols) < 2:
         return Q
     N = Q[:, cols]
-    _, U = torch.linalg.eigh(N.T @ torch.diag(torch.arange(1, m + 1, dtype=Q.dtype) / m) @ N)
+    X = torch.randn(m, m, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    Qc, R = torch.linalg.qr(N.T @ X[:, cols].to(Q.dtype))
+    Qc = Qc * torch.where(torch.diagonal(R) < 0, -1.0, 1.0)
     Q = Q.clone()
-    Q[:, cols] = N @ U
+    Q[:, cols] = N @ Qc
     return Q
 
 
