@@ -41,6 +41,7 @@ OPTIMIZERS = {
     "adamw": ("adamw", []),
     "muon": ("muon", []),
     "shampoo": ("shampoo", []),
+    "shampoo-qr": ("shampoo", ["--eigenbasis", "qr"]),  # roots from warm-started QR bases
     "ec-eigh": ("shampoo", ["--preconditioner", "eigenvalue_corrected", "--grafting", "none"]),
     "ec-qr": (
         "shampoo",
