@@ -158,9 +158,11 @@ class ShardedShampoo(torch.optim.Optimizer):
         try:
             defaults = constructor_options(args, options)
             # Fail on bad defaults even when every group overrides them. "default" grafting
-            # stays unresolved here: each group resolves it for its own preconditioner.
+            # and qr_start stay unresolved here: each group resolves them for its own
+            # preconditioner.
             stored = GroupOptions.from_group(defaults).stored()
             stored.pop("grafting")
+            stored.pop("qr_start")
             defaults.update(stored)
             if communication_dtype not in COMMUNICATION_DTYPES:
                 raise ValueError(

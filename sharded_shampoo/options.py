@@ -43,6 +43,7 @@ __all__ = [
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
 PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
 EIGENBASES = ("eigh", "qr")
+QR_STARTS = ("eigh", "identity")
 # See eigenbasis.py: the reference implementation's conventions, or the SOAP paper's.
 EIGENBASIS_CONVENTIONS = ("reference", "soap")
 # More QR iterations per refresh than this are refused: each is a QR decomposition and two
@@ -403,6 +404,19 @@ OPTIONS: tuple[Option, ...] = (
         structure=_same("qr_iterations"),
     ),
     Option(
+        "qr_start",
+        "default",
+        choice("default", *QR_STARTS),
+        "QR: the first basis, at start_preconditioning_step: eigh's, or the identity's (as the "
+        "reference implementation starts; from it, eigenvalue-corrected Shampoo with one "
+        "iteration spiked on small models). 'default': the identity with the reference "
+        "convention's eigenvalue-corrected bases (whose QR algorithm, warm-started from an "
+        "accurate basis in increasing order, amplifies rounding, so that modes would differ), "
+        "else eigh",
+        structure=_same("qr_start"),
+        stored=lambda o: o.qr_start,
+    ),
+    Option(
         "newton_iterations",
         None,
         _newton,
@@ -557,6 +571,21 @@ class _Options:
             )
         if values["newton_iterations"] is not None:
             _check_newton(values)
+        reference_qr = (
+            values["preconditioner"] == "eigenvalue_corrected"
+            and values["eigenbasis_convention"] == "reference"
+        )
+        if values["qr_start"] == "default":
+            values["qr_start"] = "identity" if reference_qr else "eigh"
+        elif values["qr_start"] == "eigh" and reference_qr and values["eigenbasis"] == "qr":
+            raise ValueError(
+                "qr_start='eigh' does not go with eigenvalue-corrected Shampoo's reference "
+                "convention: its QR algorithm, warm-started from an accurate basis in "
+                "increasing order, amplifies rounding by up to the largest eigenvalue over "
+                "epsilon per iteration, so that two modes or world sizes would end with other "
+                "bases; use eigenbasis_convention='soap' (which starts from eigh by default), "
+                "or qr_start='identity'"
+            )
         if values["start_preconditioning_step"] is None:
             values["start_preconditioning_step"] = values["precondition_frequency"]
         if values["grafting"] == "default":

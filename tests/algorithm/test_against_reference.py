@@ -194,6 +194,14 @@ CONFIGS = {
         grafting="adam",
         refresh_delay=2,
     ),
+    # QR from the identity at the first refresh, as the reference implementation starts.
+    "qr_roots_identity_start": dict(eigenbasis="qr", qr_start="identity", betas=(0.9, 0.99)),
+    "ec_soap_qr_identity_start": dict(
+        preconditioner="eigenvalue_corrected",
+        eigenbasis_convention="soap",
+        eigenbasis="qr",
+        qr_start="identity",
+    ),
     "ec_soap_qr_delayed": dict(
         preconditioner="eigenvalue_corrected",
         eigenbasis_convention="soap",

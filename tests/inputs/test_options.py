@@ -91,6 +91,26 @@ def test_nesterov_needs_momentum():
         ShardedShampoo([p], nesterov=True, momentum=0.9, dampening=0.1)
 
 
+def test_qr_start_resolves_per_group_and_refuses_eigh_with_the_reference_qr_algorithm():
+    p, q, r = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    ec = dict(preconditioner="eigenvalue_corrected", eigenbasis="qr")
+    opt = ShardedShampoo(
+        [
+            {"params": [p]},
+            {"params": [q], **ec},
+            {"params": [r], **ec, "eigenbasis_convention": "soap"},
+        ]
+    )
+    assert [g["qr_start"] for g in opt.param_groups] == ["eigh", "identity", "eigh"]
+    assert opt.defaults["qr_start"] == "default"  # each group resolves its own
+    with pytest.raises(ValueError, match="qr_start='eigh' does not go with"):
+        ShardedShampoo([p], **ec, qr_start="eigh")
+    with pytest.raises(ValueError, match="qr_start must be one of"):
+        ShardedShampoo([p], qr_start="random")
+    # Without QR bases the first basis is eigh's anyway: nothing to refuse.
+    ShardedShampoo([p], preconditioner="eigenvalue_corrected", qr_start="eigh")
+
+
 def test_message_gives_the_allowed_range():
     p = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match=r"momentum must be in \[0.0, 1.0\), got -0.5"):

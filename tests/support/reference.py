@@ -30,6 +30,7 @@ DEFAULTS = dict(
     preconditioner="shampoo",
     eigenbasis="eigh",
     qr_iterations=1,
+    qr_start="default",
     newton_iterations=None,
     eigenbasis_convention="reference",
     eigenbasis_tolerance=0.0,
@@ -79,15 +80,26 @@ def ref_canonical_ties(values, Q):
     return Q
 
 
-def ref_eigenbasis(F, Q_old, o, t):
+def ref_qr_start(o):
+    """QR's first basis: the identity with the reference convention's eigenvalue-corrected
+    bases by default, else eigh's."""
+    if o["qr_start"] != "default":
+        return o["qr_start"]
+    corrected = o["preconditioner"] == "eigenvalue_corrected"
+    return "identity" if corrected and o["eigenbasis_convention"] == "reference" else "eigh"
+
+
+def ref_eigenbasis(F, Q_old, o, t, first):
     """A factor's new eigenvectors, and (soap QR only) the permutation the corrected eigenvalues
-    of its dim follow (see sharded_shampoo/algorithm/eigenbasis.py for the two conventions)."""
+    of its dim follow (see sharded_shampoo/algorithm/eigenbasis.py for the two conventions).
+    ``first``: the first refresh, where QR starts from eigh's basis unless told otherwise."""
     beta2 = o["betas"][1]
+    by_eigh = o["eigenbasis"] == "eigh" or (first and ref_qr_start(o) == "eigh")
     if o["eigenbasis_convention"] == "reference":
         c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
         A = F / c + o["epsilon"] * torch.eye(F.shape[0], dtype=F.dtype)
         tol = o["eigenbasis_tolerance"]
-        if o["eigenbasis"] == "eigh":
+        if by_eigh:
             B = Q_old.T @ A @ Q_old
             if tol > 0 and ref_diagonal_enough(B, tol):
                 return Q_old, None
@@ -101,7 +113,7 @@ def ref_eigenbasis(F, Q_old, o, t):
             B, Q = R @ Qk, Q @ Qk
         order = ref_sort(torch.diagonal(B), descending=False)
         return ref_canonical_ties(torch.diagonal(B)[order], Q[:, order]), None
-    if o["eigenbasis"] == "eigh":
+    if by_eigh:
         L, Q = torch.linalg.eigh(F)
         order = torch.argsort(L, descending=True, stable=True)
         return ref_canonical_ties(L[order], Q[:, order]), None
@@ -253,7 +265,7 @@ class ReferenceShampoo:
             if corrected and due:
                 new_Q, perms = list(st["Q"]), []
                 for i in dims:
-                    Q, perm = ref_eigenbasis(st["F"][i], st["Q"][i], o, t)
+                    Q, perm = ref_eigenbasis(st["F"][i], st["Q"][i], o, t, t == start)
                     new_Q[i] = Q
                     if perm is not None:
                         perms.append((i, perm))
@@ -278,7 +290,7 @@ class ReferenceShampoo:
                         # From the previous basis: simultaneous iteration on A + s I, then the
                         # eigenvalues diag(Q^T A Q) of the basis it ends with.
                         A = st["F"][i] / c
-                        if t == start:  # the first basis: eigh's, largest first
+                        if t == start and ref_qr_start(o) == "eigh":  # eigh's, largest first
                             L, Q = torch.linalg.eigh(A)
                             Q = ref_canonical_ties(L, Q).flip(1)
                         else:  # columns by decreasing diag(Q^T A Q), then QR steps
