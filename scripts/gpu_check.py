@@ -20,6 +20,8 @@ One line per check, then a non-zero exit if any failed. Nothing is downloaded.
   staggered refreshes, staggered in the background) in a step without a refresh and the
   slowest refresh step, each one's peak memory over a training step and
   what it keeps (``memory_report``), in the same run.
+- ``refresh``: one refresh per factor by ``eigh``, warm QR and Newton iterations, per block
+  size (``scripts/bench_refresh.py``), against ``eigh``; fails on non-finite roots.
 
     python scripts/gpu_check.py                     # CUDA, the whole check (minutes)
     python scripts/gpu_check.py --device cpu --small   # the same checks here, in seconds
@@ -384,6 +386,26 @@ def check_speed(device, small: bool) -> None:
     )
 
 
+def check_refresh(device, small: bool) -> None:
+    """One refresh per factor by each method (``bench_refresh.py``) on the device: ms per factor
+    and against ``eigh``, full-rank and rank-deficient factors; fails if a method's roots come
+    out non-finite."""
+    import bench_refresh
+
+    for d in (16, 32) if small else (128, 256, 512, 1024, 2048):
+        n = bench_refresh.STACK.get(d, 1)
+        for kind in ("full", "low-rank"):
+            a = bench_refresh.factors(d, n, kind, device)
+            runs = bench_refresh.methods(a)
+            # (roots, ok), or for QR ({"root_0": roots, "eigenvectors_0": basis}, ok)
+            outs = [fn()[0] for fn in runs.values()]
+            roots = [o["root_0"] if isinstance(o, dict) else o for o in outs]
+            finite = all(bool(torch.isfinite(r).all()) for r in roots)
+            ms = {m: bench_refresh.timed(f, 3, device) * 1e3 / n for m, f in runs.items()}
+            cells = ", ".join(f"{m} {ms[m]:.2f} ms ({ms[m] / ms['eigh']:.2f}x)" for m in ms)
+            report(f"refresh d={d} {kind}", finite, f"per factor, {n} stacked: {cells}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -425,6 +447,7 @@ def main() -> int:
         finally:
             dist.destroy_process_group()
     check_speed(device, args.small)
+    check_refresh(device, args.small)
     print(
         f"{len(failures)} failed ({', '.join(failures) or 'none'}) in "
         f"{time.perf_counter() - started:.0f} s",
