@@ -4,7 +4,6 @@ that keep failing)."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -13,9 +12,6 @@ from collections.abc import Callable
 import torch
 
 from .blocking import ParamBlocking
-from .distributors import StackWork
-from .options import GroupOptions
-from .state import BlockStack
 
 __all__ = [
     "BlockNamer",
@@ -23,10 +19,8 @@ __all__ = [
     "ParamNamer",
     "RootFailureWarning",
     "block_name",
-    "check_roots",
     "param_name",
     "warn",
-    "warn_skipped",
 ]
 
 
@@ -81,60 +75,3 @@ def param_name(groups: list[dict], gi: int, pi: int) -> str:
     if names:
         return f"{names[pi]} {shape}"
     return f"param_groups[{gi}]['params'][{pi}] {shape}"
-
-
-def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
-    """Warns about the blocks of ``w`` skipped for a non-finite (or too large) gradient. A slow
-    path, taken only when the step's host read said some block was: it reads the step's
-    per-block masks and norms back."""
-    bad = (~w.keep).cpu()
-    norms = w.norms.cpu()
-    for r in bad.nonzero().flatten().tolist():
-        pi, bid = w.stack.row_owner[r]
-        if math.isnan(float(norms[r])):
-            what = "a non-finite gradient (NaN or Inf)"
-        else:  # no NaN, yet the norm is infinite: the block's factor would become infinite
-            what = f"an infinite gradient, or one too large for its squared norm in {w.grad.dtype}"
-        warn(
-            NonFiniteGradientWarning(
-                f"{what} in {name(w.group, pi, bid)}: the block is skipped in this step"
-            ),
-            step,
-        )
-
-
-def check_roots(
-    gi: int,
-    opts: GroupOptions,
-    stack: BlockStack,
-    ok: torch.Tensor,
-    rows: torch.Tensor,
-    name: BlockNamer,
-    step: int,
-) -> str | None:
-    """Warns about blocks whose roots failed; returns the error to raise, if any."""
-    if bool(ok.all()):
-        return None
-    failures = stack.state["root_failures"]
-    what = "eigenbasis" if opts.eigenvalue_corrected else "inverse roots"
-    error = None
-    for j in (~ok).nonzero().flatten().tolist():
-        r = int(rows[j])
-        pi, bid = stack.row_owner[r]
-        count = int(failures[r])
-        if count >= opts.max_consecutive_root_failures:
-            error = error or (
-                f"the {what} of {name(gi, pi, bid)} failed {count} times in a row (also "
-                "in float64); its factors are likely non-finite or badly scaled, or epsilon "
-                "is too small for the roots to fit the parameter dtype. Parameters were not "
-                "updated in this step."
-            )
-            continue
-        warn(
-            RootFailureWarning(
-                f"{what} of {name(gi, pi, bid)} could not be computed (failure {count} "
-                f"of {opts.max_consecutive_root_failures} allowed); keeping its previous ones"
-            ),
-            step,
-        )
-    return error

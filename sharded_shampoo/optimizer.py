@@ -22,7 +22,6 @@ from .diagnostics import (
     RootFailureWarning,
     block_name,
     param_name,
-    warn_skipped,
 )
 from .distributors import Distributor, build_distributors
 from .memory import MemoryReport, memory_report
@@ -42,7 +41,7 @@ from .state.dicts import StateDicts, pickled
 from .state.groups import GroupState
 from .status import raise_if_failed, read_outcome
 from .topology import Topology, peers_of
-from .work import begin_step, compute
+from .work import begin_step, compute, warn_skipped
 
 __all__ = ["ShardedShampoo", "NonFiniteGradientWarning", "RootFailureWarning"]
 

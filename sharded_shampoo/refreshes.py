@@ -35,13 +35,13 @@ from tensordict import TensorDict
 
 from .algorithm import decompose, install, install_keys, refresh_inputs, storage_format
 from .algorithm.modes import factored_dims
-from .diagnostics import BlockNamer, check_roots
+from .diagnostics import BlockNamer, RootFailureWarning, warn
 from .options import GroupOptions
 from .state import Rows
 from .state.groups import GroupState
 from .state.stacks import BlockStack
 
-__all__ = ["Refreshes"]
+__all__ = ["Refreshes", "check_roots"]
 
 # How much lower the worker's priority is (a nice value: 10 gives it about a tenth of a core
 # that a training thread also wants).
@@ -258,3 +258,40 @@ def _yield_to_training() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
     except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
         pass
+
+
+def check_roots(
+    gi: int,
+    opts: GroupOptions,
+    stack: BlockStack,
+    ok: torch.Tensor,
+    rows: torch.Tensor,
+    name: BlockNamer,
+    step: int,
+) -> str | None:
+    """Warns about blocks whose roots failed; returns the error to raise, if any."""
+    if bool(ok.all()):
+        return None
+    failures = stack.state["root_failures"]
+    what = "eigenbasis" if opts.eigenvalue_corrected else "inverse roots"
+    error = None
+    for j in (~ok).nonzero().flatten().tolist():
+        r = int(rows[j])
+        pi, bid = stack.row_owner[r]
+        count = int(failures[r])
+        if count >= opts.max_consecutive_root_failures:
+            error = error or (
+                f"the {what} of {name(gi, pi, bid)} failed {count} times in a row (also "
+                "in float64); its factors are likely non-finite or badly scaled, or epsilon "
+                "is too small for the roots to fit the parameter dtype. Parameters were not "
+                "updated in this step."
+            )
+            continue
+        warn(
+            RootFailureWarning(
+                f"{what} of {name(gi, pi, bid)} could not be computed (failure {count} "
+                f"of {opts.max_consecutive_root_failures} allowed); keeping its previous ones"
+            ),
+            step,
+        )
+    return error

@@ -4,20 +4,26 @@ from the device, except in steps that refresh roots."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .algorithm import due_rows, stack_step
-from .diagnostics import BlockNamer, ParamNamer, check_roots
+from .diagnostics import (
+    BlockNamer,
+    NonFiniteGradientWarning,
+    ParamNamer,
+    warn,
+)
 from .distributors import Distributor, StackWork, Step
 from .options import GroupOptions
-from .refreshes import Refreshes
+from .refreshes import Refreshes, check_roots
 from .state import Rows
 from .status import step_digest
 
-__all__ = ["begin_step", "compute", "gate"]
+__all__ = ["begin_step", "compute", "gate", "warn_skipped"]
 
 
 def begin_step(
@@ -161,3 +167,23 @@ def _due(w: StackWork, t: int) -> Rows | bool:
 
     key = ("due", None if rows is None else rows.key, t % opts.precondition_frequency)
     return stack.cached(key, make)
+
+
+def warn_skipped(w: StackWork, name: BlockNamer, step: int) -> None:
+    """Warns about the blocks of ``w`` skipped for a non-finite (or too large) gradient. A slow
+    path, taken only when the step's host read said some block was: it reads the step's
+    per-block masks and norms back."""
+    bad = (~w.keep).cpu()
+    norms = w.norms.cpu()
+    for r in bad.nonzero().flatten().tolist():
+        pi, bid = w.stack.row_owner[r]
+        if math.isnan(float(norms[r])):
+            what = "a non-finite gradient (NaN or Inf)"
+        else:  # no NaN, yet the norm is infinite: the block's factor would become infinite
+            what = f"an infinite gradient, or one too large for its squared norm in {w.grad.dtype}"
+        warn(
+            NonFiniteGradientWarning(
+                f"{what} in {name(w.group, pi, bid)}: the block is skipped in this step"
+            ),
+            step,
+        )

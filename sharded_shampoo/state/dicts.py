@@ -193,16 +193,13 @@ def pickled(opt) -> tuple:
             params = list(zip(g["param_names"], params, strict=True))
         groups.append({"params": params, **{k: g[k] for k in OPTION_DEFAULTS}})
     defaults = {k: opt.defaults[k] for k in OPTION_DEFAULTS}
-    return _rebuild, (groups, defaults, opt.communication_dtype, opt.state_dict())
+    return _rebuild, (type(opt), groups, defaults, opt.communication_dtype, opt.state_dict())
 
 
-def _rebuild(groups, defaults, communication_dtype, state):
-    """Unpickles a ShardedShampoo (see ``pickled``). It was not sharded, and the copy is not
-    either, whatever process group exists where it is unpickled."""
-    from ..optimizer import ShardedShampoo
-
-    opt = ShardedShampoo(
-        groups, **defaults, communication_dtype=communication_dtype, num_trainers_per_group=1
-    )
+def _rebuild(cls, groups, defaults, communication_dtype, state):
+    """Unpickles a ShardedShampoo (``cls``: the class pickled, see ``pickled``). It was not
+    sharded, and the copy is not either, whatever process group exists where it is
+    unpickled."""
+    opt = cls(groups, **defaults, communication_dtype=communication_dtype, num_trainers_per_group=1)
     opt.load_state_dict(state)
     return opt
