@@ -682,7 +682,7 @@ _OTHER_KEYS = {
     "max_momentum",
 }
 # Options of the whole optimizer, not of a group.
-_CONSTRUCTOR_ONLY = ("mesh", "communication_dtype", "num_trainers_per_group")
+_CONSTRUCTOR_ONLY = ("mesh", "communication_dtype", "num_trainers_per_group", "exchange_buckets")
 
 
 def check_group_keys(group: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ the correct result; never a silently wrong one."""
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 import warnings
 
@@ -279,8 +280,18 @@ def test_unknown_group_keys_are_refused_and_framework_hints_tolerated():
         ShardedShampoo(model.parameters(), **OPTS).add_param_group(
             {"params": [torch.nn.Parameter(torch.ones(2))], "weight_decy": 0.1}
         )
-    with pytest.raises(ValueError, match="communication_dtype is an option of the whole optimizer"):
-        ShardedShampoo([{"params": model.parameters(), "communication_dtype": torch.bfloat16}])
+    # Every keyword-only argument of the constructor is an option of the whole optimizer.
+    whole = [
+        name
+        for name, p in inspect.signature(ShardedShampoo).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    assert {"mesh", "communication_dtype", "num_trainers_per_group", "exchange_buckets"} <= set(
+        whole
+    )
+    for name in whole:
+        with pytest.raises(ValueError, match=f"{name} is an option of the whole optimizer"):
+            ShardedShampoo([{"params": model.parameters(), name: None}])
     # torchtitan's hints, and what LR schedulers add, are accepted (and mean nothing here).
     opt = ShardedShampoo(
         [{"params": model.parameters(), "fused": False, "foreach": True, "initial_lr": 0.1}], **OPTS
