@@ -72,11 +72,6 @@ def _tied(values: torch.Tensor) -> torch.Tensor:
     return values - low <= spread * values.abs().amax(-1, keepdim=True)
 
 
-def _above_rounding(values: torch.Tensor, rounding: torch.Tensor) -> torch.Tensor:
-    """``values`` (n, m) with those at most ``rounding`` (n,) set to zero."""
-    return torch.where(values <= rounding.unsqueeze(-1), 0.0, values)
-
-
 def _sort_key(values: torch.Tensor) -> torch.Tensor:
     """``values`` with the smallest's cluster set to the smallest: sorted stably, tied columns
     keep their order instead of an order rounding would give them."""
@@ -262,7 +257,6 @@ def warm_roots(
         f = unpack(state[f"factor_{i}"])
         a = f.to(torch.promote_types(f.dtype, torch.float32)) * scale
         m = a.shape[-1]
-        rounding = torch.finfo(a.dtype).eps * m * torch.linalg.matrix_norm(a)
         if t == opts.start_preconditioning_step and opts.qr_start == "eigh":
             values, q, good = _eigh(a)
             eye = torch.eye(m, dtype=q.dtype, device=q.device)
@@ -271,9 +265,11 @@ def warm_roots(
             # Columns by decreasing diag(Q^T A Q) before the QR decomposition, which
             # orthogonalizes them in order: the range's first, the null space's after them.
             old = read(state, f"eigenvectors_{i}", a.dtype)
+            rounding = torch.finfo(a.dtype).eps * m * torch.linalg.matrix_norm(a)
             shift = rounding.clamp_min(opts.epsilon).view(-1, 1, 1)
             aq = a @ old
-            estimates = _above_rounding((old * aq).sum(-2), rounding)
+            estimates = (old * aq).sum(-2)
+            estimates = torch.where(estimates <= rounding.unsqueeze(-1), 0.0, estimates)
             order = torch.sort(estimates, descending=True, stable=True)[1]  # null: as it was
             index = order.unsqueeze(-2).expand_as(aq)
             q = old.gather(-1, index)
