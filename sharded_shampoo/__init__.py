@@ -2,6 +2,7 @@
 
 from .agreement import PlanMismatchError, RankFailedError
 from .optimizer import NonFiniteGradientWarning, RootFailureWarning, ShardedShampoo
+from .param_groups import hidden_matrix_groups
 from .state.consolidation import StateDictRequestError
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "RankFailedError",
     "RootFailureWarning",
     "StateDictRequestError",
+    "hidden_matrix_groups",
 ]
 __version__ = "0.1.0"

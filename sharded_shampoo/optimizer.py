@@ -156,12 +156,12 @@ class ShardedShampoo(torch.optim.Optimizer):
     ) -> None:
         try:
             defaults = constructor_options(args, options)
-            # Fail on bad defaults even when every group overrides them. "default" grafting
-            # and qr_start stay unresolved here: each group resolves them for its own
-            # preconditioner.
+            # Fail on bad defaults even when every group overrides them. "default" grafting,
+            # qr_start and merge_dims stay unresolved here: each group resolves them for its
+            # own preconditioner.
             stored = GroupOptions.from_group(defaults).stored()
-            stored.pop("grafting")
-            stored.pop("qr_start")
+            for name in ("grafting", "qr_start", "merge_dims"):
+                stored.pop(name)
             defaults.update(stored)
             if communication_dtype not in COMMUNICATION_DTYPES:
                 raise ValueError(

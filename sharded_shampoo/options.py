@@ -38,10 +38,15 @@ __all__ = [
     "optimizer_signature",
     "options_doc",
     "parse_factor_dtype",
+    "resolve_merge_dims",
 ]
 
-GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd")
-PRECONDITIONERS = ("shampoo", "eigenvalue_corrected")
+# adam, adagrad and rmsprop keep a second moment; shape and rms are fixed norms
+# (``algorithm/spectral.py``).
+GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "shape", "rms")
+PRECONDITIONERS = ("shampoo", "eigenvalue_corrected", "diagonal", "spectral")
+# Newton-Schulz iterations for preconditioner="spectral" (algorithm/spectral.py).
+NEWTON_SCHULZ = ("muon", "polar_express")
 EIGENBASES = ("eigh", "qr")
 QR_STARTS = ("eigh", "identity")
 # See eigenbasis.py: the reference implementation's conventions, or the SOAP paper's.
@@ -148,14 +153,28 @@ def choice(*values: Any) -> Callable[[str, Any], Any]:
 def _betas(name: str, v: Any) -> tuple[float, float]:
     if not (isinstance(v, (tuple, list)) and len(v) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {v!r}")
+    # betas[1] = 0: factors (and corrected eigenvalues) of the current step alone, as Muon's.
     return (
         real(0.0, 1.0, hi_open=True)("betas[0]", v[0]),
-        real(0.0, 1.0, lo_open=True)("betas[1]", v[1]),
+        real(0.0, 1.0)("betas[1]", v[1]),
     )
 
 
 def _start(name: str, v: Any) -> int | None:
     return None if v is None else integer(1)(name, v)
+
+
+def _optional_real(name: str, v: Any) -> float | None:
+    return None if v is None else real(0.0)(name, v)
+
+
+def _merge_dims(name: str, v: Any) -> bool | str:
+    return v if v == "default" and isinstance(v, str) else boolean(name, v)
+
+
+def resolve_merge_dims(value: Any, preconditioner: Any) -> Any:
+    """``merge_dims`` with "default" resolved for ``preconditioner``."""
+    return preconditioner != "spectral" if value == "default" else value
 
 
 def _ratio(name: str, v: Any) -> int | None:
@@ -274,8 +293,31 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "epsilon",
         1e-12,
-        real(0.0, lo_open=True),
-        "added to the factors' eigenvalues before the inverse root",
+        real(0.0),
+        "added to the factors' eigenvalues before the inverse root (> 0; 0 with "
+        "pseudo_inverse)",
+    ),
+    Option(
+        "pseudo_inverse",
+        False,
+        boolean,
+        "drop the eigenvalues at most max(rank_atol, rank_rtol x the largest) from the roots "
+        "(weight 0: a pseudo-inverse root) instead of adding epsilon, which must be 0; "
+        "eigenvalue-corrected: the same with the corrected eigenvalues of each block",
+    ),
+    Option(
+        "rank_atol",
+        0.0,
+        real(0.0),
+        "pseudo_inverse: the absolute cutoff",
+    ),
+    Option(
+        "rank_rtol",
+        None,
+        _optional_real,
+        "pseudo_inverse: the cutoff relative to the largest eigenvalue (None: the matrix's "
+        "size, its largest dim eigenvalue-corrected, times its dtype's rounding unit, as "
+        "torch.linalg.matrix_rank)",
     ),
     Option("weight_decay", 0.0, real(0.0), "weight decay"),
     Option(
@@ -305,11 +347,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "merge_dims",
-        True,
-        boolean,
-        "merge small dims before blocking",
+        "default",
+        _merge_dims,
+        "merge small dims before blocking ('default': True, but False for spectral, whose "
+        "blocks are matrices: rows by the product of the other dims)",
         structure=_same("merge_dims"),
         record=lambda o: int(o.merge_dims),
+        stored=lambda o: o.merge_dims,
     ),
     Option(
         "precondition_frequency",
@@ -329,8 +373,11 @@ OPTIONS: tuple[Option, ...] = (
         "grafting",
         "default",
         _grafting,
-        "the direction whose norm Shampoo's takes: adam, adagrad, rmsprop, sgd, None "
-        "('default': adam for root-inverse Shampoo, None for eigenvalue-corrected)",
+        "the direction whose norm Shampoo's takes: adam, adagrad, rmsprop, sgd, or a fixed "
+        "norm: shape (that of the block's polar factor times sqrt(max(1, rows / cols)), as "
+        "Muon scales) or rms (root mean square 0.2, AdamW's); None: Shampoo's own. A block "
+        "is (rows, the product of its other dims). 'default': adam for root-inverse Shampoo "
+        "and diagonal, None for eigenvalue-corrected, shape for spectral",
         structure=_same("grafting"),
         record=lambda o: -1 if o.grafting is None else GRAFTING_TYPES.index(o.grafting),
         stored=lambda o: o.grafting,
@@ -379,9 +426,50 @@ OPTIONS: tuple[Option, ...] = (
         "preconditioner",
         "shampoo",
         choice(*PRECONDITIONERS),
-        "root-inverse Shampoo or eigenvalue-corrected (SOAP)",
+        "root-inverse Shampoo, eigenvalue-corrected (SOAP), diagonal (no factors: the "
+        "grafting direction alone, Adam by default: for embeddings, heads and 1-D "
+        "parameters) or spectral (Muon: the first moment orthogonalized by Newton-Schulz)",
         structure=_same("preconditioner"),
-        record=lambda o: 1 if o.eigenvalue_corrected else -1,
+        # -1: root-inverse (and records written before the other kinds).
+        record=lambda o: {"eigenvalue_corrected": 1, "diagonal": 2, "spectral": 3}.get(
+            o.preconditioner, -1
+        ),
+    ),
+    Option(
+        "kl_shampoo",
+        False,
+        boolean,
+        "root-inverse Shampoo: KL-Shampoo's factors, each from the gradient preconditioned "
+        "along the other dims by their current inverse roots",
+    ),
+    Option(
+        "factor_source",
+        "gradient",
+        choice("gradient", "first_moment"),
+        "root-inverse Shampoo: what the factors are Gram matrices of: the gradient, or the "
+        "first moment the direction preconditions (betas[0] > 0; with betas[1] = 0, a "
+        "refresh every step, exponent 1/4, pseudo_inverse and no grafting: Muon's exact "
+        "polar factor)",
+    ),
+    Option(
+        "first_moment_nesterov",
+        False,
+        boolean,
+        "precondition (1 - beta1) g + beta1 m instead of the first moment m (Nesterov's "
+        "look-ahead, as torch.optim.Muon's nesterov)",
+    ),
+    Option(
+        "newton_schulz",
+        "muon",
+        choice(*NEWTON_SCHULZ),
+        "spectral: the iteration's coefficients: muon (Keller Jordan's quintic, as "
+        "torch.optim.Muon) or polar_express (Amsel et al.'s schedule, as modded-nanogpt)",
+    ),
+    Option(
+        "newton_schulz_steps",
+        5,
+        integer(1, 100),
+        "spectral: Newton-Schulz iterations (polar_express: at most 5, its schedule's length)",
     ),
     Option(
         "eigenbasis",
@@ -507,6 +595,66 @@ def _check_newton(values: dict[str, Any]) -> None:
             )
 
 
+_DEFAULT_GRAFTING = {
+    "shampoo": "adam",
+    "eigenvalue_corrected": None,
+    "diagonal": "adam",
+    "spectral": "shape",
+}
+
+
+def _check_estimators(values: dict[str, Any]) -> None:
+    """The estimators' options against each other (``pseudo_inverse``, ``kl_shampoo``,
+    ``factor_source``, the spectral preconditioner's)."""
+    kind = values["preconditioner"]
+    if values["pseudo_inverse"]:
+        if values["epsilon"] != 0.0:
+            raise ValueError(
+                "pseudo_inverse=True drops small eigenvalues instead of adding epsilon: it "
+                f"takes epsilon=0, got epsilon={values['epsilon']!r}"
+            )
+        if values["newton_iterations"] is not None or kind in ("diagonal", "spectral"):
+            raise ValueError(
+                "pseudo_inverse=True needs eigenvalues: preconditioner='shampoo' (without "
+                "newton_iterations) or 'eigenvalue_corrected', got "
+                f"preconditioner={kind!r}, newton_iterations={values['newton_iterations']!r}"
+            )
+    else:
+        if values["epsilon"] == 0.0 and kind in ("shampoo", "eigenvalue_corrected"):
+            raise ValueError(
+                "epsilon must be > 0 (or 0 with pseudo_inverse=True, which drops the "
+                "eigenvalues at most the rank cutoff instead), got epsilon=0.0"
+            )
+        for name, default in (("rank_atol", 0.0), ("rank_rtol", None)):
+            if values[name] != default:
+                raise ValueError(
+                    f"{name} is the cutoff of pseudo_inverse=True, which is off: got "
+                    f"{name}={values[name]!r}"
+                )
+    for name, default in (("kl_shampoo", False), ("factor_source", "gradient")):
+        if values[name] != default and kind != "shampoo":
+            raise ValueError(
+                f"{name}={values[name]!r} changes root-inverse Shampoo's factors: it takes "
+                f"preconditioner='shampoo', got preconditioner={kind!r}"
+            )
+    if values["factor_source"] == "first_moment" and values["betas"][0] == 0.0:
+        raise ValueError(
+            "factor_source='first_moment' takes betas[0] > 0 (with betas[0] = 0 the first "
+            "moment is the gradient), got betas[0]=0.0"
+        )
+    for name, default in (("newton_schulz", "muon"), ("newton_schulz_steps", 5)):
+        if values[name] != default and kind != "spectral":
+            raise ValueError(
+                f"{name} sets the spectral preconditioner's iteration: it takes "
+                f"preconditioner='spectral', got preconditioner={kind!r}"
+            )
+    if values["newton_schulz"] == "polar_express" and values["newton_schulz_steps"] > 5:
+        raise ValueError(
+            "newton_schulz='polar_express' has a schedule of 5 steps: newton_schulz_steps "
+            f"must be at most 5, got {values['newton_schulz_steps']!r}"
+        )
+
+
 class _Options:
     """What the options imply, for ``GroupOptions`` (made from ``OPTIONS``)."""
 
@@ -532,11 +680,19 @@ class _Options:
         return ("root", "eigenvectors") if self.eigenbasis == "qr" else ("root",)
 
     def preconditioned_dims(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The dims of a block of ``shape`` that get a factor (``max_factor_ratio``)."""
+        """The dims of a block of ``shape`` that get a factor (``max_factor_ratio``; none
+        for the diagonal and spectral preconditioners)."""
+        if self.preconditioner in ("diagonal", "spectral"):
+            return ()
         if self.max_factor_ratio is None:
             return tuple(range(len(shape)))
         numel = math.prod(shape)
         return tuple(i for i, m in enumerate(shape) if m * m <= self.max_factor_ratio * numel)
+
+    @property
+    def rank_tolerance(self) -> tuple[float, float | None] | None:
+        """``(rank_atol, rank_rtol)`` with ``pseudo_inverse``, else None."""
+        return (self.rank_atol, self.rank_rtol) if self.pseudo_inverse else None
 
     def exponent(self, order: int) -> float:
         """The inverse-root exponent for a block with ``order`` dims."""
@@ -571,6 +727,7 @@ class _Options:
             )
         if values["newton_iterations"] is not None:
             _check_newton(values)
+        _check_estimators(values)
         reference_qr = (
             values["preconditioner"] == "eigenvalue_corrected"
             and values["eigenbasis_convention"] == "reference"
@@ -589,7 +746,8 @@ class _Options:
         if values["start_preconditioning_step"] is None:
             values["start_preconditioning_step"] = values["precondition_frequency"]
         if values["grafting"] == "default":
-            values["grafting"] = "adam" if values["preconditioner"] == "shampoo" else None
+            values["grafting"] = _DEFAULT_GRAFTING[values["preconditioner"]]
+        values["merge_dims"] = resolve_merge_dims(values["merge_dims"], values["preconditioner"])
         return cls(**values)
 
     def fields_text(self) -> tuple[str, ...]:
@@ -730,7 +888,7 @@ def check_dtype_range(opts: GroupOptions, param_dtypes: Iterable[torch.dtype]) -
             # Below half the smallest subnormal, a value rounds to 0 (checked with float
             # arithmetic: this runs every step, and a tensor per check would cost more).
             info = torch.finfo(where)
-            if value <= info.smallest_normal * info.eps / 2:
+            if 0 < value <= info.smallest_normal * info.eps / 2:  # 0: pseudo_inverse
                 raise ValueError(
                     f"{name}={value!r} rounds to 0 in {where}, the {what} (smallest: "
                     f"{torch.finfo(where).smallest_normal:.3g}); use a larger {name}"

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .blocking import make_blocking
+from .options import resolve_merge_dims
 from .placement.sharding import Sharding
 from .placement.world import Axis, Mode, WorldMesh, modes_of, world_of
 
@@ -295,7 +296,8 @@ def count_blocks(params: list, defaults: dict[str, Any]) -> int:
     total = 0
     for item in params:
         options = {**defaults, **item} if isinstance(item, dict) else defaults
-        md, merge = options["max_preconditioner_dim"], options["merge_dims"]
+        md = options["max_preconditioner_dim"]
+        merge = resolve_merge_dims(options["merge_dims"], options["preconditioner"])
         if isinstance(md, bool) or not isinstance(md, int) or md < 1:
             md = defaults["max_preconditioner_dim"]
         for t in iter_tensors([item]):

@@ -55,7 +55,7 @@ from tensordict import TensorDict
 from ..options import GroupOptions
 from .modes import precondition
 from .packing import unpack
-from .roots import eigh, keep_successes
+from .roots import eigh, inverse_power, keep_successes
 from .storage import read
 
 __all__ = ["canonical_ties", "eigenbases", "install_eigenbases", "warm_roots"]
@@ -231,7 +231,8 @@ def warm_roots(
     ``qr_iterations`` steps of ``Q <- qr((A + s I) Q)`` (simultaneous iteration, its columns
     first put in order of decreasing ``diag(Q^T A Q)``), the eigenvalues
     ``lambda = diag(Q^T A Q)`` of the basis it ends with, and the root
-    ``Q diag((max(lambda, 0) + epsilon) ** -exponent) Q^T``.
+    ``Q diag((max(lambda, 0) + epsilon) ** -exponent) Q^T`` (or its pseudo-inverse:
+    ``roots.inverse_power``).
 
     ``A``'s rounding is ``u = eps(dtype) x m x ||A||_F`` (a bound on a Rayleigh quotient's).
     The shift ``s`` is ``max(epsilon, u)``: it leaves the eigenvectors ``A``'s, and a column
@@ -277,7 +278,9 @@ def warm_roots(
             for it in range(opts.qr_iterations):
                 q = torch.linalg.qr(sq if it == 0 else a @ q + shift * q)[0]
         values = (q * (a @ q)).sum(-2)  # diag(Q^T A Q): column j of Q dotted with (A Q)_j
-        w = (values.clamp_min(0.0) + opts.epsilon).pow(-exponent)
+        w = inverse_power(
+            values, exponent=exponent, epsilon=opts.epsilon, rank_tolerance=opts.rank_tolerance
+        )
         root = (q * w.unsqueeze(-2)) @ q.mT
         good = torch.isfinite(root).flatten(1).all(1)
         new[f"root_{i}"], new[f"eigenvectors_{i}"] = root, q

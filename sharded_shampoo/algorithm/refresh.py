@@ -115,7 +115,9 @@ def decompose(
                     out_dtype=old.dtype if old.is_floating_point() else work,
                 )
                 if p is None:
-                    root, good = inverse_roots(factor, exponent=exponent, **common)
+                    root, good = inverse_roots(
+                        factor, exponent=exponent, rank_tolerance=opts.rank_tolerance, **common
+                    )
                 else:
                     root, good = newton_inverse_roots(
                         factor, p=p, iterations=opts.newton_iterations, **common

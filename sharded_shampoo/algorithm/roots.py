@@ -3,7 +3,8 @@
 ``(A / c + epsilon * I) ** (-e)`` is computed from one symmetric eigendecomposition of ``A``:
 ``Q diag((max(lambda, 0) / c + epsilon) ** -e) Q^T``. The eigenvalues are clamped at zero because
 ``A`` is a sum of Gram matrices (PSD in exact arithmetic); rounding can push its smallest
-eigenvalues slightly negative, and a negative base would turn the root into NaN.
+eigenvalues slightly negative, and a negative base would turn the root into NaN. Pseudo-inverse
+roots (``pseudo_inverse``) drop the eigenvalues below a cutoff instead (``inverse_power``).
 
 The whole stack goes through one batched ``eigh``. If it raises, or any matrix comes back with
 non-finite values, the matrices concerned are retried one by one in float64; those that still fail
@@ -16,7 +17,7 @@ import torch
 
 from .storage import copy_where
 
-__all__ = ["inverse_roots", "eigh", "keep_successes", "newton_inverse_roots"]
+__all__ = ["eigh", "inverse_power", "inverse_roots", "keep_successes", "newton_inverse_roots"]
 
 
 def keep_successes(
@@ -39,12 +40,43 @@ def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh(a)
 
 
+def inverse_power(
+    values: torch.Tensor,
+    *,
+    exponent: float,
+    epsilon: float,
+    rank_tolerance: tuple[float, float | None] | None = None,
+    size: int | None = None,
+) -> torch.Tensor:
+    """``(max(lambda, 0) + epsilon) ** -exponent`` for each eigenvalue ``lambda`` of ``values``
+    (..., m). With ``rank_tolerance = (atol, rtol)`` (``pseudo_inverse``), a pseudo-inverse
+    power instead, as the reference implementation's ``PseudoInverseConfig``: per row, the
+    eigenvalues at most ``max(atol, rtol x max(largest, 0))`` get 0 and the others
+    ``lambda ** -exponent`` (``rtol`` None: ``size`` (default m) times the dtype's rounding
+    unit)."""
+    if rank_tolerance is None:
+        return (values.clamp_min(0.0) + epsilon).pow(-exponent)
+    atol, rtol = rank_tolerance
+    if rtol is None:
+        rtol = (values.shape[-1] if size is None else size) * torch.finfo(values.dtype).eps
+    cutoff = (values.amax(-1, keepdim=True).clamp_min(0.0) * rtol).clamp_min(atol)
+    kept = values > cutoff
+    # Dropped eigenvalues may be 0 or negative: their power is replaced, never used.
+    return torch.where(kept, torch.where(kept, values, 1.0).pow(-exponent), 0.0)
+
+
 def _roots_from_eigh(
-    a: torch.Tensor, scale: float, epsilon: float, exponent: float
+    a: torch.Tensor,
+    scale: float,
+    epsilon: float,
+    exponent: float,
+    rank_tolerance: tuple[float, float | None] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Roots of a stack ``a`` (n, d, d) and a per-matrix ``ok`` flag (n,)."""
     evals, evecs = eigh(a)
-    w = (evals.clamp_min(0.0) * scale + epsilon).pow(-exponent)
+    w = inverse_power(
+        evals * scale, exponent=exponent, epsilon=epsilon, rank_tolerance=rank_tolerance
+    )
     roots = (evecs * w.unsqueeze(-2)) @ evecs.mT
     ok = torch.isfinite(roots).flatten(1).all(1)
     return roots, ok
@@ -57,16 +89,18 @@ def inverse_roots(
     epsilon: float,
     exponent: float,
     out_dtype: torch.dtype,
+    rank_tolerance: tuple[float, float | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(roots, ok)``: ``roots[j]`` is valid where ``ok[j]`` is True.
 
     ``factors`` is (n, d, d), in any floating dtype; roots are computed in at least float32 and
-    returned in ``out_dtype``. ``scale`` multiplies the factor (1 / bias correction).
+    returned in ``out_dtype``. ``scale`` multiplies the factor (1 / bias correction);
+    ``rank_tolerance``: pseudo-inverse roots (``inverse_power``).
     """
     work_dtype = torch.promote_types(factors.dtype, torch.float32)
     a = factors.to(work_dtype)
     try:
-        roots, ok = _roots_from_eigh(a, scale, epsilon, exponent)
+        roots, ok = _roots_from_eigh(a, scale, epsilon, exponent, rank_tolerance)
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
         roots = torch.empty_like(a)
         ok = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
@@ -79,7 +113,9 @@ def inverse_roots(
         # finite in the dtype it is stored in.
         for j in (~ok).nonzero().flatten().tolist():
             try:
-                r, good = _roots_from_eigh(a[j : j + 1].double(), scale, epsilon, exponent)
+                r, good = _roots_from_eigh(
+                    a[j : j + 1].double(), scale, epsilon, exponent, rank_tolerance
+                )
             except RuntimeError:
                 continue
             r = r[0].to(out_dtype)

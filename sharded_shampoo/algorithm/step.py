@@ -19,7 +19,9 @@ from ..options import GroupOptions
 from .modes import factored_dims, precondition
 from .packing import pack
 from .refresh import refresh
+from .roots import inverse_power
 from .rounding import store_, widened
+from .spectral import fixed_norm, muon_multiplier, orthogonalize
 from .storage import read
 
 __all__ = ["RowGate", "factor_gram_inputs", "stack_step"]
@@ -91,6 +93,27 @@ def _ema(x: torch.Tensor, beta: float, gate: RowGate) -> torch.Tensor:
     return x if beta == 1.0 else x.mul_(gate.rows(beta, 1.0, x))
 
 
+def _update_factors(
+    state: TensorDict,
+    source: torch.Tensor,
+    dims: list[int],
+    opts: GroupOptions,
+    gate: RowGate,
+) -> None:
+    """Each factor's EMA with the Gram matrices of ``source`` (zero in the blocks not kept);
+    with ``kl_shampoo``, of ``source`` preconditioned along the other dims by their current
+    roots (those of the last refresh: this step's comes after)."""
+    roots = None
+    if opts.kl_shampoo:
+        order = source.dim() - 1
+        roots = [read(state, f"root_{j}", source.dtype) if j in dims else None for j in range(order)]
+    for i in dims:
+        x = source
+        if roots is not None and len(dims) > 1:
+            x = precondition(source, [None if j == i else r for j, r in enumerate(roots)])
+        _update_factor(state[f"factor_{i}"], x, i, opts.beta2, gate)
+
+
 def _update_factor(f: torch.Tensor, g: torch.Tensor, dim: int, beta2: float, gate: RowGate) -> None:
     """``f`` (full or packed: ``packing``) <- its EMA with the Gram matrices of ``g``."""
     a, b = factor_gram_inputs(g, dim)  # zero for skipped blocks
@@ -125,11 +148,7 @@ def _corrected_step(
     corrected = state["corrected_eigenvalues"]
     weight = 1.0 if opts.beta2 == 1.0 else 1.0 - opts.beta2
     _ema(corrected, opts.beta2, gate).addcmul_(rotated, rotated, value=weight)
-    if filtered is not None:
-        filtered.lerp_(rotated, gate.rows(1.0 - opts.beta1, 0.0, filtered))
-        m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
-    else:
-        m = rotated
+    m = _first_moment(rotated, filtered, opts, t, gate)
     graft = None
     if opts.grafting is not None:
         graft = _grafting_direction(precondition(m, q), v, opts, t)
@@ -137,11 +156,34 @@ def _corrected_step(
             return graft  # before the first refresh, or a block with no factor (diagonal)
     c2 = 1.0 - opts.beta2**t if opts.use_bias_correction and opts.beta2 < 1.0 else 1.0
     exponent = opts.inverse_exponent_override.get(order, 0.5)
-    denom = (corrected / c2).pow_(exponent).add_(opts.epsilon)
-    d = precondition(m / denom, q)
+    if opts.pseudo_inverse:
+        weights = inverse_power(
+            (corrected / c2).flatten(1),
+            exponent=exponent,
+            epsilon=0.0,
+            rank_tolerance=opts.rank_tolerance,
+            size=max(corrected.shape[1:]),
+        )
+        d = precondition(m * weights.view_as(m), q)
+    else:
+        denom = (corrected / c2).pow_(exponent).add_(opts.epsilon)
+        d = precondition(m / denom, q)
     if graft is not None:
-        d.mul_((_block_norms(graft) / (_block_norms(d) + 1e-16)).view(-1, *([1] * order)))
+        _take_norm(d, graft)
     return d
+
+
+def _first_moment(
+    g: torch.Tensor, filtered: torch.Tensor | None, opts: GroupOptions, t: int, gate: RowGate
+) -> torch.Tensor:
+    """The direction's input: the filtered gradient (its EMA, updated in place in the kept
+    blocks, bias-corrected) or ``g`` itself without one; with ``first_moment_nesterov``,
+    ``(1 - beta1) g + beta1 m``. May be ``filtered`` itself (then left unchanged after)."""
+    if filtered is None:
+        return g
+    filtered.lerp_(g, gate.rows(1.0 - opts.beta1, 0.0, filtered))
+    m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
+    return g.lerp(m, opts.beta1) if opts.first_moment_nesterov else m
 
 
 def _grafting_direction(
@@ -149,6 +191,8 @@ def _grafting_direction(
 ) -> torch.Tensor:
     if opts.grafting == "sgd":
         return m
+    if opts.grafting in ("shape", "rms"):
+        return _take_norm(m.clone(), fixed_norm(opts.grafting, tuple(m.shape[1:])))
     assert v is not None
     if opts.grafting == "adam":
         denom = (v / (1.0 - opts.grafting_beta2**t)).sqrt_()
@@ -157,8 +201,29 @@ def _grafting_direction(
     return m / denom.add_(opts.grafting_epsilon)
 
 
+def _spectral_direction(
+    m: torch.Tensor, v: torch.Tensor | None, opts: GroupOptions, t: int
+) -> torch.Tensor:
+    """Muon's: ``m`` orthogonalized, times Muon's multiplier (``grafting`` shape or rms), or
+    with the grafting direction's norm (another grafting), or as it is (None)."""
+    d = orthogonalize(m, opts.newton_schulz, opts.newton_schulz_steps)
+    if opts.grafting in ("shape", "rms"):
+        return d.mul_(muon_multiplier(opts.grafting, tuple(m.shape[1:])))
+    if opts.grafting is not None:
+        _take_norm(d, _grafting_direction(m, v, opts, t))
+    return d
+
+
 def _block_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.flatten(1), dim=1)
+
+
+def _take_norm(d: torch.Tensor, norm: torch.Tensor | float) -> torch.Tensor:
+    """``d`` scaled in place so that each block's norm is ``norm``'s (a stack's blocks' norms
+    are taken), or ``norm`` (a number)."""
+    if isinstance(norm, torch.Tensor):
+        norm = _block_norms(norm)
+    return d.mul_((norm / (_block_norms(d) + 1e-16)).view(-1, *([1] * (d.dim() - 1))))
 
 
 def stack_step(
@@ -193,8 +258,15 @@ def stack_step(
     gate.zero_gradient(grad)
 
     dims = factored_dims(state, order)
-    for i in dims:
-        _update_factor(state[f"factor_{i}"], grad, i, opts.beta2, gate)
+    f_state = state.get("filtered_grad", None)
+    filtered = None if f_state is None else widened(f_state, grad.dtype)
+    m = None  # eigenvalue-corrected: filtered in the eigenbasis (``_corrected_step``)
+    if not opts.eigenvalue_corrected:
+        m = _first_moment(grad, filtered, opts, t, gate)
+    source = grad
+    if opts.factor_source == "first_moment":
+        source = gate.kept(m, out=torch.empty_like(m))  # a skipped block's is not zero
+    _update_factors(state, source, dims, opts, gate)
     # Moving averages in the math dtype (a copy when kept narrower, stored back below).
     v_state = state.get("graft_v", None)
     v = None if v_state is None else widened(v_state, grad.dtype)
@@ -211,17 +283,12 @@ def stack_step(
     elif due is not False:
         roots_ok = refresh(state, opts, t, order, keep, due)
 
-    f_state = state.get("filtered_grad", None)
-    filtered = None if f_state is None else widened(f_state, grad.dtype)
     if opts.eigenvalue_corrected:
         # From step 1 (in the identity basis until the first refresh) unless grafting is on.
         d = _corrected_step(state, grad, v, filtered, opts, t, gate)
+    elif opts.preconditioner == "spectral":
+        d = _spectral_direction(m, v, opts, t)
     else:
-        if filtered is not None:
-            filtered.lerp_(grad, gate.rows(1.0 - opts.beta1, 0.0, filtered))
-            m = filtered / (1.0 - opts.beta1**t) if opts.use_bias_correction else filtered
-        else:
-            m = grad
         if t < opts.first_preconditioned_step or not dims:
             # Roots are still the identity, or the block has none (``max_factor_ratio``): the
             # Shampoo direction would be m itself, grafting takes it alone (diagonal).
@@ -230,9 +297,7 @@ def stack_step(
             roots = [read(state, f"root_{i}", m.dtype) if i in dims else None for i in range(order)]
             d = precondition(m, roots)
             if opts.grafting is not None:
-                graft = _grafting_direction(m, v, opts, t)
-                scale = _block_norms(graft) / (_block_norms(d) + 1e-16)
-                d.mul_(scale.view(-1, *([1] * order)))
+                _take_norm(d, _grafting_direction(m, v, opts, t))
     if filtered is not None:
         store_(f_state, filtered, seeds, t)
     if d is filtered:

@@ -77,7 +77,7 @@ def _option_values(opts_ints: dict[str, int]) -> dict[str, object]:
         elif name == "factor_dtype":
             out[name] = _DTYPES[i]
         elif name == "preconditioner":
-            out[name] = "eigenvalue_corrected" if i == 1 else "shampoo"
+            out[name] = {1: "eigenvalue_corrected", 2: "diagonal", 3: "spectral"}.get(i, "shampoo")
         elif name == "eigenbasis_convention":
             # -1 in an eigenvalue-corrected record: written before conventions, so SOAP's.
             out[name] = {1: "soap", 2: "reference", -1: "soap"}[i]

@@ -211,6 +211,56 @@ CONFIGS = {
 }
 
 
+# The estimators: pseudo-inverse roots (a relative cutoff well above float64's rounding: the
+# package's factors and the reference's differ at rounding level, and a null eigenvalue on
+# either side of a cutoff at rounding level changes its root by orders), KL-Shampoo, factors of
+# the first moment, betas[1] = 0, fixed norms instead of grafting, the diagonal and spectral
+# preconditioners.
+CONFIGS.update(
+    pseudo_inverse=dict(epsilon=0.0, pseudo_inverse=True, rank_rtol=1e-10, betas=(0.9, 0.99)),
+    pseudo_inverse_qr_atol=dict(
+        epsilon=0.0,
+        pseudo_inverse=True,
+        rank_rtol=1e-9,
+        rank_atol=1e-8,
+        eigenbasis="qr",
+        # Full-rank factors: an unconverged QR column mixing range and null space has a small
+        # estimate, whose pseudo-inverse power amplifies rounding.
+        start_preconditioning_step=12,
+    ),
+    ec_pseudo_inverse=dict(
+        preconditioner="eigenvalue_corrected", epsilon=0.0, pseudo_inverse=True, rank_rtol=1e-10
+    ),
+    kl=dict(kl_shampoo=True, betas=(0.9, 0.99)),
+    kl_qr_staggered_delayed=dict(
+        kl_shampoo=True, eigenbasis="qr", stagger_roots=True, refresh_delay=1
+    ),
+    first_moment_factors_nesterov=dict(
+        factor_source="first_moment", first_moment_nesterov=True, betas=(0.9, 0.95)
+    ),
+    beta2_zero_every_step=dict(
+        betas=(0.8, 0.0), precondition_frequency=1, start_preconditioning_step=1
+    ),
+    fixed_norm_third_exponent=dict(
+        grafting="rms", inverse_exponent_override={2: 1 / 3}, betas=(0.9, 0.95)
+    ),
+    ec_nesterov_shape_norm=dict(
+        preconditioner="eigenvalue_corrected", first_moment_nesterov=True, grafting="shape"
+    ),
+    diagonal_adam=dict(preconditioner="diagonal", betas=(0.9, 0.99), weight_decay=0.1),
+    diagonal_rmsprop=dict(preconditioner="diagonal", grafting="rmsprop", momentum=0.5),
+    spectral=dict(preconditioner="spectral", betas=(0.95, 1.0), first_moment_nesterov=True),
+    spectral_polar_express_rms=dict(
+        preconditioner="spectral",
+        newton_schulz="polar_express",
+        grafting="rms",
+        weight_decay=0.1,
+        betas=(0.9, 1.0),
+    ),
+    spectral_adam_norm=dict(preconditioner="spectral", grafting="adam", newton_schulz_steps=3),
+)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_reference_float64(name):
     opts = {**BASE, "factor_dtype": torch.float64, **CONFIGS[name]}

@@ -28,12 +28,25 @@ VARIANTS = {  # name: options, each against one process with the same options
     "eigenvalue_corrected_qr": dict(preconditioner="eigenvalue_corrected", eigenbasis="qr"),
     "background": dict(stagger_roots=True, refresh_delay=2),  # refreshes in the background
     "qr_roots": dict(eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1),
+    # KL-Shampoo with pseudo-inverse roots of factors of the first moment (rank-deficient ones
+    # included: norms' gains, unseen embedding rows), Nesterov's look-ahead, a fixed norm.
+    "estimators": dict(
+        kl_shampoo=True,
+        epsilon=0.0,
+        pseudo_inverse=True,
+        rank_rtol=1e-10,
+        factor_source="first_moment",
+        first_moment_nesterov=True,
+        grafting="rms",
+        inverse_exponent_override={2: 1 / 3},
+    ),
+    "spectral": dict(preconditioner="spectral", newton_schulz="polar_express"),
 }
 # (mode, world): variants run there.
 RUNS = {
-    ("tp", 2): ["base", "nan", "eigenvalue_corrected"],
+    ("tp", 2): ["base", "nan", "eigenvalue_corrected", "spectral"],
     ("fsdp_tp", 4): list(VARIANTS),
-    ("hsdp_tp", 4): ["base", "eigenvalue_corrected_qr", "qr_roots"],
+    ("hsdp_tp", 4): ["base", "eigenvalue_corrected_qr", "qr_roots", "estimators"],
 }
 
 

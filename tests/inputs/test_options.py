@@ -18,7 +18,7 @@ BAD = [
     ("betas", (0.9,)),
     ("betas", (1.0, 0.99)),
     ("betas", (-0.1, 0.99)),
-    ("betas", (0.9, 0.0)),
+    ("betas", (0.9, -0.1)),
     ("betas", (0.9, 1.5)),
     ("epsilon", 0.0),
     ("epsilon", -1e-12),
@@ -31,6 +31,15 @@ BAD = [
     ("max_preconditioner_dim", 0),
     ("max_preconditioner_dim", 8.0),
     ("merge_dims", None),
+    ("merge_dims", "auto"),
+    ("pseudo_inverse", "yes"),
+    ("rank_atol", -1e-3),
+    ("rank_rtol", float("inf")),
+    ("kl_shampoo", 1),
+    ("factor_source", "momentum"),
+    ("first_moment_nesterov", None),
+    ("newton_schulz", "newton"),
+    ("newton_schulz_steps", 0),
     ("precondition_frequency", 0),
     ("start_preconditioning_step", 0),
     ("start_preconditioning_step", 2.5),
@@ -47,6 +56,7 @@ BAD = [
     ("max_consecutive_root_failures", 0),
     ("stagger_roots", 1),
     ("preconditioner", "soap"),
+    ("preconditioner", "muon"),
     ("eigenbasis", "power"),
     ("qr_iterations", 0),
     ("qr_iterations", 1.5),
@@ -240,3 +250,47 @@ def test_readme_documents_every_option_with_its_default():
             assert shown == str(default), name
         else:
             assert shown == str(default) or float(shown) == default, name
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(pseudo_inverse=True), "pseudo_inverse=True drops small eigenvalues .* epsilon=0"),
+        (dict(epsilon=0.0), r"epsilon must be > 0 \(or 0 with pseudo_inverse=True"),
+        (dict(rank_rtol=1e-6), "rank_rtol is the cutoff of pseudo_inverse=True, which is off"),
+        (
+            dict(pseudo_inverse=True, epsilon=0.0, newton_iterations=20),
+            "pseudo_inverse=True needs eigenvalues",
+        ),
+        (
+            dict(pseudo_inverse=True, epsilon=0.0, preconditioner="spectral"),
+            "pseudo_inverse=True needs eigenvalues",
+        ),
+        (
+            dict(kl_shampoo=True, preconditioner="eigenvalue_corrected"),
+            "kl_shampoo=True changes root-inverse Shampoo's factors",
+        ),
+        (
+            dict(factor_source="first_moment", preconditioner="diagonal"),
+            "factor_source='first_moment' changes root-inverse",
+        ),
+        (dict(factor_source="first_moment", betas=(0.0, 1.0)), r"takes betas\[0\] > 0"),
+        (dict(newton_schulz="polar_express"), "takes preconditioner='spectral'"),
+        (
+            dict(preconditioner="spectral", newton_schulz="polar_express", newton_schulz_steps=6),
+            "schedule of 5 steps",
+        ),
+    ],
+)
+def test_estimator_options_that_do_not_go_together_are_refused(options, message):
+    p = torch.zeros(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=message):
+        ShardedShampoo([p], **options)
+
+
+def test_merge_dims_default_keeps_spectral_blocks_matrices():
+    """'default' merge_dims resolves per group: True for Shampoo, False for spectral."""
+    a, b = torch.zeros(6, 4, requires_grad=True), torch.zeros(6, 4, requires_grad=True)
+    opt = ShardedShampoo([{"params": [a]}, {"params": [b], "preconditioner": "spectral"}])
+    assert [g["merge_dims"] for g in opt.param_groups] == [True, False]
+    assert opt.defaults["merge_dims"] == "default"

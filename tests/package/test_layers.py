@@ -16,7 +16,7 @@ PACKAGE = "sharded_shampoo"
 # Lowest first: a unit (a top-level module or subpackage) may import its own modules and the
 # units of lower layers. The package's __init__ re-exports, on top.
 LAYERS = (
-    ("options", "status", "blocking", "agreement"),
+    ("options", "status", "blocking", "agreement", "param_groups"),
     ("diagnostics", "algorithm", "placement"),
     ("topology",),
     ("params", "state"),

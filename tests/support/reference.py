@@ -19,7 +19,7 @@ DEFAULTS = dict(
     dampening=0.0,
     nesterov=False,
     max_preconditioner_dim=1024,
-    merge_dims=True,
+    merge_dims="default",
     precondition_frequency=100,
     start_preconditioning_step=None,
     grafting="default",
@@ -36,8 +36,69 @@ DEFAULTS = dict(
     eigenbasis_tolerance=0.0,
     max_factor_ratio=None,
     refresh_delay=0,
+    pseudo_inverse=False,
+    rank_atol=0.0,
+    rank_rtol=None,
+    kl_shampoo=False,
+    factor_source="gradient",
+    first_moment_nesterov=False,
+    newton_schulz="muon",
+    newton_schulz_steps=5,
     symmetric_packing=True,  # storage only: nothing here
 )
+GRAFTING_BY_PRECONDITIONER = dict(
+    shampoo="adam", eigenvalue_corrected=None, diagonal="adam", spectral="shape"
+)
+NS_MUON = [(3.4445, -4.7750, 2.0315)]
+NS_POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def ref_powers(L, e, o, size=None):
+    """Per eigenvalue: (max(L, 0) + epsilon) ** -e, or with pseudo_inverse 0 for those at most
+    max(rank_atol, rank_rtol max(L)) (rank_rtol None: size (len(L)) x eps) and L ** -e."""
+    L = L.flatten()
+    if not o["pseudo_inverse"]:
+        return (L.clamp_min(0) + o["epsilon"]) ** (-e)
+    rtol = o["rank_rtol"]
+    if rtol is None:
+        rtol = (size or L.numel()) * torch.finfo(L.dtype).eps
+    cutoff = max(o["rank_atol"], rtol * max(L.max().item(), 0.0))
+    return torch.tensor([0.0 if x <= cutoff else x ** (-e) for x in L.tolist()], dtype=L.dtype)
+
+
+def ref_matrix(X):
+    """A block as rows x (the product of its other dims)."""
+    return X.reshape(X.shape[0], -1) if X.dim() else X.reshape(1, 1)
+
+
+def ref_polar(M, o):
+    """Newton-Schulz on the block as a matrix (on its transpose when tall): X = M / ||M||_F
+    (polar_express: / (1.02 ||M||_F + 1e-6)), then X <- a X + (b X X^T + c (X X^T)^2) X."""
+    X = ref_matrix(M)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    if o["newton_schulz"] == "muon":
+        X = X / max(torch.linalg.norm(X).item(), 1e-7)
+        schedule = NS_MUON * o["newton_schulz_steps"]
+    else:
+        X = X / (torch.linalg.norm(X) * 1.02 + 1e-6)
+        schedule = NS_POLAR_EXPRESS[: o["newton_schulz_steps"]]
+    for a, b, c in schedule:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if tall else X).reshape(M.shape)
+
+
+def ref_multiplier(kind, shape):
+    rows, cols = ref_matrix(torch.zeros(shape)).shape
+    return max(1, rows / cols) ** 0.5 if kind == "shape" else 0.2 * max(rows, cols) ** 0.5
 
 
 def ref_diagonal_enough(B, tol):
@@ -186,7 +247,9 @@ class ReferenceShampoo:
             if opts["start_preconditioning_step"] is None:
                 opts["start_preconditioning_step"] = opts["precondition_frequency"]
             if opts["grafting"] == "default":
-                opts["grafting"] = "adam" if opts["preconditioner"] == "shampoo" else None
+                opts["grafting"] = GRAFTING_BY_PRECONDITIONER[opts["preconditioner"]]
+            if opts["merge_dims"] == "default":  # spectral's blocks are matrices
+                opts["merge_dims"] = opts["preconditioner"] != "spectral"
             params = [p.detach().to(torch.float64).clone() for p in g["params"]]
             self.groups.append({"opts": opts, "params": params, "t": 0, "state": {}})
 
@@ -228,6 +291,8 @@ class ReferenceShampoo:
             # the others keep P = Q = I, and the block's order for its exponent counts these.
             r = o["max_factor_ratio"]
             dims = [i for i in range(k) if r is None or G.shape[i] ** 2 <= r * G.numel()]
+            if o["preconditioner"] in ("diagonal", "spectral"):
+                dims = []
             st = group["state"].setdefault((pi, bid), {})
             if not st:
                 st["F"] = [torch.zeros(d, d, dtype=torch.float64) for d in G.shape]
@@ -240,9 +305,30 @@ class ReferenceShampoo:
             # 3. L2 weight decay
             if o["weight_decay"] > 0 and not o["decoupled_weight_decay"]:
                 G = G + o["weight_decay"] * W
+            # 6. filtered gradient (first: the factors may be built from it)
+            if beta1 > 0:
+                st["M"] = beta1 * st["M"] + (1 - beta1) * G
+                M = st["M"] / (1 - beta1**t) if o["use_bias_correction"] else st["M"]
+                if o["first_moment_nesterov"]:
+                    M = (1 - beta1) * G + beta1 * M
+            else:
+                M = G
+
+            def mode_product(X, mats, k=k):  # X x_1 mats[0] ... x_k mats[k-1]
+                for i in range(k):
+                    X = torch.tensordot(mats[i], X, dims=([1], [i])).movedim(0, i)
+                return X
+
             # 4. factors and grafting state
+            S = M if o["factor_source"] == "first_moment" else G
+            kl = [
+                mode_product(S, [torch.eye(d, dtype=S.dtype) if j == i else st["P"][j]
+                                 for j, d in enumerate(S.shape)])
+                if o["kl_shampoo"] else S
+                for i in range(k)
+            ]
             for i in dims:
-                Gi = G.movedim(i, 0).reshape(G.shape[i], -1)
+                Gi = kl[i].movedim(i, 0).reshape(G.shape[i], -1)
                 gram = Gi @ Gi.T
                 if beta2 == 1.0:
                     st["F"][i] = st["F"][i] + gram
@@ -253,13 +339,13 @@ class ReferenceShampoo:
                 st["v"] = g2 * st["v"] + (1 - g2) * G * G
             elif o["grafting"] == "adagrad":
                 st["v"] = st["v"] + G * G
+            corrected = o["preconditioner"] == "eigenvalue_corrected"
             # 5. amortized roots: all blocks at start, then every f steps; or, staggered, each
             # block at the steps t > start with t % f == its phase
             start, f = o["start_preconditioning_step"], o["precondition_frequency"]
             phase = self.phases.get((gi, pi, bid), 0)
             # With a delay d, the refresh is computed from these factors and installed at
             # t + d (in step()); a block with one in flight skips the refreshes due meanwhile.
-            corrected = o["preconditioner"] == "eigenvalue_corrected"
             delay = o["refresh_delay"]
             due = (t == start or (t > start and t % f == phase)) and "pending" not in st
             if corrected and due:
@@ -308,19 +394,13 @@ class ReferenceShampoo:
                         new_Q[i] = Q
                     else:
                         L, Q = torch.linalg.eigh(st["F"][i] / c)
-                    # F is PSD: clamp rounding below zero, then add epsilon.
-                    L = L.clamp_min(0) + o["epsilon"]
-                    new_P[i] = Q @ torch.diag(L ** (-e)) @ Q.T
+                    # F is PSD: clamp rounding below zero, then add epsilon (or drop those
+                    # below the cutoff: pseudo_inverse).
+                    new_P[i] = Q @ torch.diag(ref_powers(L, e, o)) @ Q.T
                 if delay:
                     st["pending"] = (t + delay, (new_P, new_Q))
                 else:
                     st["P"], st["Q"] = new_P, new_Q
-            # 6. filtered gradient
-            if beta1 > 0:
-                st["M"] = beta1 * st["M"] + (1 - beta1) * G
-                M = st["M"] / (1 - beta1**t) if o["use_bias_correction"] else st["M"]
-            else:
-                M = G
             # 7. direction
 
             def graft(M, st=st, g2=g2):
@@ -329,12 +409,11 @@ class ReferenceShampoo:
                     return M / (torch.sqrt(st["v"] / (1 - g2**t)) + eps)
                 if o["grafting"] in ("rmsprop", "adagrad"):
                     return M / (torch.sqrt(st["v"]) + eps)
+                if o["grafting"] in ("shape", "rms"):
+                    rows, cols = ref_matrix(M).shape
+                    norm = min(rows, cols) ** 0.5 * ref_multiplier(o["grafting"], M.shape)
+                    return M * norm / (torch.linalg.norm(M) + 1e-16)
                 return M
-
-            def mode_product(X, mats, k=k):  # X x_1 mats[0] ... x_k mats[k-1]
-                for i in range(k):
-                    X = torch.tensordot(mats[i], X, dims=([1], [i])).movedim(0, i)
-                return X
 
             if corrected:  # the second moment of G in the eigenbasis, every step
                 Gq = mode_product(G, [Q.T for Q in st["Q"]])
@@ -342,13 +421,25 @@ class ReferenceShampoo:
                     st["V"] = st["V"] + Gq * Gq
                 else:
                     st["V"] = beta2 * st["V"] + (1 - beta2) * Gq * Gq
-            if (t < start + delay or not dims) and (o["grafting"] is not None or not corrected):
+            if o["preconditioner"] == "spectral":
+                D = ref_polar(M, o)
+                if o["grafting"] in ("shape", "rms"):
+                    D = D * ref_multiplier(o["grafting"], M.shape)
+                elif o["grafting"] is not None:
+                    D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
+            elif (t < start + delay or not dims) and (
+                o["grafting"] is not None or not corrected
+            ):
                 D = graft(M)  # no factor at all: the grafting (diagonal) direction
             elif corrected:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
                 e = (o["inverse_exponent_override"] or {}).get(k, 0.5)
                 Mq = mode_product(M, [Q.T for Q in st["Q"]])
-                D = mode_product(Mq / ((st["V"] / c) ** e + o["epsilon"]), st["Q"])
+                if o["pseudo_inverse"]:
+                    W = ref_powers(st["V"] / c, e, o, size=max(G.shape)).view(G.shape)
+                    D = mode_product(Mq * W, st["Q"])
+                else:
+                    D = mode_product(Mq / ((st["V"] / c) ** e + o["epsilon"]), st["Q"])
                 if o["grafting"] is not None:
                     D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
             else:
