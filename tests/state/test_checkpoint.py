@@ -33,6 +33,7 @@ LOADS = {
         ("ddp", "ddp2-staggered"),
         ("ddp", "ddp2-ec"),
         ("ddp", "ddp2-background"),
+        ("ddp", "ddp2-kl"),
     ],
     3: [
         ("fsdp", "ddp2"),
@@ -52,6 +53,7 @@ LOADS = {
         ("hsdp", "ddp2-staggered"),
         ("hsdp", "ddp2-ec"),
         ("hsdp", "ddp2-background"),
+        ("hsdp", "ddp2-kl"),
     ],
 }
 
@@ -151,7 +153,8 @@ def test_resharded_resume_continues_training(loaded, reference, target, source):
 @pytest.mark.parametrize("target, source", VARIANT_LOADS)
 def test_staggered_and_eigenvalue_corrected_checkpoints_reshard(loaded, saved, target, source):
     """Saved at 2 ranks (DDP) with staggered roots, with the eigenvalue-corrected
-    preconditioner (QR eigenbases), or with both and a refresh in flight, loaded at 2 (DDP:
+    preconditioner (QR eigenbases), or with both and a refresh in flight, or with KL-Shampoo's
+    pseudo-inverse roots of the first moment's factors, loaded at 2 (DDP:
     bitwise the uninterrupted run), 3 (FSDP2) and 4 (HSDP): training continues as one process
     would."""
     values = loaded[(target, source)].ok()

@@ -72,6 +72,15 @@ VARIANTS = {
         "stagger_roots": True,
         "refresh_delay": 3,
     },
+    # The estimators: KL-Shampoo's pseudo-inverse roots of factors of the first moment.
+    "-kl": {
+        "kl_shampoo": True,
+        "factor_source": "first_moment",
+        "first_moment_nesterov": True,
+        "epsilon": 0.0,
+        "pseudo_inverse": True,
+        "rank_rtol": 1e-10,
+    },
 }
 
 
