@@ -1,4 +1,5 @@
-"""ShardedShampoo's eigenvalue-corrected preconditioner against the reference implementation.
+"""ShardedShampoo's eigenvalue-corrected and root-inverse preconditioners (pseudo-inverse roots
+and KL-Shampoo included) against the reference implementation.
 
 The reference is facebookresearch/optimizers (``distributed_shampoo``): give a checkout of it
 with ``--reference PATH`` (or ``$SHAMPOO_REFERENCE``); it is imported from there, never
@@ -86,6 +87,25 @@ CASES = {
     "qr tolerance": {"eigenbasis": "qr", "qr_iterations": 5, "qr_tolerance": 0.01},
     "qr adam grafting wd": {"eigenbasis": "qr", "grafting": "adam", "weight_decay": 0.01},
     "eigh tolerance": {"eigh_tolerance": 0.01},
+    # Root-inverse Shampoo (``"roots"``: the reference's RootInvShampooPreconditionerConfig;
+    # ``"eigendecomposed"``: its EigendecomposedShampooPreconditionerConfig, which keeps the
+    # eigendecomposition and forms the roots from it every step; the same math here).
+    "roots": {"roots": "root_inv"},
+    "roots pseudo-inverse": {"roots": "root_inv", "pseudo_inverse": True, "rank_rtol": 1e-10},
+    "roots pseudo-inverse atol": {"roots": "root_inv", "pseudo_inverse": True, "rank_atol": 1e-3},
+    "eigendecomposed pseudo-inverse": {
+        "roots": "eigendecomposed",
+        "pseudo_inverse": True,
+        "rank_rtol": 1e-10,
+    },
+    "kl roots": {"roots": "root_inv", "kl_shampoo": True},
+    "kl roots adam grafting": {"roots": "root_inv", "kl_shampoo": True, "grafting": "adam"},
+    "kl eigendecomposed pseudo-inverse": {
+        "roots": "eigendecomposed",
+        "kl_shampoo": True,
+        "pseudo_inverse": True,
+        "rank_rtol": 1e-10,
+    },
 }
 BASE = dict(
     lr=LR,
@@ -113,6 +133,8 @@ def reference_kwargs(options: dict) -> dict:
     )
 
     o = {**BASE, **options}
+    if o.get("pseudo_inverse"):
+        o["epsilon"] = 0.0
     if o.get("eigenbasis", "eigh") == "qr":
         basis = QREigendecompositionConfig(
             max_iterations=o.get("qr_iterations", 1), tolerance=o.get("qr_tolerance", 0.0)
@@ -146,13 +168,58 @@ def reference_kwargs(options: dict) -> dict:
         use_bias_correction=o.get("use_bias_correction", True),
         grafting_config=grafting,
         iterate_averaging_config=momentum,
-        preconditioner_config=EigenvalueCorrectedShampooPreconditionerConfig(
+        preconditioner_config=_preconditioner_config(o, basis),
+    )
+
+
+def _preconditioner_config(o: dict, basis):
+    from distributed_shampoo.preconditioner.matrix_functions_types import (
+        EigenConfig,
+        EighEigendecompositionConfig,
+        PseudoInverseConfig,
+    )
+    from distributed_shampoo.shampoo_types import (
+        EigendecomposedKLShampooPreconditionerConfig,
+        EigendecomposedShampooPreconditionerConfig,
+        EigenvalueCorrectedShampooPreconditionerConfig,
+        RootInvKLShampooPreconditionerConfig,
+        RootInvShampooPreconditionerConfig,
+    )
+
+    override = o.get("inverse_exponent_override", {})
+    if "roots" not in o:
+        return EigenvalueCorrectedShampooPreconditionerConfig(
             amortized_computation_config=basis,
             factor_matrix_dtype=torch.float64,
             factor_matrix_eigenvectors_dtype=torch.float64,
             corrected_eigenvalues_dtype=torch.float64,
-            inverse_exponent_override=o.get("inverse_exponent_override", {}),
-        ),
+            inverse_exponent_override=override,
+        )
+    stability = {}
+    if o.get("pseudo_inverse"):
+        stability["rank_deficient_stability_config"] = PseudoInverseConfig(
+            rank_atol=o.get("rank_atol", 0.0), rank_rtol=o.get("rank_rtol")
+        )
+    kl = o.get("kl_shampoo", False)
+    if o["roots"] == "root_inv":
+        config = RootInvKLShampooPreconditionerConfig if kl else RootInvShampooPreconditionerConfig
+        return config(
+            amortized_computation_config=EigenConfig(**stability),
+            factor_matrix_dtype=torch.float64,
+            inv_factor_matrix_dtype=torch.float64,
+            inverse_exponent_override=override,
+        )
+    config = (
+        EigendecomposedKLShampooPreconditionerConfig
+        if kl
+        else EigendecomposedShampooPreconditionerConfig
+    )
+    return config(
+        amortized_computation_config=EighEigendecompositionConfig(**stability),
+        factor_matrix_dtype=torch.float64,
+        factor_matrix_eigenvectors_dtype=torch.float64,
+        factor_matrix_eigenvalues_dtype=torch.float64,
+        inverse_exponent_override=override,
     )
 
 
@@ -160,15 +227,15 @@ def ours(options: dict, convention: str) -> list[torch.Tensor]:
     o = {**BASE, **options}
     tolerance = o.pop("eigh_tolerance", 0.0) or o.pop("qr_tolerance", 0.0)
     o.pop("qr_tolerance", None)
+    if o.pop("roots", None) is None:
+        o["preconditioner"] = "eigenvalue_corrected"
+        o["eigenbasis_tolerance"] = tolerance
+        if convention:
+            o["eigenbasis_convention"] = convention
+    if o.get("pseudo_inverse"):
+        o["epsilon"] = 0.0
     model = mlp()
-    opt = ShardedShampoo(
-        model.parameters(),
-        preconditioner="eigenvalue_corrected",
-        grafting=o.pop("grafting", None),
-        **({"eigenbasis_convention": convention} if convention else {}),
-        eigenbasis_tolerance=tolerance,
-        **o,
-    )
+    opt = ShardedShampoo(model.parameters(), grafting=o.pop("grafting", None), **o)
     return train(model, opt, STEPS)
 
 
