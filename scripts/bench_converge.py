@@ -35,6 +35,11 @@ import numpy as np
 import torch
 import train
 
+def _opt(*options: str) -> list[str]:
+    """``--shampoo-option`` arguments."""
+    return [a for o in options for a in ("--shampoo-option", o)]
+
+
 # label: (train.py optimizer, its arguments). The eigenvalue-corrected variants run as SOAP
 # does, without grafting; "ec-eigh" is the default eigenbasis.
 OPTIMIZERS = {
@@ -46,6 +51,32 @@ OPTIMIZERS = {
     "ec-qr": (
         "shampoo",
         ["--preconditioner", "eigenvalue_corrected", "--grafting", "none", "--eigenbasis", "qr"],
+    ),
+    # The estimators behind the best public Shampoo results, on the hidden matrices only (Adam
+    # for the rest): pseudo-inverse roots (Adam-grafted); KL-Shampoo's factors and the -1/3
+    # exponent, with AdamW's update RMS instead of grafting; and Muon as ShardedShampoo runs
+    # it (the spectral preconditioner, torch.optim.Muon's settings).
+    "shampoo-pinv": ("shampoo", ["--hidden-only", "--epsilon", "0", *_opt("pseudo_inverse=True")]),
+    "shampoo-kl": (
+        "shampoo",
+        [
+            *("--hidden-only", "--epsilon", "0", "--grafting", "rms"),
+            *_opt("pseudo_inverse=True", "kl_shampoo=True"),
+        ],
+    ),
+    "shampoo-third": (
+        "shampoo",
+        [
+            *("--hidden-only", "--epsilon", "0", "--grafting", "rms"),
+            *_opt("pseudo_inverse=True", "inverse_exponent_override={2: 0.3333333333333333}"),
+        ],
+    ),
+    "shampoo-muon": (
+        "shampoo",
+        [
+            *("--hidden-only", "--preconditioner", "spectral", "--grafting", "rms"),
+            *_opt("betas=(0.95, 1.0)", "use_bias_correction=False", "first_moment_nesterov=True"),
+        ],
     ),
 }
 # workload: (steps, first learning-rate grid); train.py's sizes. Why these: docs/benchmarks.md.

@@ -33,13 +33,14 @@ import torch.distributed as dist
 from launch import launch, wrap
 from workloads import GPT, GPTConfig, lm_batch, param_count, stdlib_text
 
-from sharded_shampoo import ShardedShampoo
+from sharded_shampoo import ShardedShampoo, hidden_matrix_groups
 from sharded_shampoo.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     step_directory,
 )
+from sharded_shampoo.options import OPTION_DEFAULTS
 
 # ---------------------------------------------------------------- workloads
 
@@ -167,26 +168,31 @@ def make_optimizers(name: str, model: torch.nn.Module, args: argparse.Namespace)
             rest, lr=args.muon_lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay
         )
         return [muon, adamw], args.muon_lr
-    return [
-        ShardedShampoo(
-            params,
-            lr=args.shampoo_lr,
-            betas=(0.9, args.beta2),
-            grafting_beta2=args.beta2,
-            epsilon=args.epsilon,
-            weight_decay=args.weight_decay,
-            max_preconditioner_dim=args.max_preconditioner_dim,
-            precondition_frequency=args.precondition_frequency,
-            start_preconditioning_step=args.start_preconditioning_step
-            or args.precondition_frequency,
-            grafting=args.grafting if args.grafting != "none" else None,
-            stagger_roots=args.stagger_roots,
-            preconditioner=args.preconditioner,
-            eigenbasis=args.eigenbasis,
-            eigenbasis_convention=args.eigenbasis_convention,
-            **dict(args.shampoo_option),
-        )
-    ], args.shampoo_lr
+    common = dict(
+        lr=args.shampoo_lr,
+        betas=(0.9, args.beta2),
+        grafting_beta2=args.beta2,
+        weight_decay=args.weight_decay,
+        max_preconditioner_dim=args.max_preconditioner_dim,
+    )
+    options = dict(
+        epsilon=args.epsilon,
+        precondition_frequency=args.precondition_frequency,
+        start_preconditioning_step=args.start_preconditioning_step
+        or args.precondition_frequency,
+        grafting=args.grafting if args.grafting != "none" else None,
+        stagger_roots=args.stagger_roots,
+        preconditioner=args.preconditioner,
+        eigenbasis=args.eigenbasis,
+        eigenbasis_convention=args.eigenbasis_convention,
+    )
+    options = {**common, **options, **dict(args.shampoo_option)}  # the last given wins
+    if args.hidden_only:
+        # The options above for the hidden matrices; the library's defaults and Adam for the
+        # rest, with the same lr, weight decay and betas as AdamW's.
+        rest = {**OPTION_DEFAULTS, **common, "preconditioner": "diagonal"}
+        params = hidden_matrix_groups(model, other=rest)
+    return [ShardedShampoo(params, **options)], args.shampoo_lr
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -449,8 +455,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the first step with roots (default: --precondition-frequency)",
     )
     ap.add_argument(
+        "--hidden-only",
+        action="store_true",
+        help="Shampoo's options for the hidden matrices only; embeddings, the head, biases and "
+        "norms get Adam in a diagonal group (sharded_shampoo.hidden_matrix_groups)",
+    )
+    ap.add_argument(
         "--preconditioner",
-        choices=["shampoo", "eigenvalue_corrected"],
+        choices=["shampoo", "eigenvalue_corrected", "diagonal", "spectral"],
         default="shampoo",
         help="for --optimizer shampoo",
     )
