@@ -38,6 +38,16 @@ SOAP_CASE = dict(EC_CASE, eigenbasis_convention="soap")
 QR_ROOTS_CASE = dict(eigenbasis="qr", precondition_frequency=1, start_preconditioning_step=1)
 # Inverse roots by the coupled Newton iteration.
 NEWTON_CASE = dict(newton_iterations=30)
+# KL-Shampoo's pseudo-inverse roots of factors of the first moment; Muon's spectral descent.
+ESTIMATORS_CASE = dict(
+    kl_shampoo=True,
+    epsilon=0.0,
+    pseudo_inverse=True,
+    rank_rtol=1e-10,
+    factor_source="first_moment",
+    first_moment_nesterov=True,
+)
+SPECTRAL_CASE = dict(preconditioner="spectral", newton_schulz="polar_express", grafting="rms")
 # Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices, bfloat16
 # moving averages, 8-bit quantized roots and eigenvectors.
 LEAN_CASE = dict(
@@ -98,6 +108,8 @@ def world4():
         "lean_eigenvalue_corrected",
         "qr_roots",
         "newton",
+        "estimators",
+        "hsdp_spectral",
     ]
     cases = [
         (fsdp_cases.fsdp, {}),
@@ -113,6 +125,8 @@ def world4():
         (fsdp_cases.fsdp, {**LEAN_CASE, **EC_CASE}),
         (fsdp_cases.fsdp, QR_ROOTS_CASE),
         (fsdp_cases.fsdp, NEWTON_CASE),
+        (fsdp_cases.fsdp, ESTIMATORS_CASE),
+        (fsdp_cases.fsdp, {"hsdp": True, **SPECTRAL_CASE}),
     ]
     return dict(zip(names, run_cases(4, cases), strict=True))
 
@@ -238,9 +252,18 @@ def test_overlapped_buckets_are_bitwise_one_collective(world2, case):
         assert a["bytes_sent"] == b["bytes_sent"]  # status words once either way
 
 
-@pytest.mark.parametrize("case, options", [("qr_roots", QR_ROOTS_CASE), ("newton", NEWTON_CASE)])
+@pytest.mark.parametrize(
+    "case, options",
+    [
+        ("qr_roots", QR_ROOTS_CASE),
+        ("newton", NEWTON_CASE),
+        ("estimators", ESTIMATORS_CASE),
+        ("hsdp_spectral", SPECTRAL_CASE),
+    ],
+)
 def test_root_methods_match_single_process(world4, case, options):
     """Roots from warm-started eigenbases, refreshed every step from step 1; roots by the
-    coupled Newton iteration."""
+    coupled Newton iteration; KL-Shampoo's pseudo-inverse roots of the first moment's
+    factors (FSDP2); spectral descent (HSDP)."""
     values = world4[case].ok()
     fsdp_cases.check_against_reference(values, fsdp_cases.train_reference(**options))

@@ -84,6 +84,27 @@ NEWTON_OPTIONS = [
     dict(GROUP_OPTIONS[0], newton_iterations=30),
     dict(GROUP_OPTIONS[1], newton_iterations=25, refresh_delay=2),
 ]
+# The estimators: group 0 KL-Shampoo's pseudo-inverse roots of the first moment's factors,
+# group 1 spectral descent (Polar Express) scaled to AdamW's RMS.
+ESTIMATOR_OPTIONS = [
+    dict(
+        GROUP_OPTIONS[0],
+        kl_shampoo=True,
+        epsilon=0.0,
+        pseudo_inverse=True,
+        rank_rtol=1e-10,
+        factor_source="first_moment",
+        first_moment_nesterov=True,
+    ),
+    dict(
+        GROUP_OPTIONS[1],
+        preconditioner="spectral",
+        newton_schulz="polar_express",
+        grafting="rms",
+        nesterov=False,
+        momentum=0.0,
+    ),
+]
 # The option sets compared with one process, by name.
 VARIANTS = {
     "qr_roots": QR_ROOTS_OPTIONS,
@@ -93,6 +114,7 @@ VARIANTS = {
     "eigenvalue_corrected_soap": EC_SOAP_OPTIONS,
     "background": BACKGROUND_OPTIONS,
     "background_eigenvalue_corrected": EC_BACKGROUND_OPTIONS,
+    "estimators": ESTIMATOR_OPTIONS,
 }
 TINY_SHAPES = [[(3, 2), (2,)]]  # two blocks: fewer than the ranks of a 3- or 4-rank group
 TINY_OPTIONS = [dict(lr=0.05, precondition_frequency=3, epsilon=1e-4, factor_dtype=torch.float64)]
