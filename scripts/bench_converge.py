@@ -78,6 +78,11 @@ OPTIMIZERS = {
             *_opt("betas=(0.95, 1.0)", "use_bias_correction=False", "first_moment_nesterov=True"),
         ],
     ),
+    # Peers from the package index, at their defaults (pip install heavyball: not a
+    # requirement; these arms need it).
+    "heavyball-soap": ("heavyball", ["--heavyball-class", "SOAP"]),
+    "heavyball-klsoap": ("heavyball", ["--heavyball-class", "KLSOAP"]),
+    "heavyball-psgdkron": ("heavyball", ["--heavyball-class", "PSGDKron"]),
 }
 # workload: (steps, first learning-rate grid); train.py's sizes. Why these: docs/benchmarks.md.
 WORKLOADS = {

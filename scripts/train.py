@@ -154,6 +154,17 @@ def make_optimizers(name: str, model: torch.nn.Module, args: argparse.Namespace)
             params, lr=args.adamw_lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay
         )
         return [adamw], args.adamw_lr
+    if name == "heavyball":
+        # A peer from the package index (pip install heavyball), run eagerly: its
+        # torch.compile of the update failed in inductor on this CPU build.
+        import heavyball
+        import heavyball.utils
+
+        heavyball.utils.compile_mode = None
+        make = getattr(heavyball, args.heavyball_class)
+        return [make(params, lr=args.heavyball_lr, weight_decay=args.weight_decay)], (
+            args.heavyball_lr
+        )
     if name == "muon":
         # match_rms_adamw scales each matrix's update to AdamW's RMS, so that one learning
         # rate (and weight decay) serves both parts (Moonshot's "Muon is scalable").
@@ -420,10 +431,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workload", choices=["lm", "digits", "autoencoder"], default="lm")
     ap.add_argument(
         "--optimizer",
-        choices=["shampoo", "adamw", "muon", "both"],
+        choices=["shampoo", "adamw", "muon", "heavyball", "both"],
         default="both",
-        help="muon: torch.optim.Muon for the hidden layers' weights, AdamW for the rest",
+        help="muon: torch.optim.Muon for the hidden layers' weights, AdamW for the rest; "
+        "heavyball: --heavyball-class from the heavyball package, at its defaults",
     )
+    ap.add_argument("--heavyball-class", default="SOAP", help="e.g. SOAP, KLSOAP, PSGDKron")
     ap.add_argument("--nproc", type=int, default=2, help="processes to start (not under torchrun)")
     ap.add_argument("--parallelism", choices=["none", "ddp", "fsdp2", "hsdp"], default="ddp")
     ap.add_argument("--steps", type=int, default=300)
@@ -437,6 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shampoo-lr", type=float, default=3e-3)
     ap.add_argument("--adamw-lr", type=float, default=3e-3)
     ap.add_argument("--muon-lr", type=float, default=3e-3, help="of both its parts")
+    ap.add_argument("--heavyball-lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument(
         "--beta2",
