@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import train
 
+
 def _opt(*options: str) -> list[str]:
     """``--shampoo-option`` arguments."""
     return [a for o in options for a in ("--shampoo-option", o)]

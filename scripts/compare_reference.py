@@ -127,7 +127,6 @@ def reference_kwargs(options: dict) -> dict:
         AdaGradPreconditionerConfig,
         AdamPreconditionerConfig,
         ClassicMomentumConfig,
-        EigenvalueCorrectedShampooPreconditionerConfig,
         RMSpropPreconditionerConfig,
         WeightDecayType,
     )

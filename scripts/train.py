@@ -189,8 +189,7 @@ def make_optimizers(name: str, model: torch.nn.Module, args: argparse.Namespace)
     options = dict(
         epsilon=args.epsilon,
         precondition_frequency=args.precondition_frequency,
-        start_preconditioning_step=args.start_preconditioning_step
-        or args.precondition_frequency,
+        start_preconditioning_step=args.start_preconditioning_step or args.precondition_frequency,
         grafting=args.grafting if args.grafting != "none" else None,
         stagger_roots=args.stagger_roots,
         preconditioner=args.preconditioner,

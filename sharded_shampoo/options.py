@@ -294,8 +294,7 @@ OPTIONS: tuple[Option, ...] = (
         "epsilon",
         1e-12,
         real(0.0),
-        "added to the factors' eigenvalues before the inverse root (> 0; 0 with "
-        "pseudo_inverse)",
+        "added to the factors' eigenvalues before the inverse root (> 0; 0 with pseudo_inverse)",
     ),
     Option(
         "pseudo_inverse",

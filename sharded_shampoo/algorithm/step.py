@@ -106,7 +106,9 @@ def _update_factors(
     roots = None
     if opts.kl_shampoo:
         order = source.dim() - 1
-        roots = [read(state, f"root_{j}", source.dtype) if j in dims else None for j in range(order)]
+        roots = [
+            read(state, f"root_{j}", source.dtype) if j in dims else None for j in range(order)
+        ]
     for i in dims:
         x = source
         if roots is not None and len(dims) > 1:

@@ -78,14 +78,14 @@ def _muon_float64(params, grads_per_step, lr, momentum, weight_decay, adjust):
                 x = a * x + (b * gram + c * gram @ gram) @ x
             x = x.T if tall else x
             rows, cols = p.shape
-            ratio = max(1, rows / cols) ** 0.5 if adjust == "original" else 0.2 * max(p.shape) ** 0.5
+            ratio = (
+                max(1, rows / cols) ** 0.5 if adjust == "original" else 0.2 * max(p.shape) ** 0.5
+            )
             p.mul_(1 - lr * weight_decay).add_(x, alpha=-lr * ratio)
     return params
 
 
-@pytest.mark.parametrize(
-    "adjust,grafting", [("original", "shape"), ("match_rms_adamw", "rms")]
-)
+@pytest.mark.parametrize("adjust,grafting", [("original", "shape"), ("match_rms_adamw", "rms")])
 def test_spectral_preconditioner_is_torch_muon(adjust, grafting):
     """The spectral preconditioner with Muon's settings against torch.optim.Muon: equal to
     Muon's algorithm in float64 (1e-10), and as far from torch.optim.Muon as torch's own

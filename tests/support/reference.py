@@ -322,9 +322,15 @@ class ReferenceShampoo:
             # 4. factors and grafting state
             S = M if o["factor_source"] == "first_moment" else G
             kl = [
-                mode_product(S, [torch.eye(d, dtype=S.dtype) if j == i else st["P"][j]
-                                 for j, d in enumerate(S.shape)])
-                if o["kl_shampoo"] else S
+                mode_product(
+                    S,
+                    [
+                        torch.eye(d, dtype=S.dtype) if j == i else st["P"][j]
+                        for j, d in enumerate(S.shape)
+                    ],
+                )
+                if o["kl_shampoo"]
+                else S
                 for i in range(k)
             ]
             for i in dims:
@@ -427,9 +433,7 @@ class ReferenceShampoo:
                     D = D * ref_multiplier(o["grafting"], M.shape)
                 elif o["grafting"] is not None:
                     D = D * torch.linalg.norm(graft(M)) / (torch.linalg.norm(D) + 1e-16)
-            elif (t < start + delay or not dims) and (
-                o["grafting"] is not None or not corrected
-            ):
+            elif (t < start + delay or not dims) and (o["grafting"] is not None or not corrected):
                 D = graft(M)  # no factor at all: the grafting (diagonal) direction
             elif corrected:
                 c = 1 - beta2**t if (o["use_bias_correction"] and beta2 < 1) else 1.0
