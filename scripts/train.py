@@ -123,13 +123,18 @@ class Workload:
 # ---------------------------------------------------------------- one rank
 
 
+def hidden_weights(model: torch.nn.Module) -> set[int]:
+    """The ids of the hidden layers' weights: every Linear and Conv2d but the last."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return {id(m.weight) for m in layers[:-1]}
+
+
 def muon_params(model: torch.nn.Module) -> tuple[list, list]:
     """(for Muon, for AdamW): Muon takes the weights of the hidden layers, as its documentation
     advises, AdamW the rest (embeddings, the output layer, biases, norms). A conv filter goes to
     Muon as a matrix (out channels x the rest), as in Muon's CIFAR-10 runs: a 2-D parameter that
     shares its storage, given the filter's gradient by a hook after each backward."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    hidden = {id(m.weight) for m in layers[:-1]}
+    hidden = hidden_weights(model)
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = []
     for p in params:
@@ -198,10 +203,13 @@ def make_optimizers(name: str, model: torch.nn.Module, args: argparse.Namespace)
     )
     options = {**common, **options, **dict(args.shampoo_option)}  # the last given wins
     if args.hidden_only:
-        # The options above for the hidden matrices; the library's defaults and Adam for the
-        # rest, with the same lr, weight decay and betas as AdamW's.
+        # The options above for the hidden matrices (Muon's, as --optimizer muon splits the
+        # model); the library's defaults and Adam for the rest, with AdamW's lr, weight decay
+        # and betas.
         rest = {**OPTION_DEFAULTS, **common, "preconditioner": "diagonal"}
-        params = hidden_matrix_groups(model, other=rest)
+        hidden = hidden_weights(model)
+        others = [n for n, p in model.named_parameters() if id(p) not in hidden]
+        params = hidden_matrix_groups(model, other=rest, exclude=others)
     return [ShardedShampoo(params, **options)], args.shampoo_lr
 
 

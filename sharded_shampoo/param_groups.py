@@ -23,6 +23,7 @@ def hidden_matrix_groups(
     hidden: Mapping[str, Any] | None = None,
     other: Mapping[str, Any] | None = None,
     head: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """Two param groups of ``model``'s trainable parameters, each listed once:
 
@@ -32,15 +33,21 @@ def hidden_matrix_groups(
       options ``other``, e.g. their own ``lr`` and ``weight_decay``.
 
     ``head``: the names of the output modules (``model.named_modules()``); by default the last
-    ``torch.nn.Linear`` registered. A name no module has raises ValueError. Parameters shared
-    between modules (tied embeddings) follow their first owner and are listed once.
+    ``torch.nn.Linear`` registered. ``exclude``: names of more parameters for the rest
+    (``model.named_parameters()``), such as a positional embedding held as a bare parameter.
+    A name the model does not have raises ValueError. Parameters shared between modules (tied
+    embeddings) are listed once.
     """
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     head = _last_linear(model) if head is None else tuple(head)
     for name in head:
         if name not in modules:
             raise ValueError(f"head: model has no module {name!r}")
-    excluded = set()
+    for name in exclude:
+        if name not in params:
+            raise ValueError(f"exclude: model has no parameter {name!r}")
+    excluded = {id(params[name]) for name in exclude}
     for name, module in modules.items():
         if name in head or isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
             excluded.update(id(p) for p in module.parameters())

@@ -198,6 +198,10 @@ def test_hidden_matrix_groups_split_as_muon_documents():
     hidden, rest = hidden_matrix_groups(model, head=("body.0",))
     assert "head.weight" in {names[id(p)] for p in hidden["params"]}
     assert "body.0.weight" in {names[id(p)] for p in rest["params"]}
-    with pytest.raises(ValueError, match="'nope'"):
+    with pytest.raises(ValueError, match="head: model has no module 'nope'"):
         hidden_matrix_groups(model, head=("nope",))
+    hidden, rest = hidden_matrix_groups(model, exclude=["conv.weight"])
+    assert [names[id(p)] for p in hidden["params"]] == ["body.0.weight"]
+    with pytest.raises(ValueError, match="exclude: model has no parameter 'conv'"):
+        hidden_matrix_groups(model, exclude=["conv"])
     ShardedShampoo([hidden, rest])  # the groups are valid param groups
