@@ -9,6 +9,9 @@ The unit is the float32 matrix-product FLOP of this kind of machine. Per step, a
                                   ``f = precondition_frequency`` steps
   + ELEMENTWISE_COST * numel      grafting, filtered gradient, momentum, norms, copies
 
+and a block of the spectral preconditioner (no factors) its Newton-Schulz iterations
+(``spectral_cost``).
+
 ``EIGH_COST`` converts an eigendecomposition into matrix-product FLOPs: measured on this machine
 kind, ``torch.linalg.eigh`` of a 256 x 256 float32 matrix takes 3.2 ms and of 1024 x 1024 136 ms
 (one thread), 5-8 GFLOP/s counted as d^3, against about 90 GFLOP/s for matrix products: an
@@ -42,6 +45,7 @@ __all__ = [
     "block_cost",
     "block_state_elements",
     "root_cost",
+    "spectral_cost",
     "step_cost",
 ]
 
@@ -66,6 +70,16 @@ def step_cost(shape: tuple[int, ...], dims: tuple[int, ...] | None = None) -> fl
     """What a block costs its owner in every step: Grams, preconditioning, elementwise work."""
     numel = math.prod(shape)
     return sum(4.0 * d * numel for d in _factored(shape, dims)) + ELEMENTWISE_COST * numel
+
+
+def spectral_cost(shape: tuple[int, ...], steps: int) -> float:
+    """What spectral descent's Newton-Schulz iterations cost a block every step: per step, on
+    the block as an m x n matrix (m the smaller side), a Gram matrix (2 m^2 n), its square
+    (2 m^3) and the product with the iterate (2 m^2 n)."""
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if shape else 1
+    m, n = min(rows, cols), max(rows, cols)
+    return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
 def root_cost(shape: tuple[int, ...], dims: tuple[int, ...] | None = None) -> float:

@@ -9,7 +9,7 @@ import torch
 
 from ..blocking import ParamBlocking, make_blocking
 from ..options import GroupOptions
-from .cost import block_cost, block_state_elements, root_cost, step_cost
+from .cost import block_cost, block_state_elements, root_cost, spectral_cost, step_cost
 from .layout import StackLayout, group_stacks
 from .phases import assign_phases
 from .planner import assign_blocks
@@ -131,6 +131,11 @@ class Plan:
             costs = [
                 block_cost(s, opts.precondition_frequency, d)
                 for s, d in zip(shapes, dims, strict=True)
+            ]
+        if opts.preconditioner == "spectral":
+            costs = [
+                c + spectral_cost(s, opts.newton_schulz_steps)
+                for c, s in zip(costs, shapes, strict=True)
             ]
         preferred = []
         for pi, b in enumerate(blockings):

@@ -123,6 +123,14 @@ def test_cost_model_is_not_bytes():
     assert big > 3 * 16 * small  # same bytes, several times the work
 
 
+def test_spectral_blocks_are_balanced_by_their_newton_schulz_work():
+    """Spectral descent has no factors: a 64 x 64 block's iterations cost about 19x a 4 x 1024
+    block's of the same size, so two ranks split them 1 : 3 (by elements alone: 2 : 2)."""
+    plan = plan_for([(4, 1024), (64, 64), (4, 1024), (4, 1024)], 2, preconditioner="spectral")
+    owners = [row[0] for row in plan.groups[0].owners]
+    assert owners.count(owners[1]) == 1
+
+
 shape_lists = st.lists(
     st.lists(st.integers(1, 300), min_size=0, max_size=3).map(tuple), min_size=1, max_size=30
 )
