@@ -79,6 +79,22 @@ OPTIMIZERS = {
             *_opt("betas=(0.95, 1.0)", "use_bias_correction=False", "first_moment_nesterov=True"),
         ],
     ),
+    # The same on every parameter (no Adam part): the embeddings and the head preconditioned.
+    "ec-adam": ("shampoo", ["--preconditioner", "eigenvalue_corrected", "--grafting", "adam"]),
+    "shampoo-kl-all": (
+        "shampoo",
+        [
+            *("--epsilon", "0", "--grafting", "rms"),
+            *_opt("pseudo_inverse=True", "kl_shampoo=True"),
+        ],
+    ),
+    "shampoo-third-all": (
+        "shampoo",
+        [
+            *("--epsilon", "0", "--grafting", "rms"),
+            *_opt("pseudo_inverse=True", "inverse_exponent_override={2: 0.3333333333333333}"),
+        ],
+    ),
     # Peers from the package index, at their defaults (pip install heavyball: not a
     # requirement; these arms need it).
     "heavyball-soap": ("heavyball", ["--heavyball-class", "SOAP"]),
