@@ -4,8 +4,8 @@ One line per check, then a non-zero exit if any failed. Nothing is downloaded.
 
 - ``exact``: 12 steps of a small float64 model (two param groups, grafting, weight decay,
   momentum; the eigenvalue-corrected preconditioner; refreshes in the background, on a side
-  stream on CUDA) on the device against the same run on the CPU, same gradients: max relative
-  parameter difference <= 1e-10.
+  stream on CUDA; KL-Shampoo's pseudo-inverse roots beside spectral descent) on the device
+  against the same run on the CPU, same gradients: max relative parameter difference <= 1e-10.
 - ``fsdp2``: the same model under FSDP2 on a one-rank process group (NCCL for CUDA tensors,
   gloo for CPU ones) against the single-device run (1e-10).
 - ``dcp``: a DCP checkpoint of the FSDP2 run after 6 steps, loaded into a fresh model and
@@ -78,6 +78,27 @@ EC = [
 ]
 # Refreshes in the background (a side stream on CUDA), installed a step later, staggered.
 BACKGROUND = [dict(o, refresh_delay=1, stagger_roots=True) for o in OPTIONS]
+# The estimators: KL-Shampoo's pseudo-inverse roots of the first moment's factors; spectral
+# descent (Polar Express) at AdamW's RMS.
+ESTIMATORS = [
+    dict(
+        OPTIONS[0],
+        kl_shampoo=True,
+        epsilon=0.0,
+        pseudo_inverse=True,
+        rank_rtol=1e-10,
+        factor_source="first_moment",
+        first_moment_nesterov=True,
+    ),
+    dict(
+        OPTIONS[1],
+        preconditioner="spectral",
+        newton_schulz="polar_express",
+        grafting="rms",
+        momentum=0.0,
+        nesterov=False,
+    ),
+]
 
 failures: list[str] = []
 
@@ -173,6 +194,7 @@ def check_exact(device) -> dict:
         ("shampoo", OPTIONS),
         ("eigenvalue_corr", EC),
         ("background", BACKGROUND),
+        ("estimators", ESTIMATORS),
     ):
         here = single_run(device, options)
         cpu = single_run(torch.device("cpu"), options)
