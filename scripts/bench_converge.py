@@ -79,6 +79,13 @@ OPTIMIZERS = {
             *_opt("betas=(0.95, 1.0)", "use_bias_correction=False", "first_moment_nesterov=True"),
         ],
     ),
+    "shampoo-half": (
+        "shampoo",
+        [
+            *("--hidden-only", "--epsilon", "0", "--grafting", "rms"),
+            *_opt("pseudo_inverse=True", "inverse_exponent_override={2: 0.5}"),
+        ],
+    ),
     # The same on every parameter (no Adam part): the embeddings and the head preconditioned.
     "ec-adam": ("shampoo", ["--preconditioner", "eigenvalue_corrected", "--grafting", "adam"]),
     "shampoo-kl-all": (
