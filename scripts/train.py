@@ -431,6 +431,20 @@ def report(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- launch
 
 
+# --recommended: what the study (scripts/bench_converge.py, arm shampoo-half) tuned.
+RECOMMENDED = dict(
+    hidden_only=True,
+    epsilon=0.0,
+    grafting="rms",
+    shampoo_option=[("pseudo_inverse", True), ("inverse_exponent_override", {2: 0.5})],
+    precondition_frequency=1,
+    start_preconditioning_step=1,
+    beta2=0.95,
+    max_preconditioner_dim=128,
+    shampoo_lr=1e-2,
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -539,6 +553,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--print-losses", action="store_true", help="with --no-progress: a line per step"
     )
+    ap.add_argument(
+        "--recommended",
+        action="store_true",
+        help="Shampoo as docs/benchmarks.md found best against tuned Muon (lm, autoencoder, "
+        "digits): Shampoo^(1/2) with pseudo-inverse roots on the hidden matrices, refreshed "
+        "every step, at AdamW's update RMS; Adam for the rest (flags given override it)",
+    )
+    if "--recommended" in (sys.argv[1:] if argv is None else argv):
+        ap.set_defaults(**RECOMMENDED)
     args = ap.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("runs", args.workload)
     if args.workload != "lm" and args.batch == 16:

@@ -195,6 +195,8 @@ def _override(name: str, v: Any) -> dict[int, float]:
     v = v or {}
     if not isinstance(v, Mapping):
         raise ValueError(f"{name} must be a dict {{tensor order: exponent}} or None, got {v!r}")
+    # A param group saved by DCP comes back with its keys as strings ("2").
+    v = {int(k) if isinstance(k, str) and k.isdigit() else k: e for k, e in v.items()}
     for k, e in v.items():
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"{name} keys are tensor orders (ints >= 1), got {k!r}")
@@ -389,6 +391,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         _override,
         "{tensor order: exponent} instead of 1 / (2 order) (1/2 eigenvalue-corrected)",
+        stored=lambda o: o.inverse_exponent_override or None,  # int keys
     ),
     Option(
         "factor_dtype",

@@ -294,3 +294,12 @@ def test_merge_dims_default_keeps_spectral_blocks_matrices():
     opt = ShardedShampoo([{"params": [a]}, {"params": [b], "preconditioner": "spectral"}])
     assert [g["merge_dims"] for g in opt.param_groups] == [True, False]
     assert opt.defaults["merge_dims"] == "default"
+
+
+def test_exponent_override_keys_come_back_from_a_checkpoint_as_strings():
+    """DCP saves a param group's dict keys as strings: "2" is the order 2."""
+    p = torch.zeros(3, 4, requires_grad=True)
+    opt = ShardedShampoo([p], inverse_exponent_override={"2": 0.5, 1: 0.25})
+    assert opt.param_groups[0]["inverse_exponent_override"] == {2: 0.5, 1: 0.25}
+    with pytest.raises(ValueError, match="tensor orders"):
+        ShardedShampoo([p], inverse_exponent_override={"two": 0.5})

@@ -49,12 +49,19 @@ def losses(out_dir, name):
 
 
 @pytest.mark.parametrize(
-    "parallelism, nproc, workload",
-    [("none", 1, "lm"), ("ddp", 2, "lm"), ("fsdp2", 2, "digits"), ("hsdp", 4, "lm")],
+    "parallelism, nproc, workload, recipe",
+    [
+        ("none", 1, "lm", ()),
+        ("ddp", 2, "lm", ("--recommended",)),  # the demo's
+        ("fsdp2", 2, "digits", ()),
+        ("hsdp", 4, "lm", ()),
+    ],
 )
-def test_train_writes_logs_and_plot_and_resumes_exactly(tmp_path, parallelism, nproc, workload):
+def test_train_writes_logs_and_plot_and_resumes_exactly(
+    tmp_path, parallelism, nproc, workload, recipe
+):
     whole = tmp_path / "whole"
-    stdout = run(whole, 6, parallelism, nproc, workload=workload)
+    stdout = run(whole, 6, parallelism, nproc, *recipe, workload=workload)
     assert (whole / "loss.png").stat().st_size > 10_000
     assert "shampoo" in stdout and "adamw" in stdout and "plot:" in stdout
     for name in ("shampoo", "adamw"):
@@ -64,8 +71,8 @@ def test_train_writes_logs_and_plot_and_resumes_exactly(tmp_path, parallelism, n
         assert all(0 < r["loss"] < 10 for r in rows)
 
     stopped = tmp_path / "stopped"
-    run(stopped, 6, parallelism, nproc, "--stop-after", "3", workload=workload)
-    stdout = run(stopped, 6, parallelism, nproc, "--resume", workload=workload)
+    run(stopped, 6, parallelism, nproc, *recipe, "--stop-after", "3", workload=workload)
+    stdout = run(stopped, 6, parallelism, nproc, *recipe, "--resume", workload=workload)
     assert "resumed from" in stdout, stdout
     for name in ("shampoo", "adamw"):
         assert losses(stopped, name) == losses(whole, name), name
