@@ -260,10 +260,12 @@ def stack_step(
     gate.zero_gradient(grad)
 
     dims = factored_dims(state, order)
-    f_state = state.get("filtered_grad", None)
-    filtered = None if f_state is None else widened(f_state, grad.dtype)
-    m = None  # eigenvalue-corrected: filtered in the eigenbasis (``_corrected_step``)
+    f_state = filtered = m = None
     if not opts.eigenvalue_corrected:
+        # Before the factors, which may be built from it. (Eigenvalue-corrected: after the
+        # refresh, which rotates it into the new eigenbasis: ``_corrected_step``.)
+        f_state = state.get("filtered_grad", None)
+        filtered = None if f_state is None else widened(f_state, grad.dtype)
         m = _first_moment(grad, filtered, opts, t, gate)
     source = grad
     if opts.factor_source == "first_moment":
@@ -286,6 +288,8 @@ def stack_step(
         roots_ok = refresh(state, opts, t, order, keep, due)
 
     if opts.eigenvalue_corrected:
+        f_state = state.get("filtered_grad", None)
+        filtered = None if f_state is None else widened(f_state, grad.dtype)
         # From step 1 (in the identity basis until the first refresh) unless grafting is on.
         d = _corrected_step(state, grad, v, filtered, opts, t, gate)
     elif opts.preconditioner == "spectral":
