@@ -30,6 +30,7 @@ from .options import (
     check_dtype_range,
     check_group_keys,
     constructor_options,
+    integer,
     optimizer_signature,
     options_doc,
 )
@@ -168,12 +169,8 @@ class ShardedShampoo(torch.optim.Optimizer):
                     "communication_dtype must be one of torch.float32, torch.bfloat16, "
                     f"torch.float16, torch.float64, got {communication_dtype!r}"
                 )
-            if (
-                isinstance(exchange_buckets, bool)
-                or not isinstance(exchange_buckets, int)
-                or exchange_buckets < 1
-            ):
-                raise ValueError(f"exchange_buckets must be an int >= 1, got {exchange_buckets!r}")
+            # Python's, NumPy's and one-element CPU tensors' integers, as the group options.
+            exchange_buckets = integer(1)("exchange_buckets", exchange_buckets)
             params = materialize(params)
             self._topology = Topology(
                 params,

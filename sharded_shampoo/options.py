@@ -226,12 +226,16 @@ def _root_dtype(name: str, v: Any) -> torch.dtype | None:
 
 def _average_dtype(name: str, v: Any) -> torch.dtype | None:
     """A moving average's storage dtype: float16 is refused (stochastic rounding is written
-    for bfloat16's layout)."""
-    dtype = _root_dtype(name, v)
+    for bfloat16's layout), and so are integer types (an average kept in int8 stays zero)."""
+    allowed = f"{name} must be None, torch.float32, torch.float64 or torch.bfloat16, got {v!r}"
+    if v is None:
+        return None
+    try:
+        dtype = parse_factor_dtype(v, name)
+    except ValueError:
+        raise ValueError(allowed) from None
     if dtype == torch.float16:
-        raise ValueError(
-            f"{name} must be None, torch.float32, torch.float64 or torch.bfloat16, got {v!r}"
-        )
+        raise ValueError(allowed)
     return dtype
 
 
@@ -541,6 +545,7 @@ OPTIONS: tuple[Option, ...] = (
         "left with no factor takes the grafting direction (None: every dim)",
         structure=_same("max_factor_ratio"),
         record=lambda o: -1 if o.max_factor_ratio is None else o.max_factor_ratio,
+        stored=_same("max_factor_ratio"),  # an int, whatever integer was given
     ),
     _storage_dtype(
         "root_dtype",

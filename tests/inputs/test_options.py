@@ -45,6 +45,11 @@ BAD = [
     ("start_preconditioning_step", 2.5),
     ("grafting", "adamw"),
     ("grafting_beta2", 1.0),
+    ("grafting_dtype", torch.int8),
+    ("grafting_dtype", "int8"),
+    ("grafting_dtype", torch.float16),
+    ("first_moment_dtype", torch.int8),
+    ("first_moment_dtype", torch.complex64),
     ("grafting_epsilon", 0.0),
     ("use_bias_correction", "true"),
     ("inverse_exponent_override", {0: 0.5}),
@@ -210,7 +215,9 @@ def test_distribution_options_are_validated():
     with pytest.raises(ValueError, match="num_trainers_per_group .* world size 1, got 2"):
         ShardedShampoo([p], num_trainers_per_group=2)
     for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match=f"exchange_buckets must be an int >= 1, got {bad}"):
+        with pytest.raises(
+            ValueError, match=rf"exchange_buckets must be an int in \[1, 2\*\*63 - 1\], got {bad}"
+        ):
             ShardedShampoo([p], exchange_buckets=bad)
     # Without a process group the optimizer computes everything itself.
     opt = ShardedShampoo([p], num_trainers_per_group=1)
@@ -303,3 +310,17 @@ def test_exponent_override_keys_come_back_from_a_checkpoint_as_strings():
     assert opt.param_groups[0]["inverse_exponent_override"] == {2: 0.5, 1: 0.25}
     with pytest.raises(ValueError, match="tensor orders"):
         ShardedShampoo([p], inverse_exponent_override={"two": 0.5})
+
+
+def test_integer_options_take_numpy_and_tensor_integers_and_store_ints():
+    """exchange_buckets takes a NumPy integer as the group options do; max_factor_ratio given
+    as a tensor is held as an int."""
+    import numpy as np
+
+    p = torch.zeros(6, 4, requires_grad=True)
+    opt = ShardedShampoo([p], exchange_buckets=np.int64(2), max_factor_ratio=torch.tensor(4))
+    assert opt.param_groups[0]["max_factor_ratio"] == 4
+    assert type(opt.param_groups[0]["max_factor_ratio"]) is int
+    for bad in (True, 0, 2.5):
+        with pytest.raises(ValueError, match="exchange_buckets must be an int"):
+            ShardedShampoo([p], exchange_buckets=bad)
