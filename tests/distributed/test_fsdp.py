@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fsdp_cases
 import pytest
+import scenarios
 import torch
 from harness import run_cases
 
@@ -39,14 +40,7 @@ QR_ROOTS_CASE = dict(eigenbasis="qr", precondition_frequency=1, start_preconditi
 # Inverse roots by the coupled Newton iteration.
 NEWTON_CASE = dict(newton_iterations=30)
 # KL-Shampoo's pseudo-inverse roots of factors of the first moment; Muon's spectral descent.
-ESTIMATORS_CASE = dict(
-    kl_shampoo=True,
-    epsilon=0.0,
-    pseudo_inverse=True,
-    rank_rtol=1e-10,
-    factor_source="first_moment",
-    first_moment_nesterov=True,
-)
+ESTIMATORS_CASE = scenarios.KL_PSEUDO_INVERSE
 SPECTRAL_CASE = dict(preconditioner="spectral", newton_schulz="polar_express", grafting="rms")
 # Memory options: one-sided and diagonal blocks (max_factor_ratio), full matrices, bfloat16
 # moving averages, 8-bit quantized roots and eigenvectors.

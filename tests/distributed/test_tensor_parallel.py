@@ -31,14 +31,7 @@ VARIANTS = {  # name: options, each against one process with the same options
     # KL-Shampoo with pseudo-inverse roots of factors of the first moment (rank-deficient ones
     # included: norms' gains, unseen embedding rows), Nesterov's look-ahead, a fixed norm.
     "estimators": dict(
-        kl_shampoo=True,
-        epsilon=0.0,
-        pseudo_inverse=True,
-        rank_rtol=1e-10,
-        factor_source="first_moment",
-        first_moment_nesterov=True,
-        grafting="rms",
-        inverse_exponent_override={2: 1 / 3},
+        scenarios.KL_PSEUDO_INVERSE, grafting="rms", inverse_exponent_override={2: 1 / 3}
     ),
     "spectral": dict(preconditioner="spectral", newton_schulz="polar_express"),
 }

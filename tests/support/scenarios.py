@@ -86,16 +86,16 @@ NEWTON_OPTIONS = [
 ]
 # The estimators: group 0 KL-Shampoo's pseudo-inverse roots of the first moment's factors,
 # group 1 spectral descent (Polar Express) scaled to AdamW's RMS.
+KL_PSEUDO_INVERSE = dict(
+    kl_shampoo=True,
+    epsilon=0.0,
+    pseudo_inverse=True,
+    rank_rtol=1e-10,
+    factor_source="first_moment",
+    first_moment_nesterov=True,
+)
 ESTIMATOR_OPTIONS = [
-    dict(
-        GROUP_OPTIONS[0],
-        kl_shampoo=True,
-        epsilon=0.0,
-        pseudo_inverse=True,
-        rank_rtol=1e-10,
-        factor_source="first_moment",
-        first_moment_nesterov=True,
-    ),
+    dict(GROUP_OPTIONS[0], **KL_PSEUDO_INVERSE),
     dict(
         GROUP_OPTIONS[1],
         preconditioner="spectral",
