@@ -161,7 +161,7 @@ class ShardedShampoo(torch.optim.Optimizer):
             # qr_start and merge_dims stay unresolved here: each group resolves them for its
             # own preconditioner.
             stored = GroupOptions.from_group(defaults).stored()
-            for name in ("grafting", "qr_start", "merge_dims"):
+            for name in ("grafting", "qr_start", "merge_dims", "start_preconditioning_step"):
                 stored.pop(name)
             defaults.update(stored)
             if communication_dtype not in COMMUNICATION_DTYPES:
@@ -169,8 +169,12 @@ class ShardedShampoo(torch.optim.Optimizer):
                     "communication_dtype must be one of torch.float32, torch.bfloat16, "
                     f"torch.float16, torch.float64, got {communication_dtype!r}"
                 )
-            # Python's, NumPy's and one-element CPU tensors' integers, as the group options.
+            # Python's and NumPy's integers, as the group options.
             exchange_buckets = integer(1)("exchange_buckets", exchange_buckets)
+            if num_trainers_per_group is not None:
+                num_trainers_per_group = integer(1)(
+                    "num_trainers_per_group", num_trainers_per_group
+                )
             params = materialize(params)
             self._topology = Topology(
                 params,

@@ -122,12 +122,19 @@ def real(lo=None, hi=None, lo_open=False, hi_open=False) -> Callable[[str, Any],
 
 
 def integer(lo: int, hi: int = _INT_MAX) -> Callable[[str, Any], int]:
+    """An int in [lo, hi]: Python's and NumPy's integers, not bools and not tensors (a count
+    is set once, not computed on a device or scheduled)."""
+
     def check(name: str, v: Any) -> int:
         upper = "2**63 - 1" if hi == _INT_MAX else str(hi)
         try:
+            if isinstance(v, torch.Tensor):
+                raise ValueError
             value = _number(name, v, numbers.Integral)
         except ValueError:
-            raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}") from None
+            raise ValueError(
+                f"{name} must be an int in [{lo}, {upper}] (Python's or NumPy's), got {v!r}"
+            ) from None
         if not lo <= value <= hi:
             raise ValueError(f"{name} must be an int in [{lo}, {upper}], got {v!r}")
         return value
@@ -192,7 +199,7 @@ def _grafting(name: str, v: Any) -> str | None:
 
 
 def _override(name: str, v: Any) -> dict[int, float]:
-    v = v or {}
+    v = {} if v is None else v
     if not isinstance(v, Mapping):
         raise ValueError(f"{name} must be a dict {{tensor order: exponent}} or None, got {v!r}")
     # A param group saved by DCP comes back with its keys as strings ("2").
@@ -221,7 +228,13 @@ def parse_factor_dtype(value: Any, name: str = "factor_dtype") -> torch.dtype:
 def _root_dtype(name: str, v: Any) -> torch.dtype | None:
     if v in ("int8", "torch.int8", torch.int8):  # 8-bit quantized (algorithm/quantize.py)
         return torch.int8
-    return None if v is None else parse_factor_dtype(v, name)
+    try:
+        return None if v is None else parse_factor_dtype(v, name)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be None, torch.float32, torch.float64, torch.bfloat16, "
+            f"torch.float16 or torch.int8 (8-bit quantized), or their names, got {v!r}"
+        ) from None
 
 
 def _average_dtype(name: str, v: Any) -> torch.dtype | None:
@@ -372,7 +385,9 @@ OPTIONS: tuple[Option, ...] = (
         "start_preconditioning_step",
         None,
         _start,
-        "first step with roots (None: precondition_frequency)",
+        "first step with roots (None: precondition_frequency, resolved when the group is "
+        "built and kept: a later change of the frequency does not move it)",
+        stored=_same("start_preconditioning_step"),
     ),
     Option(
         "grafting",

@@ -375,3 +375,30 @@ def test_eigenvalue_corrected_and_root_inverse_groups_together():
         ref.step(per_group)
         err = max_rel_err(groups, ref)
         assert err < 1e-9, f"step {step}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"refresh_delay": 2}], ids=["synchronous", "refresh_in_flight"]
+)
+def test_a_hand_change_of_the_frequency_keeps_the_start(extra):
+    """start_preconditioning_step=None resolves to the frequency once, when the group is
+    built, as in the reference: raising the frequency from 4 to 9 at step 10 (a schedule or a
+    callback) keeps preconditioning (was: the start followed the frequency every step, and the
+    run went back to grafting until step 9's multiples, 18-32% off the reference). With a
+    delay, the change lands while the refresh of step 8 is in flight."""
+    opts = {**BASE, "factor_dtype": torch.float64, "precondition_frequency": 4, **extra}
+    params = make_params(torch.float64)
+    opt = ShardedShampoo(params, **opts)
+    ref = ReferenceShampoo([{"params": params, **opts}])
+    assert opt.state_dict()["param_groups"][0]["start_preconditioning_step"] == 4
+    for step in range(20):
+        if step == 9:
+            opt.param_groups[0]["precondition_frequency"] = 9
+            ref.groups[0]["opts"]["precondition_frequency"] = 9
+        grads = gradients(params, step, 0, 0)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        ref.step([grads])
+        err = max_rel_err([{"params": params}], ref)
+        assert err < 1e-9, f"step {step}: relative error {err:.3e}"

@@ -10,6 +10,7 @@ import torch
 from paths import REPO
 
 from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.options import OPTIONS
 
 BAD = [
     ("lr", -1e-3),
@@ -144,19 +145,21 @@ def test_parameters_of_unsupported_dtypes_are_refused_naming_them():
 
 
 def test_numbers_are_accepted_as_torch_takes_them():
-    """NumPy numbers and one-element CPU tensors, for real and int options alike (before,
-    np.float64 passed but np.float32, np.int64 and a 0-d tensor lr were refused)."""
+    """NumPy numbers for real and int options alike, and one-element CPU tensors for real ones
+    (torch's optimizers take a tensor lr); a tensor count is refused."""
     np = pytest.importorskip("numpy")
     p = torch.nn.Parameter(torch.ones(4, 3))
     p.grad = torch.ones(4, 3)
     for lr, freq, betas in [
         (np.float32(0.1), np.int64(2), (np.float32(0.5), np.float64(0.9))),
-        (torch.tensor(0.1), torch.tensor(2), (torch.tensor(0.5), 0.9)),
+        (torch.tensor(0.1), 2, (torch.tensor(0.5), 0.9)),
     ]:
         opt = ShardedShampoo([p], lr=lr, precondition_frequency=freq, betas=betas)
         opt.step()
         assert opt.param_groups[0]["step"] == 1
     assert torch.isfinite(p).all()
+    with pytest.raises(ValueError, match=r"precondition_frequency must be an int .*NumPy"):
+        ShardedShampoo([p], precondition_frequency=torch.tensor(2))
 
 
 def test_failed_add_param_group_leaves_the_optimizer_unchanged():
@@ -216,7 +219,7 @@ def test_distribution_options_are_validated():
         ShardedShampoo([p], num_trainers_per_group=2)
     for bad in (0, 2.0, True):
         with pytest.raises(
-            ValueError, match=rf"exchange_buckets must be an int in \[1, 2\*\*63 - 1\], got {bad}"
+            ValueError, match=rf"exchange_buckets must be an int in \[1, 2\*\*63 - 1\].*, got {bad}"
         ):
             ShardedShampoo([p], exchange_buckets=bad)
     # Without a process group the optimizer computes everything itself.
@@ -312,15 +315,113 @@ def test_exponent_override_keys_come_back_from_a_checkpoint_as_strings():
         ShardedShampoo([p], inverse_exponent_override={"two": 0.5})
 
 
-def test_integer_options_take_numpy_and_tensor_integers_and_store_ints():
+# Values no option of one kind takes, run against every option of the table (and the options
+# of the whole optimizer): each either raises ValueError naming the option, or is one the
+# option documents (ACCEPTED, by label).
+COMMON = {
+    "True": True,
+    "False": False,
+    "np.bool_": "numpy.bool_(True)",
+    "None": None,
+    "-1": -1,
+    "0": 0,
+    "2": 2,
+    "np.int64(3)": "numpy.int64(3)",
+    "1.5": 1.5,
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "-0.5": -0.5,
+    "tensor(2)": torch.tensor(2),
+    "tensor([1, 2])": torch.tensor([1, 2]),
+    "'nonsense'": "nonsense",
+    "''": "",
+    "[1]": [1],
+    "{}": {},
+    "object()": object(),
+    "int8": torch.int8,
+    "int64": torch.int64,
+    "bool": torch.bool,
+    "complex64": torch.complex64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+NUMBERS = {"0", "2", "np.int64(3)", "1.5", "tensor(2)"}
+COUNTS = {"2", "np.int64(3)"}
+FLAGS = {"True", "False"}
+ACCEPTED = {
+    "lr": NUMBERS,
+    "epsilon": NUMBERS - {"0"},  # 0 only with pseudo_inverse
+    "weight_decay": NUMBERS,
+    "grafting_epsilon": NUMBERS - {"0"},
+    "rank_atol": {"0"},  # any other value only with pseudo_inverse
+    "momentum": {"0"},
+    "dampening": {"0"},
+    "grafting_beta2": {"0"},
+    "eigenbasis_tolerance": {"0"},
+    "refresh_delay": {"0"} | COUNTS,
+    "rank_rtol": {"None"},
+    "start_preconditioning_step": {"None"} | COUNTS,
+    "newton_iterations": {"None"} | COUNTS,
+    "max_factor_ratio": {"None"} | COUNTS,
+    "max_preconditioner_dim": COUNTS,
+    "precondition_frequency": COUNTS,
+    "max_consecutive_root_failures": COUNTS,
+    "qr_iterations": COUNTS,
+    "decoupled_weight_decay": FLAGS,
+    "merge_dims": FLAGS,
+    "use_bias_correction": FLAGS,
+    "stagger_roots": FLAGS,
+    "symmetric_packing": FLAGS,
+    "pseudo_inverse": {"False"},  # True only with epsilon 0
+    "nesterov": {"False"},  # True only with momentum
+    "kl_shampoo": FLAGS,
+    "first_moment_nesterov": FLAGS,
+    "grafting": {"None"},
+    "inverse_exponent_override": {"None", "{}"},
+    "factor_dtype": {"float16", "float64"},
+    "root_dtype": {"None", "int8", "float16", "float64"},  # int8: 8-bit quantized
+    "grafting_dtype": {"None", "float64"},
+    "first_moment_dtype": {"None", "float64"},
+    "exchange_buckets": COUNTS,
+    "num_trainers_per_group": {"None"},  # 2 and 3 do not divide a world of 1
+    "communication_dtype": {"float16", "float64"},
+}
+WHOLE_OPTIMIZER = ("exchange_buckets", "num_trainers_per_group", "communication_dtype")
+
+
+def _common_value(label):
+    value = COMMON[label]
+    if isinstance(value, str) and value.startswith("numpy."):
+        np = pytest.importorskip("numpy")
+        return eval(value, {"numpy": np})  # the NumPy scalar named
+    return value
+
+
+@pytest.mark.parametrize("name", [o.name for o in OPTIONS] + list(WHOLE_OPTIMIZER))
+def test_every_option_against_a_common_list_of_bad_values(name):
+    """No option takes a value of the wrong kind silently: bools for numbers, integer, complex
+    or float8 dtypes for state dtypes, tensors for counts (was: int8 averages accepted)."""
+    p = torch.zeros(6, 4, requires_grad=True)
+    accepted = set()
+    for label in COMMON:
+        value = _common_value(label)
+        try:
+            ShardedShampoo([p], **{name: value})
+        except ValueError as e:
+            assert name in str(e), f"{name}={label}: {e}"
+        else:
+            accepted.add(label)
+    assert accepted == ACCEPTED.get(name, set()), name
+
+
+def test_integer_options_store_python_ints():
     """exchange_buckets takes a NumPy integer as the group options do; max_factor_ratio given
-    as a tensor is held as an int."""
+    as a NumPy integer is held as an int."""
     import numpy as np
 
     p = torch.zeros(6, 4, requires_grad=True)
-    opt = ShardedShampoo([p], exchange_buckets=np.int64(2), max_factor_ratio=torch.tensor(4))
+    opt = ShardedShampoo([p], exchange_buckets=np.int64(2), max_factor_ratio=np.int64(4))
     assert opt.param_groups[0]["max_factor_ratio"] == 4
     assert type(opt.param_groups[0]["max_factor_ratio"]) is int
-    for bad in (True, 0, 2.5):
-        with pytest.raises(ValueError, match="exchange_buckets must be an int"):
-            ShardedShampoo([p], exchange_buckets=bad)
