@@ -40,7 +40,7 @@ from .refreshes import Refreshes
 from .state.consolidation import FullRequest
 from .state.dicts import StateDicts, pickled
 from .state.groups import GroupState
-from .status import raise_if_failed, read_outcome
+from .status import failure_message, gather_failures, raise_if_failed, read_outcome
 from .topology import Topology, peers_of
 from .work import begin_step, compute, warn_skipped
 
@@ -356,12 +356,17 @@ class ShardedShampoo(torch.optim.Optimizer):
             work = [w for _, ws in collected for w in ws]
             steps = [g["step"] for g in self.param_groups]
             # Refreshes computed in the background are installed before the math uses them.
-            installed = self._refreshes.install(step.options, steps, self._block_name)
-            error = compute(collected, steps, self._block_name, self._refreshes) or installed
+            installed, crash = None, None
+            try:
+                installed = self._refreshes.install(step.options, steps, self._block_name)
+            except Exception as e:  # noqa: BLE001 - raised after the exchange, on every rank
+                crash = e
+            error, crash = compute(collected, steps, self._block_name, self._refreshes, crash)
+            error = error or installed
             # Parameters are not touched until every rank learnt that every rank succeeded and
             # stepped alike: what went wrong rides the status words of each exchange.
-            failed = error is not None or invalid is not None
-            summaries = [d.exchange(step, failed) for d in self._distributors]
+            message = failure_message(error, invalid, crash)
+            summaries = [d.exchange(step, message is not None) for d in self._distributors]
             skipped = torch.cat([w.keep for w in work]).logical_not().any() if work else None
             any_skipped, statuses = read_outcome(
                 skipped, summaries, [d.status for d in self._distributors]
@@ -369,7 +374,9 @@ class ShardedShampoo(torch.optim.Optimizer):
             if any_skipped:
                 for w in work:
                     warn_skipped(w, self._block_name, steps[w.group] + 1)
-            raise_if_failed(statuses, error, invalid)
+            with on_device(self._topology.device):
+                failures = gather_failures([d.group for d in self._distributors], statuses, message)
+            raise_if_failed(statuses, error, invalid, crash, failures)
             for d in self._distributors:
                 d.apply(step)
         finally:

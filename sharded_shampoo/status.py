@@ -2,10 +2,13 @@
 
 Per step, the distributors' exchanges carry status words at the end of every piece a rank
 sends: a rank that hits an error it must raise (a block whose roots failed too often, invalid
-options) says so there, and a digest of the options, step and gradient presence it stepped
-with lets every rank see a disagreement; after the collective every rank raises, instead of a
-failing rank leaving the others waiting in a collective or replicas drifting apart. The step
-reads what it learnt back from the device once (``read_outcome``).
+options, an exception in its math or in a background refresh) says so there, and a digest of
+the options, step and gradient presence it stepped with lets every rank see a disagreement;
+after the collective every rank raises, instead of a failing rank leaving the others waiting
+in a collective until the process group's timeout, or replicas drifting apart. The step reads
+what it learnt back from the device once (``read_outcome``); only when a rank failed do the
+ranks that read it gather the failing ranks' messages (``gather_failures``), so that each
+raises with the cause.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 __all__ = [
     "DISAGREED",
@@ -21,6 +25,8 @@ __all__ = [
     "STATUS_WORDS",
     "Status",
     "StatusWords",
+    "failure_message",
+    "gather_failures",
     "raise_if_failed",
     "read_outcome",
     "read_status",
@@ -116,16 +122,62 @@ def read_outcome(
     return any_skipped, out
 
 
-def raise_if_failed(statuses: list[Status], error: str | None, invalid: ValueError | None) -> None:
+def failure_message(
+    error: str | None, invalid: ValueError | None, crash: Exception | None
+) -> str | None:
+    """What this rank tells the others about its failure in a step, if it failed."""
+    if crash is not None:
+        return f"{type(crash).__name__}: {crash}"
+    if invalid is not None:
+        return f"ValueError: {invalid}"
+    return error
+
+
+def gather_failures(
+    groups: list, statuses: list[Status], message: str | None
+) -> list[tuple[int, str]]:
+    """(global rank, message) of the failing ranks, gathered over the process group of each
+    exchange whose status words reported a failure (``groups[i]``, None: the default group).
+    A collective taken only then, by every rank of that group: each of them read the same
+    words."""
+    failures = set()
+    for group, status in zip(groups, statuses, strict=True):
+        if not status.failed:
+            continue
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (dist.get_rank(), message), group=group)
+        failures.update((r, m) for r, m in gathered if m is not None)
+    return sorted(failures)
+
+
+def raise_if_failed(
+    statuses: list[Status],
+    error: str | None,
+    invalid: ValueError | None,
+    crash: Exception | None = None,
+    failures: list[tuple[int, str]] = (),
+) -> None:
     """Raises on every rank once a step's status words reported a problem: this rank's own
-    error first, then a disagreement between ranks, then another rank's error."""
-    failed, disagreeing = (
-        sorted({r for v in values if isinstance(v, list) for r in v})
-        or any(v is True for v in values)
-        for values in ([s.failed for s in statuses], [s.disagreeing for s in statuses])
+    exception or error first, then a disagreement between ranks, then another rank's failure
+    with its message (``failures``, from ``gather_failures``)."""
+    values = [s.disagreeing for s in statuses]
+    disagreeing = sorted({r for v in values if isinstance(v, list) for r in v}) or any(
+        v is True for v in values
     )
+    if crash is not None:
+        raise crash
     if invalid is not None:
         raise invalid
+    if error is not None:
+        raise RuntimeError(error)
+    # Before a disagreement: a failing rank's digest may differ for its failure's sake.
+    if failures:
+        rank, message = failures[0]
+        also = f" (and rank(s) {[r for r, _ in failures[1:]]})" if len(failures) > 1 else ""
+        raise RuntimeError(
+            f"rank {rank}{also} failed in this step, and every rank raises before any "
+            f"parameter changes: {message}"
+        )
     if disagreeing:
         who = (
             f"rank(s) {disagreeing} differ from rank 0"
@@ -138,13 +190,4 @@ def raise_if_failed(statuses: list[Status], error: str | None, invalid: ValueErr
             "parameters have a gradient. Schedulers must give every rank the same values "
             "(ReduceLROnPlateau fed each rank's own loss does not). Parameters were not "
             "updated in this step."
-        )
-    if error is not None:
-        raise RuntimeError(error)
-    if failed:
-        who = f"rank(s) {failed}" if isinstance(failed, list) else "another rank"
-        raise RuntimeError(
-            f"{who} raised an error in this step (a block whose inverse roots failed "
-            "several times in a row, or invalid options; its error names the cause); "
-            "parameters were not updated in this step"
         )

@@ -86,22 +86,34 @@ def compute(
     steps: list[int],
     name: BlockNamer,
     refreshes: Refreshes,
-) -> str | None:
+    crash: Exception | None = None,
+) -> tuple[str | None, Exception | None]:
     """The math, distributor by distributor, stack by stack in each one's order, at each
     group's next step (``steps[group] + 1``): each stack's gradient is waited for (``arrive``),
     gated (``gate``) and computed, and its distributor told (``computed``, then ``flush``
-    after its last); returns the error to raise (roots that kept failing). With
-    ``refresh_delay`` the refreshes due are started in the background (``refreshes``) instead
-    of computed in the step."""
+    after its last). With ``refresh_delay`` the refreshes due are started in the background
+    (``refreshes``) instead of computed in the step.
+
+    Returns the error to raise (roots that kept failing) and the exception the math raised, if
+    any (``crash``: also one raised before, installing refreshes). Once one is raised, the
+    remaining stacks are not computed but still handed to their distributor, so that this rank
+    takes every collective of the step as the others do and tells them in the status words."""
     error = None
     for distributor, work in collected:
         for w in work:
             distributor.arrive(w)
-            gate(w)
-            error = _compute(w, steps[w.group] + 1, name, refreshes) or error
+            if crash is None:
+                try:
+                    gate(w)
+                    error = _compute(w, steps[w.group] + 1, name, refreshes) or error
+                except Exception as e:  # noqa: BLE001 - every rank raises it after the exchange
+                    crash = e
+            if crash is not None:  # nothing is applied: any direction will do
+                w.keep = torch.ones(w.stack.num_rows, dtype=torch.bool, device=w.grad.device)
+                w.direction = w.grad
             distributor.computed(w)
         distributor.flush()
-    return error
+    return error, crash
 
 
 def _compute(w: StackWork, t: int, name: BlockNamer, refreshes: Refreshes) -> str | None:

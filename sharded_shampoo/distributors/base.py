@@ -60,6 +60,9 @@ class Distributor:
     """
 
     collective = False
+    # The process group of the exchanges (None: the default group), where the ranks that saw a
+    # failure in the status words gather its message.
+    group = None
     # Whether the gradient and weight stacks live between steps: the all_to_all exchange keeps
     # views into them; the others allocate them per step (not kept between steps, so not
     # counted as optimizer memory; a caching allocator hands the same blocks back).

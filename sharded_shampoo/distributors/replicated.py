@@ -48,6 +48,7 @@ class ReplicatedDistributor(LocalDistributor):
     ) -> None:
         super().__init__(blocks, device)
         self.mesh = mesh
+        self.group = mesh.get_group()
         # Every rank's stacks and their copies to the parameters, on this rank's device: every
         # rank applies every rank's directions.
         self.segments = [
@@ -118,12 +119,11 @@ class ReplicatedDistributor(LocalDistributor):
         """Starts the AllGather of elements ``[lo, hi)`` of every rank's piece, into place.
         (The pieces are the local shards of a Shard(0) DTensor over the mesh; this is its
         redistribution to Replicate(), into a buffer allocated once.)"""
-        group = self.mesh.get_group()
         if len(self._slices) == 1:
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            return gather(self.gathered.view(-1), self.local, group=group, async_op=True)
+            return gather(self.gathered.view(-1), self.local, group=self.group, async_op=True)
         out = [self.gathered[r, lo:hi] for r in range(self.gathered.shape[0])]
-        return dist.all_gather(out, self.local[lo:hi], group=group, async_op=True)
+        return dist.all_gather(out, self.local[lo:hi], group=self.group, async_op=True)
 
     def exchange(self, step: Step, failed: bool) -> torch.Tensor:
         mine = self._words.write(FAILED if failed else 0, step.digest)

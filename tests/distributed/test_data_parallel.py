@@ -159,7 +159,8 @@ def test_root_failure_on_one_rank_raises_on_every_rank(group, case):
         if r == 0:
             assert "failed 2 times in a row" in outcome, outcome
         else:
-            assert "rank(s) [0]" in outcome, outcome
+            assert "rank 0 failed in this step" in outcome, outcome
+            assert "failed 2 times in a row" in outcome, outcome  # rank 0's cause
     steps = {o.split(":")[0] for o, _ in values}
     assert len(steps) == 1, steps  # all ranks raised in the same step
 

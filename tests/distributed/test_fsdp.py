@@ -175,7 +175,8 @@ def test_failures_under_hsdp_raise_everywhere_and_nan_stays_out(world4):
         if r == 0:
             assert "failed 2 times in a row" in outcome, outcome
         else:
-            assert "raised an error in this step" in outcome, outcome
+            assert "rank 0 failed in this step" in outcome, outcome
+            assert "failed 2 times in a row" in outcome, outcome  # rank 0's cause
     assert len(steps) == 1, steps  # every rank raised in the same step
 
 

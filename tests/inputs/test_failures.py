@@ -28,6 +28,8 @@ CASES_2 = {
     "bad_at_construction": (fc.bad_option_on_one_rank, {"when": "construction"}),
     "bad_added_group": (fc.bad_option_on_one_rank, {"when": "add_param_group"}),
     "fsdp1": (fc.fsdp1, {}),
+    "fault_ddp": (fc.fault_in_refresh, {"mode": "ddp", "delay": 0}),
+    "fault_fsdp_background": (fc.fault_in_refresh, {"mode": "fsdp", "delay": 2}),
 }
 CASES_4 = {
     "trainer_groups": (fc.trainer_groups_differ, {}),
@@ -73,7 +75,8 @@ def test_different_lr_under_hsdp_reaches_the_other_replica_group(world4):
 def test_invalid_options_on_one_rank_raise_everywhere(world2):
     (m0, params0, _, works0), (m1, params1, all1, works1) = world2["invalid_lr"].ok()
     assert m1.startswith("ValueError: param group 0: lr must be in [0.0, inf], got -1.0"), m1
-    assert m0.startswith("RuntimeError: "), m0
+    assert m0.startswith("RuntimeError: rank 1 failed in this step"), m0
+    assert m0.endswith("ValueError: param group 0: lr must be in [0.0, inf], got -1.0"), m0
     assert params0 and params1 and works0 and works1
     assert all1  # the rank with the bad option changed nothing at all
 
@@ -191,3 +194,21 @@ def test_fsdp1_is_refused_naming_fully_shard(world2):
         assert message.startswith("PlanMismatchError: ranks built different optimizers"), message
         assert "FSDP2's fully_shard" in message, message
         assert works
+
+
+@pytest.mark.parametrize("case", ["fault_ddp", "fault_fsdp_background"])
+def test_a_rank_whose_refresh_raises_takes_every_rank_down_with_its_cause(world2, case):
+    """Inside the step, rank 1's refresh raises: it still takes part in the step's exchange
+    with its failure in the status words, so every rank raises in the same step, at once,
+    with rank 1's exception (before: the others hung until the process group's timeout)."""
+    due = {"fault_ddp": 5, "fault_fsdp_background": 7}[case]  # installed 2 steps later
+    outcomes = world2[case].ok()
+    for r, (step, message, seconds, unchanged, works) in enumerate(outcomes):
+        assert step == due, (r, step, message)
+        if r == 1:
+            assert message == "InjectedFault: injected: the refresh lost its device", message
+        else:
+            assert message.startswith("RuntimeError: rank 1 failed in this step"), message
+            assert message.endswith("InjectedFault: injected: the refresh lost its device")
+        assert seconds < 5 < COLLECTIVE_TIMEOUT_S, (r, seconds)
+        assert unchanged and works

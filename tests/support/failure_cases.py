@@ -339,3 +339,50 @@ def fsdp1(rank, world):
             [p for p in wrapped.parameters() if p.requires_grad], num_trainers_per_group=world
         )
     ), _group_still_works(world)
+
+
+# ---------------------------------------------------------------- failures inside the step
+
+
+class InjectedFault(Exception):
+    """What a refresh on one rank raises in ``fault_in_refresh`` (a lost device, a bug)."""
+
+
+def _faulty_decompose(*args, **kwargs):
+    raise InjectedFault("injected: the refresh lost its device")
+
+
+def fault_in_refresh(rank, world, mode, delay):
+    """Rank 1's refresh raises (in the step, or in the background worker with ``delay``,
+    surfacing at the install step). Every rank raises in that same step, the others naming
+    rank 1 and its exception, at once (before, they waited in the next collective until the
+    process group's timeout and reported the timeout); no parameter moves. Returns, per rank,
+    (the step that raised, its message, its seconds, parameters unchanged, group works)."""
+    model, wrapped, opt = ckpt_cases.build(mode, world, refresh_delay=delay)
+    _train(model, wrapped, opt, rank, world, 3)  # refreshes at 5 (installed at 5 + delay)
+    patches = [
+        mock.patch("sharded_shampoo.algorithm.refresh.decompose", _faulty_decompose),
+        mock.patch("sharded_shampoo.refreshes.decompose", _faulty_decompose),
+    ]
+    if rank == 1:
+        for p in patches:
+            p.start()
+    try:
+        for step in range(3, 10):
+            opt.zero_grad()
+            _grads(model, wrapped, rank, world, step)
+            before = ckpt_cases.full_params(model)
+            start = time.monotonic()
+            message = _outcome(opt.step)
+            seconds = time.monotonic() - start
+            if message != "no error":
+                unchanged = all(
+                    torch.equal(a, b)
+                    for a, b in zip(ckpt_cases.full_params(model), before, strict=True)
+                )
+                return step + 1, message, seconds, unchanged, _group_still_works(world)
+        return None
+    finally:
+        if rank == 1:
+            for p in patches:
+                p.stop()
