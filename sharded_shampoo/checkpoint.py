@@ -208,6 +208,7 @@ def _load(path, model, optimizer, extra, flatten) -> dict:
     _check_entries(path, saved, model_sd, records)
     _check_records(path, records)
     _read_as_saved(saved, osd, flatten)
+    _drop_unsaved_checksums(saved, osd, flatten)
     staged = {
         k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in model_sd.items()
     }
@@ -221,9 +222,23 @@ def _load(path, model, optimizer, extra, flatten) -> dict:
     return state.get("extra", {})
 
 
+def _drop_unsaved_checksums(saved: dict[str, Any], osd: dict[str, Any], flatten: bool) -> None:
+    """A checkpoint written before block checksums has none to read (nor to verify)."""
+    if flatten:
+        for key in [k for k in osd if k.endswith(".checksum") and f"optim.{k}" not in saved]:
+            del osd[key]
+        return
+    for fqn, state in osd["state"].items():
+        for key in [k for k in state if k.endswith(".checksum")]:
+            if f"optim.state.{fqn}.{key}" not in saved:
+                del state[key]
+
+
 def _read_as_saved(saved: dict[str, Any], osd: dict[str, Any], flatten: bool) -> None:
-    """Factors and roots saved with the other ``symmetric_packing`` are read as they were saved
-    (the optimizer's load converts them): their staging tensors take the saved shape."""
+    """State saved in another storage is read as it was saved (the optimizer's load verifies
+    its checksums, then converts it): factors and roots saved with the other
+    ``symmetric_packing`` take the saved shape, tensors saved in another floating dtype
+    (``root_dtype``, ``grafting_dtype``, ...) the saved dtype."""
     entries = (
         [(osd, k, f"optim.{k}") for k in osd if k.startswith("state.")]
         if flatten
@@ -237,10 +252,12 @@ def _read_as_saved(saved: dict[str, Any], osd: dict[str, Any], flatten: bool) ->
         value, meta = holder[key], saved.get(name)
         if not isinstance(value, torch.Tensor) or not isinstance(meta, TensorStorageMetadata):
             continue
-        size = tuple(meta.size)
+        size, dtype = tuple(meta.size), meta.properties.dtype
         if size != tuple(value.shape) and other_layout(tuple(value.shape)) == size:
             if symmetric_state(key):
-                holder[key] = torch.empty(size, dtype=value.dtype, device=value.device)
+                value = holder[key] = torch.empty(size, dtype=value.dtype, device=value.device)
+        if dtype != value.dtype and value.is_floating_point():  # another storage dtype
+            holder[key] = torch.empty(value.shape, dtype=dtype, device=value.device)
 
 
 def _check_entries(

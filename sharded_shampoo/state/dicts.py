@@ -25,6 +25,7 @@ from ..diagnostics import ParamNamer
 from ..options import GroupOptions
 from ..placement import Plan
 from ..topology import Topology
+from .checksums import add_checksums
 from .consolidation import (
     UNSAID,
     FullRequest,
@@ -108,11 +109,15 @@ class StateDicts:
             copy = torch.Tensor.clone
         else:
             copy = None
-        if copy is not None:
-            sd["state"] = {
-                k: {n: copy(v) if isinstance(v, torch.Tensor) else v for n, v in s.items()}
-                for k, s in sd["state"].items()
+        # New dicts in any case: torch's state_dict hands out the live per-parameter dicts,
+        # which the blocks of other ranks and the checksums must not be added to.
+        sd["state"] = {
+            k: {
+                n: copy(v) if copy is not None and isinstance(v, torch.Tensor) else v
+                for n, v in s.items()
             }
+            for k, s in sd["state"].items()
+        }
         if keep is not None and self._plan.world_size > 1:
             others = gather_blocks(
                 self._plan,
@@ -127,6 +132,8 @@ class StateDicts:
                 for pi in range(len(group["params"])):
                     sd["state"][index].update(others.get((gi, pi), {}))
                     index += 1
+        for state in sd["state"].values():
+            add_checksums(state)
         return sd
 
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ import torch
 
 from ..options import GroupOptions
 from ..placement.plan import GroupPlan
+from .checksums import CHECKSUM
 from .pool import StatePool
 from .record import blocking_record
 from .stacks import GroupBlocks, pool_lengths
@@ -45,9 +46,14 @@ class GroupState:
     def param_state(self, param: int, opts: GroupOptions) -> dict[str, Any]:
         """What ``Optimizer.state`` holds for parameter ``param``: views of the blocks this rank
         owns, and, on every rank, its blocking record and the group's step, so that checkpoints
-        record both whoever owned what, and a regrouped load finds the step."""
+        record both whoever owned what, and a regrouped load finds the step. Each block's
+        ``checksum`` is a placeholder here, computed in state dicts (``checksums``): torch's
+        state-dict functions keep only the keys the live state has."""
+        views = self.blocks.block_views(param)
+        slot = torch.zeros(1, dtype=torch.int64, device=self.pool.device)
         return {
-            **self.blocks.block_views(param),
+            **views,
+            **{f"blocks.{bid}.{CHECKSUM}": slot for bid in {k.split(".")[1] for k in views}},
             "blocking": blocking_record(self.blocks.blockings[param], opts, self.phases(param)),
             "step": self.step,
         }

@@ -62,6 +62,8 @@ def assert_same_state_dict(got, want, where):
         for key, w in entries.items():
             g = got["state"][fqn][key]
             assert g.dtype == w.dtype and g.shape == w.shape, (where, fqn, key)
+            if key.endswith(".checksum"):  # of tensors equal to 1e-12, not bitwise
+                continue
             scale = max(float(w.abs().max()) if w.numel() else 0.0, 1e-30)
             err = float((g.double() - w.double()).abs().max()) / scale if w.numel() else 0.0
             assert err <= 1e-12, (where, fqn, key, err)
