@@ -23,7 +23,7 @@ fi
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=$venv/.sharded_shampoo-installed
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || ! "$py" -c "import sharded_shampoo" >/dev/null 2>&1; then
-  "$py" -m pip install -q -e "$repo[test,hf,lightning]" >&2
+  "$py" -m pip install -q -e "$repo[test,hf,lightning,torchft]" >&2
   # The torchtitan extra: torchtitan without its own requirements, then what its trainer
   # imports (see pyproject.toml). The requirements left out on purpose are not reported as
   # conflicts.

@@ -502,13 +502,24 @@ class ShardedShampoo(torch.optim.Optimizer):
         refuses (a dict that lacks the blocks it owns: one rank's ``state_dict()`` saved alone),
         every rank raises, naming that rank's reason.
         """
+        self._load(state_dict, agree=True)
+
+    def load_rank_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a dict that holds at least this rank's blocks, as a peer rank with the same
+        plan saved it inside ``sharded_state()`` (torchft's live recovery sends a recovering
+        rank what the same rank of a healthy replica group holds), checked as
+        ``load_state_dict`` does but on this rank alone: not a collective, so ranks may load at
+        different times or not at all, and a refusal raises on this rank only."""
+        self._load(state_dict, agree=False)
+
+    def _load(self, state_dict: dict[str, Any], agree: bool) -> None:
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         self._refreshes.wait()  # nothing in flight may write over what is loaded
-        self._dicts.load(state_dict)
+        self._dicts.load(state_dict, agree)
         self._refreshes.restore(self._groups)  # what was in flight when it was saved
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -154,9 +154,9 @@ class StateDicts:
 
     # ------------------------------------------------------------ load_state_dict()
 
-    def load(self, state_dict: dict[str, Any]) -> None:
-        """Checks ``state_dict`` in full (every rank compares outcomes when sharded), then
-        copies it into the live state and takes its options."""
+    def load(self, state_dict: dict[str, Any], agree: bool = True) -> None:
+        """Checks ``state_dict`` in full (every rank compares outcomes when sharded, with
+        ``agree``), then copies it into the live state and takes its options."""
         try:
             new_options, copies = check_state_dict(
                 state_dict, self._param_groups, self._groups, self._live, self._name
@@ -164,7 +164,7 @@ class StateDicts:
             error = None
         except ValueError as e:
             error = e
-        if self._topology.distributed:
+        if self._topology.distributed and agree:
             with on_device(self._topology.device):
                 raise_anywhere(self._topology.agreement_group, error)
         elif error is not None:
