@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -100,20 +101,31 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict | None = None,
     flatten: bool = True,
-) -> None:
+    asynchronous: bool = False,
+) -> Future | None:
     """Saves model and optimizer state (and ``extra``, small picklable values) to ``path``.
 
     Collective: every rank calls it. ``path`` is marked complete after every rank is done.
     ``flatten`` is ``flatten_optimizer_state_dict``; a checkpoint loads with the same setting.
+
+    ``asynchronous``: the state is copied to host memory now (``dcp.async_save``'s staging)
+    and written by a background thread while training goes on; returns a future that is done
+    once this rank's part is written (on the first rank: once the checkpoint is marked
+    complete). Its collectives use a process group of their own (gloo), created at the first
+    asynchronous save, so that they never interleave with training's. Wait for it before the
+    next save; a job killed before it is done leaves a checkpoint without its marker, which
+    ``load_checkpoint`` refuses and ``latest_checkpoint`` skips.
     """
     with _on_params_device(optimizer):
-        _save(path, model, optimizer, extra, flatten)
+        return _save(path, model, optimizer, extra, flatten, asynchronous)
 
 
-def _save(path, model, optimizer, extra, flatten) -> None:
+def _save(path, model, optimizer, extra, flatten, asynchronous) -> Future | None:
     """``save_checkpoint``, on the parameters' device."""
-    # A save only reads the optimizer state: views of it, no copy (ShardedShampoo.saving).
+    # A save only reads the optimizer state: views of it, no copy (ShardedShampoo.saving); an
+    # asynchronous one copies them to host memory before it returns.
     views = optimizer.saving() if hasattr(optimizer, "saving") else contextlib.nullcontext()
+    first = not _distributed() or dist.get_rank() == 0
     with views:
         state: dict[str, Any] = {
             "model": get_model_state_dict(model),
@@ -123,24 +135,68 @@ def _save(path, model, optimizer, extra, flatten) -> None:
             state["extra"] = dict(extra)
         # Saving over an older checkpoint: drop its marker first, so that an interrupted save
         # cannot leave a half-overwritten directory that still looks complete.
-        if not _distributed() or dist.get_rank() == 0:
+        if first:
             marker = os.path.join(path, MARKER)
             if os.path.exists(marker):
                 os.remove(marker)
         if _distributed():
             dist.barrier()
+        if asynchronous:
+            written = dcp.async_save(
+                state,
+                checkpoint_id=path,
+                process_group=_async_group(),
+                no_dist=not _distributed(),
+            )
+            return _then_mark(written, path, extra) if first else written
         dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
     if _distributed():
         dist.barrier()
-    if not _distributed() or dist.get_rank() == 0:
-        tmp = os.path.join(path, MARKER + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"extra": {k: v for k, v in (extra or {}).items()}}, fh, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, os.path.join(path, MARKER))
+    if first:
+        _mark_complete(path, extra)
     if _distributed():
         dist.barrier()
+    return None
+
+
+_ASYNC_GROUPS: dict[int, Any] = {}
+
+
+def _async_group():
+    """The process group of asynchronous saves' collectives (None without one)."""
+    if not _distributed():
+        return None
+    world = dist.get_world_size()
+    if world not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[world] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUPS[world]
+
+
+def _then_mark(written: Any, path: str, extra: dict | None) -> Future:
+    """A future done once ``written`` (DCP's, done on the first rank once every rank's part
+    and the metadata are written) is, and the marker is written after it."""
+    future = getattr(written, "upload_completion", written)
+    done: Future = Future()
+
+    def mark(f: Future) -> None:
+        try:
+            f.result()
+            _mark_complete(path, extra)
+            done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+            done.set_exception(e)
+
+    future.add_done_callback(mark)
+    return done
+
+
+def _mark_complete(path: str, extra: dict | None) -> None:
+    tmp = os.path.join(path, MARKER + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"extra": {k: v for k, v in (extra or {}).items()}}, fh, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(path, MARKER))
 
 
 def is_complete(path: str) -> bool:

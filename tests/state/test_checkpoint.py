@@ -34,6 +34,7 @@ LOADS = {
         ("ddp", "ddp2-ec"),
         ("ddp", "ddp2-background"),
         ("ddp", "ddp2-kl"),
+        ("ddp", "ddp2-async"),
     ],
     3: [
         ("fsdp", "ddp2"),
@@ -54,6 +55,7 @@ LOADS = {
         ("hsdp", "ddp2-ec"),
         ("hsdp", "ddp2-background"),
         ("hsdp", "ddp2-kl"),
+        ("fsdp", "ddp2-async"),
     ],
 }
 
@@ -201,12 +203,19 @@ def slow_write(*args, **kwargs):
 fs._write_item = slow_write
 model, wrapped, opt = ckpt_cases.build("single", 1)
 ckpt_cases.train(model, wrapped, opt, 0, ckpt_cases.FIRST + 2, 0, 1)
-save_checkpoint(sys.argv[1], wrapped, opt, extra={"step": ckpt_cases.FIRST + 2})
+step, asynchronous = ckpt_cases.FIRST + 2, sys.argv[3] == "async"
+future = save_checkpoint(sys.argv[1], wrapped, opt, extra={"step": step}, asynchronous=asynchronous)
+if future is not None:  # an asynchronous save returned before writing: training goes on
+    print("returned", flush=True)
+    future.result()
 print("finished", flush=True)
 """
 
 
-def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(root, saved, tmp_path):
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(root, saved, tmp_path, how):
+    """The saving process killed once part of the checkpoint is written (by the background
+    thread of an asynchronous save, after save_checkpoint returned)."""
     ckpt_root = tmp_path / "run"
     good = ckpt_root / "step-00000006"
     import shutil
@@ -214,14 +223,17 @@ def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(root, saved, 
     shutil.copytree(os.path.join(root, "single1"), good)
     partial = ckpt_root / "step-00000008"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SAVE, str(partial), str(SUPPORT)],
+        [sys.executable, "-c", SLOW_SAVE, str(partial), str(SUPPORT), how],
         stdout=subprocess.PIPE,
         text=True,
     )
     deadline = time.time() + 120
+    said = []
     for line in proc.stdout:  # kill it once it has written part of the checkpoint
+        said.append(line.strip())
         if line.startswith("wrote") or time.time() > deadline:
             break
+    assert ("returned" in said) == (how == "async"), said
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert partial.exists() and any(partial.iterdir())

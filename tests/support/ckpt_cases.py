@@ -81,6 +81,8 @@ VARIANTS = {
         "pseudo_inverse": True,
         "rank_rtol": 1e-10,
     },
+    # Saved asynchronously (save_checkpoint(asynchronous=True)) while training went on.
+    "-async": {},
 }
 
 
@@ -97,7 +99,15 @@ def save(rank, world, mode, root, flatten=True, variant=""):
     model, wrapped, opt = build(mode, world, **overrides)
     train(model, wrapped, opt, 0, FIRST, rank, world)
     name = f"{mode}{world}" + ("" if flatten else "-nested") + variant
-    save_checkpoint(os.path.join(root, name), wrapped, opt, extra={"step": FIRST}, flatten=flatten)
+    path = os.path.join(root, name)
+    asynchronous = variant == "-async"
+    written = save_checkpoint(
+        path, wrapped, opt, extra={"step": FIRST}, flatten=flatten, asynchronous=asynchronous
+    )
+    if asynchronous:  # the state saved is that of the call: later steps must not reach it
+        train(model, wrapped, opt, FIRST, THEN, rank, world)
+        written.result()
+        dist.barrier()  # the first rank's future marks the checkpoint complete
     return uninterrupted
 
 
