@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from fault_report import FAULT_ROWS
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -26,3 +29,19 @@ def pytest_configure(config):
         # Float64 references in this process too: no TF32 in matrix products.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture
+def fault_row(request):
+    """A row of the fault table (``scripts/run_faults.sh``): ``fault_row(scenario, expected)``
+    returns a dict whose ``"happened"`` the test fills in once its assertions passed; the
+    table shows each row with its test's outcome."""
+    rows = request.config.stash.setdefault(FAULT_ROWS, [])
+
+    def add(scenario: str, expected: str) -> dict:
+        row = {"scenario": scenario, "expected": expected, "happened": None}
+        row["test"] = request.node.nodeid
+        rows.append(row)
+        return row
+
+    return add

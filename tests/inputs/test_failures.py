@@ -30,6 +30,7 @@ CASES_2 = {
     "fsdp1": (fc.fsdp1, {}),
     "fault_ddp": (fc.fault_in_refresh, {"mode": "ddp", "delay": 0}),
     "fault_fsdp_background": (fc.fault_in_refresh, {"mode": "fsdp", "delay": 2}),
+    "killed_in_step": (fc.rank_killed_in_step, {"mode": "fsdp"}),  # last: it breaks the group
 }
 CASES_4 = {
     "trainer_groups": (fc.trainer_groups_differ, {}),
@@ -133,11 +134,17 @@ def test_different_trainer_groups_raise_instead_of_hanging(world4):
         assert works
 
 
-def test_truncated_checkpoint_changes_nothing(world2):
+@pytest.mark.fault
+def test_truncated_checkpoint_changes_nothing(world2, fault_row):
+    row = fault_row(
+        "a .distcp file cut in half (DDP, 2 ranks)",
+        "load_checkpoint raises on every rank; model and optimizer unchanged",
+    )
     for message, unchanged, works in world2["truncated"].ok():
         assert message.startswith("CheckpointException"), message
         assert unchanged, "the failed load changed the model or the optimizer"
         assert works
+    row["happened"] = "CheckpointException on both ranks; model and optimizer bitwise unchanged"
 
 
 def test_refused_plain_dcp_load_changes_nothing(world2):
@@ -196,12 +203,19 @@ def test_fsdp1_is_refused_naming_fully_shard(world2):
         assert works
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("case", ["fault_ddp", "fault_fsdp_background"])
-def test_a_rank_whose_refresh_raises_takes_every_rank_down_with_its_cause(world2, case):
+def test_a_rank_whose_refresh_raises_takes_every_rank_down_with_its_cause(world2, case, fault_row):
     """Inside the step, rank 1's refresh raises: it still takes part in the step's exchange
     with its failure in the status words, so every rank raises in the same step, at once,
     with rank 1's exception (before: the others hung until the process group's timeout)."""
     due = {"fault_ddp": 5, "fault_fsdp_background": 7}[case]  # installed 2 steps later
+    where = {"fault_ddp": "DDP, in the step", "fault_fsdp_background": "FSDP2, in the background"}
+    row = fault_row(
+        f"rank 1's refresh raises ({where[case]}; 2 ranks)",
+        "every rank raises in that step within 5 s, the others with rank 1's exception; no "
+        "parameter changes",
+    )
     outcomes = world2[case].ok()
     for r, (step, message, seconds, unchanged, works) in enumerate(outcomes):
         assert step == due, (r, step, message)
@@ -212,3 +226,29 @@ def test_a_rank_whose_refresh_raises_takes_every_rank_down_with_its_cause(world2
             assert message.endswith("InjectedFault: injected: the refresh lost its device")
         assert seconds < 5 < COLLECTIVE_TIMEOUT_S, (r, seconds)
         assert unchanged and works
+    slowest = max(seconds for _, _, seconds, _, _ in outcomes)
+    row["happened"] = (
+        f"both ranks raised at step {due} within {slowest:.2f} s, rank 0 naming rank 1's "
+        "InjectedFault; parameters unchanged"
+    )
+
+
+@pytest.mark.fault
+def test_a_rank_killed_inside_the_step_makes_the_others_raise_at_once(world2, fault_row):
+    """Rank 1's process dies inside the optimizer's step: rank 0 raises in that step, within
+    seconds, and changed nothing."""
+    row = fault_row(
+        "rank 1 of 2 killed inside the optimizer step (FSDP2)",
+        "rank 0 raises in that step within 5 s, parameters unchanged: a restart from the last "
+        "checkpoint loses nothing",
+    )
+    result = world2["killed_in_step"]
+    assert "rank 1 exited" in result.errors[1], result.errors[1]
+    message, seconds, unchanged = result.values[0]
+    assert "Connection closed by peer" in message or "Connection reset" in message, message
+    assert seconds < 5, seconds
+    assert unchanged
+    row["happened"] = (
+        f"rank 0 raised after {seconds:.2f} s (gloo: connection reset by peer); parameters "
+        "unchanged"
+    )

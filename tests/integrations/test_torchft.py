@@ -55,8 +55,17 @@ def job(request, tmp_path_factory):
     return request.param, kill, exits, ranks
 
 
-def test_groups_end_bitwise_identical_after_a_group_died_and_recovered(job):
+@pytest.mark.fault
+def test_groups_end_bitwise_identical_after_a_group_died_and_recovered(job, fault_row):
     name, kill, exits, ranks = job
+    size = len(ranks[0])
+    where = {None: "none killed (control)", "between": "group 1 killed between two steps",
+             "mid-step": "group 1 killed inside the optimizer step",
+             "backward": "group 1 killed in the backward"}  # fmt: skip
+    row = fault_row(
+        f"torchft: 2 groups of {size} rank(s), {where[kill and kill[2]]}",
+        "the job goes on; the restarted group recovers; then both groups bitwise identical",
+    )
     assert all(code == 0 for key, codes in exits.items() if "hung" not in key for code in codes
                if not (kill and key == f"group{kill[0]}")), exits  # fmt: skip
     assert not any("hung" in key for key in exits), exits
@@ -79,6 +88,13 @@ def test_groups_end_bitwise_identical_after_a_group_died_and_recovered(job):
         if kill is not None and kill[2] == "backward":
             # The healthy group's step during the loss was not committed (and not taken).
             assert healthy["skipped"] == [kill[1]], healthy["skipped"]
+    first, second = ranks[0][0], ranks[1][0]
+    row["happened"] = (
+        f"{len(dict(_flat(first['state'])))} entries per rank bitwise equal at step "
+        f"{first['step']}"
+        + ("" if kill is None else f"; group 1 recovered at step {second['recovered_at']}")
+        + (f"; group 0 skipped step {first['skipped']}" if first["skipped"] else "")
+    )
 
 
 def test_a_step_the_manager_does_not_commit_leaves_the_optimizer_as_it_was():

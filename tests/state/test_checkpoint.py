@@ -212,10 +212,17 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("how", ["sync", "async"])
-def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(root, saved, tmp_path, how):
+def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(
+    root, saved, tmp_path, how, fault_row
+):
     """The saving process killed once part of the checkpoint is written (by the background
     thread of an asynchronous save, after save_checkpoint returned)."""
+    row = fault_row(
+        f"{'a synchronous' if how == 'sync' else 'an asynchronous'} save killed midway",
+        "the partial checkpoint is refused and skipped; the previous one loads",
+    )
     ckpt_root = tmp_path / "run"
     good = ckpt_root / "step-00000006"
     import shutil
@@ -243,6 +250,10 @@ def test_killed_save_leaves_the_previous_checkpoint_and_is_refused(root, saved, 
         load_checkpoint(str(partial), wrapped, opt)
     extra = load_checkpoint(str(good), wrapped, opt, extra={"step": -1})
     assert extra["step"] == ckpt_cases.FIRST
+    row["happened"] = (
+        "partial directory refused (IncompleteCheckpointError), skipped by latest_checkpoint; "
+        f"the previous checkpoint (step {ckpt_cases.FIRST}) loaded"
+    )
 
 
 def test_saving_over_a_checkpoint_first_unmarks_it(root, saved, tmp_path, monkeypatch):

@@ -93,9 +93,14 @@ def test_torchs_state_dict_api_refuses_a_flipped_byte():
     assert _same(before, _snapshot(other_model, other))
 
 
-def test_a_dcp_checkpoint_with_a_flipped_byte_is_refused(tmp_path):
+@pytest.mark.fault
+def test_a_dcp_checkpoint_with_a_flipped_byte_is_refused(tmp_path, fault_row):
     """The byte is changed in the file DCP wrote: the bytes of one saved factor are found in
     it and one of them flipped."""
+    row = fault_row(
+        "one bit flipped in a saved factor (DCP file)",
+        "the load is refused naming the block; model and optimizer unchanged",
+    )
     model, opt = _trained()
     path = str(tmp_path / "ckpt")
     save_checkpoint(path, model, opt)
@@ -111,9 +116,10 @@ def test_a_dcp_checkpoint_with_a_flipped_byte_is_refused(tmp_path):
     open(file, "wb").write(bytes(data))
     other_model, other = _trained(seed=3)
     before = _snapshot(other_model, other)
-    with pytest.raises(ValueError, match="does not match its checksum"):
+    with pytest.raises(ValueError, match="does not match its checksum") as refused:
         load_checkpoint(path, other_model, other)
     assert _same(before, _snapshot(other_model, other))  # the model too: loaded after
+    row["happened"] = f"refused: {str(refused.value).split(':')[0]}; nothing changed"
 
 
 def test_state_saved_without_checksums_still_loads(tmp_path):

@@ -386,3 +386,23 @@ def fault_in_refresh(rank, world, mode, delay):
         if rank == 1:
             for p in patches:
                 p.stop()
+
+
+def rank_killed_in_step(rank, world, mode):
+    """Rank 1's process dies inside the optimizer's step (after its gradients went out). The
+    others raise in that step, within seconds (gloo sees the closed connection), before any
+    parameter changes: a restart from the last checkpoint loses nothing. Run last: the group
+    is broken afterwards."""
+    model, wrapped, opt = ckpt_cases.build(mode, world)
+    _train(model, wrapped, opt, rank, world, 2)
+    opt.zero_grad()
+    _grads(model, wrapped, rank, world)
+    if rank == 1:
+        mock.patch("sharded_shampoo.optimizer.compute", side_effect=lambda *a: os._exit(9)).start()
+    local = lambda: [p.to_local().clone() for p in model.parameters()]  # noqa: E731 - no collective
+    before = local()
+    start = time.monotonic()
+    message = _outcome(opt.step)
+    seconds = time.monotonic() - start
+    unchanged = all(torch.equal(a, b) for a, b in zip(local(), before, strict=True))
+    return message, seconds, unchanged
