@@ -374,8 +374,11 @@ class ShardedShampoo(torch.optim.Optimizer):
             if any_skipped:
                 for w in work:
                     warn_skipped(w, self._block_name, steps[w.group] + 1)
-            with on_device(self._topology.device):
-                failures = gather_failures([d.group for d in self._distributors], statuses, message)
+            failures = []
+            if any(s.failed for s in statuses):  # the cause, from the ranks that failed
+                with on_device(self._topology.device):
+                    groups = [d.group for d in self._distributors]
+                    failures = gather_failures(groups, statuses, message)
             raise_if_failed(statuses, error, invalid, crash, failures)
             for d in self._distributors:
                 d.apply(step)

@@ -5,9 +5,9 @@ torchft's lighthouse started by the test, a ``Manager`` per rank and its
 ``OptimizerWrapper``; the optimizer refreshes in the background and staggers its blocks. One
 group is killed (between two steps; inside the optimizer's step; in the backward pass, before
 the average over the groups, so that the other group's step is not committed) and started
-again: the job goes on, the restarted group recovers live from the other, and from then on
-both groups' parameters and optimizer state are bitwise identical. The same job without a kill
-is the control.
+again, three times in one job: the job goes on, the restarted group recovers live from the
+other each time, and at the end both groups' parameters and optimizer state are bitwise
+identical. The same job without a kill is the control.
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ pytest.importorskip("torchft", reason="the torchft extra is absent")
 import torch  # noqa: E402
 import torchft_job  # noqa: E402
 
-# name: (ranks per group, kill: (group, step, where) or None)
+# name: (ranks per group, the last group's deaths: (steps after its start, where)). The group
+# killed three times is killed between two steps, inside the optimizer's step, then in the
+# backward (before the average over the groups, so that the other group's step fails and is
+# not committed), each time a few steps after it recovered.
 JOBS = {
-    "control": (2, None),
-    "between_steps": (2, (1, 4, "between")),
-    "in_the_optimizer_step": (2, (1, 6, "mid-step")),
-    "in_the_backward": (2, (1, 5, "backward")),
-    "single_rank_groups": (1, (1, 4, "between")),
+    "control": (2, ()),
+    "killed_three_times": (2, ((4, "between"), (3, "mid-step"), (3, "backward"))),
+    "single_rank_groups": (1, ((4, "between"),)),
+}
+WHERE = {
+    "between": "between two steps",
+    "mid-step": "inside the optimizer step",
+    "backward": "in the backward",
 }
 
 
@@ -45,30 +51,31 @@ def _equal(a, b) -> bool:
 
 @pytest.fixture(scope="module", params=list(JOBS))
 def job(request, tmp_path_factory):
-    size, kill = JOBS[request.param]
+    size, kills = JOBS[request.param]
     out = str(tmp_path_factory.mktemp(request.param))
-    exits = torchft_job.run_job(out, groups=2, size=size, kill=kill)
+    exits = torchft_job.run_job(out, groups=2, size=size, kills=kills)
     ranks = [
         [torch.load(f"{out}/group{g}_rank{r}.pt", weights_only=False) for r in range(size)]
         for g in range(2)
     ]
-    return request.param, kill, exits, ranks
+    return request.param, kills, exits, ranks
 
 
 @pytest.mark.fault
 def test_groups_end_bitwise_identical_after_a_group_died_and_recovered(job, fault_row):
-    name, kill, exits, ranks = job
+    name, kills, exits, ranks = job
     size = len(ranks[0])
-    where = {None: "none killed (control)", "between": "group 1 killed between two steps",
-             "mid-step": "group 1 killed inside the optimizer step",
-             "backward": "group 1 killed in the backward"}  # fmt: skip
+    what = ", then ".join(WHERE[where] for _, where in kills) or "none killed (control)"
     row = fault_row(
-        f"torchft: 2 groups of {size} rank(s), {where[kill and kill[2]]}",
+        f"torchft: 2 groups of {size} rank(s); group 1 killed {what}",
         "the job goes on; the restarted group recovers; then both groups bitwise identical",
     )
-    assert all(code == 0 for key, codes in exits.items() if "hung" not in key for code in codes
-               if not (kill and key == f"group{kill[0]}")), exits  # fmt: skip
-    assert not any("hung" in key for key in exits), exits
+    # The healthy group and the last incarnation finished; every earlier one was killed.
+    assert exits["group0"] == [0] * size, exits
+    last = "group1" + (f" restart {len(kills)}" if kills else "")
+    assert exits[last] == [0] * size, exits
+    killed = [k for k in exits if k.startswith("group1") and k != last]
+    assert len(killed) == len(kills) and all(any(exits[k]) for k in killed), exits
     for healthy, other in zip(ranks[0], ranks[1], strict=True):
         a, b = dict(_flat(healthy["state"])), dict(_flat(other["state"]))
         assert a.keys() == b.keys() and len(a) > 20
@@ -79,20 +86,16 @@ def test_groups_end_bitwise_identical_after_a_group_died_and_recovered(job, faul
         assert healthy["optimizer_step"] == healthy["step"] == other["optimizer_step"]
         blocks = [k for k in a if ".blocks." in k and k.endswith("factor_0")]
         assert blocks and any(bool(a[k].abs().sum() > 0) for k in blocks)  # trained state
-        if kill is None:
-            assert other["recovered_at"] is None and not healthy["skipped"]
-        else:
-            assert exits[f"group{kill[0]} restarted"] == [0] * len(ranks[0])
-            # The restarted group caught up with the job, which went on meanwhile.
-            assert other["recovered_at"] is not None and other["recovered_at"] > kill[1]
-        if kill is not None and kill[2] == "backward":
-            # The healthy group's step during the loss was not committed (and not taken).
-            assert healthy["skipped"] == [kill[1]], healthy["skipped"]
+        # The restarted group caught up with the job, which went on meanwhile.
+        assert (other["recovered_at"] is None) == (not kills), other["recovered_at"]
+        # The healthy group's step whose average failed (the death in the backward) was not
+        # committed, nor taken; no other.
+        assert len(healthy["skipped"]) == sum(w == "backward" for _, w in kills), healthy
     first, second = ranks[0][0], ranks[1][0]
     row["happened"] = (
         f"{len(dict(_flat(first['state'])))} entries per rank bitwise equal at step "
         f"{first['step']}"
-        + ("" if kill is None else f"; group 1 recovered at step {second['recovered_at']}")
+        + (f"; last recovery at step {second['recovered_at']}" if kills else "")
         + (f"; group 0 skipped step {first['skipped']}" if first["skipped"] else "")
     )
 

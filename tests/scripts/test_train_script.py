@@ -51,7 +51,6 @@ def losses(out_dir, name):
 @pytest.mark.parametrize(
     "parallelism, nproc, workload, recipe",
     [
-        ("none", 1, "lm", ()),
         ("ddp", 2, "lm", ("--recommended",)),  # the demo's
         ("fsdp2", 2, "digits", ()),
         ("hsdp", 4, "lm", ()),

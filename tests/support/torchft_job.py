@@ -1,7 +1,7 @@
 """A torchft job on gloo CPUs for test_torchft.py: replica groups of FSDP2 ranks (or one rank)
 training a small network with ShardedShampoo under a ``torchft.Manager`` and its
 ``OptimizerWrapper``, started as processes by ``run_job``, which can kill a group (between two
-steps, or in the middle of the optimizer's step) and start it again.
+steps, in the optimizer's step, in the backward) and start it again, several times.
 
 Each group's data depends on the manager's step and the group, so that a restarted group takes
 up the schedule where the job is. At the end every rank writes its shard of the parameters and
@@ -51,9 +51,11 @@ def batch(step: int, group: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def worker(group, groups, rank, size, store_port, pg_store, lighthouse, out, kill, start) -> None:
     """One rank of replica group ``group`` of ``groups`` (``size`` ranks, FSDP2 when more than
-    one). ``kill``: None, or (step, "between" | "mid-step"): this incarnation dies there.
-    ``start``: a file every first incarnation's rank appends a line to, and waits for all of
-    them, so that the job starts with every group in the quorum."""
+    one). ``kill``: None, or (after, where): this incarnation dies ``after`` steps after its
+    first (its recovery), ``where`` "between" two steps, "mid-step" (inside the optimizer's
+    step) or "backward" (before the gradients' average over the groups). ``start``: a file
+    every first incarnation's rank appends a line to, and waits for all of them, so that the
+    job starts with every group in the quorum."""
     torch.set_num_threads(1)
     from torchft import Manager, ProcessGroupGloo
     from torchft.optim import OptimizerWrapper
@@ -104,21 +106,26 @@ def worker(group, groups, rank, size, store_port, pg_store, lighthouse, out, kil
             fh.write("ready\n")
         while open(start).read().count("ready") < groups * size:
             time.sleep(0.05)
-    skipped, recovered_at = [], None
+    skipped, recovered_at, first = [], None, None
     dies = lambda *args: os._exit(3)  # noqa: E731
-    # At least STEPS steps, and on until every group is in the quorum again (a restarted
-    # group rejoins while the others go on): every group stops after the same step.
+    # At least STEPS steps, and on until the last incarnation of every group is in the
+    # quorum (a restarted group rejoins while the others go on): every group stops after the
+    # same committed step.
+    final = os.path.join(out, "final")  # the last incarnation of every group is started
     while True:
+        ending = os.path.exists(final)  # before this step's quorum
         before = manager.current_step()
         optimizer.zero_grad()  # the quorum; a restarted group recovers here
         step = manager.current_step()
         if step != before:
             recovered_at = step
-        if kill == (step, "backward") and rank == 0:  # before the average over the groups
+        first = step if first is None else first
+        where = kill[1] if kill is not None and step == first + kill[0] else None
+        if where == "backward" and rank == 0:  # before the average over the groups
             mock.patch.object(manager, "allreduce", side_effect=dies).start()
         x, y = batch(step, group, rank)
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        if kill == (step, "mid-step") and rank == 0:
+        if where == "mid-step" and rank == 0:
             # Inside the optimizer's step: its peer fails in the step's exchange and exits.
             mock.patch("sharded_shampoo.optimizer.compute", side_effect=dies).start()
         try:
@@ -127,9 +134,10 @@ def worker(group, groups, rank, size, store_port, pg_store, lighthouse, out, kil
             os._exit(4)  # a rank of this group died inside the step: the group restarts
         if manager.current_step() == step:
             skipped.append(step)
-        if kill == (manager.current_step(), "between"):
+        if where == "between":
             os._exit(5)
-        if manager.current_step() >= STEPS and manager.num_participants() == groups:
+        committed = manager.current_step() > step
+        if ending and committed and step >= STEPS and manager.num_participants() == groups:
             break
     state = save()
     torch.save(
@@ -142,29 +150,35 @@ def worker(group, groups, rank, size, store_port, pg_store, lighthouse, out, kil
         },
         os.path.join(out, f"group{group}_rank{rank}.pt"),
     )
-    time.sleep(1.0)  # let peers that recover from this group fetch its state first
+    time.sleep(0.5)  # let peers that recover from this group fetch its state first
     manager.shutdown(wait=False)
     os._exit(0)
 
 
-def run_job(out: str, groups: int, size: int, kill=None, deadline_s: float = 150) -> dict:
-    """Runs ``groups`` replica groups of ``size`` ranks; with ``kill = (group, step, how)``
-    that group dies there once and is started again. Returns each incarnation's exit codes."""
+def run_job(out: str, groups: int, size: int, kills=(), deadline_s: float = 150) -> dict:
+    """Runs ``groups`` replica groups of ``size`` ranks. ``kills``: the last group's deaths, in
+    order, each ``(after, where)`` (see ``worker``): its first incarnation dies at the first,
+    is started again, the next dies at the second, ... and the last one runs to the end.
+    Returns each incarnation's exit codes, by ``group<g>`` and ``group<g> restart <i>``."""
     import multiprocessing
 
     from torchft.coordination import LighthouseServer
 
     ctx = multiprocessing.get_context("spawn")
     lighthouse = LighthouseServer(
-        bind="[::]:0", min_replicas=1, join_timeout_ms=1000, heartbeat_timeout_ms=2000
+        bind="[::]:0", min_replicas=1, join_timeout_ms=500, heartbeat_timeout_ms=1000
     )
     stores = []
     start_file = os.path.join(out, "started")
+    victim = groups - 1
 
-    def start(group: int, incarnation: int, dies) -> list:
+    def start(group: int, incarnation: int) -> list:
         store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
         stores.append(store)
         pg_store = os.path.join(out, f"pg{group}_{incarnation}")
+        dies = kills[incarnation] if group == victim and incarnation < len(kills) else None
+        if group == victim and dies is None:
+            open(os.path.join(out, "final"), "w").close()
         procs = []
         for rank in range(size):
             p = ctx.Process(
@@ -178,27 +192,21 @@ def run_job(out: str, groups: int, size: int, kill=None, deadline_s: float = 150
         return procs
 
     try:
-        running = {
-            g: start(g, 0, kill[1:] if kill and kill[0] == g else None) for g in range(groups)
-        }
+        running = {g: (0, start(g, 0)) for g in range(groups)}
         exits: dict[str, list] = {}
         deadline = time.monotonic() + deadline_s
-        restarted = False
-        while time.monotonic() < deadline:
-            for g, procs in list(running.items()):
-                if all(not p.is_alive() for p in procs):
-                    codes = [p.exitcode for p in procs]
-                    exits[f"group{g}" + (" restarted" if restarted and kill[0] == g else "")] = (
-                        codes
-                    )
-                    del running[g]
-                    if kill and g == kill[0] and not restarted and any(c != 0 for c in codes):
-                        restarted = True
-                        running[g] = start(g, 1, None)
-            if not running:
-                break
-            time.sleep(0.2)
-        for procs in running.values():
+        while running and time.monotonic() < deadline:
+            for g, (incarnation, procs) in list(running.items()):
+                if any(p.is_alive() for p in procs):
+                    continue
+                exits[f"group{g}" + (f" restart {incarnation}" if incarnation else "")] = [
+                    p.exitcode for p in procs
+                ]
+                del running[g]
+                if g == victim and incarnation < len(kills) and any(p.exitcode for p in procs):
+                    running[g] = (incarnation + 1, start(g, incarnation + 1))
+            time.sleep(0.1)
+        for _, procs in running.values():
             for p in procs:
                 p.kill()
         exits.update({f"group{g} hung": [None] * size for g in running})
