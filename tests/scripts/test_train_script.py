@@ -49,15 +49,16 @@ def losses(out_dir, name):
 
 
 @pytest.mark.parametrize(
-    "parallelism, nproc, workload, recipe",
+    "parallelism, nproc, workload, recipe, resume",
     [
-        ("ddp", 2, "lm", ("--recommended",)),  # the demo's
-        ("fsdp2", 2, "digits", ()),
-        ("hsdp", 4, "lm", ()),
+        ("ddp", 2, "lm", ("--recommended",), True),  # the demo's
+        ("fsdp2", 2, "digits", (), True),
+        # Resumption under HSDP is the library's (tests/state); here the script's 2-D mesh.
+        ("hsdp", 4, "lm", (), False),
     ],
 )
 def test_train_writes_logs_and_plot_and_resumes_exactly(
-    tmp_path, parallelism, nproc, workload, recipe
+    tmp_path, parallelism, nproc, workload, recipe, resume
 ):
     whole = tmp_path / "whole"
     stdout = run(whole, 6, parallelism, nproc, *recipe, workload=workload)
@@ -69,6 +70,8 @@ def test_train_writes_logs_and_plot_and_resumes_exactly(
         assert all("val_loss" in r for r in rows if r["step"] % 3 == 0)
         assert all(0 < r["loss"] < 10 for r in rows)
 
+    if not resume:
+        return
     stopped = tmp_path / "stopped"
     run(stopped, 6, parallelism, nproc, *recipe, "--stop-after", "3", workload=workload)
     stdout = run(stopped, 6, parallelism, nproc, *recipe, "--resume", workload=workload)
