@@ -65,17 +65,18 @@ def job(request, tmp_path_factory):
 def test_groups_end_bitwise_identical_after_a_group_died_and_recovered(job, fault_row):
     name, kills, exits, ranks = job
     size = len(ranks[0])
-    what = ", then ".join(WHERE[where] for _, where in kills) or "none killed (control)"
+    killed = ", then ".join(WHERE[where] for _, where in kills)
+    what = f"group 1 killed {killed}" if kills else "none killed (control)"
     row = fault_row(
-        f"torchft: 2 groups of {size} rank(s); group 1 killed {what}",
+        f"torchft: 2 groups of {size} rank(s); {what}",
         "the job goes on; the restarted group recovers; then both groups bitwise identical",
     )
     # The healthy group and the last incarnation finished; every earlier one was killed.
     assert exits["group0"] == [0] * size, exits
     last = "group1" + (f" restart {len(kills)}" if kills else "")
     assert exits[last] == [0] * size, exits
-    killed = [k for k in exits if k.startswith("group1") and k != last]
-    assert len(killed) == len(kills) and all(any(exits[k]) for k in killed), exits
+    dead = [k for k in exits if k.startswith("group1") and k != last]
+    assert len(dead) == len(kills) and all(any(exits[k]) for k in dead), exits
     for healthy, other in zip(ranks[0], ranks[1], strict=True):
         a, b = dict(_flat(healthy["state"])), dict(_flat(other["state"]))
         assert a.keys() == b.keys() and len(a) > 20
