@@ -37,13 +37,8 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 STEPS, HALF = 12, 6
 OPTIONS = [  # two groups, as the tests' scenarios (float64 factors, well-conditioned)
@@ -271,26 +266,22 @@ def check_checkpoints(device, references) -> None:
         )
 
 
-def count_syncs(device, step) -> list[str]:
-    """The synchronizations ``step()`` makes: CUDA's own report, or on the CPU the calls the
-    audit counts (``tests/support/audit.py``)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return [
-            str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)
-        ]
-    from audit import HostReads
-
-    with HostReads() as reads:
+def count_syncs(device, step) -> list[str] | None:
+    """The synchronizations ``step()`` makes, as CUDA reports them; None on the CPU, where
+    nothing synchronizes (the test suite counts the host reads a step asks for there:
+    tests/distributed/test_devices.py)."""
+    if device.type != "cuda":
         step()
-    return [f"{what} at {where}" for what, where in reads.reads]
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)]
 
 
 def check_syncs(device) -> None:
@@ -307,6 +298,9 @@ def check_syncs(device) -> None:
         x, y = batch(4, device)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         syncs = count_syncs(device, opt.step)  # step 5: no refresh in either group
+        if syncs is None:
+            report(f"syncs {mode}", True, "not counted on the CPU (nothing synchronizes)")
+            continue
         report(
             f"syncs {mode}",
             len(syncs) <= 1,
