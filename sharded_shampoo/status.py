@@ -37,11 +37,12 @@ __all__ = [
 
 @dataclass
 class Status:
-    """What a distributor's exchange learnt: ranks that reported an error, and ranks that
-    stepped with other options or gradients (lists, or True when only their existence is
-    known). Built on the host from the exchange's summary (``Distributor.status``)."""
+    """What a distributor's exchange learnt: whether a rank reported an error (its message is
+    gathered then: ``gather_failures``), and the ranks that stepped with other options or
+    gradients (a list, or True when only their existence is known). Built on the host from
+    the exchange's summary (``Distributor.status``)."""
 
-    failed: list[int] | bool = False
+    failed: bool = False
     disagreeing: list[int] | bool = False
 
 
@@ -158,8 +159,8 @@ def raise_if_failed(
     failures: list[tuple[int, str]] = (),
 ) -> None:
     """Raises on every rank once a step's status words reported a problem: this rank's own
-    exception or error first, then a disagreement between ranks, then another rank's failure
-    with its message (``failures``, from ``gather_failures``)."""
+    exception or error first, then another rank's failure with its message (``failures``,
+    from ``gather_failures``), then a disagreement between ranks."""
     values = [s.disagreeing for s in statuses]
     disagreeing = sorted({r for v in values if isinstance(v, list) for r in v}) or any(
         v is True for v in values

@@ -67,7 +67,7 @@ class ReplicatedDistributor(LocalDistributor):
         self.local = torch.zeros(longest + STATUS_WORDS, dtype=dtype, device=device)
         self.gathered = torch.zeros(mesh.size(), self.local.numel(), dtype=dtype, device=device)
         self._words = StatusWords(dtype, device)
-        self._flagged: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._differs: torch.Tensor | None = None
         self._slots = {
             (gi, si): self.local[start : start + lay.num_rows * lay.row_numel].view(
                 lay.num_rows, *lay.block_shape
@@ -132,12 +132,11 @@ class ReplicatedDistributor(LocalDistributor):
             self._handles.append(self._gather(*self._slices[len(self._handles)]))
         self._wait()
         words = self.gathered[:, self.status_index :]
-        # Who failed, whose digest differs from rank 0's: kept on the device, read only when
-        # the summary says something is wrong.
-        failed_ranks = read_status(words, mine)[:, 0]
-        differs = (words[:, 1:] != words[0, 1:]).any(1)
-        self._flagged = (failed_ranks, differs)
-        return torch.stack([failed_ranks.any(), differs.any()])
+        # Whose digest differs from rank 0's: kept on the device, read only when the summary
+        # says some does.
+        failed = read_status(words, mine)[:, 0].any()
+        self._differs = (words[:, 1:] != words[0, 1:]).any(1)
+        return torch.stack([failed, self._differs.any()])
 
     def _wait(self) -> None:
         handles, self._handles = self._handles, []
@@ -150,12 +149,8 @@ class ReplicatedDistributor(LocalDistributor):
         super().release()
 
     def status(self, summary: list[float]) -> Status:
-        if not any(summary):
-            return Status()
-        failed_ranks, differs = self._flagged
-        return Status(
-            failed_ranks.nonzero().flatten().tolist(), differs.nonzero().flatten().tolist()
-        )
+        differing = self._differs.nonzero().flatten().tolist() if summary[1] else False
+        return Status(bool(summary[0]), differing)
 
     def apply(self, step: Step) -> None:
         for r, segs in enumerate(self.segments):
